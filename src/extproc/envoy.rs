@@ -1,0 +1,425 @@
+//! Building and reading Envoy ext_proc messages: header mutations, the
+//! destination's dynamic metadata, body chunks and immediate responses.
+//! Only protocol shapes live here; what to put in them is decided elsewhere.
+
+use std::collections::HashMap;
+
+use envoy_types::pb::{
+    envoy::{
+        config::core::v3::{
+            HeaderMap, HeaderValue, HeaderValueOption, Metadata,
+            header_value_option::HeaderAppendAction,
+        },
+        extensions::filters::http::ext_proc::v3::{
+            ProcessingMode,
+            processing_mode::{BodySendMode, HeaderSendMode},
+        },
+        service::ext_proc::v3::{
+            BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse,
+            ImmediateResponse, ProcessingResponse, StreamedBodyResponse, TrailersResponse,
+            body_mutation::Mutation, processing_response::Response,
+        },
+        r#type::v3::HttpStatus,
+    },
+    google::protobuf::{Struct, Value, value::Kind},
+};
+
+/// Request header carrying the destination list (and its metadata key).
+pub const DESTINATION: &str = "x-gateway-destination-endpoint";
+/// Metadata key under `envoy.lb` where the gateway reports the served endpoint.
+pub const SERVED: &str = "x-gateway-destination-endpoint-served";
+/// Metadata key under `envoy.lb.subset_hint` restricting the candidates.
+pub const SUBSET: &str = "x-gateway-destination-endpoint-subset";
+/// Dynamic metadata namespace of the destination and served endpoint.
+pub const LB_NAMESPACE: &str = "envoy.lb";
+/// Dynamic metadata namespace of the subset hint.
+pub const SUBSET_NAMESPACE: &str = "envoy.lb.subset_hint";
+/// Response header echoing the served endpoint for GIE conformance tests.
+pub const CONFORMANCE_SERVED: &str = "x-conformance-test-served-endpoint";
+
+/// Largest body chunk sent back: some proxies cap streamed chunks at 64 KiB.
+pub const MAX_CHUNK: usize = 62_000;
+
+/// Headers a client must not be able to set: they steer routing.
+pub const CLIENT_FORBIDDEN: &[&str] = &[SERVED, SUBSET, CONFORMANCE_SERVED];
+
+/// Value of a header in an Envoy header map (raw bytes take precedence, as
+/// Envoy fills `raw_value` since 1.27).
+pub fn header<'a>(map: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+    let h = map?
+        .headers
+        .iter()
+        .find(|h| h.key.eq_ignore_ascii_case(name))?;
+    if h.raw_value.is_empty() {
+        Some(h.value.as_str())
+    } else {
+        std::str::from_utf8(&h.raw_value).ok()
+    }
+}
+
+pub fn has_header(map: Option<&HeaderMap>, name: &str) -> bool {
+    map.is_some_and(|m| m.headers.iter().any(|h| h.key.eq_ignore_ascii_case(name)))
+}
+
+/// A header set that overwrites any existing value.
+pub fn set_header(key: &str, value: impl Into<Vec<u8>>) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_owned(),
+            value: String::new(),
+            raw_value: value.into(),
+        }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..HeaderValueOption::default()
+    }
+}
+
+/// `{namespace: {key: value}}` as dynamic metadata.
+pub fn metadata(namespace: &str, key: &str, value: &str) -> Struct {
+    let inner = Struct {
+        fields: HashMap::from([(key.to_owned(), string_value(value))]),
+    };
+    Struct {
+        fields: HashMap::from([(
+            namespace.to_owned(),
+            Value {
+                kind: Some(Kind::StructValue(inner)),
+            },
+        )]),
+    }
+}
+
+fn string_value(s: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.to_owned())),
+    }
+}
+
+/// A string field of the request's filter metadata.
+fn metadata_value<'a>(md: Option<&'a Metadata>, namespace: &str, key: &str) -> Option<&'a Value> {
+    md?.filter_metadata.get(namespace)?.fields.get(key)
+}
+
+/// The served endpoint the gateway reports in the response phase.
+pub fn served_endpoint(md: Option<&Metadata>) -> Option<&str> {
+    match &metadata_value(md, LB_NAMESPACE, SERVED)?.kind {
+        Some(Kind::StringValue(s)) if !s.is_empty() => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+/// A string attribute Envoy attached to the message (requested with
+/// `request_attributes` / `response_attributes`), under any filter name.
+pub fn attribute<'a>(attrs: &'a HashMap<String, Struct>, key: &str) -> Option<&'a str> {
+    attrs.values().find_map(|s| match &s.fields.get(key)?.kind {
+        Some(Kind::StringValue(v)) if !v.is_empty() => Some(v.as_str()),
+        _ => None,
+    })
+}
+
+/// The subset hint, given as a list of strings or one comma-separated string.
+/// `Some(empty)` means the gateway sent a hint with no endpoint in it.
+pub fn subset_hint(md: Option<&Metadata>) -> Option<Vec<String>> {
+    let v = metadata_value(md, SUBSET_NAMESPACE, SUBSET)?;
+    let mut out = Vec::new();
+    let mut push_csv = |s: &str| {
+        out.extend(
+            s.split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned),
+        );
+    };
+    match &v.kind {
+        Some(Kind::StringValue(s)) => push_csv(s),
+        Some(Kind::ListValue(list)) => {
+            for item in &list.values {
+                if let Some(Kind::StringValue(s)) = &item.kind {
+                    push_csv(s);
+                }
+            }
+        }
+        _ => {}
+    }
+    Some(out)
+}
+
+fn common(
+    header_mutation: Option<HeaderMutation>,
+    body_mutation: Option<BodyMutation>,
+    clear_route_cache: bool,
+) -> Option<CommonResponse> {
+    if header_mutation.is_none() && body_mutation.is_none() && !clear_route_cache {
+        return None; // CONTINUE with nothing to change
+    }
+    Some(CommonResponse {
+        header_mutation,
+        body_mutation,
+        clear_route_cache,
+        ..CommonResponse::default()
+    })
+}
+
+pub fn header_mutation(set: Vec<HeaderValueOption>, remove: Vec<String>) -> Option<HeaderMutation> {
+    if set.is_empty() && remove.is_empty() {
+        None
+    } else {
+        Some(HeaderMutation {
+            set_headers: set,
+            remove_headers: remove,
+        })
+    }
+}
+
+/// Answer to request or response headers.
+pub fn headers_response(
+    request: bool,
+    mutation: Option<HeaderMutation>,
+    clear_route_cache: bool,
+) -> Response {
+    let r = HeadersResponse {
+        response: common(mutation, None, clear_route_cache),
+    };
+    if request {
+        Response::RequestHeaders(r)
+    } else {
+        Response::ResponseHeaders(r)
+    }
+}
+
+/// Answer to a body message; `body` replaces the whole (buffered) body.
+pub fn body_response(
+    request: bool,
+    mutation: Option<HeaderMutation>,
+    body: Option<Vec<u8>>,
+    clear_route_cache: bool,
+) -> Response {
+    let body_mutation = body.map(|b| BodyMutation {
+        mutation: Some(Mutation::Body(b)),
+    });
+    let r = BodyResponse {
+        response: common(mutation, body_mutation, clear_route_cache),
+    };
+    if request {
+        Response::RequestBody(r)
+    } else {
+        Response::ResponseBody(r)
+    }
+}
+
+/// One streamed body chunk (FULL_DUPLEX_STREAMED mode).
+pub fn streamed_chunk(request: bool, body: Vec<u8>, end_of_stream: bool) -> Response {
+    let r = BodyResponse {
+        response: Some(CommonResponse {
+            body_mutation: Some(BodyMutation {
+                mutation: Some(Mutation::StreamedResponse(StreamedBodyResponse {
+                    body,
+                    end_of_stream,
+                    ..StreamedBodyResponse::default()
+                })),
+            }),
+            ..CommonResponse::default()
+        }),
+    };
+    if request {
+        Response::RequestBody(r)
+    } else {
+        Response::ResponseBody(r)
+    }
+}
+
+/// Pushes `body` as streamed chunks of at most [`MAX_CHUNK`] bytes; the last
+/// one carries `end_of_stream`. An empty body still sends one (empty) chunk
+/// so the end of stream is signalled. Avoids copying when one chunk suffices.
+pub fn push_streamed(
+    out: &mut Vec<ProcessingResponse>,
+    request: bool,
+    body: Vec<u8>,
+    end_of_stream: bool,
+) {
+    if body.len() <= MAX_CHUNK {
+        out.push(response(streamed_chunk(request, body, end_of_stream)));
+        return;
+    }
+    let n = body.len().div_ceil(MAX_CHUNK);
+    for (i, chunk) in body.chunks(MAX_CHUNK).enumerate() {
+        out.push(response(streamed_chunk(
+            request,
+            chunk.to_vec(),
+            end_of_stream && i + 1 == n,
+        )));
+    }
+}
+
+pub fn trailers_response(request: bool) -> Response {
+    let r = TrailersResponse::default();
+    if request {
+        Response::RequestTrailers(r)
+    } else {
+        Response::ResponseTrailers(r)
+    }
+}
+
+pub fn response(r: Response) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(r),
+        ..ProcessingResponse::default()
+    }
+}
+
+/// An error answered by the gateway itself, with an OpenAI-style JSON body.
+pub fn immediate_error(
+    status: u16,
+    message: &str,
+    error_type: &str,
+    code: &str,
+) -> ProcessingResponse {
+    let body = serde_json::json!({
+        "error": { "message": message, "type": error_type, "code": code }
+    });
+    let mut headers = vec![set_header("content-type", "application/json")];
+    if status == 429 || status == 503 {
+        headers.push(set_header("retry-after", "1"));
+    }
+    response(Response::ImmediateResponse(ImmediateResponse {
+        status: Some(HttpStatus {
+            code: i32::from(status),
+        }),
+        headers: Some(HeaderMutation {
+            set_headers: headers,
+            remove_headers: Vec::new(),
+        }),
+        body: body.to_string().into_bytes(),
+        details: format!("epp_{code}"),
+        ..ImmediateResponse::default()
+    }))
+}
+
+/// Mode override that stops Envoy from sending the response body and
+/// trailers: the picker then only sees response headers.
+pub fn skip_response_body() -> ProcessingMode {
+    ProcessingMode {
+        response_header_mode: HeaderSendMode::Send as i32,
+        response_body_mode: BodySendMode::None as i32,
+        response_trailer_mode: HeaderSendMode::Skip as i32,
+        ..ProcessingMode::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::google::protobuf::ListValue;
+
+    fn md(ns: &str, key: &str, v: Value) -> Metadata {
+        Metadata {
+            filter_metadata: HashMap::from([(
+                ns.to_owned(),
+                Struct {
+                    fields: HashMap::from([(key.to_owned(), v)]),
+                },
+            )]),
+            ..Metadata::default()
+        }
+    }
+
+    #[test]
+    fn subset_hint_as_list_or_csv() {
+        let list = Value {
+            kind: Some(Kind::ListValue(ListValue {
+                values: vec![string_value("1.1.1.1:80"), string_value("2.2.2.2:80")],
+            })),
+        };
+        assert_eq!(
+            subset_hint(Some(&md(SUBSET_NAMESPACE, SUBSET, list))),
+            Some(vec!["1.1.1.1:80".into(), "2.2.2.2:80".into()])
+        );
+        let csv = string_value(" 1.1.1.1:80, 2.2.2.2:80 ");
+        assert_eq!(
+            subset_hint(Some(&md(SUBSET_NAMESPACE, SUBSET, csv)))
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(
+            subset_hint(Some(&md(SUBSET_NAMESPACE, SUBSET, string_value("")))),
+            Some(vec![])
+        );
+        assert_eq!(subset_hint(None), None);
+    }
+
+    #[test]
+    fn attributes_are_read_under_any_filter_name() {
+        let attrs = HashMap::from([(
+            "envoy.filters.http.ext_proc".to_owned(),
+            Struct {
+                fields: HashMap::from([(
+                    "upstream.address".to_owned(),
+                    string_value("10.0.0.2:80"),
+                )]),
+            },
+        )]);
+        assert_eq!(attribute(&attrs, "upstream.address"), Some("10.0.0.2:80"));
+        assert_eq!(attribute(&attrs, "other"), None);
+    }
+
+    #[test]
+    fn served_endpoint_is_read() {
+        let m = md(LB_NAMESPACE, SERVED, string_value("10.0.0.1:8000"));
+        assert_eq!(served_endpoint(Some(&m)), Some("10.0.0.1:8000"));
+    }
+
+    #[test]
+    fn chunks_are_bounded_and_only_the_last_ends_the_stream() {
+        let mut out = Vec::new();
+        push_streamed(&mut out, true, vec![7u8; MAX_CHUNK * 2 + 5], true);
+        let chunks: Vec<(usize, bool)> = out
+            .iter()
+            .map(|r| match &r.response {
+                Some(Response::RequestBody(b)) => match &b
+                    .response
+                    .as_ref()
+                    .unwrap()
+                    .body_mutation
+                    .as_ref()
+                    .unwrap()
+                    .mutation
+                {
+                    Some(Mutation::StreamedResponse(s)) => (s.body.len(), s.end_of_stream),
+                    _ => panic!("not streamed"),
+                },
+                _ => panic!("not a request body response"),
+            })
+            .collect();
+        assert_eq!(
+            chunks,
+            vec![(MAX_CHUNK, false), (MAX_CHUNK, false), (5, true)]
+        );
+    }
+
+    #[test]
+    fn immediate_error_is_openai_shaped() {
+        let r = immediate_error(400, "bad \"json\"", "invalid_request_error", "invalid_json");
+        let Some(Response::ImmediateResponse(i)) = r.response else {
+            panic!()
+        };
+        assert_eq!(i.status.unwrap().code, 400);
+        let v: serde_json::Value = serde_json::from_slice(&i.body).unwrap();
+        assert_eq!(v["error"]["message"], "bad \"json\"");
+        assert_eq!(v["error"]["code"], "invalid_json");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+    }
+
+    #[test]
+    fn header_prefers_raw_value() {
+        let map = HeaderMap {
+            headers: vec![HeaderValue {
+                key: ":path".into(),
+                value: "old".into(),
+                raw_value: b"/v1/completions".to_vec(),
+            }],
+        };
+        assert_eq!(header(Some(&map), ":path"), Some("/v1/completions"));
+        assert_eq!(header(Some(&map), "x"), None);
+    }
+}

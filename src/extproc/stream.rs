@@ -1,0 +1,615 @@
+//! The per-request ext_proc state machine.
+//!
+//! Envoy opens one gRPC stream per HTTP request and sends, in order, request
+//! headers, request body chunks, optional trailers, then the same for the
+//! response. The answers must follow the same order per direction.
+//!
+//! Request side, by body mode (from the first message's `protocol_config`;
+//! FULL_DUPLEX_STREAMED when absent, as GKE and the Go picker use it):
+//! - FULL_DUPLEX_STREAMED: the headers answer is held back until the whole
+//!   body has arrived, because it carries the destination; then it goes out,
+//!   followed by the (possibly rewritten) body as streamed chunks of at most
+//!   62,000 bytes, the last one with `end_of_stream`.
+//! - BUFFERED: Envoy waits for the headers answer before sending the body, so
+//!   headers are answered at once and the destination travels in the body
+//!   answer (header mutation, `clear_route_cache`, dynamic metadata), with a
+//!   plain body mutation when the body changed.
+//! - NONE / STREAMED: the body cannot be held back, so the request is routed
+//!   by load at the headers.
+//! A request without a body (`end_of_stream` on headers) is routed at once.
+//!
+//! Response side: headers are answered at once (with the served endpoint
+//! echoed when enabled); body chunks are passed back immediately (server-sent
+//! events are never buffered) while usage is read from them; the in-flight
+//! accounting taken at routing is released at the end of the response, or
+//! when the stream is dropped (error, client cancel), by the guard's `Drop`.
+//!
+//! Errors become ImmediateResponses with an OpenAI-style JSON body; a client
+//! error never aborts the gRPC stream.
+
+use std::{sync::Arc, time::Instant};
+
+use envoy_types::pb::envoy::{
+    config::core::v3::HeaderValueOption,
+    extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode,
+    service::ext_proc::v3::{
+        HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, processing_request::Request,
+    },
+};
+use tracing::Level;
+
+use super::envoy::{self, CLIENT_FORBIDDEN, DESTINATION, LB_NAMESPACE};
+use crate::{
+    director::{Director, RouteInput, Routed},
+    endpoints::InFlightGuard,
+    request::{SseUsageScanner, Usage, parse_json_usage},
+    scheduling::Purpose,
+};
+
+/// Settings shared by every stream.
+#[derive(Debug, Clone)]
+pub struct StreamSettings {
+    pub max_request_body: usize,
+    /// Echo the served endpoint into `x-conformance-test-served-endpoint`.
+    pub echo_served_endpoint: bool,
+    /// Ask Envoy (mode override) not to send response bodies.
+    pub skip_response_body: bool,
+    /// Honour the gateway's subset hint.
+    pub honour_subset_hint: bool,
+}
+
+/// Non-streaming response bodies kept for usage parsing, at most.
+const MAX_USAGE_BODY: usize = 4 << 20;
+
+const FULL_DUPLEX: i32 = BodySendMode::FullDuplexStreamed as i32;
+const BUFFERED: i32 = BodySendMode::Buffered as i32;
+const BUFFERED_PARTIAL: i32 = BodySendMode::BufferedPartial as i32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RequestPhase {
+    /// Waiting for request headers.
+    Headers,
+    /// Collecting the body; the destination is not sent yet.
+    Body,
+    /// The destination went out; further request messages are passed through.
+    Routed,
+    /// An immediate response was sent; Envoy ends the request.
+    Rejected,
+}
+
+/// A request that was routed and is in flight.
+#[derive(Debug)]
+struct Active {
+    guard: InFlightGuard,
+    model: String,
+    target_model: String,
+    /// (`"model":"<target>"` pattern, replacement) pairs for responses.
+    rename: Vec<(Vec<u8>, Vec<u8>)>,
+    director: Arc<Director>,
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        let m = self.director.metrics();
+        m.running_requests
+            .with_label_values(&[m.model_label(&self.model)])
+            .dec();
+    }
+}
+
+#[derive(Debug, Default)]
+struct ResponseState {
+    status: u16,
+    sse: bool,
+    first_byte: bool,
+    bytes: u64,
+    scanner: SseUsageScanner,
+    json: Vec<u8>,
+    json_overflow: bool,
+    done: bool,
+}
+
+/// State of one ext_proc stream.
+#[derive(Debug)]
+pub struct ExtProcStream {
+    director: Arc<Director>,
+    settings: Arc<StreamSettings>,
+    started: Instant,
+    request_mode: i32,
+    response_mode: i32,
+    phase: RequestPhase,
+    path: String,
+    request_id: String,
+    objective: Option<String>,
+    model_rewrite: Option<String>,
+    test_selection: Option<String>,
+    subset: Option<Vec<String>>,
+    /// Routing headers the client sent that must be removed.
+    forbidden_present: Vec<&'static str>,
+    body: Vec<u8>,
+    /// The forwarded request body has ended (or there was none).
+    request_body_done: bool,
+    active: Option<Active>,
+    response: ResponseState,
+    observability_only: bool,
+}
+
+impl ExtProcStream {
+    pub fn new(director: Arc<Director>, settings: Arc<StreamSettings>) -> Self {
+        Self {
+            director,
+            settings,
+            started: Instant::now(),
+            request_mode: FULL_DUPLEX,
+            response_mode: FULL_DUPLEX,
+            phase: RequestPhase::Headers,
+            path: String::new(),
+            request_id: String::new(),
+            objective: None,
+            model_rewrite: None,
+            test_selection: None,
+            subset: None,
+            forbidden_present: Vec::new(),
+            body: Vec::new(),
+            request_body_done: false,
+            active: None,
+            response: ResponseState::default(),
+            observability_only: false,
+        }
+    }
+
+    /// Handles one message from Envoy, appending the answers to `out`.
+    pub fn on_message(&mut self, msg: ProcessingRequest, out: &mut Vec<ProcessingResponse>) {
+        if let Some(pc) = msg.protocol_config {
+            self.request_mode = pc.request_body_mode;
+            self.response_mode = pc.response_body_mode;
+        }
+        self.observability_only = msg.observability_mode;
+        let start = out.len();
+        match msg.request {
+            Some(Request::RequestHeaders(h)) => self.request_headers(h, &msg.metadata_context, out),
+            Some(Request::RequestBody(b)) => self.request_body(b, out),
+            Some(Request::RequestTrailers(_)) => self.request_trailers(out),
+            Some(Request::ResponseHeaders(h)) => {
+                self.response_headers(h, &msg.metadata_context, &msg.attributes, out)
+            }
+            Some(Request::ResponseBody(b)) => self.response_body(b, out),
+            Some(Request::ResponseTrailers(_)) => {
+                out.push(envoy::response(envoy::trailers_response(false)));
+                self.complete_response();
+            }
+            None => {}
+        }
+        if self.observability_only {
+            // Envoy ignores answers in observability mode; do not send any.
+            out.truncate(start);
+        }
+    }
+
+    fn request_headers(
+        &mut self,
+        h: HttpHeaders,
+        md: &Option<envoy_types::pb::envoy::config::core::v3::Metadata>,
+        out: &mut Vec<ProcessingResponse>,
+    ) {
+        if self.phase != RequestPhase::Headers {
+            return;
+        }
+        let map = h.headers.as_ref();
+        self.path = envoy::header(map, ":path").unwrap_or("/").to_owned();
+        self.request_id = envoy::header(map, "x-request-id").unwrap_or("").to_owned();
+        self.objective = envoy::header(map, "x-gateway-inference-objective").map(str::to_owned);
+        self.model_rewrite = envoy::header(map, "x-gateway-model-name-rewrite").map(str::to_owned);
+        self.test_selection = envoy::header(map, "test-epp-endpoint-selection").map(str::to_owned);
+        self.forbidden_present = CLIENT_FORBIDDEN
+            .iter()
+            .copied()
+            .filter(|name| envoy::has_header(map, name))
+            .collect();
+        if self.settings.honour_subset_hint {
+            self.subset = envoy::subset_hint(md.as_ref());
+        }
+        let declared_len =
+            envoy::header(map, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
+        if declared_len.is_some_and(|n| n > self.settings.max_request_body as u64) {
+            self.reject_too_large(out);
+            return;
+        }
+
+        let buffered = matches!(self.request_mode, BUFFERED | BUFFERED_PARTIAL);
+        if h.end_of_stream || !(buffered || self.request_mode == FULL_DUPLEX) {
+            // No body to wait for (or one Envoy will not hold back for us).
+            self.request_body_done = h.end_of_stream;
+            self.route(None, false, out);
+            return;
+        }
+        self.phase = RequestPhase::Body;
+        if buffered {
+            // Envoy sends the body only after this answer.
+            let mutation = envoy::header_mutation(Vec::new(), self.forbidden_removals());
+            let mut resp = envoy::response(envoy::headers_response(true, mutation, false));
+            self.add_mode_override(&mut resp);
+            out.push(resp);
+        }
+    }
+
+    fn request_body(&mut self, b: HttpBody, out: &mut Vec<ProcessingResponse>) {
+        match self.phase {
+            RequestPhase::Body => {}
+            RequestPhase::Routed => {
+                if self.request_body_done {
+                    // Envoy 1.35+ can re-deliver the final chunk after the
+                    // end of stream was handled (envoyproxy/envoy#46237);
+                    // echoing it would corrupt the forwarded body.
+                    tracing::debug!(request_id = %self.request_id, "request body chunk after end of stream ignored");
+                    return;
+                }
+                // Routed at the headers (STREAMED mode): pass chunks through.
+                if self.request_mode == FULL_DUPLEX {
+                    envoy::push_streamed(out, true, b.body, b.end_of_stream);
+                } else {
+                    out.push(envoy::response(envoy::body_response(
+                        true, None, None, false,
+                    )));
+                }
+                return;
+            }
+            RequestPhase::Headers | RequestPhase::Rejected => return,
+        }
+        if self.body.is_empty() {
+            self.body = b.body; // first chunk: take it without copying
+        } else {
+            self.body.extend_from_slice(&b.body);
+        }
+        if self.body.len() > self.settings.max_request_body {
+            self.reject_too_large(out);
+            return;
+        }
+        if b.end_of_stream || self.request_mode == BUFFERED_PARTIAL || self.request_mode == BUFFERED
+        {
+            self.finish_request_body(false, out);
+        }
+    }
+
+    fn request_trailers(&mut self, out: &mut Vec<ProcessingResponse>) {
+        if self.phase == RequestPhase::Body {
+            // The body ended without end_of_stream because trailers follow.
+            self.finish_request_body(true, out);
+        }
+        if self.phase != RequestPhase::Rejected {
+            out.push(envoy::response(envoy::trailers_response(true)));
+        }
+    }
+
+    fn finish_request_body(&mut self, trailers_follow: bool, out: &mut Vec<ProcessingResponse>) {
+        self.request_body_done = true;
+        let body = std::mem::take(&mut self.body);
+        self.route(Some(body), trailers_follow, out);
+    }
+
+    /// Routes the request and answers with the destination, or rejects it.
+    fn route(
+        &mut self,
+        body: Option<Vec<u8>>,
+        trailers_follow: bool,
+        out: &mut Vec<ProcessingResponse>,
+    ) {
+        let director = Arc::clone(&self.director);
+        let input = RouteInput {
+            path: &self.path,
+            body: body.as_deref(),
+            objective: self.objective.as_deref(),
+            model_rewrite: self.model_rewrite.as_deref(),
+            test_selection: self.test_selection.as_deref(),
+            subset: self.subset.as_deref(),
+        };
+        let purpose = if tracing::enabled!(Level::DEBUG) {
+            Purpose::RouteExplained
+        } else {
+            Purpose::Route
+        };
+        let routed = match director.route(&input, purpose) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(request_id = %self.request_id, path = %self.path, status = e.http_status(), error = %e, "request rejected");
+                let error_type = match e.http_status() {
+                    400 => "invalid_request_error",
+                    429 => "rate_limit_error",
+                    _ => "service_unavailable",
+                };
+                out.push(envoy::immediate_error(
+                    e.http_status(),
+                    &e.to_string(),
+                    error_type,
+                    e.code(),
+                ));
+                self.phase = RequestPhase::Rejected;
+                return;
+            }
+        };
+        let Routed {
+            decision,
+            model,
+            target_model,
+            new_body,
+            ..
+        } = routed;
+        let destination = decision.destination();
+        if let Some(ex) = &decision.explanation {
+            tracing::debug!(request_id = %self.request_id, path = %self.path, model = %model,
+                target_model = %target_model, destination = %destination,
+                prompt_blocks = decision.prompt_blocks, matched_blocks = decision.matched_blocks,
+                scores = %ex, "request routed");
+        }
+        let Some(pick) = decision.endpoints.first() else {
+            out.push(envoy::immediate_error(
+                503,
+                "no ready endpoint",
+                "service_unavailable",
+                "no_ready_endpoint",
+            ));
+            self.phase = RequestPhase::Rejected;
+            return;
+        };
+        let guard = pick.begin_request(decision.prefill_tokens);
+        let metrics = director.metrics();
+        metrics
+            .running_requests
+            .with_label_values(&[metrics.model_label(&model)])
+            .inc();
+        let rename = if !model.is_empty() && target_model != model {
+            rename_patterns(&target_model, &model)
+        } else {
+            Vec::new()
+        };
+        self.active = Some(Active {
+            guard,
+            model,
+            target_model,
+            rename,
+            director: Arc::clone(&director),
+        });
+        self.phase = RequestPhase::Routed;
+
+        let mut set: Vec<HeaderValueOption> =
+            vec![envoy::set_header(DESTINATION, destination.as_bytes())];
+        let changed = new_body.is_some();
+        let body = new_body.or(body);
+        let buffered = matches!(self.request_mode, BUFFERED | BUFFERED_PARTIAL);
+        // Streamed bodies lose their length on the way through Envoy unless it
+        // is set again; a changed body needs its new length in every mode.
+        if let Some(b) = &body {
+            if changed || !buffered {
+                set.push(envoy::set_header("content-length", b.len().to_string()));
+            }
+        }
+        let mutation = envoy::header_mutation(set, self.forbidden_removals());
+        let dynamic_metadata = Some(envoy::metadata(LB_NAMESPACE, DESTINATION, &destination));
+
+        match body {
+            Some(body) if buffered => {
+                let mut resp = envoy::response(envoy::body_response(
+                    true,
+                    mutation,
+                    if changed { Some(body) } else { None },
+                    true,
+                ));
+                resp.dynamic_metadata = dynamic_metadata;
+                out.push(resp);
+            }
+            Some(body) => {
+                let mut resp = envoy::response(envoy::headers_response(true, mutation, true));
+                resp.dynamic_metadata = dynamic_metadata;
+                self.add_mode_override(&mut resp);
+                out.push(resp);
+                envoy::push_streamed(out, true, body, !trailers_follow);
+            }
+            None => {
+                let mut resp = envoy::response(envoy::headers_response(true, mutation, true));
+                resp.dynamic_metadata = dynamic_metadata;
+                self.add_mode_override(&mut resp);
+                out.push(resp);
+            }
+        }
+    }
+
+    fn forbidden_removals(&self) -> Vec<String> {
+        self.forbidden_present
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect()
+    }
+
+    fn add_mode_override(&self, resp: &mut ProcessingResponse) {
+        if self.settings.skip_response_body {
+            resp.mode_override = Some(envoy::skip_response_body());
+        }
+    }
+
+    fn reject_too_large(&mut self, out: &mut Vec<ProcessingResponse>) {
+        let max = self.settings.max_request_body;
+        out.push(envoy::immediate_error(
+            413,
+            &format!("request body exceeds the limit of {max} bytes"),
+            "invalid_request_error",
+            "request_too_large",
+        ));
+        self.director
+            .metrics()
+            .request_error_total
+            .with_label_values(&["", "", "request_too_large"])
+            .inc();
+        self.phase = RequestPhase::Rejected;
+        self.body = Vec::new();
+    }
+
+    fn response_headers(
+        &mut self,
+        h: HttpHeaders,
+        md: &Option<envoy_types::pb::envoy::config::core::v3::Metadata>,
+        attributes: &std::collections::HashMap<String, envoy_types::pb::google::protobuf::Struct>,
+        out: &mut Vec<ProcessingResponse>,
+    ) {
+        let map = h.headers.as_ref();
+        self.response.status = envoy::header(map, ":status")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        self.response.sse =
+            envoy::header(map, "content-type").is_some_and(|ct| ct.contains("text/event-stream"));
+        // The protocol's metadata key; Envoy's own upstream.address attribute
+        // when the gateway does not set it.
+        let served = envoy::served_endpoint(md.as_ref())
+            .or_else(|| envoy::attribute(attributes, "upstream.address"));
+        let mut set = Vec::new();
+        if self.settings.echo_served_endpoint {
+            if let Some(served) = served {
+                set.push(envoy::set_header(
+                    envoy::CONFORMANCE_SERVED,
+                    served.as_bytes(),
+                ));
+            }
+        }
+        if let (Some(served), Some(active)) = (served, &self.active) {
+            let picked = &*active.guard.endpoint().host_port;
+            if served != picked {
+                tracing::debug!(request_id = %self.request_id, picked, served, "gateway served another endpoint (fallback or retry)");
+            }
+        }
+        out.push(envoy::response(envoy::headers_response(
+            false,
+            envoy::header_mutation(set, Vec::new()),
+            false,
+        )));
+        if h.end_of_stream {
+            self.complete_response();
+        }
+    }
+
+    fn response_body(&mut self, b: HttpBody, out: &mut Vec<ProcessingResponse>) {
+        if let Some(active) = &mut self.active {
+            if !self.response.first_byte {
+                self.response.first_byte = true;
+                active.guard.prefill_done();
+            }
+        }
+        let r = &mut self.response;
+        r.bytes += b.body.len() as u64;
+        if r.sse {
+            r.scanner.feed(&b.body);
+        } else if !r.json_overflow {
+            if r.json.len() + b.body.len() <= MAX_USAGE_BODY {
+                r.json.extend_from_slice(&b.body);
+            } else {
+                r.json_overflow = true;
+                r.json = Vec::new();
+            }
+        }
+        let (body, renamed) = match &self.active {
+            Some(a) if !a.rename.is_empty() => rename_model(b.body, &a.rename),
+            _ => (b.body, false),
+        };
+        match self.response_mode {
+            FULL_DUPLEX => envoy::push_streamed(out, false, body, b.end_of_stream),
+            _ => out.push(envoy::response(envoy::body_response(
+                false,
+                None,
+                renamed.then_some(body),
+                false,
+            ))),
+        }
+        if b.end_of_stream {
+            self.complete_response();
+        }
+    }
+
+    /// The response finished: record what it tells and release the request.
+    fn complete_response(&mut self) {
+        if self.response.done {
+            return;
+        }
+        self.response.done = true;
+        let Some(active) = self.active.take() else {
+            return;
+        };
+        let m = self.director.metrics();
+        let model = m.model_label(&active.model);
+        let target = m.model_label(&active.target_model);
+        let labels = [model, target];
+        m.request_duration
+            .with_label_values(&labels)
+            .observe(self.started.elapsed().as_secs_f64());
+        m.response_sizes
+            .with_label_values(&labels)
+            .observe(self.response.bytes as f64);
+        if self.response.status >= 500 {
+            m.request_error_total
+                .with_label_values(&[model, target, "model_server_error"])
+                .inc();
+        }
+        let usage: Option<Usage> = if self.response.sse {
+            self.response.scanner.usage()
+        } else if !self.response.json.is_empty() {
+            parse_json_usage(&self.response.json)
+        } else {
+            None
+        };
+        if let Some(u) = usage {
+            m.input_tokens
+                .with_label_values(&labels)
+                .observe(u.prompt_tokens as f64);
+            m.output_tokens
+                .with_label_values(&labels)
+                .observe(u.completion_tokens as f64);
+            m.cached_tokens
+                .with_label_values(&labels)
+                .observe(u.cached_tokens as f64);
+        }
+        self.response.json = Vec::new();
+        drop(active);
+    }
+}
+
+/// Patterns that restore the client's model name in responses, with and
+/// without a space after the colon (both are common JSON encodings).
+fn rename_patterns(target: &str, client: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let enc = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| format!("\"{s}\""));
+    let (t, c) = (enc(target), enc(client));
+    vec![
+        (
+            format!("\"model\":{t}").into_bytes(),
+            format!("\"model\":{c}").into_bytes(),
+        ),
+        (
+            format!("\"model\": {t}").into_bytes(),
+            format!("\"model\": {c}").into_bytes(),
+        ),
+    ]
+}
+
+/// Replaces every pattern occurrence; returns the input untouched (no copy)
+/// when nothing matches.
+fn rename_model(body: Vec<u8>, patterns: &[(Vec<u8>, Vec<u8>)]) -> (Vec<u8>, bool) {
+    let finder = |hay: &[u8], needle: &[u8]| memchr::memmem::find(hay, needle);
+    if !patterns
+        .iter()
+        .any(|(from, _)| finder(&body, from).is_some())
+    {
+        return (body, false);
+    }
+    let mut out = body;
+    for (from, to) in patterns {
+        let mut result = Vec::with_capacity(out.len());
+        let mut rest = &out[..];
+        while let Some(i) = finder(rest, from) {
+            result.extend_from_slice(&rest[..i]);
+            result.extend_from_slice(to);
+            rest = &rest[i + from.len()..];
+        }
+        result.extend_from_slice(rest);
+        out = result;
+    }
+    (out, true)
+}
+
+#[cfg(test)]
+mod tests;

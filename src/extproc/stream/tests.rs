@@ -1,0 +1,544 @@
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use envoy_types::pb::{
+    envoy::{
+        config::core::v3::{HeaderMap, HeaderValue, Metadata},
+        service::ext_proc::v3::{
+            CommonResponse, HttpBody, HttpHeaders, HttpTrailers, ProcessingRequest,
+            ProcessingResponse, ProtocolConfiguration, body_mutation::Mutation,
+            processing_request::Request, processing_response::Response,
+        },
+    },
+    google::protobuf::{Struct, Value, value::Kind},
+};
+
+use super::*;
+use crate::extproc::envoy::{CONFORMANCE_SERVED, SERVED, SUBSET, SUBSET_NAMESPACE};
+use crate::{
+    config::EndpointPickerConfig,
+    endpoints::{EndpointStore, MetricsSample, testing::store_with},
+    prefix::PrefixIndex,
+    scheduling::{SchedulerOptions, build_scheduler},
+    telemetry::Metrics,
+};
+
+fn director_with(store: Arc<EndpointStore>, cfg: &str) -> Arc<Director> {
+    let cfg = EndpointPickerConfig::parse(cfg).unwrap();
+    let scheduler = build_scheduler(
+        &cfg,
+        &SchedulerOptions {
+            fallback_endpoints: 1,
+            max_scrape_failures: 3,
+            staleness: Duration::from_secs(2),
+            epoch: store.epoch(),
+        },
+        Arc::new(PrefixIndex::new()),
+    )
+    .unwrap();
+    Arc::new(Director::new(
+        store,
+        scheduler,
+        &cfg,
+        Arc::new(Metrics::new("p").unwrap()),
+    ))
+}
+
+fn settings() -> StreamSettings {
+    StreamSettings {
+        max_request_body: 1 << 20,
+        echo_served_endpoint: false,
+        skip_response_body: false,
+        honour_subset_hint: true,
+    }
+}
+
+struct Harness {
+    store: Arc<EndpointStore>,
+    stream: ExtProcStream,
+}
+
+impl Harness {
+    fn new(settings: StreamSettings) -> Self {
+        Self::with_config(settings, crate::config::DEFAULT_CONFIG)
+    }
+
+    fn with_config(settings: StreamSettings, cfg: &str) -> Self {
+        let store = Arc::new(store_with(&[8001, 8002], &[MetricsSample::default(); 2]));
+        let stream = ExtProcStream::new(director_with(Arc::clone(&store), cfg), Arc::new(settings));
+        Self { store, stream }
+    }
+
+    fn send(&mut self, msg: ProcessingRequest) -> Vec<ProcessingResponse> {
+        let mut out = Vec::new();
+        self.stream.on_message(msg, &mut out);
+        out
+    }
+
+    fn in_flight(&self) -> u32 {
+        self.store
+            .snapshot()
+            .endpoints()
+            .iter()
+            .map(|e| e.in_flight())
+            .sum()
+    }
+}
+
+fn headers(pairs: &[(&str, &str)], end_of_stream: bool) -> HttpHeaders {
+    HttpHeaders {
+        headers: Some(HeaderMap {
+            headers: pairs
+                .iter()
+                .map(|(k, v)| HeaderValue {
+                    key: (*k).into(),
+                    value: String::new(),
+                    raw_value: v.as_bytes().to_vec(),
+                })
+                .collect(),
+        }),
+        end_of_stream,
+        ..HttpHeaders::default()
+    }
+}
+
+fn msg(request: Request) -> ProcessingRequest {
+    ProcessingRequest {
+        request: Some(request),
+        ..ProcessingRequest::default()
+    }
+}
+
+fn first(mode: BodySendMode, request: Request) -> ProcessingRequest {
+    ProcessingRequest {
+        request: Some(request),
+        protocol_config: Some(ProtocolConfiguration {
+            request_body_mode: mode as i32,
+            response_body_mode: mode as i32,
+            ..ProtocolConfiguration::default()
+        }),
+        ..ProcessingRequest::default()
+    }
+}
+
+fn post(path: &str) -> HttpHeaders {
+    headers(
+        &[
+            (":method", "POST"),
+            (":path", path),
+            ("content-type", "application/json"),
+        ],
+        false,
+    )
+}
+
+fn body(bytes: &[u8], end_of_stream: bool) -> Request {
+    Request::RequestBody(HttpBody {
+        body: bytes.to_vec(),
+        end_of_stream,
+        ..HttpBody::default()
+    })
+}
+
+fn resp_body(bytes: &[u8], end_of_stream: bool) -> Request {
+    Request::ResponseBody(HttpBody {
+        body: bytes.to_vec(),
+        end_of_stream,
+        ..HttpBody::default()
+    })
+}
+
+fn common(r: &ProcessingResponse) -> &CommonResponse {
+    match r.response.as_ref().unwrap() {
+        Response::RequestHeaders(h) | Response::ResponseHeaders(h) => h.response.as_ref().unwrap(),
+        Response::RequestBody(b) | Response::ResponseBody(b) => b.response.as_ref().unwrap(),
+        other => panic!("no common response in {other:?}"),
+    }
+}
+
+fn set_header(r: &ProcessingResponse, key: &str) -> Option<String> {
+    common(r)
+        .header_mutation
+        .as_ref()?
+        .set_headers
+        .iter()
+        .find(|h| h.header.as_ref().unwrap().key == key)
+        .map(|h| String::from_utf8(h.header.as_ref().unwrap().raw_value.clone()).unwrap())
+}
+
+fn metadata_destination(r: &ProcessingResponse) -> String {
+    let lb = &r.dynamic_metadata.as_ref().unwrap().fields[LB_NAMESPACE];
+    let Some(Kind::StructValue(s)) = &lb.kind else {
+        panic!()
+    };
+    let Some(Kind::StringValue(v)) = &s.fields[DESTINATION].kind else {
+        panic!()
+    };
+    v.clone()
+}
+
+fn streamed(r: &ProcessingResponse) -> (Vec<u8>, bool) {
+    match &common(r).body_mutation.as_ref().unwrap().mutation {
+        Some(Mutation::StreamedResponse(s)) => (s.body.clone(), s.end_of_stream),
+        other => panic!("not streamed: {other:?}"),
+    }
+}
+
+fn immediate_status(r: &ProcessingResponse) -> (i32, serde_json::Value) {
+    match r.response.as_ref().unwrap() {
+        Response::ImmediateResponse(i) => (
+            i.status.unwrap().code,
+            serde_json::from_slice(&i.body).unwrap(),
+        ),
+        other => panic!("not immediate: {other:?}"),
+    }
+}
+
+const BODY: &[u8] = br#"{"model":"m","prompt":"hello world, a prompt long enough to span a block or two of sixty four bytes"}"#;
+
+#[test]
+fn full_duplex_defers_headers_until_the_body_is_complete() {
+    let mut h = Harness::new(settings());
+    assert!(
+        h.send(first(
+            BodySendMode::FullDuplexStreamed,
+            Request::RequestHeaders(post("/v1/completions"))
+        ))
+        .is_empty()
+    );
+    assert!(h.send(msg(body(&BODY[..10], false))).is_empty());
+    let out = h.send(msg(body(&BODY[10..], true)));
+    assert_eq!(out.len(), 2, "headers answer then one body chunk");
+    assert!(matches!(out[0].response, Some(Response::RequestHeaders(_))));
+    assert!(common(&out[0]).clear_route_cache);
+    let dest = set_header(&out[0], DESTINATION).unwrap();
+    assert_eq!(dest.split(',').count(), 2, "pick plus one fallback");
+    assert_eq!(metadata_destination(&out[0]), dest);
+    assert_eq!(
+        set_header(&out[0], "content-length"),
+        Some(BODY.len().to_string())
+    );
+    assert_eq!(streamed(&out[1]), (BODY.to_vec(), true));
+    assert_eq!(h.in_flight(), 1);
+}
+
+#[test]
+fn buffered_mode_answers_headers_at_once_and_routes_in_the_body_answer() {
+    let mut h = Harness::new(settings());
+    let out = h.send(first(
+        BodySendMode::Buffered,
+        Request::RequestHeaders(post("/v1/completions")),
+    ));
+    assert_eq!(out.len(), 1);
+    assert!(matches!(out[0].response, Some(Response::RequestHeaders(_))));
+    let out = h.send(msg(body(BODY, true)));
+    assert_eq!(out.len(), 1);
+    assert!(matches!(out[0].response, Some(Response::RequestBody(_))));
+    let c = common(&out[0]);
+    assert!(c.clear_route_cache);
+    assert!(c.body_mutation.is_none(), "unchanged body is not resent");
+    assert!(set_header(&out[0], DESTINATION).is_some());
+    assert!(out[0].dynamic_metadata.is_some());
+}
+
+#[test]
+fn bodiless_requests_are_routed_at_the_headers() {
+    let mut h = Harness::new(settings());
+    let out = h.send(msg(Request::RequestHeaders(headers(
+        &[(":method", "GET"), (":path", "/v1/models")],
+        true,
+    ))));
+    assert_eq!(out.len(), 1);
+    assert!(set_header(&out[0], DESTINATION).is_some());
+}
+
+#[test]
+fn client_errors_become_openai_style_immediate_responses() {
+    for (b, status, code) in [
+        (&b"{not json"[..], 400, "invalid_json"),
+        (&b"[1,2]"[..], 400, "invalid_body"),
+        (&br#"{"prompt":"x"}"#[..], 400, "invalid_model"),
+        (&br#"{"model":"m"}"#[..], 400, "invalid_prompt"),
+    ] {
+        let mut h = Harness::new(settings());
+        h.send(msg(Request::RequestHeaders(post("/v1/completions"))));
+        let out = h.send(msg(body(b, true)));
+        assert_eq!(out.len(), 1);
+        let (s, v) = immediate_status(&out[0]);
+        assert_eq!(s, status);
+        assert_eq!(v["error"]["code"], code);
+        assert!(v["error"]["message"].as_str().unwrap().len() > 5);
+        assert_eq!(h.in_flight(), 0);
+        // Later messages are ignored rather than failing the stream.
+        assert!(h.send(msg(body(b"x", true))).is_empty());
+    }
+}
+
+#[test]
+fn oversized_bodies_get_413_by_header_or_by_size() {
+    let small = StreamSettings {
+        max_request_body: 16,
+        ..settings()
+    };
+    let mut h = Harness::new(small.clone());
+    let out = h.send(msg(Request::RequestHeaders(headers(
+        &[(":path", "/v1/completions"), ("content-length", "17")],
+        false,
+    ))));
+    assert_eq!(immediate_status(&out[0]).0, 413);
+    let mut h = Harness::new(small);
+    h.send(msg(Request::RequestHeaders(post("/v1/completions"))));
+    assert!(h.send(msg(body(&[b' '; 10], false))).is_empty());
+    let out = h.send(msg(body(&[b' '; 10], false)));
+    assert_eq!(immediate_status(&out[0]).0, 413);
+}
+
+#[test]
+fn spoofed_routing_headers_are_removed_or_overwritten() {
+    let mut h = Harness::new(settings());
+    h.send(msg(Request::RequestHeaders(headers(
+        &[
+            (":path", "/v1/completions"),
+            (DESTINATION, "6.6.6.6:80"),
+            (SERVED, "6.6.6.6:80"),
+        ],
+        false,
+    ))));
+    let out = h.send(msg(body(BODY, true)));
+    let dest = set_header(&out[0], DESTINATION).unwrap();
+    assert!(!dest.contains("6.6.6.6"));
+    let removed = &common(&out[0])
+        .header_mutation
+        .as_ref()
+        .unwrap()
+        .remove_headers;
+    assert!(removed.contains(&SERVED.to_owned()));
+}
+
+#[test]
+fn subset_hint_from_metadata() {
+    let mut h = Harness::new(settings());
+    let hint = Struct {
+        fields: HashMap::from([(
+            SUBSET.to_owned(),
+            Value {
+                kind: Some(Kind::StringValue("127.0.0.1:8002".into())),
+            },
+        )]),
+    };
+    let mut m = msg(Request::RequestHeaders(post("/v1/completions")));
+    m.metadata_context = Some(Metadata {
+        filter_metadata: HashMap::from([(SUBSET_NAMESPACE.to_owned(), hint)]),
+        ..Metadata::default()
+    });
+    h.send(m);
+    let out = h.send(msg(body(BODY, true)));
+    assert_eq!(set_header(&out[0], DESTINATION).unwrap(), "127.0.0.1:8002");
+}
+
+#[test]
+fn model_rewrite_changes_body_and_restores_the_name_in_responses() {
+    let mut h = Harness::new(settings());
+    h.send(msg(Request::RequestHeaders(headers(
+        &[
+            (":path", "/v1/completions"),
+            ("x-gateway-model-name-rewrite", "big-model"),
+        ],
+        false,
+    ))));
+    let out = h.send(msg(body(BODY, true)));
+    let (sent, _) = streamed(&out[1]);
+    let v: serde_json::Value = serde_json::from_slice(&sent).unwrap();
+    assert_eq!(v["model"], "big-model");
+    assert_eq!(
+        set_header(&out[0], "content-length").unwrap(),
+        sent.len().to_string()
+    );
+
+    h.send(msg(Request::ResponseHeaders(headers(
+        &[(":status", "200"), ("content-type", "application/json")],
+        false,
+    ))));
+    let out = h.send(msg(resp_body(
+        br#"{"model":"big-model","usage":{"prompt_tokens":3,"completion_tokens":1}}"#,
+        true,
+    )));
+    let (back, eos) = streamed(&out[0]);
+    assert!(eos);
+    assert_eq!(
+        String::from_utf8(back).unwrap(),
+        r#"{"model":"m","usage":{"prompt_tokens":3,"completion_tokens":1}}"#
+    );
+    assert_eq!(h.in_flight(), 0);
+}
+
+#[test]
+fn sse_chunks_pass_through_immediately_and_release_at_the_end() {
+    let mut h = Harness::new(settings());
+    h.send(msg(Request::RequestHeaders(post("/v1/completions"))));
+    h.send(msg(body(BODY, true)));
+    assert_eq!(h.in_flight(), 1);
+    let out = h.send(msg(Request::ResponseHeaders(headers(
+        &[(":status", "200"), ("content-type", "text/event-stream")],
+        false,
+    ))));
+    assert_eq!(out.len(), 1);
+    let chunk = b"data: {\"choices\":[{\"text\":\"a\"}]}\n\n";
+    let out = h.send(msg(resp_body(chunk, false)));
+    assert_eq!(
+        streamed(&out[0]),
+        (chunk.to_vec(), false),
+        "echoed at once, unchanged"
+    );
+    let pick = h
+        .store
+        .snapshot()
+        .endpoints()
+        .iter()
+        .find(|e| e.in_flight() == 1)
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        pick.prefill_backlog(),
+        0,
+        "first byte ends the prefill estimate"
+    );
+    let last = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":30,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":16}}}\n\ndata: [DONE]\n\n";
+    let out = h.send(msg(resp_body(last, true)));
+    assert_eq!(streamed(&out[0]).1, true);
+    assert_eq!(h.in_flight(), 0);
+    let text = h.stream.director.metrics().render();
+    assert!(text.contains("inference_objective_prompt_cached_tokens_sum{model_name=\"m\",target_model_name=\"m\"} 16"), "{text}");
+}
+
+#[test]
+fn dropping_the_stream_releases_in_flight() {
+    let mut h = Harness::new(settings());
+    h.send(msg(Request::RequestHeaders(post("/v1/completions"))));
+    h.send(msg(body(BODY, true)));
+    assert_eq!(h.in_flight(), 1);
+    let store = Arc::clone(&h.store);
+    drop(h);
+    assert_eq!(
+        store
+            .snapshot()
+            .endpoints()
+            .iter()
+            .map(|e| e.in_flight())
+            .sum::<u32>(),
+        0
+    );
+}
+
+#[test]
+fn served_endpoint_is_echoed_when_enabled() {
+    let mut h = Harness::new(StreamSettings {
+        echo_served_endpoint: true,
+        ..settings()
+    });
+    h.send(msg(Request::RequestHeaders(headers(
+        &[(":path", "/v1/models")],
+        true,
+    ))));
+    let served = Struct {
+        fields: HashMap::from([(
+            SERVED.to_owned(),
+            Value {
+                kind: Some(Kind::StringValue("127.0.0.1:8001".into())),
+            },
+        )]),
+    };
+    let mut m = msg(Request::ResponseHeaders(headers(
+        &[(":status", "200")],
+        false,
+    )));
+    m.metadata_context = Some(Metadata {
+        filter_metadata: HashMap::from([(LB_NAMESPACE.to_owned(), served)]),
+        ..Metadata::default()
+    });
+    let out = h.send(m);
+    assert_eq!(
+        set_header(&out[0], CONFORMANCE_SERVED).as_deref(),
+        Some("127.0.0.1:8001")
+    );
+}
+
+#[test]
+fn headers_only_response_processing_sets_a_mode_override() {
+    let mut h = Harness::new(StreamSettings {
+        skip_response_body: true,
+        ..settings()
+    });
+    h.send(msg(Request::RequestHeaders(post("/v1/completions"))));
+    let out = h.send(msg(body(BODY, true)));
+    let mode = out[0].mode_override.as_ref().unwrap();
+    assert_eq!(mode.response_body_mode, BodySendMode::None as i32);
+}
+
+#[test]
+fn trailers_after_the_body_end_the_request() {
+    let mut h = Harness::new(settings());
+    h.send(msg(Request::RequestHeaders(post("/v1/completions"))));
+    assert!(h.send(msg(body(BODY, false))).is_empty());
+    let out = h.send(msg(Request::RequestTrailers(HttpTrailers::default())));
+    assert_eq!(out.len(), 3, "headers, body chunk, trailers");
+    assert_eq!(
+        streamed(&out[1]).1,
+        false,
+        "trailers carry the end of stream"
+    );
+    assert!(matches!(
+        out[2].response,
+        Some(Response::RequestTrailers(_))
+    ));
+}
+
+#[test]
+fn observability_mode_sends_nothing() {
+    let mut h = Harness::new(settings());
+    let mut m = msg(Request::RequestHeaders(headers(
+        &[(":path", "/v1/models")],
+        true,
+    )));
+    m.observability_mode = true;
+    assert!(h.send(m).is_empty());
+}
+
+#[test]
+fn empty_pool_is_503() {
+    let store = Arc::new(EndpointStore::new(Duration::from_secs(1)));
+    let mut s = ExtProcStream::new(
+        director_with(store, crate::config::DEFAULT_CONFIG),
+        Arc::new(settings()),
+    );
+    let mut out = Vec::new();
+    s.on_message(
+        msg(Request::RequestHeaders(headers(
+            &[(":path", "/health")],
+            true,
+        ))),
+        &mut out,
+    );
+    assert_eq!(immediate_status(&out[0]).0, 503);
+}
+
+#[test]
+fn rename_model_replaces_every_occurrence_and_skips_copies_otherwise() {
+    let p = rename_patterns("t", "c");
+    let (out, changed) = rename_model(br#"{"model":"t"} {"model": "t"}"#.to_vec(), &p);
+    assert!(changed);
+    assert_eq!(out, br#"{"model":"c"} {"model": "c"}"#.to_vec());
+    let (out, changed) = rename_model(b"nothing".to_vec(), &p);
+    assert!(!changed);
+    assert_eq!(out, b"nothing".to_vec());
+}
+
+#[test]
+fn a_repeated_final_body_chunk_is_not_echoed() {
+    // envoyproxy/envoy#46237: the last chunk may arrive twice.
+    let mut h = Harness::new(settings());
+    h.send(msg(Request::RequestHeaders(post("/v1/completions"))));
+    let out = h.send(msg(body(BODY, true)));
+    assert_eq!(out.len(), 2);
+    assert!(h.send(msg(body(BODY, true))).is_empty());
+    assert_eq!(h.in_flight(), 1, "routed once");
+}

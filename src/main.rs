@@ -1,0 +1,46 @@
+//! `epp`: parse flags, set up logging, run the picker until SIGTERM/SIGINT.
+
+use anyhow::Context;
+use clap::Parser;
+use epp::{config::Flags, server, telemetry::logging};
+
+fn main() -> anyhow::Result<()> {
+    let flags = Flags::parse();
+    logging::init(flags.verbosity, flags.effective_log_format());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("epp")
+        .build()
+        .context("starting the async runtime")?;
+    runtime
+        .block_on(server::run(flags, shutdown_signal(), None))
+        .context("endpoint picker failed")
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,535 @@
+//! The approximate prefix-cache index: which endpoint probably holds which
+//! prompt blocks, learned from the picker's own routing decisions.
+//!
+//! Layout (chosen for memory: at most ~40 bytes per indexed block):
+//! - every (block hash, endpoint) pair is one 24-byte [`Node`] in a single
+//!   slab, addressed by `u32`;
+//! - a map from block hash to the first node of its *holder chain*, a singly
+//!   linked list through the nodes of every endpoint holding that block;
+//! - per endpoint slot, a doubly linked LRU list through its nodes, bounded by
+//!   the endpoint's KV-cache size in blocks (what the server itself can keep).
+//!
+//! Matching walks the request's block hashes in order and, per block, the
+//! holder chain; an endpoint's match grows only while it held every earlier
+//! block, and the walk stops at the first block nobody holds. Its cost is the
+//! number of (block, holder) pairs along the matched prefix, independent of
+//! pool size.
+//!
+//! Recording inserts a request's blocks for the chosen endpoint from the last
+//! block to the first, so the leading blocks are the most recently used and
+//! are evicted last, as the model server's own LRU does: losing block 0 would
+//! make every later block useless for matching.
+//!
+//! Slots are reused by the endpoint store; each slot remembers the `uid` of
+//! the endpoint it indexes. A lookup for another uid sees nothing, and the
+//! first record for a new uid purges the slot, so a replacement pod never
+//! inherits its predecessor's cache.
+
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    hash::{BuildHasherDefault, Hasher},
+};
+
+use parking_lot::RwLock;
+
+use crate::endpoints::EndpointSet;
+
+const NIL: u32 = u32::MAX;
+
+#[derive(Debug, Clone, Copy)]
+struct Node {
+    hash: u64,
+    lru_prev: u32,
+    lru_next: u32,
+    next_holder: u32,
+    slot: u16,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SlotLru {
+    /// uid of the endpoint this slot indexes; 0 when unused.
+    owner: u64,
+    /// Most recently used.
+    head: u32,
+    tail: u32,
+    len: u32,
+    capacity: u32,
+}
+
+impl SlotLru {
+    const EMPTY: Self = Self {
+        owner: 0,
+        head: NIL,
+        tail: NIL,
+        len: 0,
+        capacity: 0,
+    };
+}
+
+/// Block hashes are already uniformly distributed; hashing them again is
+/// wasted work.
+#[derive(Default)]
+struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type HeadMap = HashMap<u64, u32, BuildHasherDefault<IdentityHasher>>;
+
+#[derive(Debug, Default)]
+struct Inner {
+    nodes: Vec<Node>,
+    free_head: u32,
+    free_len: usize,
+    heads: HeadMap,
+    slots: Vec<SlotLru>,
+}
+
+/// Thread-safe prefix index. Reads (matching) share a lock; recording takes
+/// it exclusively for the few microseconds an insert needs. The lock is never
+/// held across an await.
+#[derive(Debug)]
+pub struct PrefixIndex {
+    inner: RwLock<Inner>,
+}
+
+impl Default for PrefixIndex {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+thread_local! {
+    /// Per-thread scratch for matching: match length by slot (all zero between
+    /// calls) and the slots touched, so resetting costs only what was used.
+    static MATCH_SCRATCH: RefCell<(Vec<u32>, Vec<u16>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+impl PrefixIndex {
+    pub fn new() -> Self {
+        Self {
+            inner: RwLock::new(Inner {
+                free_head: NIL,
+                ..Inner::default()
+            }),
+        }
+    }
+
+    /// For each candidate `(slot, uid)`, writes to `out` (same order) how many
+    /// leading blocks of `hashes` that endpoint holds.
+    pub fn longest_matches(&self, hashes: &[u64], candidates: &[(u16, u64)], out: &mut Vec<u32>) {
+        out.clear();
+        out.resize(candidates.len(), 0);
+        if hashes.is_empty() || candidates.is_empty() {
+            return;
+        }
+        let inner = self.inner.read();
+        MATCH_SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let (len_by_slot, touched) = &mut *scratch;
+            if len_by_slot.len() < inner.slots.len() {
+                len_by_slot.resize(inner.slots.len(), 0);
+            }
+            touched.clear();
+            for (i, hash) in hashes.iter().enumerate() {
+                let Some(&head) = inner.heads.get(hash) else {
+                    break;
+                };
+                let depth = u32::try_from(i).unwrap_or(u32::MAX);
+                let mut advanced = false;
+                let mut n = head;
+                while n != NIL {
+                    let node = &inner.nodes[n as usize];
+                    let len = &mut len_by_slot[usize::from(node.slot)];
+                    if *len == depth {
+                        *len = depth + 1;
+                        advanced = true;
+                        if depth == 0 {
+                            touched.push(node.slot);
+                        }
+                    }
+                    n = node.next_holder;
+                }
+                if !advanced {
+                    break;
+                }
+            }
+            for (o, &(slot, uid)) in out.iter_mut().zip(candidates) {
+                let s = usize::from(slot);
+                if inner.slots.get(s).is_some_and(|l| l.owner == uid) {
+                    *o = len_by_slot.get(s).copied().unwrap_or(0);
+                }
+            }
+            for &slot in touched.iter() {
+                len_by_slot[usize::from(slot)] = 0;
+            }
+        });
+    }
+
+    /// Records that the endpoint `(slot, uid)` now holds `hashes`, keeping at
+    /// most `capacity` blocks for it.
+    pub fn record(&self, slot: u16, uid: u64, capacity: u32, hashes: &[u64]) {
+        if hashes.is_empty() || capacity == 0 {
+            return;
+        }
+        let mut inner = self.inner.write();
+        inner.claim(slot, uid);
+        let s = usize::from(slot);
+        inner.slots[s].capacity = capacity;
+        for &hash in hashes.iter().rev() {
+            match inner.find(hash, slot) {
+                Some(n) => inner.touch(slot, n),
+                None => inner.insert(hash, slot),
+            }
+        }
+        while inner.slots[s].len > capacity {
+            let tail = inner.slots[s].tail;
+            inner.remove(tail);
+        }
+    }
+
+    /// Drops every slot whose endpoint is no longer in `live`.
+    pub fn retain_live(&self, live: &EndpointSet) {
+        let mut keep = vec![0u64; self.inner.read().slots.len()];
+        for e in live.endpoints() {
+            if let Some(k) = keep.get_mut(usize::from(e.slot)) {
+                *k = e.uid;
+            }
+        }
+        let mut inner = self.inner.write();
+        for slot in 0..inner.slots.len() {
+            let owner = inner.slots[slot].owner;
+            if owner != 0 && keep.get(slot).copied() != Some(owner) {
+                inner.purge(slot);
+            }
+        }
+    }
+
+    /// Blocks held for one endpoint (0 if the slot belongs to someone else).
+    pub fn blocks_for(&self, slot: u16, uid: u64) -> u64 {
+        let inner = self.inner.read();
+        inner
+            .slots
+            .get(usize::from(slot))
+            .filter(|l| l.owner == uid)
+            .map_or(0, |l| u64::from(l.len))
+    }
+
+    /// Total (block, endpoint) pairs indexed.
+    pub fn len(&self) -> usize {
+        let inner = self.inner.read();
+        inner.nodes.len() - inner.free_len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes of memory the index holds, for the size metric and the memory
+    /// benchmark (slab + hash map buckets + slot table).
+    pub fn memory_bytes(&self) -> usize {
+        let inner = self.inner.read();
+        let map_bucket = std::mem::size_of::<(u64, u32)>() + 1;
+        inner.nodes.capacity() * std::mem::size_of::<Node>()
+            + inner.heads.capacity() * map_bucket
+            + inner.slots.capacity() * std::mem::size_of::<SlotLru>()
+    }
+}
+
+impl Inner {
+    fn claim(&mut self, slot: u16, uid: u64) {
+        let s = usize::from(slot);
+        if self.slots.len() <= s {
+            self.slots.resize(s + 1, SlotLru::EMPTY);
+        }
+        if self.slots[s].owner != uid {
+            self.purge(s);
+            self.slots[s].owner = uid;
+        }
+    }
+
+    fn purge(&mut self, s: usize) {
+        let mut n = self.slots[s].head;
+        while n != NIL {
+            let next = self.nodes[n as usize].lru_next;
+            self.unlink_holder(n);
+            self.free(n);
+            n = next;
+        }
+        self.slots[s] = SlotLru::EMPTY;
+    }
+
+    fn find(&self, hash: u64, slot: u16) -> Option<u32> {
+        let mut n = *self.heads.get(&hash)?;
+        while n != NIL {
+            let node = &self.nodes[n as usize];
+            if node.slot == slot {
+                return Some(n);
+            }
+            n = node.next_holder;
+        }
+        None
+    }
+
+    fn alloc(&mut self, node: Node) -> u32 {
+        if self.free_head != NIL {
+            let n = self.free_head;
+            self.free_head = self.nodes[n as usize].lru_next;
+            self.free_len -= 1;
+            self.nodes[n as usize] = node;
+            return n;
+        }
+        let n = u32::try_from(self.nodes.len()).unwrap_or(NIL);
+        self.nodes.push(node);
+        n
+    }
+
+    fn free(&mut self, n: u32) {
+        self.nodes[n as usize].lru_next = self.free_head;
+        self.free_head = n;
+        self.free_len += 1;
+    }
+
+    fn insert(&mut self, hash: u64, slot: u16) {
+        if self.nodes.len() - self.free_len >= (NIL - 1) as usize {
+            return; // u32 address space exhausted; cannot happen with sane capacities
+        }
+        let next_holder = self.heads.get(&hash).copied().unwrap_or(NIL);
+        let s = usize::from(slot);
+        let old_head = self.slots[s].head;
+        let n = self.alloc(Node {
+            hash,
+            lru_prev: NIL,
+            lru_next: old_head,
+            next_holder,
+            slot,
+        });
+        self.heads.insert(hash, n);
+        if old_head != NIL {
+            self.nodes[old_head as usize].lru_prev = n;
+        } else {
+            self.slots[s].tail = n;
+        }
+        self.slots[s].head = n;
+        self.slots[s].len += 1;
+    }
+
+    /// Moves a node to the front of its slot's LRU.
+    fn touch(&mut self, slot: u16, n: u32) {
+        let s = usize::from(slot);
+        if self.slots[s].head == n {
+            return;
+        }
+        self.unlink_lru(n);
+        let old_head = self.slots[s].head;
+        {
+            let node = &mut self.nodes[n as usize];
+            node.lru_prev = NIL;
+            node.lru_next = old_head;
+        }
+        if old_head != NIL {
+            self.nodes[old_head as usize].lru_prev = n;
+        } else {
+            self.slots[s].tail = n;
+        }
+        self.slots[s].head = n;
+        self.slots[s].len += 1;
+    }
+
+    fn unlink_lru(&mut self, n: u32) {
+        let Node {
+            lru_prev,
+            lru_next,
+            slot,
+            ..
+        } = self.nodes[n as usize];
+        let s = usize::from(slot);
+        if lru_prev != NIL {
+            self.nodes[lru_prev as usize].lru_next = lru_next;
+        } else {
+            self.slots[s].head = lru_next;
+        }
+        if lru_next != NIL {
+            self.nodes[lru_next as usize].lru_prev = lru_prev;
+        } else {
+            self.slots[s].tail = lru_prev;
+        }
+        self.slots[s].len -= 1;
+    }
+
+    fn unlink_holder(&mut self, n: u32) {
+        let Node {
+            hash, next_holder, ..
+        } = self.nodes[n as usize];
+        let Some(&head) = self.heads.get(&hash) else {
+            return;
+        };
+        if head == n {
+            if next_holder == NIL {
+                self.heads.remove(&hash);
+            } else {
+                self.heads.insert(hash, next_holder);
+            }
+            return;
+        }
+        let mut prev = head;
+        while prev != NIL {
+            let next = self.nodes[prev as usize].next_holder;
+            if next == n {
+                self.nodes[prev as usize].next_holder = next_holder;
+                return;
+            }
+            prev = next;
+        }
+    }
+
+    /// Evicts one node entirely.
+    fn remove(&mut self, n: u32) {
+        if n == NIL {
+            return;
+        }
+        self.unlink_lru(n);
+        self.unlink_holder(n);
+        self.free(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matches(idx: &PrefixIndex, hashes: &[u64], cands: &[(u16, u64)]) -> Vec<u32> {
+        let mut out = Vec::new();
+        idx.longest_matches(hashes, cands, &mut out);
+        out
+    }
+
+    #[test]
+    fn longest_leading_run_per_endpoint() {
+        let idx = PrefixIndex::new();
+        idx.record(0, 10, 100, &[1, 2, 3]);
+        idx.record(1, 11, 100, &[1, 2]);
+        idx.record(2, 12, 100, &[2, 3]); // no block 0: matches nothing
+        let m = matches(&idx, &[1, 2, 3, 4], &[(0, 10), (1, 11), (2, 12), (3, 13)]);
+        assert_eq!(m, vec![3, 2, 0, 0]);
+    }
+
+    #[test]
+    fn gap_stops_the_run() {
+        let idx = PrefixIndex::new();
+        idx.record(0, 10, 100, &[1, 3]);
+        assert_eq!(matches(&idx, &[1, 2, 3], &[(0, 10)]), vec![1]);
+    }
+
+    #[test]
+    fn uid_mismatch_sees_nothing_and_record_purges() {
+        let idx = PrefixIndex::new();
+        idx.record(0, 10, 100, &[1, 2]);
+        assert_eq!(matches(&idx, &[1, 2], &[(0, 99)]), vec![0]);
+        idx.record(0, 99, 100, &[5]);
+        assert_eq!(matches(&idx, &[1, 2], &[(0, 99)]), vec![0]);
+        assert_eq!(idx.len(), 1);
+        assert_eq!(idx.blocks_for(0, 10), 0);
+        assert_eq!(idx.blocks_for(0, 99), 1);
+    }
+
+    #[test]
+    fn capacity_evicts_deepest_blocks_first() {
+        let idx = PrefixIndex::new();
+        idx.record(0, 10, 3, &[1, 2, 3, 4, 5]);
+        assert_eq!(idx.blocks_for(0, 10), 3);
+        assert_eq!(matches(&idx, &[1, 2, 3, 4, 5], &[(0, 10)]), vec![3]);
+    }
+
+    #[test]
+    fn lru_evicts_least_recently_recorded() {
+        let idx = PrefixIndex::new();
+        idx.record(0, 10, 4, &[1, 2]); // prompt A
+        idx.record(0, 10, 4, &[7, 8]); // prompt B
+        idx.record(0, 10, 4, &[1, 2]); // A used again
+        idx.record(0, 10, 4, &[5, 6]); // C evicts B, not A
+        assert_eq!(matches(&idx, &[1, 2], &[(0, 10)]), vec![2]);
+        assert_eq!(matches(&idx, &[7, 8], &[(0, 10)]), vec![0]);
+        assert_eq!(matches(&idx, &[5, 6], &[(0, 10)]), vec![2]);
+        assert_eq!(idx.len(), 4);
+    }
+
+    #[test]
+    fn shared_blocks_have_independent_holders() {
+        let idx = PrefixIndex::new();
+        idx.record(0, 10, 2, &[1, 2]);
+        idx.record(1, 11, 2, &[1, 2]);
+        idx.record(0, 10, 2, &[3, 4]); // slot 0 forgets 1,2; slot 1 keeps them
+        assert_eq!(matches(&idx, &[1, 2], &[(0, 10), (1, 11)]), vec![0, 2]);
+        assert_eq!(idx.len(), 4);
+    }
+
+    #[test]
+    fn freed_nodes_are_reused() {
+        let idx = PrefixIndex::new();
+        for round in 0..50u64 {
+            idx.record(0, 10, 8, &[round * 10 + 1, round * 10 + 2]);
+        }
+        assert_eq!(idx.len(), 8);
+        assert!(idx.inner.read().nodes.len() <= 10);
+    }
+
+    #[test]
+    fn retain_live_purges_departed_endpoints() {
+        use crate::endpoints::{EndpointStore, testing::spec};
+        let store = EndpointStore::new(std::time::Duration::from_secs(1));
+        store.replace(vec![spec(1), spec(2)]).unwrap();
+        let snap = store.snapshot();
+        let idx = PrefixIndex::new();
+        for e in snap.endpoints() {
+            idx.record(e.slot, e.uid, 10, &[1, 2]);
+        }
+        store.replace(vec![spec(1)]).unwrap();
+        idx.retain_live(&store.snapshot());
+        assert_eq!(idx.len(), 2);
+        let snap = store.snapshot();
+        let kept = &snap.endpoints()[0];
+        assert_eq!(idx.blocks_for(kept.slot, kept.uid), 2);
+    }
+
+    #[test]
+    fn randomized_against_a_model() {
+        // Compare with a naive model: per slot an ordered list (front = MRU).
+        let idx = PrefixIndex::new();
+        let mut model: Vec<Vec<u64>> = vec![Vec::new(); 4];
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..2000 {
+            let slot = rng.u16(0..4);
+            let len = rng.usize(1..6);
+            let start = rng.u64(0..6);
+            let hashes: Vec<u64> = (start..start + len as u64).collect();
+            idx.record(slot, 100 + u64::from(slot), 8, &hashes);
+            let lru = &mut model[usize::from(slot)];
+            for h in hashes.iter().rev() {
+                lru.retain(|x| x != h);
+                lru.insert(0, *h);
+            }
+            lru.truncate(8);
+            let q: Vec<u64> = (rng.u64(0..6)..8).collect();
+            let cands: Vec<(u16, u64)> = (0..4).map(|s| (s, 100 + u64::from(s))).collect();
+            let got = matches(&idx, &q, &cands);
+            for s in 0..4 {
+                let want = q.iter().take_while(|h| model[s].contains(h)).count() as u32;
+                assert_eq!(got[s], want, "slot {s} query {q:?} model {:?}", model[s]);
+            }
+        }
+        assert_eq!(idx.len(), model.iter().map(Vec::len).sum::<usize>());
+    }
+}

@@ -1,0 +1,184 @@
+//! Turns an OpenAI-style request body into one [`InferenceRequest`]: the
+//! model, the prompt text the prefix cache sees, and the few options routing
+//! and accounting need. Also reads token usage back out of responses.
+//!
+//! Parsing borrows from the body wherever it can: the body is kept as received
+//! and only the `model` value may be spliced when a rewrite applies, so a
+//! request the picker does not change is forwarded byte for byte.
+
+mod openai;
+mod usage;
+
+use std::{borrow::Cow, ops::Range};
+
+pub use openai::parse;
+pub use usage::{SseUsageScanner, Usage, parse_json_usage};
+
+/// The API a request path names. Decides which fields carry the prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiKind {
+    Completions,
+    ChatCompletions,
+    Responses,
+    Embeddings,
+    Conversations,
+    /// Any other path: routed by load only, the body is not interpreted.
+    Other,
+}
+
+impl ApiKind {
+    /// Classifies a request path (query string ignored) by its suffix, as GIE
+    /// does, so `/v1/chat/completions` and `/openai/v1/chat/completions` agree.
+    pub fn from_path(path: &str) -> Self {
+        let path = path.split(['?', '#']).next().unwrap_or("");
+        let path = path.trim_end_matches('/');
+        if path.ends_with("/chat/completions") {
+            Self::ChatCompletions
+        } else if path.ends_with("/completions") {
+            Self::Completions
+        } else if path.ends_with("/responses") {
+            Self::Responses
+        } else if path.ends_with("/embeddings") {
+            Self::Embeddings
+        } else if path.ends_with("/conversations") {
+            Self::Conversations
+        } else {
+            Self::Other
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Completions => "completions",
+            Self::ChatCompletions => "chat_completions",
+            Self::Responses => "responses",
+            Self::Embeddings => "embeddings",
+            Self::Conversations => "conversations",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// A parsed request, borrowing from the body.
+#[derive(Debug)]
+pub struct InferenceRequest<'a> {
+    pub api: ApiKind,
+    /// The model the client asked for; empty for [`ApiKind::Other`].
+    pub model: Cow<'a, str>,
+    /// Byte range of the `model` value (quotes included) in the body.
+    pub model_span: Option<Range<usize>>,
+    pub stream: bool,
+    /// `stream_options.include_usage`: the stream will end with a usage chunk.
+    pub include_usage: bool,
+    pub cache_salt: Option<Cow<'a, str>>,
+    /// The prompt as the model server's prefix cache sees it, in order.
+    pub prompt: Prompt<'a>,
+}
+
+/// Prompt text as a sequence of pieces. Hashing consumes the pieces in order
+/// as one byte stream, so a chat prompt never has to be concatenated.
+#[derive(Debug, Default)]
+pub struct Prompt<'a> {
+    pieces: Vec<Cow<'a, str>>,
+}
+
+impl<'a> Prompt<'a> {
+    pub fn push(&mut self, piece: impl Into<Cow<'a, str>>) {
+        let piece = piece.into();
+        if !piece.is_empty() {
+            self.pieces.push(piece);
+        }
+    }
+
+    pub fn pieces(&self) -> impl Iterator<Item = &[u8]> {
+        self.pieces.iter().map(|p| p.as_bytes())
+    }
+
+    /// Total bytes of prompt text.
+    pub fn len(&self) -> usize {
+        self.pieces.iter().map(|p| p.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+}
+
+/// Why a body was refused. Every variant is the client's fault (HTTP 400).
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ParseError {
+    #[error("request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("request body must be a JSON object")]
+    NotAnObject,
+    #[error("request body is nested too deeply")]
+    TooDeep,
+    #[error("field `model` is required")]
+    MissingModel,
+    #[error("field `model` must be a non-empty string")]
+    InvalidModel,
+    #[error("field `{0}` is required")]
+    MissingField(&'static str),
+    #[error("invalid request body: {0}")]
+    InvalidType(String),
+    #[error("field `{field}` {expected}")]
+    InvalidField {
+        field: &'static str,
+        expected: &'static str,
+    },
+}
+
+impl ParseError {
+    /// A stable machine-readable code for the error body and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidJson(_) => "invalid_json",
+            Self::NotAnObject => "invalid_body",
+            Self::TooDeep => "too_deeply_nested",
+            Self::MissingModel | Self::InvalidModel => "invalid_model",
+            Self::MissingField(_) | Self::InvalidField { .. } => "invalid_prompt",
+            Self::InvalidType(_) => "invalid_request",
+        }
+    }
+}
+
+/// Replaces the `model` value of `body` with `new_model` (JSON-encoded),
+/// leaving every other byte as it was.
+pub fn rewrite_model(body: &[u8], span: Range<usize>, new_model: &str) -> Vec<u8> {
+    let encoded = serde_json::to_string(new_model).unwrap_or_else(|_| format!("\"{new_model}\""));
+    let mut out = Vec::with_capacity(body.len() + encoded.len());
+    out.extend_from_slice(&body[..span.start]);
+    out.extend_from_slice(encoded.as_bytes());
+    out.extend_from_slice(&body[span.end..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_kind_from_path() {
+        assert_eq!(ApiKind::from_path("/v1/completions"), ApiKind::Completions);
+        assert_eq!(
+            ApiKind::from_path("/v1/chat/completions?x=1"),
+            ApiKind::ChatCompletions
+        );
+        assert_eq!(
+            ApiKind::from_path("/openai/v1/chat/completions/"),
+            ApiKind::ChatCompletions
+        );
+        assert_eq!(ApiKind::from_path("/v1/responses"), ApiKind::Responses);
+        assert_eq!(ApiKind::from_path("/v1/embeddings"), ApiKind::Embeddings);
+        assert_eq!(ApiKind::from_path("/v1/models"), ApiKind::Other);
+        assert_eq!(ApiKind::from_path(""), ApiKind::Other);
+    }
+
+    #[test]
+    fn rewrite_model_splices_only_the_value() {
+        let body = br#"{"model": "a", "prompt":"x"}"#;
+        let req = parse(body, ApiKind::Completions).unwrap();
+        let out = rewrite_model(body, req.model_span.clone().unwrap(), "b\"c");
+        assert_eq!(out, br#"{"model": "b\"c", "prompt":"x"}"#.to_vec());
+    }
+}

@@ -1,0 +1,616 @@
+//! Scheduling: choose the endpoint (and ordered fallbacks) for one request.
+//!
+//! Pipeline, run on one immutable endpoint snapshot:
+//! 1. candidates: the pool, narrowed by the gateway's subset hint;
+//! 2. endpoints whose scrapes keep failing are dropped (not ready);
+//! 3. admission: a sheddable request (priority < 0) is refused while every
+//!    candidate is saturated;
+//! 4. prefix data: the prompt is hashed into blocks once and matched against
+//!    the prefix index, if any configured plugin uses it;
+//! 5. filters, in configured order; an empty result is an error;
+//! 6. scorers: each gives every candidate a score in 0..1, the total is the
+//!    weighted sum (GIE's rule, no normalisation by the sum of weights);
+//! 7. the picker orders candidates; the first is the pick, the next ones the
+//!    fallbacks; the pick's blocks are recorded in the prefix index.
+//!
+//! Nothing here knows about gRPC or HTTP: the input is [`RequestFacts`], the
+//! output a [`Decision`] or a [`ScheduleError`] that the protocol layer maps to
+//! a status. Plugins are plain synchronous functions over the snapshot.
+
+pub mod filters;
+pub mod pickers;
+mod registry;
+mod saturation;
+pub mod scorers;
+
+use std::{
+    cell::RefCell,
+    fmt,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+pub use registry::{BuildError, SchedulerOptions, build_scheduler};
+pub use saturation::SaturationDetector;
+
+use crate::{
+    endpoints::{Endpoint, EndpointSet},
+    prefix::{BlockHasher, PrefixIndex, chain_seed},
+    request::Prompt,
+};
+
+/// Bytes of prompt text per token: the approximation GIE uses instead of a
+/// tokenizer.
+pub const BYTES_PER_TOKEN: u32 = 4;
+
+/// What scheduling needs to know about a request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestFacts<'a> {
+    /// The model the request will be served as (after any rewrite).
+    pub model: &'a str,
+    pub prompt: Option<&'a Prompt<'a>>,
+    pub cache_salt: Option<&'a str>,
+    /// Priority of the request's objective; negative means sheddable.
+    pub priority: i32,
+    /// The gateway's subset hint: only these `ip:port` may be chosen.
+    pub subset: Option<&'a [String]>,
+    /// Value of the `test-epp-endpoint-selection` header (conformance).
+    pub test_selection: Option<&'a str>,
+}
+
+/// One candidate endpoint with its signals read once for this request.
+#[derive(Debug, Clone)]
+pub struct Candidate<'s> {
+    pub endpoint: &'s Arc<Endpoint>,
+    /// Scraped waiting requests plus those routed here since that scrape.
+    pub waiting: u32,
+    pub running: u32,
+    pub kv_usage: f64,
+    /// Requests this picker routed here that are still in flight.
+    pub in_flight: u32,
+    /// Prompt tokens routed here that are not prefilled yet.
+    pub prefill_backlog: u64,
+    /// Scraped within the staleness threshold.
+    pub fresh: bool,
+    /// Leading prompt blocks this endpoint probably has cached.
+    pub prefix_blocks: u32,
+}
+
+impl<'s> Candidate<'s> {
+    fn read(endpoint: &'s Arc<Endpoint>, fresh: bool) -> Self {
+        let m = endpoint.metrics.sample_or_default();
+        Self {
+            endpoint,
+            waiting: m.waiting.saturating_add(endpoint.dispatched_since_scrape()),
+            running: m.running,
+            kv_usage: m.kv_usage,
+            in_flight: endpoint.in_flight(),
+            prefill_backlog: endpoint.prefill_backlog(),
+            fresh,
+            prefix_blocks: 0,
+        }
+    }
+}
+
+/// Per-request facts shared by all plugins (GIE's cycle state).
+#[derive(Debug, Clone, Copy)]
+pub struct Cycle<'a> {
+    pub facts: &'a RequestFacts<'a>,
+    pub now: Instant,
+    /// Estimated prompt length in tokens.
+    pub prompt_tokens: u32,
+    /// Tokens per prefix block used for this request.
+    pub block_tokens: u32,
+    /// Prompt blocks hashed (the denominator of the prefix score).
+    pub prompt_blocks: u32,
+}
+
+impl Cycle<'_> {
+    /// Prompt tokens the candidate would still have to prefill.
+    pub fn uncached_tokens(&self, c: &Candidate<'_>) -> u32 {
+        self.prompt_tokens
+            .saturating_sub(c.prefix_blocks.saturating_mul(self.block_tokens))
+    }
+}
+
+/// Removes candidates. Must keep the relative order of the others.
+pub trait Filter: Send + Sync + fmt::Debug {
+    fn filter(&self, cycle: &Cycle<'_>, candidates: &mut Vec<Candidate<'_>>);
+}
+
+/// Scores every candidate in 0..1 (higher is better); `out[i]` is for
+/// `candidates[i]`.
+pub trait Scorer: Send + Sync + fmt::Debug {
+    fn score(&self, cycle: &Cycle<'_>, candidates: &[Candidate<'_>], out: &mut [f64]);
+}
+
+/// Orders up to `count` candidate indices, best first, from their totals.
+pub trait Picker: Send + Sync + fmt::Debug {
+    fn pick(&self, totals: &[f64], count: usize, out: &mut Vec<usize>);
+}
+
+/// A plugin instance with the name and type it was configured under.
+#[derive(Debug)]
+pub struct Named<T: ?Sized> {
+    pub name: String,
+    pub plugin_type: &'static str,
+    pub plugin: Box<T>,
+}
+
+/// Filters, weighted scorers and a picker: one scheduling profile.
+#[derive(Debug)]
+pub struct Profile {
+    pub name: String,
+    pub filters: Vec<Named<dyn Filter>>,
+    pub scorers: Vec<(Named<dyn Scorer>, f64)>,
+    pub picker: Named<dyn Picker>,
+    /// How many endpoints the picker should return at least.
+    pub picker_min_endpoints: usize,
+}
+
+/// How prompts are cut and indexed, from the prefix plugin's parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefixSettings {
+    /// Block size when no endpoint reports one.
+    pub block_size_tokens: u32,
+    pub max_blocks: u32,
+    /// Blocks remembered per endpoint when it does not report its cache size.
+    pub lru_capacity_per_server: u32,
+    /// Take block size and capacity from what endpoints report.
+    pub auto_tune: bool,
+}
+
+impl Default for PrefixSettings {
+    fn default() -> Self {
+        Self {
+            block_size_tokens: 16,
+            max_blocks: 256,
+            lru_capacity_per_server: 31_250,
+            auto_tune: true,
+        }
+    }
+}
+
+/// Why no destination was chosen. The protocol layer maps these to HTTP
+/// statuses (503 or 429).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    #[error("no endpoints in the pool")]
+    EmptyPool,
+    #[error("no endpoint of the pool matches the subset hint")]
+    SubsetMismatch,
+    #[error("no ready endpoint: every candidate's metrics are failing")]
+    NoReadyEndpoint,
+    #[error("filter {0} removed every candidate endpoint")]
+    Filtered(String),
+    #[error("pool is saturated; sheddable request dropped")]
+    Shed,
+}
+
+impl ScheduleError {
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Self::Shed => 429,
+            _ => 503,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::EmptyPool | Self::NoReadyEndpoint => "no_ready_endpoint",
+            Self::SubsetMismatch => "no_subset_match",
+            Self::Filtered(_) => "no_eligible_endpoint",
+            Self::Shed => "pool_saturated",
+        }
+    }
+}
+
+/// The outcome of scheduling one request.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// The pick first, then fallbacks, all distinct.
+    pub endpoints: Vec<Arc<Endpoint>>,
+    /// Estimated prompt tokens the pick still has to prefill.
+    pub prefill_tokens: u32,
+    pub prompt_blocks: u32,
+    /// Leading prompt blocks the pick probably holds.
+    pub matched_blocks: u32,
+    pub block_tokens: u32,
+    pub explanation: Option<Explanation>,
+}
+
+impl Decision {
+    /// The destination value: `ip:port[,ip:port...]`, pick first.
+    pub fn destination(&self) -> String {
+        let mut out = String::with_capacity(self.endpoints.len() * 22);
+        for (i, e) in self.endpoints.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&e.host_port);
+        }
+        out
+    }
+}
+
+/// Why each candidate scored what it did (for Admin.Explain and debug logs).
+#[derive(Debug, Clone, Default)]
+pub struct Explanation {
+    pub candidates: Vec<ExplainedCandidate>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ExplainedCandidate {
+    pub name: String,
+    pub address: String,
+    /// (scorer name, score before weighting)
+    pub scores: Vec<(String, f64)>,
+    pub total: f64,
+    /// The filter (or built-in check) that removed it, if any.
+    pub filtered_by: Option<String>,
+}
+
+impl fmt::Display for Explanation {
+    /// Compact one-line form for the per-request debug log.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, c) in self.candidates.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{}", c.address)?;
+            if let Some(by) = &c.filtered_by {
+                write!(f, " filtered by {by}")?;
+                continue;
+            }
+            write!(f, " total={:.3}", c.total)?;
+            for (name, s) in &c.scores {
+                write!(f, " {name}={s:.3}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reused per-thread buffers, so a decision allocates only its result.
+#[derive(Default)]
+struct Scratch {
+    hasher: BlockHasher,
+    hashes: Vec<u64>,
+    slots: Vec<(u16, u64)>,
+    matches: Vec<u32>,
+    scores: Vec<f64>,
+    totals: Vec<f64>,
+    order: Vec<usize>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// What a scheduling call is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Route the request: the pick's blocks are recorded in the prefix index.
+    Route,
+    /// Route, and also return an [`Explanation`] (for debug logs).
+    RouteExplained,
+    /// Only explain (Admin.Explain): nothing is recorded.
+    Explain,
+}
+
+impl Purpose {
+    fn records(self) -> bool {
+        self != Self::Explain
+    }
+
+    fn explains(self) -> bool {
+        self != Self::Route
+    }
+}
+
+/// The configured scheduler.
+#[derive(Debug)]
+pub struct Scheduler {
+    profile: Profile,
+    prefix: Option<PrefixSettings>,
+    index: Arc<PrefixIndex>,
+    saturation: SaturationDetector,
+    fallback_endpoints: usize,
+    max_scrape_failures: u32,
+    staleness: Duration,
+    epoch: Instant,
+}
+
+impl Scheduler {
+    pub fn index(&self) -> &Arc<PrefixIndex> {
+        &self.index
+    }
+
+    pub fn profile(&self) -> &Profile {
+        &self.profile
+    }
+
+    pub fn prefix_settings(&self) -> Option<PrefixSettings> {
+        self.prefix
+    }
+
+    /// Whether any configured filter is the conformance header filter.
+    pub fn has_filter_type(&self, plugin_type: &str) -> bool {
+        self.profile
+            .filters
+            .iter()
+            .any(|f| f.plugin_type == plugin_type)
+    }
+
+    /// Schedules a request with a body.
+    pub fn schedule(
+        &self,
+        facts: &RequestFacts<'_>,
+        set: &EndpointSet,
+        purpose: Purpose,
+    ) -> Result<Decision, ScheduleError> {
+        SCRATCH.with(|scratch| self.schedule_with(&mut scratch.borrow_mut(), facts, set, purpose))
+    }
+
+    fn schedule_with(
+        &self,
+        s: &mut Scratch,
+        facts: &RequestFacts<'_>,
+        set: &EndpointSet,
+        purpose: Purpose,
+    ) -> Result<Decision, ScheduleError> {
+        let now = Instant::now();
+        let mut explanation = purpose.explains().then(Explanation::default);
+        let mut candidates = self.eligible(set, facts, now, explanation.as_mut())?;
+
+        if facts.priority < 0 && self.saturation.pool_saturated(&candidates) {
+            return Err(ScheduleError::Shed);
+        }
+
+        let prompt_tokens = facts.prompt.map_or(0, |p| {
+            u32::try_from(p.len()).unwrap_or(u32::MAX) / BYTES_PER_TOKEN
+        });
+        let mut cycle = Cycle {
+            facts,
+            now,
+            prompt_tokens,
+            block_tokens: 0,
+            prompt_blocks: 0,
+        };
+        if let (Some(settings), Some(prompt)) = (self.prefix, facts.prompt) {
+            self.match_prefix(s, &settings, prompt, &mut cycle, &mut candidates);
+        }
+
+        for f in &self.profile.filters {
+            let before = explanation.as_ref().map(|_| addresses(&candidates));
+            f.plugin.filter(&cycle, &mut candidates);
+            if let (Some(ex), Some(before)) = (explanation.as_mut(), before) {
+                for addr in before {
+                    if !candidates.iter().any(|c| *c.endpoint.host_port == *addr) {
+                        if let Some(e) = set.get(&addr) {
+                            ex.candidates.push(filtered(e, &f.name));
+                        }
+                    }
+                }
+            }
+            if candidates.is_empty() {
+                return Err(ScheduleError::Filtered(f.name.clone()));
+            }
+        }
+
+        let n = candidates.len();
+        s.totals.clear();
+        s.totals.resize(n, 0.0);
+        s.scores.clear();
+        s.scores.resize(n, 0.0);
+        let mut per_scorer: Vec<Vec<f64>> = Vec::new();
+        for (scorer, weight) in &self.profile.scorers {
+            s.scores.iter_mut().for_each(|x| *x = 0.0);
+            scorer.plugin.score(&cycle, &candidates, &mut s.scores);
+            for (t, sc) in s.totals.iter_mut().zip(&s.scores) {
+                *t += weight * sc.clamp(0.0, 1.0);
+            }
+            if explanation.is_some() {
+                per_scorer.push(s.scores.clone());
+            }
+        }
+
+        let want = (1 + self.fallback_endpoints)
+            .max(self.profile.picker_min_endpoints)
+            .min(n);
+        s.order.clear();
+        self.profile
+            .picker
+            .plugin
+            .pick(&s.totals, want, &mut s.order);
+        if s.order.is_empty() {
+            // A picker must return at least one index for a non-empty set;
+            // fall back to the first candidate rather than fail the request.
+            s.order.push(0);
+        }
+        let pick = &candidates[s.order[0]];
+        let decision_prefill = cycle.uncached_tokens(pick);
+
+        if purpose.records() && cycle.prompt_blocks > 0 {
+            let capacity = self.capacity_for(pick.endpoint);
+            self.index
+                .record(pick.endpoint.slot, pick.endpoint.uid, capacity, &s.hashes);
+        }
+
+        if let Some(ex) = explanation.as_mut() {
+            for (i, c) in candidates.iter().enumerate() {
+                ex.candidates.push(ExplainedCandidate {
+                    name: c.endpoint.name().to_owned(),
+                    address: c.endpoint.host_port.to_string(),
+                    scores: self
+                        .profile
+                        .scorers
+                        .iter()
+                        .zip(&per_scorer)
+                        .map(|((sc, _), v)| (sc.name.clone(), v[i]))
+                        .collect(),
+                    total: s.totals[i],
+                    filtered_by: None,
+                });
+            }
+        }
+
+        Ok(Decision {
+            endpoints: s
+                .order
+                .iter()
+                .map(|&i| Arc::clone(candidates[i].endpoint))
+                .collect(),
+            prefill_tokens: decision_prefill,
+            prompt_blocks: cycle.prompt_blocks,
+            matched_blocks: pick.prefix_blocks,
+            block_tokens: cycle.block_tokens,
+            explanation,
+        })
+    }
+
+    /// Routes a request without a body (GET /v1/models, /health): the least
+    /// loaded ready endpoint, random among equals, with fallbacks.
+    pub fn schedule_bodiless(
+        &self,
+        set: &EndpointSet,
+        subset: Option<&[String]>,
+    ) -> Result<Decision, ScheduleError> {
+        let facts = RequestFacts {
+            subset,
+            ..RequestFacts::default()
+        };
+        let candidates = self.eligible(set, &facts, Instant::now(), None)?;
+        let mut order: Vec<usize> = (0..candidates.len()).collect();
+        fastrand::shuffle(&mut order);
+        order.sort_by_key(|&i| {
+            let c = &candidates[i];
+            u64::from(c.in_flight) + u64::from(c.waiting) + u64::from(c.running)
+        });
+        order.truncate(1 + self.fallback_endpoints);
+        Ok(Decision {
+            endpoints: order
+                .iter()
+                .map(|&i| Arc::clone(candidates[i].endpoint))
+                .collect(),
+            prefill_tokens: 0,
+            prompt_blocks: 0,
+            matched_blocks: 0,
+            block_tokens: 0,
+            explanation: None,
+        })
+    }
+
+    /// Steps 1-2: the pool narrowed by the subset hint, minus endpoints whose
+    /// scrapes keep failing.
+    fn eligible<'s>(
+        &self,
+        set: &'s EndpointSet,
+        facts: &RequestFacts<'_>,
+        now: Instant,
+        mut explanation: Option<&mut Explanation>,
+    ) -> Result<Vec<Candidate<'s>>, ScheduleError> {
+        if set.is_empty() {
+            return Err(ScheduleError::EmptyPool);
+        }
+        let mut out = Vec::with_capacity(set.len());
+        let mut any_in_subset = false;
+        for e in set.endpoints() {
+            if let Some(subset) = facts.subset {
+                if !subset.iter().any(|s| s.as_str() == &*e.host_port) {
+                    continue;
+                }
+            }
+            any_in_subset = true;
+            if e.metrics.consecutive_failures() >= self.max_scrape_failures {
+                if let Some(ex) = explanation.as_deref_mut() {
+                    ex.candidates.push(filtered(e, "scrape-failures"));
+                }
+                continue;
+            }
+            let fresh = e
+                .metrics
+                .age(now, self.epoch)
+                .is_some_and(|a| a <= self.staleness);
+            out.push(Candidate::read(e, fresh));
+        }
+        if !any_in_subset {
+            return Err(ScheduleError::SubsetMismatch);
+        }
+        if out.is_empty() {
+            return Err(ScheduleError::NoReadyEndpoint);
+        }
+        Ok(out)
+    }
+
+    fn match_prefix(
+        &self,
+        s: &mut Scratch,
+        settings: &PrefixSettings,
+        prompt: &Prompt<'_>,
+        cycle: &mut Cycle<'_>,
+        candidates: &mut [Candidate<'_>],
+    ) {
+        let block_tokens = if settings.auto_tune {
+            candidates
+                .iter()
+                .map(|c| c.endpoint.metrics.block_size())
+                .find(|&b| b > 0)
+                .unwrap_or(settings.block_size_tokens)
+        } else {
+            settings.block_size_tokens
+        };
+        let block_bytes = block_tokens.saturating_mul(BYTES_PER_TOKEN) as usize;
+        let seed = chain_seed(cycle.facts.model, cycle.facts.cache_salt);
+        s.hasher.hash_prompt(
+            prompt,
+            seed,
+            block_bytes,
+            settings.max_blocks as usize,
+            &mut s.hashes,
+        );
+        cycle.block_tokens = block_tokens;
+        cycle.prompt_blocks = u32::try_from(s.hashes.len()).unwrap_or(u32::MAX);
+        if s.hashes.is_empty() {
+            return;
+        }
+        s.slots.clear();
+        s.slots
+            .extend(candidates.iter().map(|c| (c.endpoint.slot, c.endpoint.uid)));
+        self.index
+            .longest_matches(&s.hashes, &s.slots, &mut s.matches);
+        for (c, &m) in candidates.iter_mut().zip(&s.matches) {
+            c.prefix_blocks = m;
+        }
+    }
+
+    /// Blocks the index may keep for an endpoint: its reported KV-cache size
+    /// when auto-tuning, else the configured per-server capacity.
+    fn capacity_for(&self, e: &Endpoint) -> u32 {
+        let settings = self.prefix.unwrap_or_default();
+        let reported = e.metrics.num_blocks();
+        if settings.auto_tune && reported > 0 {
+            reported
+        } else {
+            settings.lru_capacity_per_server
+        }
+    }
+}
+
+fn addresses(c: &[Candidate<'_>]) -> Vec<Arc<str>> {
+    c.iter()
+        .map(|c| Arc::clone(&c.endpoint.host_port))
+        .collect()
+}
+
+fn filtered(e: &Endpoint, by: &str) -> ExplainedCandidate {
+    ExplainedCandidate {
+        name: e.name().to_owned(),
+        address: e.host_port.to_string(),
+        filtered_by: Some(by.to_owned()),
+        ..ExplainedCandidate::default()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,414 @@
+//! Builds a [`Scheduler`] from an `EndpointPickerConfig`.
+//!
+//! Plugin type names are GIE's (and llm-d's) so configs carry over. A plugin
+//! is declared once under `plugins` and referenced by name from a profile;
+//! scorers without a weight get 1; a profile without a picker gets the
+//! max-score picker; a config without profiles gets one profile with every
+//! declared scheduling plugin, as GIE does. Unknown types, dangling
+//! references and malformed parameters are startup errors. Data-layer and
+//! parser plugin types are accepted here and read by their own subsystems.
+
+use std::{sync::Arc, time::Duration, time::Instant};
+
+use serde::{Deserialize, de::DeserializeOwned};
+
+use super::{
+    Filter, Named, Picker, PrefixSettings, Profile, SaturationDetector, Scheduler, Scorer,
+    filters::{HeaderBasedTestingFilter, PrefixAffinityFilter, UtilizationFilter},
+    pickers::{MaxScorePicker, RandomPicker, RoundRobinPicker, WeightedRandomPicker},
+    scorers::{
+        ActiveRequestScorer, KvCacheUtilizationScorer, LoadAwareScorer, PrefillCostScorer,
+        PrefixCacheScorer, QueueScorer, RunningRequestsScorer,
+    },
+};
+use crate::{
+    config::{EndpointPickerConfig, PluginSpec},
+    prefix::PrefixIndex,
+};
+
+/// Settings the scheduler takes from flags rather than the config file.
+#[derive(Debug, Clone)]
+pub struct SchedulerOptions {
+    pub fallback_endpoints: usize,
+    pub max_scrape_failures: u32,
+    pub staleness: Duration,
+    /// The endpoint store's epoch (reference of metric timestamps).
+    pub epoch: Instant,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum BuildError {
+    #[error("plugin {name:?} has unknown type {plugin_type:?}; known types: {known}")]
+    UnknownType {
+        name: String,
+        plugin_type: String,
+        known: String,
+    },
+    #[error(
+        "profile {profile:?} references plugin {plugin_ref:?}, which is not declared under plugins"
+    )]
+    UnknownRef { profile: String, plugin_ref: String },
+    #[error(
+        "profile {profile:?} references {plugin_ref:?} of type {plugin_type:?}, which is not a filter, scorer or picker"
+    )]
+    NotSchedulable {
+        profile: String,
+        plugin_ref: String,
+        plugin_type: String,
+    },
+    #[error("profile {0:?} has more than one picker")]
+    SeveralPickers(String),
+    #[error("{0} scheduling profiles configured; the single-profile handler needs exactly one")]
+    ProfileCount(usize),
+    #[error("invalid parameters for plugin {name:?}: {message}")]
+    Parameters { name: String, message: String },
+    #[error("scorer weight for {plugin_ref:?} must be a finite number >= 0")]
+    Weight { plugin_ref: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Filter,
+    Scorer,
+    Picker,
+    /// Accepted, configured elsewhere (data layer, parser, handler, detector).
+    Other,
+}
+
+/// Every plugin type this picker understands, with its kind and the
+/// parameter names it accepts (others are reported, not fatal).
+const TYPES: &[(&str, Kind, &[&str])] = &[
+    ("header-based-testing-filter", Kind::Filter, &[]),
+    (
+        "prefix-cache-affinity-filter",
+        Kind::Filter,
+        &[
+            "affinityThreshold",
+            "explorationProbability",
+            "maxTTFTPenaltyMs",
+        ],
+    ),
+    (
+        "utilization-detector",
+        Kind::Filter,
+        &[
+            "queueDepthThreshold",
+            "kvCacheUtilThreshold",
+            "metricsStalenessThreshold",
+            "headroom",
+        ],
+    ),
+    ("queue-scorer", Kind::Scorer, &[]),
+    ("kv-cache-utilization-scorer", Kind::Scorer, &[]),
+    ("prefix-cache-scorer", Kind::Scorer, PREFIX_PARAMS),
+    ("running-requests-size-scorer", Kind::Scorer, &[]),
+    (
+        "active-request-scorer",
+        Kind::Scorer,
+        &["idleThreshold", "maxBusyScore", "requestTimeout"],
+    ),
+    ("load-aware-scorer", Kind::Scorer, &["threshold"]),
+    ("prefill-cost-scorer", Kind::Scorer, PREFILL_COST_PARAMS),
+    ("max-score-picker", Kind::Picker, &["maxNumOfEndpoints"]),
+    ("random-picker", Kind::Picker, &["maxNumOfEndpoints"]),
+    (
+        "weighted-random-picker",
+        Kind::Picker,
+        &["maxNumOfEndpoints"],
+    ),
+    ("round-robin-picker", Kind::Picker, &["maxNumOfEndpoints"]),
+    ("single-profile-handler", Kind::Other, &[]),
+    ("approx-prefix-cache-producer", Kind::Other, PREFIX_PARAMS),
+    (
+        "metrics-data-source",
+        Kind::Other,
+        &["scheme", "path", "insecureSkipVerify"],
+    ),
+    (
+        "core-metrics-extractor",
+        Kind::Other,
+        &["engineLabelKey", "defaultEngine", "engineConfigs"],
+    ),
+    ("openai-parser", Kind::Other, &[]),
+];
+
+const PREFIX_PARAMS: &[&str] = &[
+    "blockSizeTokens",
+    "blockSize",
+    "maxPrefixBlocksToMatch",
+    "maxPrefixTokensToMatch",
+    "lruCapacityPerServer",
+    "autoTune",
+];
+
+const PREFILL_COST_PARAMS: &[&str] = &[
+    "blockSizeTokens",
+    "blockSize",
+    "maxPrefixBlocksToMatch",
+    "maxPrefixTokensToMatch",
+    "lruCapacityPerServer",
+    "autoTune",
+    "backlogWeight",
+    "decodeTokensPerRequest",
+    "foreignTokensPerRequest",
+    "kvHighWatermark",
+];
+
+/// Plugins whose presence means prompts must be hashed and matched.
+const PREFIX_USERS: &[&str] = &[
+    "prefix-cache-scorer",
+    "prefill-cost-scorer",
+    "prefix-cache-affinity-filter",
+];
+
+fn kind_of(plugin_type: &str) -> Option<(Kind, &'static str, &'static [&'static str])> {
+    TYPES
+        .iter()
+        .find(|(t, _, _)| *t == plugin_type)
+        .map(|&(t, k, p)| (k, t, p))
+}
+
+fn params<T: DeserializeOwned + Default>(spec: &PluginSpec) -> Result<T, BuildError> {
+    match &spec.parameters {
+        None | Some(serde_json::Value::Null) => Ok(T::default()),
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| BuildError::Parameters {
+            name: spec.name().to_owned(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PrefixParams {
+    block_size_tokens: Option<u32>,
+    /// Deprecated in GIE: block size in characters.
+    block_size: Option<u32>,
+    max_prefix_blocks_to_match: Option<u32>,
+    max_prefix_tokens_to_match: Option<u32>,
+    lru_capacity_per_server: Option<u32>,
+    auto_tune: Option<bool>,
+}
+
+impl PrefixParams {
+    fn settings(self) -> PrefixSettings {
+        let d = PrefixSettings::default();
+        let block_size_tokens = self
+            .block_size_tokens
+            .or(self
+                .block_size
+                .map(|chars| (chars / super::BYTES_PER_TOKEN).max(1)))
+            .filter(|&b| b > 0)
+            .unwrap_or(d.block_size_tokens);
+        let max_blocks = match self.max_prefix_tokens_to_match {
+            Some(tokens) if tokens > 0 => (tokens / block_size_tokens).max(1),
+            _ => self.max_prefix_blocks_to_match.unwrap_or(d.max_blocks),
+        };
+        PrefixSettings {
+            block_size_tokens,
+            max_blocks,
+            lru_capacity_per_server: self
+                .lru_capacity_per_server
+                .unwrap_or(d.lru_capacity_per_server),
+            auto_tune: self.auto_tune.unwrap_or(d.auto_tune),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PickerParams {
+    max_num_of_endpoints: Option<usize>,
+}
+
+/// Builds the scheduler described by `cfg`.
+pub fn build_scheduler(
+    cfg: &EndpointPickerConfig,
+    opts: &SchedulerOptions,
+    index: Arc<PrefixIndex>,
+) -> Result<Scheduler, BuildError> {
+    let known = || {
+        TYPES
+            .iter()
+            .map(|(t, _, _)| *t)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for p in &cfg.plugins {
+        let Some((_, _, accepted)) = kind_of(&p.plugin_type) else {
+            return Err(BuildError::UnknownType {
+                name: p.name().to_owned(),
+                plugin_type: p.plugin_type.clone(),
+                known: known(),
+            });
+        };
+        if let Some(serde_json::Value::Object(map)) = &p.parameters {
+            for key in map.keys().filter(|k| !accepted.contains(&k.as_str())) {
+                tracing::warn!(plugin = p.name(), parameter = %key, "unknown plugin parameter ignored");
+            }
+        }
+    }
+    if cfg.flow_control_requested() {
+        tracing::warn!("flowControl is not implemented; requests are scheduled without queueing");
+    }
+
+    let refs: Vec<(String, Option<f64>)> = match cfg.scheduling_profiles.as_slice() {
+        [] => cfg
+            .plugins
+            .iter()
+            .filter(|p| matches!(kind_of(&p.plugin_type), Some((k, _, _)) if k != Kind::Other))
+            .map(|p| (p.name().to_owned(), None))
+            .collect(),
+        [one] => one
+            .plugins
+            .iter()
+            .map(|r| (r.plugin_ref.clone(), r.weight))
+            .collect(),
+        many => return Err(BuildError::ProfileCount(many.len())),
+    };
+    let profile_name = cfg
+        .scheduling_profiles
+        .first()
+        .map_or_else(|| "default".to_owned(), |p| p.name.clone());
+
+    let detector = saturation_detector(cfg)?;
+    let mut filters: Vec<Named<dyn Filter>> = Vec::new();
+    let mut scorers: Vec<(Named<dyn Scorer>, f64)> = Vec::new();
+    let mut picker: Option<(Named<dyn Picker>, usize)> = None;
+    let mut needs_prefix = false;
+
+    for (plugin_ref, weight) in refs {
+        let spec = cfg
+            .plugin(&plugin_ref)
+            .ok_or_else(|| BuildError::UnknownRef {
+                profile: profile_name.clone(),
+                plugin_ref: plugin_ref.clone(),
+            })?;
+        let Some((kind, plugin_type, _)) = kind_of(&spec.plugin_type) else {
+            continue; // unreachable: every declared type was checked above
+        };
+        needs_prefix |= PREFIX_USERS.contains(&plugin_type);
+        let name = spec.name().to_owned();
+        match kind {
+            Kind::Filter => {
+                let plugin: Box<dyn Filter> = match plugin_type {
+                    "header-based-testing-filter" => Box::new(HeaderBasedTestingFilter),
+                    "prefix-cache-affinity-filter" => {
+                        Box::new(params::<PrefixAffinityFilter>(spec)?)
+                    }
+                    _ => Box::new(UtilizationFilter(params::<SaturationDetector>(spec)?)),
+                };
+                filters.push(Named {
+                    name,
+                    plugin_type,
+                    plugin,
+                });
+            }
+            Kind::Scorer => {
+                let w = weight.unwrap_or(1.0);
+                if !(w.is_finite() && w >= 0.0) {
+                    return Err(BuildError::Weight { plugin_ref });
+                }
+                let plugin: Box<dyn Scorer> = match plugin_type {
+                    "queue-scorer" => Box::new(QueueScorer),
+                    "kv-cache-utilization-scorer" => Box::new(KvCacheUtilizationScorer),
+                    "prefix-cache-scorer" => Box::new(PrefixCacheScorer),
+                    "running-requests-size-scorer" => Box::new(RunningRequestsScorer),
+                    "active-request-scorer" => Box::new(params::<ActiveRequestScorer>(spec)?),
+                    "load-aware-scorer" => Box::new(params::<LoadAwareScorer>(spec)?),
+                    _ => Box::new(params::<PrefillCostScorer>(spec)?),
+                };
+                scorers.push((
+                    Named {
+                        name,
+                        plugin_type,
+                        plugin,
+                    },
+                    w,
+                ));
+            }
+            Kind::Picker => {
+                if picker.is_some() {
+                    return Err(BuildError::SeveralPickers(profile_name));
+                }
+                let p: PickerParams = params(spec)?;
+                let plugin: Box<dyn Picker> = match plugin_type {
+                    "max-score-picker" => Box::new(MaxScorePicker),
+                    "random-picker" => Box::new(RandomPicker),
+                    "weighted-random-picker" => Box::new(WeightedRandomPicker),
+                    _ => Box::new(RoundRobinPicker::default()),
+                };
+                picker = Some((
+                    Named {
+                        name,
+                        plugin_type,
+                        plugin,
+                    },
+                    p.max_num_of_endpoints.unwrap_or(1).max(1),
+                ));
+            }
+            Kind::Other => {
+                return Err(BuildError::NotSchedulable {
+                    profile: profile_name,
+                    plugin_ref,
+                    plugin_type: plugin_type.to_owned(),
+                });
+            }
+        }
+    }
+
+    let (picker, picker_min_endpoints) = picker.unwrap_or_else(|| {
+        (
+            Named {
+                name: "max-score-picker".to_owned(),
+                plugin_type: "max-score-picker",
+                plugin: Box::new(MaxScorePicker),
+            },
+            1,
+        )
+    });
+
+    let prefix = if needs_prefix {
+        let spec = [
+            "prefix-cache-scorer",
+            "prefill-cost-scorer",
+            "approx-prefix-cache-producer",
+        ]
+        .iter()
+        .find_map(|t| cfg.plugin_of_type(t));
+        Some(match spec {
+            Some(spec) => params::<PrefixParams>(spec)?.settings(),
+            None => PrefixSettings::default(),
+        })
+    } else {
+        None
+    };
+
+    Ok(Scheduler {
+        profile: Profile {
+            name: profile_name,
+            filters,
+            scorers,
+            picker,
+            picker_min_endpoints,
+        },
+        prefix,
+        index,
+        saturation: detector,
+        fallback_endpoints: opts.fallback_endpoints,
+        max_scrape_failures: opts.max_scrape_failures.max(1),
+        staleness: opts.staleness,
+        epoch: opts.epoch,
+    })
+}
+
+fn saturation_detector(cfg: &EndpointPickerConfig) -> Result<SaturationDetector, BuildError> {
+    let spec = match &cfg.saturation_detector {
+        Some(r) => cfg.plugin(&r.plugin_ref),
+        None => cfg.plugin_of_type("utilization-detector"),
+    };
+    match spec {
+        Some(spec) => params(spec),
+        None => Ok(SaturationDetector::default()),
+    }
+}

@@ -1,0 +1,411 @@
+use std::{sync::Arc, time::Duration};
+
+use super::*;
+use crate::{
+    config::{EndpointPickerConfig, GIE_DEFAULT_CONFIG},
+    endpoints::{EndpointStore, MetricsSample, testing::store_with},
+};
+
+fn scheduler(cfg: &str, fallback: usize, store: &EndpointStore) -> Scheduler {
+    let cfg = EndpointPickerConfig::parse(cfg).unwrap();
+    build_scheduler(
+        &cfg,
+        &SchedulerOptions {
+            fallback_endpoints: fallback,
+            max_scrape_failures: 3,
+            staleness: Duration::from_secs(2),
+            epoch: store.epoch(),
+        },
+        Arc::new(PrefixIndex::new()),
+    )
+    .unwrap()
+}
+
+fn idle() -> MetricsSample {
+    MetricsSample::default()
+}
+
+fn prompt(text: &'static str) -> Prompt<'static> {
+    let mut p = Prompt::default();
+    p.push(text);
+    p
+}
+
+fn facts<'a>(p: &'a Prompt<'a>) -> RequestFacts<'a> {
+    RequestFacts {
+        model: "m",
+        prompt: Some(p),
+        ..RequestFacts::default()
+    }
+}
+
+const LONG: &str = "You are a helpful assistant that answers questions about the weather in a very long system prompt that spans many blocks of sixty-four bytes each, so that prefix matching has something to chew on.";
+
+#[test]
+fn gie_default_prefers_short_queue_then_low_kv() {
+    let store = store_with(
+        &[1, 2],
+        &[
+            MetricsSample {
+                waiting: 5,
+                ..idle()
+            },
+            idle(),
+        ],
+    );
+    let s = scheduler(GIE_DEFAULT_CONFIG, 0, &store);
+    let p = prompt("short");
+    for _ in 0..20 {
+        let d = s
+            .schedule(&facts(&p), &store.snapshot(), Purpose::Route)
+            .unwrap();
+        assert_eq!(&*d.endpoints[0].host_port, "127.0.0.1:2");
+    }
+    let store = store_with(
+        &[1, 2],
+        &[
+            idle(),
+            MetricsSample {
+                kv_usage: 0.9,
+                ..idle()
+            },
+        ],
+    );
+    let s = scheduler(GIE_DEFAULT_CONFIG, 0, &store);
+    let d = s
+        .schedule(&facts(&p), &store.snapshot(), Purpose::Route)
+        .unwrap();
+    assert_eq!(&*d.endpoints[0].host_port, "127.0.0.1:1");
+}
+
+#[test]
+fn prefix_affinity_sends_repeats_to_the_same_endpoint() {
+    let store = store_with(&[1, 2, 3, 4], &[idle(), idle(), idle(), idle()]);
+    for cfg in [GIE_DEFAULT_CONFIG, crate::config::DEFAULT_CONFIG] {
+        let s = scheduler(cfg, 0, &store);
+        let p = prompt(LONG);
+        let first = s
+            .schedule(&facts(&p), &store.snapshot(), Purpose::Route)
+            .unwrap();
+        assert_eq!(first.matched_blocks, 0);
+        assert!(first.prompt_blocks > 2);
+        for _ in 0..10 {
+            let again = s
+                .schedule(&facts(&p), &store.snapshot(), Purpose::Route)
+                .unwrap();
+            assert!(Arc::ptr_eq(&again.endpoints[0], &first.endpoints[0]));
+            assert_eq!(again.matched_blocks, again.prompt_blocks);
+        }
+    }
+}
+
+#[test]
+fn different_models_do_not_share_prefixes() {
+    let store = store_with(&[1, 2], &[idle(), idle()]);
+    let s = scheduler(GIE_DEFAULT_CONFIG, 0, &store);
+    let p = prompt(LONG);
+    s.schedule(&facts(&p), &store.snapshot(), Purpose::Route)
+        .unwrap();
+    let other = RequestFacts {
+        model: "other",
+        ..facts(&p)
+    };
+    let d = s
+        .schedule(&other, &store.snapshot(), Purpose::Route)
+        .unwrap();
+    assert_eq!(d.matched_blocks, 0);
+}
+
+#[test]
+fn explain_does_not_record() {
+    let store = store_with(&[1, 2], &[idle(), idle()]);
+    let s = scheduler(GIE_DEFAULT_CONFIG, 0, &store);
+    let p = prompt(LONG);
+    let d = s
+        .schedule(&facts(&p), &store.snapshot(), Purpose::Explain)
+        .unwrap();
+    let ex = d.explanation.unwrap();
+    assert_eq!(ex.candidates.len(), 2);
+    assert_eq!(ex.candidates[0].scores.len(), 3);
+    assert!(s.index().is_empty());
+}
+
+#[test]
+fn prefill_cost_spills_a_hot_prefix_when_its_endpoint_is_busy() {
+    let store = store_with(&[1, 2], &[idle(), idle()]);
+    let s = scheduler(crate::config::DEFAULT_CONFIG, 0, &store);
+    let p = prompt(LONG);
+    let first = s
+        .schedule(&facts(&p), &store.snapshot(), Purpose::Route)
+        .unwrap();
+    let hot = Arc::clone(&first.endpoints[0]);
+    // Cheap while idle: stays on the cached endpoint.
+    let d = s
+        .schedule(&facts(&p), &store.snapshot(), Purpose::Route)
+        .unwrap();
+    assert!(Arc::ptr_eq(&d.endpoints[0], &hot));
+    // Pile prefill work onto it: re-prefilling elsewhere becomes cheaper.
+    let _busy: Vec<_> = (0..4).map(|_| hot.begin_request(10_000)).collect();
+    let d = s
+        .schedule(&facts(&p), &store.snapshot(), Purpose::Route)
+        .unwrap();
+    assert!(!Arc::ptr_eq(&d.endpoints[0], &hot));
+}
+
+#[test]
+fn fallbacks_are_distinct_and_bounded() {
+    let store = store_with(&[1, 2, 3], &[idle(), idle(), idle()]);
+    let s = scheduler(GIE_DEFAULT_CONFIG, 2, &store);
+    let p = prompt("x");
+    let d = s
+        .schedule(&facts(&p), &store.snapshot(), Purpose::Route)
+        .unwrap();
+    assert_eq!(d.endpoints.len(), 3);
+    let mut addrs: Vec<_> = d.endpoints.iter().map(|e| e.host_port.clone()).collect();
+    addrs.sort();
+    addrs.dedup();
+    assert_eq!(addrs.len(), 3);
+    assert_eq!(d.destination().split(',').count(), 3);
+    let s = scheduler(GIE_DEFAULT_CONFIG, 5, &store);
+    assert_eq!(
+        s.schedule(&facts(&p), &store.snapshot(), Purpose::Route)
+            .unwrap()
+            .endpoints
+            .len(),
+        3
+    );
+}
+
+#[test]
+fn subset_hint_restricts_candidates() {
+    let store = store_with(&[1, 2, 3], &[idle(), idle(), idle()]);
+    let s = scheduler(GIE_DEFAULT_CONFIG, 2, &store);
+    let p = prompt("x");
+    let subset = vec!["127.0.0.1:3".to_owned(), "10.0.0.1:80".to_owned()];
+    let f = RequestFacts {
+        subset: Some(&subset),
+        ..facts(&p)
+    };
+    let d = s.schedule(&f, &store.snapshot(), Purpose::Route).unwrap();
+    assert_eq!(d.destination(), "127.0.0.1:3");
+    let none = vec!["10.0.0.1:80".to_owned()];
+    let f = RequestFacts {
+        subset: Some(&none),
+        ..facts(&p)
+    };
+    assert_eq!(
+        s.schedule(&f, &store.snapshot(), Purpose::Route)
+            .unwrap_err(),
+        ScheduleError::SubsetMismatch
+    );
+    let empty: Vec<String> = vec![];
+    let f = RequestFacts {
+        subset: Some(&empty),
+        ..facts(&p)
+    };
+    assert_eq!(
+        s.schedule(&f, &store.snapshot(), Purpose::Route)
+            .unwrap_err()
+            .http_status(),
+        503
+    );
+}
+
+#[test]
+fn empty_pool_and_failing_scrapes_are_503() {
+    let store = EndpointStore::new(Duration::from_secs(2));
+    let s = scheduler(GIE_DEFAULT_CONFIG, 0, &store);
+    let p = prompt("x");
+    assert_eq!(
+        s.schedule(&facts(&p), &store.snapshot(), Purpose::Route)
+            .unwrap_err(),
+        ScheduleError::EmptyPool
+    );
+    let store = store_with(&[1, 2], &[idle(), idle()]);
+    let s = scheduler(GIE_DEFAULT_CONFIG, 0, &store);
+    let snap = store.snapshot();
+    for _ in 0..3 {
+        snap.endpoints()[0].metrics.record_failure();
+    }
+    for _ in 0..10 {
+        assert_eq!(
+            &*s.schedule(&facts(&p), &snap, Purpose::Route)
+                .unwrap()
+                .endpoints[0]
+                .host_port,
+            "127.0.0.1:2"
+        );
+    }
+    for _ in 0..3 {
+        snap.endpoints()[1].metrics.record_failure();
+    }
+    let err = s.schedule(&facts(&p), &snap, Purpose::Route).unwrap_err();
+    assert_eq!(err, ScheduleError::NoReadyEndpoint);
+    assert_eq!(err.http_status(), 503);
+}
+
+#[test]
+fn sheddable_requests_get_429_only_when_the_pool_is_saturated() {
+    let busy = MetricsSample {
+        waiting: 10,
+        ..idle()
+    };
+    let store = store_with(&[1, 2], &[busy, busy]);
+    let s = scheduler(GIE_DEFAULT_CONFIG, 0, &store);
+    let p = prompt("x");
+    let sheddable = RequestFacts {
+        priority: -1,
+        ..facts(&p)
+    };
+    assert_eq!(
+        s.schedule(&sheddable, &store.snapshot(), Purpose::Route)
+            .unwrap_err()
+            .http_status(),
+        429
+    );
+    assert!(
+        s.schedule(&facts(&p), &store.snapshot(), Purpose::Route)
+            .is_ok(),
+        "priority 0 is never shed"
+    );
+    let store = store_with(&[1, 2], &[busy, idle()]);
+    let s = scheduler(GIE_DEFAULT_CONFIG, 0, &store);
+    assert!(
+        s.schedule(&sheddable, &store.snapshot(), Purpose::Route)
+            .is_ok()
+    );
+}
+
+#[test]
+fn header_based_testing_filter() {
+    let cfg = "plugins:\n- type: header-based-testing-filter\n- type: queue-scorer\n";
+    let store = store_with(&[1, 2, 3], &[idle(), idle(), idle()]);
+    let s = scheduler(cfg, 0, &store);
+    let p = prompt("x");
+    let f = RequestFacts {
+        test_selection: Some("127.0.0.1:2"),
+        ..facts(&p)
+    };
+    assert_eq!(
+        s.schedule(&f, &store.snapshot(), Purpose::Route)
+            .unwrap()
+            .destination(),
+        "127.0.0.1:2"
+    );
+    let f = RequestFacts {
+        test_selection: Some(" 127.0.0.1 "),
+        ..facts(&p)
+    };
+    assert!(
+        s.schedule(&f, &store.snapshot(), Purpose::Route).is_ok(),
+        "bare IP matches every port"
+    );
+    assert!(matches!(
+        s.schedule(&facts(&p), &store.snapshot(), Purpose::Route),
+        Err(ScheduleError::Filtered(_))
+    ));
+    assert!(s.has_filter_type("header-based-testing-filter"));
+}
+
+#[test]
+fn bodiless_requests_go_to_the_least_loaded() {
+    let store = store_with(
+        &[1, 2],
+        &[
+            MetricsSample {
+                running: 3,
+                ..idle()
+            },
+            idle(),
+        ],
+    );
+    let s = scheduler(GIE_DEFAULT_CONFIG, 1, &store);
+    let d = s.schedule_bodiless(&store.snapshot(), None).unwrap();
+    assert_eq!(d.destination(), "127.0.0.1:2,127.0.0.1:1");
+}
+
+#[test]
+fn config_errors_are_clear() {
+    let store = EndpointStore::new(Duration::from_secs(1));
+    let opts = SchedulerOptions {
+        fallback_endpoints: 0,
+        max_scrape_failures: 3,
+        staleness: Duration::from_secs(1),
+        epoch: store.epoch(),
+    };
+    let build = |text: &str| {
+        build_scheduler(
+            &EndpointPickerConfig::parse(text).unwrap(),
+            &opts,
+            Arc::new(PrefixIndex::new()),
+        )
+        .map(|_| ())
+    };
+    let err = build("plugins:\n- type: magic-scorer\n").unwrap_err();
+    assert!(err.to_string().contains("magic-scorer") && err.to_string().contains("queue-scorer"));
+    let err =
+        build("plugins: []\nschedulingProfiles:\n- name: a\n  plugins:\n  - pluginRef: nope\n")
+            .unwrap_err();
+    assert!(matches!(err, BuildError::UnknownRef { .. }));
+    let err = build("plugins:\n- type: random-picker\n- type: max-score-picker\n").unwrap_err();
+    assert!(matches!(err, BuildError::SeveralPickers(_)));
+    let err = build("plugins:\n- type: metrics-data-source\nschedulingProfiles:\n- name: a\n  plugins:\n  - pluginRef: metrics-data-source\n").unwrap_err();
+    assert!(matches!(err, BuildError::NotSchedulable { .. }));
+    let err = build("plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: a\n  plugins:\n  - pluginRef: queue-scorer\n    weight: -1\n").unwrap_err();
+    assert!(matches!(err, BuildError::Weight { .. }));
+    let err = build("schedulingProfiles:\n- name: a\n- name: b\n").unwrap_err();
+    assert_eq!(err, BuildError::ProfileCount(2));
+    let err = build(
+        "plugins:\n- type: prefix-cache-scorer\n  parameters:\n    maxPrefixBlocksToMatch: many\n",
+    )
+    .unwrap_err();
+    assert!(matches!(err, BuildError::Parameters { .. }));
+    assert!(
+        build("plugins:\n- type: prefix-cache-scorer\n  parameters:\n    futureKnob: 1\n").is_ok()
+    );
+}
+
+#[test]
+fn prefix_parameters_are_read() {
+    let store = EndpointStore::new(Duration::from_secs(1));
+    let s = scheduler(
+        "plugins:\n- type: prefix-cache-scorer\n  parameters:\n    blockSizeTokens: 32\n    maxPrefixTokensToMatch: 320\n    autoTune: false\n",
+        0,
+        &store,
+    );
+    let p = s.prefix_settings().unwrap();
+    assert_eq!(
+        (p.block_size_tokens, p.max_blocks, p.auto_tune),
+        (32, 10, false)
+    );
+    let s = scheduler("plugins:\n- type: queue-scorer\n", 0, &store);
+    assert!(
+        s.prefix_settings().is_none(),
+        "no prefix plugin, no hashing"
+    );
+}
+
+#[test]
+fn block_size_auto_tunes_from_endpoints() {
+    let store = store_with(
+        &[1],
+        &[MetricsSample {
+            block_size: 32,
+            num_blocks: 2,
+            ..idle()
+        }],
+    );
+    let s = scheduler(GIE_DEFAULT_CONFIG, 0, &store);
+    let p = prompt(LONG);
+    let d = s
+        .schedule(&facts(&p), &store.snapshot(), Purpose::Route)
+        .unwrap();
+    assert_eq!(d.block_tokens, 32);
+    assert_eq!(d.prompt_blocks as usize, LONG.len() / 128);
+    let snap = store.snapshot();
+    let e = &snap.endpoints()[0];
+    assert_eq!(
+        s.index().blocks_for(e.slot, e.uid),
+        u64::from(d.prompt_blocks.min(2))
+    );
+}
