@@ -70,9 +70,12 @@ pub struct Endpoint {
     pub uid: u64,
     pub metrics: EndpointMetrics,
     in_flight: AtomicU32,
-    /// Requests routed here since the last successful scrape: the scrape
-    /// cannot have seen them yet, so the queue scorer adds them.
+    /// Requests routed here since the last successful scrape and still in
+    /// flight: the scrape cannot have seen them, so the queue scorer adds them.
     dispatched_since_scrape: AtomicU32,
+    /// Incremented at every successful scrape; a request remembers the value
+    /// it was routed under to know whether the scrape has seen it since.
+    scrape_seq: AtomicU64,
     /// Estimated prompt tokens still to be prefilled by requests routed here
     /// that have not produced their first response byte yet.
     prefill_backlog: AtomicU64,
@@ -89,6 +92,7 @@ impl Endpoint {
             metrics: EndpointMetrics::default(),
             in_flight: AtomicU32::new(0),
             dispatched_since_scrape: AtomicU32::new(0),
+            scrape_seq: AtomicU64::new(0),
             prefill_backlog: AtomicU64::new(0),
         }
     }
@@ -127,12 +131,14 @@ impl Endpoint {
         InFlightGuard {
             endpoint: Arc::clone(self),
             pending_prefill: prefill_tokens,
+            scrape_seq: self.scrape_seq.load(Ordering::Relaxed),
         }
     }
 
     /// Called by the scraper after a successful scrape.
     pub fn record_scrape(&self, sample: &MetricsSample, at: Instant, epoch: Instant) {
         self.metrics.store(sample, at, epoch);
+        self.scrape_seq.fetch_add(1, Ordering::Relaxed);
         self.dispatched_since_scrape.store(0, Ordering::Relaxed);
     }
 }
@@ -142,6 +148,7 @@ impl Endpoint {
 pub struct InFlightGuard {
     endpoint: Arc<Endpoint>,
     pending_prefill: u32,
+    scrape_seq: u64,
 }
 
 impl InFlightGuard {
@@ -164,7 +171,14 @@ impl InFlightGuard {
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.prefill_done();
-        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let e = &self.endpoint;
+        e.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // Finished before any scrape saw it: it no longer adds to the queue.
+        if e.scrape_seq.load(Ordering::Relaxed) == self.scrape_seq {
+            let _ = e
+                .dispatched_since_scrape
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
     }
 }
 
@@ -484,10 +498,12 @@ mod tests {
         assert_eq!(e.dispatched_since_scrape(), 2);
         drop(g1);
         assert_eq!(e.in_flight(), 1);
+        assert_eq!(e.dispatched_since_scrape(), 1, "a finished request leaves the estimate");
         e.record_scrape(&MetricsSample::default(), Instant::now(), store.epoch());
         assert_eq!(e.dispatched_since_scrape(), 0);
         drop(g2);
         assert_eq!(e.in_flight(), 0);
+        assert_eq!(e.dispatched_since_scrape(), 0, "never underflows");
         assert_eq!(e.prefill_backlog(), 0);
     }
 

@@ -510,12 +510,22 @@ impl ExtProcStream {
         };
         match self.response_mode {
             FULL_DUPLEX => envoy::push_streamed(out, false, body, b.end_of_stream),
-            _ => out.push(envoy::response(envoy::body_response(
-                false,
-                None,
-                renamed.then_some(body),
-                false,
-            ))),
+            _ => {
+                // A buffered body's headers are still held, so its length
+                // can (and must) follow the mutation.
+                let mutation = renamed.then(|| {
+                    envoy::header_mutation(
+                        vec![envoy::set_header("content-length", body.len().to_string())],
+                        Vec::new(),
+                    )
+                });
+                out.push(envoy::response(envoy::body_response(
+                    false,
+                    mutation.flatten(),
+                    renamed.then_some(body),
+                    false,
+                )))
+            }
         }
         if b.end_of_stream {
             self.complete_response();

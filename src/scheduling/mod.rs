@@ -62,8 +62,11 @@ pub struct RequestFacts<'a> {
 #[derive(Debug, Clone)]
 pub struct Candidate<'s> {
     pub endpoint: &'s Arc<Endpoint>,
-    /// Scraped waiting requests plus those routed here since that scrape.
+    /// Scraped waiting requests plus those routed here since that scrape
+    /// and still in flight.
     pub waiting: u32,
+    /// Of `waiting`, the requests routed here since the scrape.
+    pub dispatched_since_scrape: u32,
     pub running: u32,
     pub kv_usage: f64,
     /// Requests this picker routed here that are still in flight.
@@ -79,9 +82,11 @@ pub struct Candidate<'s> {
 impl<'s> Candidate<'s> {
     fn read(endpoint: &'s Arc<Endpoint>, fresh: bool) -> Self {
         let m = endpoint.metrics.sample_or_default();
+        let dispatched = endpoint.dispatched_since_scrape();
         Self {
             endpoint,
-            waiting: m.waiting.saturating_add(endpoint.dispatched_since_scrape()),
+            waiting: m.waiting.saturating_add(dispatched),
+            dispatched_since_scrape: dispatched,
             running: m.running,
             kv_usage: m.kv_usage,
             in_flight: endpoint.in_flight(),

