@@ -157,15 +157,15 @@ impl EndpointPickerConfig {
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let cfg: Self =
             yaml_serde::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
-        if let Some(v) = &cfg.api_version {
-            if !ACCEPTED_API_VERSIONS.contains(&v.as_str()) {
-                return Err(ConfigError::ApiVersion(v.clone()));
-            }
+        if let Some(v) = &cfg.api_version
+            && !ACCEPTED_API_VERSIONS.contains(&v.as_str())
+        {
+            return Err(ConfigError::ApiVersion(v.clone()));
         }
-        if let Some(k) = &cfg.kind {
-            if k != "EndpointPickerConfig" {
-                return Err(ConfigError::Kind(k.clone()));
-            }
+        if let Some(k) = &cfg.kind
+            && k != "EndpointPickerConfig"
+        {
+            return Err(ConfigError::Kind(k.clone()));
         }
         let mut names = std::collections::HashSet::new();
         for p in &cfg.plugins {
@@ -185,7 +185,7 @@ impl EndpointPickerConfig {
             }
             if o.targets
                 .iter()
-                .any(|t| !(t.weight >= 0.0) || t.model.is_empty())
+                .any(|t| t.weight.is_nan() || t.weight < 0.0 || t.model.is_empty())
             {
                 return Err(ConfigError::Invalid(format!(
                     "modelRewrites entry for {:?} needs non-empty target models with weights >= 0",

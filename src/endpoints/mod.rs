@@ -175,9 +175,9 @@ impl Drop for InFlightGuard {
         e.in_flight.fetch_sub(1, Ordering::Relaxed);
         // Finished before any scrape saw it: it no longer adds to the queue.
         if e.scrape_seq.load(Ordering::Relaxed) == self.scrape_seq {
-            let _ = e
-                .dispatched_since_scrape
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+            let _ =
+                e.dispatched_since_scrape
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
         }
     }
 }
@@ -498,7 +498,11 @@ mod tests {
         assert_eq!(e.dispatched_since_scrape(), 2);
         drop(g1);
         assert_eq!(e.in_flight(), 1);
-        assert_eq!(e.dispatched_since_scrape(), 1, "a finished request leaves the estimate");
+        assert_eq!(
+            e.dispatched_since_scrape(),
+            1,
+            "a finished request leaves the estimate"
+        );
         e.record_scrape(&MetricsSample::default(), Instant::now(), store.epoch());
         assert_eq!(e.dispatched_since_scrape(), 0);
         drop(g2);

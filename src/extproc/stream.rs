@@ -16,6 +16,7 @@
 //!   plain body mutation when the body changed.
 //! - NONE / STREAMED: the body cannot be held back, so the request is routed
 //!   by load at the headers.
+//!
 //! A request without a body (`end_of_stream` on headers) is routed at once.
 //!
 //! Response side: headers are answered at once (with the served endpoint
@@ -378,10 +379,10 @@ impl ExtProcStream {
         let buffered = matches!(self.request_mode, BUFFERED | BUFFERED_PARTIAL);
         // Streamed bodies lose their length on the way through Envoy unless it
         // is set again; a changed body needs its new length in every mode.
-        if let Some(b) = &body {
-            if changed || !buffered {
-                set.push(envoy::set_header("content-length", b.len().to_string()));
-            }
+        if let Some(b) = &body
+            && (changed || !buffered)
+        {
+            set.push(envoy::set_header("content-length", b.len().to_string()));
         }
         let mutation = envoy::header_mutation(set, self.forbidden_removals());
         let dynamic_metadata = Some(envoy::metadata(LB_NAMESPACE, DESTINATION, &destination));
@@ -461,13 +462,13 @@ impl ExtProcStream {
         let served = envoy::served_endpoint(md.as_ref())
             .or_else(|| envoy::attribute(attributes, "upstream.address"));
         let mut set = Vec::new();
-        if self.settings.echo_served_endpoint {
-            if let Some(served) = served {
-                set.push(envoy::set_header(
-                    envoy::CONFORMANCE_SERVED,
-                    served.as_bytes(),
-                ));
-            }
+        if self.settings.echo_served_endpoint
+            && let Some(served) = served
+        {
+            set.push(envoy::set_header(
+                envoy::CONFORMANCE_SERVED,
+                served.as_bytes(),
+            ));
         }
         if let (Some(served), Some(active)) = (served, &self.active) {
             let picked = &*active.guard.endpoint().host_port;
@@ -486,11 +487,11 @@ impl ExtProcStream {
     }
 
     fn response_body(&mut self, b: HttpBody, out: &mut Vec<ProcessingResponse>) {
-        if let Some(active) = &mut self.active {
-            if !self.response.first_byte {
-                self.response.first_byte = true;
-                active.guard.prefill_done();
-            }
+        if let Some(active) = &mut self.active
+            && !self.response.first_byte
+        {
+            self.response.first_byte = true;
+            active.guard.prefill_done();
         }
         let r = &mut self.response;
         r.bytes += b.body.len() as u64;

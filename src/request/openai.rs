@@ -516,7 +516,8 @@ mod tests {
     #[test]
     fn errors() {
         use ParseError::*;
-        let cases: &[(&[u8], ApiKind, fn(&ParseError) -> bool)] = &[
+        type Check = fn(&ParseError) -> bool;
+        let cases: &[(&[u8], ApiKind, Check)] = &[
             (b"{", ApiKind::Completions, |e| matches!(e, InvalidJson(_))),
             (b"", ApiKind::Completions, |e| matches!(e, InvalidJson(_))),
             (b"[1]", ApiKind::Completions, |e| *e == NotAnObject),

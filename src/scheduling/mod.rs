@@ -391,10 +391,10 @@ impl Scheduler {
             f.plugin.filter(&cycle, &mut candidates);
             if let (Some(ex), Some(before)) = (explanation.as_mut(), before) {
                 for addr in before {
-                    if !candidates.iter().any(|c| *c.endpoint.host_port == *addr) {
-                        if let Some(e) = set.get(&addr) {
-                            ex.candidates.push(filtered(e, &f.name));
-                        }
+                    if !candidates.iter().any(|c| *c.endpoint.host_port == *addr)
+                        && let Some(e) = set.get(&addr)
+                    {
+                        ex.candidates.push(filtered(e, &f.name));
                     }
                 }
             }
@@ -521,10 +521,10 @@ impl Scheduler {
         let mut out = Vec::with_capacity(set.len());
         let mut any_in_subset = false;
         for e in set.endpoints() {
-            if let Some(subset) = facts.subset {
-                if !subset.iter().any(|s| s.as_str() == &*e.host_port) {
-                    continue;
-                }
+            if let Some(subset) = facts.subset
+                && !subset.iter().any(|s| s.as_str() == &*e.host_port)
+            {
+                continue;
             }
             any_in_subset = true;
             if e.metrics.consecutive_failures() >= self.max_scrape_failures {

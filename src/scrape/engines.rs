@@ -322,7 +322,7 @@ impl ScrapeSettings {
                 self.engines
                     .values()
                     .next()
-                    .map_or_else(|| unreachable_mapping(), |m| m)
+                    .unwrap_or_else(|| unreachable_mapping())
             })
     }
 }

@@ -63,40 +63,40 @@ pub fn extract(page: &[u8], mapping: &EngineMapping) -> Result<MetricsSample, Pa
             name: String::from_utf8_lossy(name).into_owned(),
             line: String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned(),
         })?;
-        if let Some(spec) = &mapping.queued {
-            if spec.matches(name, &sample) {
-                waiting.add(sample.value);
-            }
+        if let Some(spec) = &mapping.queued
+            && spec.matches(name, &sample)
+        {
+            waiting.add(sample.value);
         }
-        if let Some(spec) = &mapping.running {
-            if spec.matches(name, &sample) {
-                running.add(sample.value);
-            }
+        if let Some(spec) = &mapping.running
+            && spec.matches(name, &sample)
+        {
+            running.add(sample.value);
         }
         for (spec, acc) in mapping.kv_usage.iter().zip(kv.iter_mut()) {
             if spec.matches(name, &sample) {
                 acc.add(sample.value);
             }
         }
-        if let Some(info) = &mapping.cache_info {
-            if info.spec.matches(name, &sample) {
-                if let Some(v) = sample.label_number(info.block_size_label.as_bytes()) {
-                    block_size.add(v);
-                }
-                if let Some(v) = sample.label_number(info.num_blocks_label.as_bytes()) {
-                    num_blocks.add(v);
-                }
+        if let Some(info) = &mapping.cache_info
+            && info.spec.matches(name, &sample)
+        {
+            if let Some(v) = sample.label_number(info.block_size_label.as_bytes()) {
+                block_size.add(v);
+            }
+            if let Some(v) = sample.label_number(info.num_blocks_label.as_bytes()) {
+                num_blocks.add(v);
             }
         }
-        if let Some(spec) = &mapping.block_size {
-            if spec.matches(name, &sample) {
-                block_size.add(sample.value);
-            }
+        if let Some(spec) = &mapping.block_size
+            && spec.matches(name, &sample)
+        {
+            block_size.add(sample.value);
         }
-        if let Some(spec) = &mapping.num_blocks {
-            if spec.matches(name, &sample) {
-                num_blocks.add(sample.value);
-            }
+        if let Some(spec) = &mapping.num_blocks
+            && spec.matches(name, &sample)
+        {
+            num_blocks.add(sample.value);
         }
     }
 

@@ -55,7 +55,9 @@ impl Drop for Backend {
 
 impl Backend {
     pub async fn start(name: &str) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(BackendState::default());
         let (st, nm) = (Arc::clone(&state), name.to_owned());
@@ -63,7 +65,9 @@ impl Backend {
         let conns = Arc::clone(&connections);
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let (st, nm) = (Arc::clone(&st), nm.clone());
                 let conn = tokio::spawn(async move {
                     let svc = service_fn(move |req| {
@@ -92,7 +96,9 @@ impl Backend {
 
     pub fn set_load(&self, waiting: u32, kv: f64) {
         self.state.waiting.store(waiting, Ordering::SeqCst);
-        self.state.kv_milli.store((kv * 1000.0) as u32, Ordering::SeqCst);
+        self.state
+            .kv_milli
+            .store((kv * 1000.0) as u32, Ordering::SeqCst);
     }
 
     pub fn requests(&self) -> u64 {
@@ -120,7 +126,11 @@ fn full(status: u16, name: &str, content_type: &str, body: impl Into<Bytes>) -> 
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
 }
 
-async fn handle(req: Request<hyper::body::Incoming>, st: Arc<BackendState>, name: &str) -> Response<Body> {
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    st: Arc<BackendState>,
+    name: &str,
+) -> Response<Body> {
     let path = req.uri().path().to_owned();
     match (req.method().as_str(), path.as_str()) {
         ("GET", "/metrics") => {
@@ -136,7 +146,12 @@ async fn handle(req: Request<hyper::body::Incoming>, st: Arc<BackendState>, name
             full(200, name, "text/plain; version=0.0.4", page)
         }
         ("GET", "/health") => full(200, name, "text/plain", "ok"),
-        ("GET", "/v1/models") => full(200, name, "application/json", format!(r#"{{"object":"list","data":[{{"id":"m","backend":"{name}"}}]}}"#)),
+        ("GET", "/v1/models") => full(
+            200,
+            name,
+            "application/json",
+            format!(r#"{{"object":"list","data":[{{"id":"m","backend":"{name}"}}]}}"#),
+        ),
         ("POST", _) => {
             *st.last_headers.lock() = req
                 .headers()
@@ -186,9 +201,13 @@ fn sse(name: &str, model: &str, st: Arc<BackendState>) -> Response<Body> {
                 st.release_stream.notified().await;
             }
             let line = if i < EVENTS {
-                format!("data: {{\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"text\":\"t{i}\"}}]}}\n\n")
+                format!(
+                    "data: {{\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"text\":\"t{i}\"}}]}}\n\n"
+                )
             } else if i == EVENTS {
-                format!("data: {{\"model\":\"{model}\",\"choices\":[],\"usage\":{{\"prompt_tokens\":10,\"completion_tokens\":{EVENTS},\"prompt_tokens_details\":{{\"cached_tokens\":8}}}}}}\n\n")
+                format!(
+                    "data: {{\"model\":\"{model}\",\"choices\":[],\"usage\":{{\"prompt_tokens\":10,\"completion_tokens\":{EVENTS},\"prompt_tokens_details\":{{\"cached_tokens\":8}}}}}}\n\n"
+                )
             } else {
                 "data: [DONE]\n\n".to_owned()
             };

@@ -71,12 +71,30 @@ pub fn render(opts: &EnvoyOptions, listen_port: u16, admin_port: u16) -> String 
         })
         .collect();
     template
-        .replace("{{EXT_PROC_FILTER}}", &if opts.without_epp { String::new() } else { part("ext-proc-filter.yaml") })
+        .replace(
+            "{{EXT_PROC_FILTER}}",
+            &if opts.without_epp {
+                String::new()
+            } else {
+                part("ext-proc-filter.yaml")
+            },
+        )
         .replace("{{EXTRA_FILTERS}}", opts.extra_filters.trim_end())
-        .replace("{{EPP_TLS}}", &if opts.epp_tls { part("epp-tls.yaml") } else { String::new() })
+        .replace(
+            "{{EPP_TLS}}",
+            &if opts.epp_tls {
+                part("epp-tls.yaml")
+            } else {
+                String::new()
+            },
+        )
         .replace(
             "{{POOL_LB}}",
-            &part(if opts.without_epp { "round-robin-lb.yaml" } else { "override-host-lb.yaml" }),
+            &part(if opts.without_epp {
+                "round-robin-lb.yaml"
+            } else {
+                "override-host-lb.yaml"
+            }),
         )
         .replace("{{POOL_ENDPOINTS}}", endpoints.trim_end())
         .replace("{{BODY_MODE}}", body_mode)
@@ -97,10 +115,10 @@ impl Drop for Envoy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if std::thread::panicking() {
-            if let Ok(log) = fs::read_to_string(self.log_path()) {
-                eprintln!("--- envoy log ---\n{log}");
-            }
+        if std::thread::panicking()
+            && let Ok(log) = fs::read_to_string(self.log_path())
+        {
+            eprintln!("--- envoy log ---\n{log}");
         }
     }
 }
@@ -117,7 +135,10 @@ impl Envoy {
             .arg(&config_path)
             .args(["--disable-hot-restart", "--concurrency", "1"])
             // EPP_TEST_ENVOY_LOG=debug to see Envoy's side when a test fails.
-            .args(["-l", &std::env::var("EPP_TEST_ENVOY_LOG").unwrap_or_else(|_| "warning".into())])
+            .args([
+                "-l",
+                &std::env::var("EPP_TEST_ENVOY_LOG").unwrap_or_else(|_| "warning".into()),
+            ])
             .stdout(Stdio::null())
             // Logs go to stderr, written as they happen (a --log-path file
             // is flushed lazily and loses its tail when Envoy is killed).

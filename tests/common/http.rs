@@ -96,6 +96,10 @@ pub async fn get(addr: SocketAddr, path: &str) -> Result<Reply, Error> {
     request(addr, "GET", path, &[], None).await
 }
 
-pub async fn post_json(addr: SocketAddr, path: &str, body: &serde_json::Value) -> Result<Reply, Error> {
+pub async fn post_json(
+    addr: SocketAddr,
+    path: &str,
+    body: &serde_json::Value,
+) -> Result<Reply, Error> {
     request(addr, "POST", path, &[], Some(body.to_string().into_bytes())).await
 }

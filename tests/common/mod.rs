@@ -88,7 +88,9 @@ impl Stack {
             backends.push(backend::Backend::start(&format!("b{i}")).await);
         }
         let pool: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-        let secure = epp_args.iter().any(|a| *a == "--secure-serving" || *a == "--secure-serving=true");
+        let secure = epp_args
+            .iter()
+            .any(|a| *a == "--secure-serving" || *a == "--secure-serving=true");
         let mut args = vec!["--fallback-endpoints", "1"];
         if !secure {
             args.push("--secure-serving=false");

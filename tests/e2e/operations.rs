@@ -14,8 +14,18 @@ async fn metrics_use_gie_names_and_pass_promtool() {
     for i in 0..3 {
         assert_eq!(stack.completion(&format!("count me {i}")).await.status, 200);
     }
-    let _ = http::request(stack.envoy.listen, "POST", "/v1/completions", &[], Some(b"{bad".to_vec())).await;
-    let text = http::get(stack.epp.metrics, "/metrics").await.unwrap().text();
+    let _ = http::request(
+        stack.envoy.listen,
+        "POST",
+        "/v1/completions",
+        &[],
+        Some(b"{bad".to_vec()),
+    )
+    .await;
+    let text = http::get(stack.epp.metrics, "/metrics")
+        .await
+        .unwrap()
+        .text();
     for name in [
         "inference_objective_request_total",
         "inference_objective_request_error_total",
@@ -38,7 +48,12 @@ async fn metrics_use_gie_names_and_pass_promtool() {
         .spawn()
         .expect("promtool");
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -53,28 +68,59 @@ async fn unbounded_model_names_do_not_grow_the_series() {
     let stack = Stack::start(1, &[]).await;
     for i in 0..(epp::telemetry::MAX_MODEL_LABELS + 20) {
         let body = serde_json::json!({"model": format!("model-{i}"), "prompt": "x"});
-        assert_eq!(http::post_json(stack.envoy.listen, "/v1/completions", &body).await.unwrap().status, 200);
+        assert_eq!(
+            http::post_json(stack.envoy.listen, "/v1/completions", &body)
+                .await
+                .unwrap()
+                .status,
+            200
+        );
     }
-    let text = http::get(stack.epp.metrics, "/metrics").await.unwrap().text();
+    let text = http::get(stack.epp.metrics, "/metrics")
+        .await
+        .unwrap()
+        .text();
     let series = text
         .lines()
         .filter(|l| l.starts_with("inference_objective_request_total{"))
         .count();
-    assert!(series <= epp::telemetry::MAX_MODEL_LABELS + 1, "{series} series");
+    assert!(
+        series <= epp::telemetry::MAX_MODEL_LABELS + 1,
+        "{series} series"
+    );
     assert!(text.contains("model_name=\"other\""));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_services_and_admin_api() {
     let stack = Stack::start(2, &[]).await;
-    for service in ["", "liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor"] {
-        assert_eq!(stack.epp.health_status(service).await, Some(ServingStatus::Serving), "{service:?}");
+    for service in [
+        "",
+        "liveness",
+        "readiness",
+        "envoy.service.ext_proc.v3.ExternalProcessor",
+    ] {
+        assert_eq!(
+            stack.epp.health_status(service).await,
+            Some(ServingStatus::Serving),
+            "{service:?}"
+        );
     }
-    let mut admin = AdminClient::connect(format!("http://{}", stack.epp.health)).await.unwrap();
-    let list = admin.list_endpoints(ListEndpointsRequest {}).await.unwrap().into_inner();
+    let mut admin = AdminClient::connect(format!("http://{}", stack.epp.health))
+        .await
+        .unwrap();
+    let list = admin
+        .list_endpoints(ListEndpointsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert!(list.synced);
     assert_eq!(list.endpoints.len(), 2);
-    assert!(list.endpoints.iter().all(|e| e.metrics.as_ref().is_some_and(|m| m.fresh)));
+    assert!(
+        list.endpoints
+            .iter()
+            .all(|e| e.metrics.as_ref().is_some_and(|m| m.fresh))
+    );
 
     let prompt = "explain where this long prompt would go ".repeat(10);
     assert_eq!(stack.completion(&prompt).await.status, 200);
@@ -94,8 +140,16 @@ async fn health_services_and_admin_api() {
     assert_eq!(ex.picked.len(), 2);
     // The endpoint that served the prompt before is picked again, and the
     // explanation says so with its scores.
-    let list = admin.list_endpoints(ListEndpointsRequest {}).await.unwrap().into_inner();
-    let holder = list.endpoints.iter().find(|e| e.prefix_index_blocks > 0).expect("indexed");
+    let list = admin
+        .list_endpoints(ListEndpointsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let holder = list
+        .endpoints
+        .iter()
+        .find(|e| e.prefix_index_blocks > 0)
+        .expect("indexed");
     assert_eq!(ex.picked[0], holder.address);
     let ex = admin
         .explain(ExplainRequest {
@@ -117,26 +171,59 @@ async fn readiness_waits_for_discovery_and_file_changes_apply() {
         epp.health_status("liveness").await == Some(ServingStatus::Serving)
     })
     .await;
-    assert_eq!(epp.health_status("readiness").await, Some(ServingStatus::NotServing));
-    std::fs::write(epp.endpoints_file(), crate::common::epp::endpoints_yaml(&[b.addr])).unwrap();
+    assert_eq!(
+        epp.health_status("readiness").await,
+        Some(ServingStatus::NotServing)
+    );
+    std::fs::write(
+        epp.endpoints_file(),
+        crate::common::epp::endpoints_yaml(&[b.addr]),
+    )
+    .unwrap();
     epp.wait_ready().await;
-    let mut admin = AdminClient::connect(format!("http://{}", epp.health)).await.unwrap();
-    assert_eq!(admin.list_endpoints(ListEndpointsRequest {}).await.unwrap().into_inner().endpoints.len(), 1);
+    let mut admin = AdminClient::connect(format!("http://{}", epp.health))
+        .await
+        .unwrap();
+    assert_eq!(
+        admin
+            .list_endpoints(ListEndpointsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .endpoints
+            .len(),
+        1
+    );
     // An invalid file keeps the last good set.
     std::fs::write(epp.endpoints_file(), "endpoints: [oops").unwrap();
     let e = &epp;
-    eventually("invalid file logged", Duration::from_secs(10), || async move {
-        e.log().contains("endpoints file invalid")
-    })
+    eventually(
+        "invalid file logged",
+        Duration::from_secs(10),
+        || async move { e.log().contains("endpoints file invalid") },
+    )
     .await;
-    assert_eq!(admin.list_endpoints(ListEndpointsRequest {}).await.unwrap().into_inner().endpoints.len(), 1);
+    assert_eq!(
+        admin
+            .list_endpoints(ListEndpointsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .endpoints
+            .len(),
+        1
+    );
     assert_eq!(epp.terminate().code(), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_exits_zero() {
     let b = crate::common::backend::Backend::start("b").await;
-    let mut epp = Epp::start(&[b.addr], &["--secure-serving=false", "--shutdown-grace-period", "5s"]).await;
+    let mut epp = Epp::start(
+        &[b.addr],
+        &["--secure-serving=false", "--shutdown-grace-period", "5s"],
+    )
+    .await;
     let status = epp.terminate();
     assert_eq!(status.code(), Some(0), "{}", epp.log());
     assert!(epp.log().contains("shutting down"));
@@ -150,21 +237,43 @@ fn startup_errors_are_clear() {
     let out = Command::new(env!("CARGO_BIN_EXE_epp"))
         .args(["--config-file"])
         .arg(&cfg)
-        .args(["--endpoints-file", "/dev/null", "--grpc-port", "0", "--grpc-health-port", "0", "--metrics-port", "0"])
+        .args([
+            "--endpoints-file",
+            "/dev/null",
+            "--grpc-port",
+            "0",
+            "--grpc-health-port",
+            "0",
+            "--metrics-port",
+            "0",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no-such-scorer") && err.contains("known types"), "{err}");
+    assert!(
+        err.contains("no-such-scorer") && err.contains("known types"),
+        "{err}"
+    );
 
     let out = Command::new(env!("CARGO_BIN_EXE_epp"))
-        .args(["--grpc-port", "0", "--grpc-health-port", "0", "--metrics-port", "0"])
+        .args([
+            "--grpc-port",
+            "0",
+            "--grpc-health-port",
+            "0",
+            "--metrics-port",
+            "0",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no discovery configured"));
 
-    let out = Command::new(env!("CARGO_BIN_EXE_epp")).arg("--help").output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_epp"))
+        .arg("--help")
+        .output()
+        .unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     for flag in [
         "--grpc-port",

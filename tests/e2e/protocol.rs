@@ -22,18 +22,32 @@ async fn client_errors_are_openai_style_json() {
         (b"[1,2,3]".to_vec(), 400, "invalid_body"),
         (br#"{"prompt":"no model"}"#.to_vec(), 400, "invalid_model"),
         (br#"{"model":"m"}"#.to_vec(), 400, "invalid_prompt"),
-        (format!(r#"{{"model":"m","prompt":"{}"}}"#, "x".repeat(4096)).into_bytes(), 413, "request_too_large"),
+        (
+            format!(r#"{{"model":"m","prompt":"{}"}}"#, "x".repeat(4096)).into_bytes(),
+            413,
+            "request_too_large",
+        ),
     ];
     for (body, status, code) in cases {
-        let r = http::request(l, "POST", "/v1/completions", &[], Some(body)).await.unwrap();
+        let r = http::request(l, "POST", "/v1/completions", &[], Some(body))
+            .await
+            .unwrap();
         assert_eq!(r.status, status, "{}", r.text());
         assert_eq!(r.header("content-type"), Some("application/json"));
         let v = r.json();
         assert_eq!(v["error"]["code"], code, "{v}");
-        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
         assert!(v["error"]["type"].is_string());
     }
-    assert_eq!(stack.backends[0].requests(), 0, "no bad request reached the model server");
+    assert_eq!(
+        stack.backends[0].requests(),
+        0,
+        "no bad request reached the model server"
+    );
     // The picker kept serving everyone else.
     assert_eq!(stack.completion("fine").await.status, 200);
 }
@@ -44,7 +58,9 @@ async fn no_ready_endpoint_is_503() {
     std::fs::write(stack.epp.endpoints_file(), "endpoints: []\n").unwrap();
     let l = stack.envoy.listen;
     crate::common::eventually("pool emptied", Duration::from_secs(10), || async move {
-        http::get(l, "/v1/models").await.is_ok_and(|r| r.status == 503)
+        http::get(l, "/v1/models")
+            .await
+            .is_ok_and(|r| r.status == 503)
     })
     .await;
     let r = stack.completion("anyone?").await;
@@ -67,9 +83,15 @@ async fn server_sent_events_pass_through_unbuffered_and_count_usage() {
     let stack = Stack::start(1, &[]).await;
     let body = serde_json::json!({"model": "m", "prompt": "stream please", "stream": true,
                                   "stream_options": {"include_usage": true}});
-    let resp = http::send(stack.envoy.listen, "POST", "/v1/completions", &[], Some(body.to_string().into_bytes()))
-        .await
-        .unwrap();
+    let resp = http::send(
+        stack.envoy.listen,
+        "POST",
+        "/v1/completions",
+        &[],
+        Some(body.to_string().into_bytes()),
+    )
+    .await
+    .unwrap();
     assert_eq!(resp.status(), 200);
     let mut frames = resp.into_body().into_data_stream();
     // The backend holds every event after the first until released, so
@@ -85,12 +107,16 @@ async fn server_sent_events_pass_through_unbuffered_and_count_usage() {
     while let Some(chunk) = frames.next().await {
         rest.extend_from_slice(&chunk.unwrap());
     }
-    let text = format!("{}{}", String::from_utf8_lossy(&first), String::from_utf8_lossy(&rest));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&first),
+        String::from_utf8_lossy(&rest)
+    );
     let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
     assert_eq!(events.len(), EVENTS + 2, "{text}");
     assert_eq!(events.last(), Some(&"data: [DONE]"));
-    for i in 0..EVENTS {
-        assert!(events[i].contains(&format!("\"t{i}\"")), "event {i}: {}", events[i]);
+    for (i, event) in events.iter().take(EVENTS).enumerate() {
+        assert!(event.contains(&format!("\"t{i}\"")), "event {i}: {event}");
     }
     let m = stack.epp.metrics;
     crate::common::eventually("usage counted", Duration::from_secs(5), || async move {
@@ -104,16 +130,29 @@ async fn server_sent_events_pass_through_unbuffered_and_count_usage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_mib_body_arrives_intact() {
     let stack = Stack::start(2, &[]).await;
-    let prompt: String = (0..(1 << 20) / 8).map(|i| format!("w{:06} ", i % 1_000_000)).collect();
-    let body = serde_json::json!({"model": "m", "prompt": prompt}).to_string().into_bytes();
+    let prompt: String = (0..(1 << 20) / 8)
+        .map(|i| format!("w{:06} ", i % 1_000_000))
+        .collect();
+    let body = serde_json::json!({"model": "m", "prompt": prompt})
+        .to_string()
+        .into_bytes();
     assert!(body.len() > 1 << 20);
-    let r = http::request(stack.envoy.listen, "POST", "/v1/completions", &[], Some(body.clone()))
-        .await
-        .unwrap();
+    let r = http::request(
+        stack.envoy.listen,
+        "POST",
+        "/v1/completions",
+        &[],
+        Some(body.clone()),
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     let served = stack.backend(r.backend());
     assert_eq!(served.state.last_body.lock().len(), body.len());
-    assert!(*served.state.last_body.lock() == body, "body changed on the way");
+    assert!(
+        *served.state.last_body.lock() == body,
+        "body changed on the way"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,7 +163,10 @@ async fn a_spoofed_destination_header_is_ignored() {
     let victim = stack.backend("b0").host_port();
     let m = stack.epp.metrics;
     crate::common::eventually("b0 queue scraped", Duration::from_secs(10), || async move {
-        http::get(m, "/metrics").await.is_ok_and(|r| r.text().contains("model_server_pod=\"backend-0\",name=\"default\"} 20"))
+        http::get(m, "/metrics").await.is_ok_and(|r| {
+            r.text()
+                .contains("model_server_pod=\"backend-0\",name=\"default\"} 20")
+        })
     })
     .await;
     for _ in 0..5 {
@@ -149,22 +191,46 @@ async fn a_spoofed_destination_header_is_ignored() {
         .find(|(k, _)| k == "x-gateway-destination-endpoint")
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
-    assert!(dest.starts_with(&stack.backend("b1").host_port()), "picker's choice first: {dest}");
-    assert!(!seen.iter().any(|(k, _)| k == "x-gateway-destination-endpoint-served"));
+    assert!(
+        dest.starts_with(&stack.backend("b1").host_port()),
+        "picker's choice first: {dest}"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|(k, _)| k == "x-gateway-destination-endpoint-served")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buffered_body_mode_works_end_to_end() {
     let stack = Stack::start_with(2, &[], |o| o.body_mode = BodyMode::Buffered).await;
     let body = serde_json::json!({"model": "m", "prompt": "buffered ".repeat(2000)});
-    let r = post_json(stack.envoy.listen, "/v1/completions", &body).await.unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(*stack.backend(r.backend()).state.last_body.lock(), body.to_string().into_bytes());
-    let r = http::request(stack.envoy.listen, "POST", "/v1/completions", &[], Some(b"{oops".to_vec()))
+    let r = post_json(stack.envoy.listen, "/v1/completions", &body)
         .await
         .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        *stack.backend(r.backend()).state.last_body.lock(),
+        body.to_string().into_bytes()
+    );
+    let r = http::request(
+        stack.envoy.listen,
+        "POST",
+        "/v1/completions",
+        &[],
+        Some(b"{oops".to_vec()),
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status, 400);
-    assert_eq!(http::get(stack.envoy.listen, "/v1/models").await.unwrap().status, 200);
+    assert_eq!(
+        http::get(stack.envoy.listen, "/v1/models")
+            .await
+            .unwrap()
+            .status,
+        200
+    );
     // A rewritten model travels as a plain body mutation in this mode.
     let r = http::request(
         stack.envoy.listen,
@@ -177,7 +243,8 @@ async fn buffered_body_mode_works_end_to_end() {
     .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["model"], "alias", "client sees its own model name");
-    let sent: serde_json::Value = serde_json::from_slice(&stack.backend(r.backend()).state.last_body.lock()).unwrap();
+    let sent: serde_json::Value =
+        serde_json::from_slice(&stack.backend(r.backend()).state.last_body.lock()).unwrap();
     assert_eq!(sent["model"], "served-name");
 }
 
@@ -195,7 +262,8 @@ async fn model_rewrite_in_full_duplex_mode() {
     .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["model"], "alias");
-    let sent: serde_json::Value = serde_json::from_slice(&stack.backends[0].state.last_body.lock()).unwrap();
+    let sent: serde_json::Value =
+        serde_json::from_slice(&stack.backends[0].state.last_body.lock()).unwrap();
     assert_eq!(sent["model"], "served-name");
 }
 
@@ -204,5 +272,8 @@ async fn ext_proc_over_tls_with_alpn_h2() {
     let stack = Stack::start(2, &["--secure-serving"]).await;
     let r = stack.completion("over TLS").await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert!(stack.envoy.stat("cluster.epp.ssl.handshake").await >= 1, "Envoy spoke TLS to the picker");
+    assert!(
+        stack.envoy.stat("cluster.epp.ssl.handshake").await >= 1,
+        "Envoy spoke TLS to the picker"
+    );
 }

@@ -14,11 +14,17 @@ fn gie_config() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_to_the_picked_endpoint_with_the_body_intact() {
     let stack = Stack::start(2, &[]).await;
-    let body = serde_json::json!({"model": "m", "prompt": "Say hello to the pool", "max_tokens": 3});
-    let r = http::post_json(stack.envoy.listen, "/v1/completions", &body).await.unwrap();
+    let body =
+        serde_json::json!({"model": "m", "prompt": "Say hello to the pool", "max_tokens": 3});
+    let r = http::post_json(stack.envoy.listen, "/v1/completions", &body)
+        .await
+        .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     let served = stack.backend(r.backend());
-    assert_eq!(*served.state.last_body.lock(), body.to_string().into_bytes());
+    assert_eq!(
+        *served.state.last_body.lock(),
+        body.to_string().into_bytes()
+    );
     // The destination the backend saw starts with itself.
     let headers = served.state.last_headers.lock().clone();
     let dest = headers
@@ -26,11 +32,19 @@ async fn routes_to_the_picked_endpoint_with_the_body_intact() {
         .find(|(k, _)| k == "x-gateway-destination-endpoint")
         .map(|(_, v)| v.clone())
         .expect("destination header forwarded");
-    assert!(dest.starts_with(&served.host_port()), "{dest} vs {}", served.host_port());
+    assert!(
+        dest.starts_with(&served.host_port()),
+        "{dest} vs {}",
+        served.host_port()
+    );
     assert_eq!(dest.split(',').count(), 2, "pick plus one fallback");
 }
 
-async fn spread(stack: &Stack, n: usize, prompt: impl Fn(usize) -> String) -> HashMap<String, usize> {
+async fn spread(
+    stack: &Stack,
+    n: usize,
+    prompt: impl Fn(usize) -> String,
+) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
     for i in 0..n {
         let r = stack.completion(&prompt(i)).await;
@@ -51,7 +65,11 @@ async fn prefers_the_endpoint_with_the_shorter_queue() {
         stack.backend("b0").set_load(8, 0.1);
         stack.backend("b1").set_load(0, 0.1);
         stack.epp.wait_scraped(4).await;
-        wait_for_metric(&stack, "inference_pool_average_queue_size{name=\"default\"} 4").await;
+        wait_for_metric(
+            &stack,
+            "inference_pool_average_queue_size{name=\"default\"} 4",
+        )
+        .await;
         let counts = spread(&stack, 10, |i| format!("question {i}")).await;
         assert_eq!(counts.get("b1"), Some(&10), "config {config:?}: {counts:?}");
     }
@@ -63,7 +81,11 @@ async fn prefers_the_endpoint_with_more_free_kv_cache() {
     let stack = Stack::start(2, &["--config-file", &config]).await;
     stack.backend("b0").set_load(0, 0.95);
     stack.backend("b1").set_load(0, 0.2);
-    wait_for_metric(&stack, "inference_pool_average_kv_cache_utilization{name=\"default\"} 0.575").await;
+    wait_for_metric(
+        &stack,
+        "inference_pool_average_kv_cache_utilization{name=\"default\"} 0.575",
+    )
+    .await;
     let counts = spread(&stack, 10, |i| format!("question {i}")).await;
     assert_eq!(counts.get("b1"), Some(&10), "{counts:?}");
 }
@@ -131,15 +153,19 @@ async fn an_endpoint_going_down_is_routed_around() {
     let stack = Stack::start(2, &["--max-scrape-failures", "2"]).await;
     stack.backend("b0").kill();
     let metrics = stack.epp.metrics;
-    eventually("b0 scrapes failing", Duration::from_secs(10), || async move {
-        http::get(metrics, "/metrics").await.is_ok_and(|r| {
-            r.text()
-                .lines()
-                .find_map(|l| l.strip_prefix("epp_metrics_scrape_failures_total "))
-                .and_then(|v| v.parse::<u64>().ok())
-                .is_some_and(|v| v >= 2)
-        })
-    })
+    eventually(
+        "b0 scrapes failing",
+        Duration::from_secs(10),
+        || async move {
+            http::get(metrics, "/metrics").await.is_ok_and(|r| {
+                r.text()
+                    .lines()
+                    .find_map(|l| l.strip_prefix("epp_metrics_scrape_failures_total "))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .is_some_and(|v| v >= 2)
+            })
+        },
+    )
     .await;
     let counts = spread(&stack, 8, |i| format!("after the outage {i}")).await;
     assert_eq!(counts.get("b1"), Some(&8), "{counts:?}");

@@ -404,7 +404,7 @@ fn sse_chunks_pass_through_immediately_and_release_at_the_end() {
     );
     let last = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":30,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":16}}}\n\ndata: [DONE]\n\n";
     let out = h.send(msg(resp_body(last, true)));
-    assert_eq!(streamed(&out[0]).1, true);
+    assert!(streamed(&out[0]).1);
     assert_eq!(h.in_flight(), 0);
     let text = h.stream.director.metrics().render();
     assert!(text.contains("inference_objective_prompt_cached_tokens_sum{model_name=\"m\",target_model_name=\"m\"} 16"), "{text}");
@@ -481,11 +481,7 @@ fn trailers_after_the_body_end_the_request() {
     assert!(h.send(msg(body(BODY, false))).is_empty());
     let out = h.send(msg(Request::RequestTrailers(HttpTrailers::default())));
     assert_eq!(out.len(), 3, "headers, body chunk, trailers");
-    assert_eq!(
-        streamed(&out[1]).1,
-        false,
-        "trailers carry the end of stream"
-    );
+    assert!(!streamed(&out[1]).1, "trailers carry the end of stream");
     assert!(matches!(
         out[2].response,
         Some(Response::RequestTrailers(_))
