@@ -3,9 +3,12 @@
 //! writes endpoints.
 //!
 //! - [`file`]: a YAML/JSON endpoints file, for running without Kubernetes;
-//! - `kube`: an InferencePool and the Pods it selects (or a plain label
-//!   selector without the CRD).
+//! - [`kube`]: an InferencePool and the Pods it selects (or a plain label
+//!   selector without the CRD), InferenceObjective priorities, and Lease
+//!   leader election.
 
 pub mod file;
+pub mod kube;
 
 pub use file::{FileDiscovery, FileError, parse_endpoints};
+pub use kube::{KubeDiscovery, KubeDiscoveryError, KubeDiscoveryOptions};

@@ -1,0 +1,303 @@
+//! Micro-benchmarks of the request path and the scrape path.
+//!
+//! `cargo bench --bench picker` runs the criterion groups, then measures the
+//! latency distribution (p50/p90/p99/max) of the full scheduling decision,
+//! which criterion's mean does not show. `cargo bench --bench picker --
+//! decision` runs only what matches "decision".
+
+use std::{
+    collections::BTreeMap,
+    hint::black_box,
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
+use epp::{
+    config::{DEFAULT_CONFIG, EndpointPickerConfig, GIE_DEFAULT_CONFIG},
+    endpoints::{EndpointSpec, EndpointStore, MetricsSample},
+    prefix::{BlockHasher, PrefixIndex, chain_seed},
+    request::{ApiKind, Prompt, parse},
+    scheduling::{Purpose, RequestFacts, Scheduler, SchedulerOptions, build_scheduler},
+    scrape::{EngineMapping, extract},
+};
+
+/// Deterministic prompt text: `groups` distinct system prompts, so prompts
+/// of one group share a prefix.
+fn prompt_text(group: usize, question: usize, bytes: usize) -> String {
+    let mut s = format!("System prompt of group {group}. ");
+    let mut i = 0u64;
+    while s.len() < bytes - 64 {
+        s.push_str(&format!("rule {group}-{i} applies to every answer; "));
+        i += 1;
+    }
+    s.truncate(bytes - 64);
+    s.push_str(&format!(" Question {question}: what is the answer?"));
+    while s.len() < bytes {
+        s.push(' ');
+    }
+    s
+}
+
+fn store(endpoints: usize) -> Arc<EndpointStore> {
+    let store = Arc::new(EndpointStore::new(Duration::from_secs(3600)));
+    let specs = (0..endpoints)
+        .map(|i| EndpointSpec {
+            name: format!("pod-{i}"),
+            address: IpAddr::from([10, 0, (i / 250) as u8, (i % 250) as u8 + 1]),
+            port: 8000,
+            labels: BTreeMap::new(),
+            metrics_port: None,
+        })
+        .collect();
+    store.replace(specs).expect("pool fits");
+    let now = Instant::now();
+    for (i, e) in store.snapshot().endpoints().iter().enumerate() {
+        e.record_scrape(
+            &MetricsSample {
+                waiting: (i % 5) as u32,
+                running: (i % 7) as u32,
+                kv_usage: (i % 10) as f64 / 20.0,
+                block_size: 16,
+                num_blocks: 20_000,
+            },
+            now,
+            store.epoch(),
+        );
+    }
+    store
+}
+
+fn scheduler(cfg: &str, store: &EndpointStore) -> Scheduler {
+    build_scheduler(
+        &EndpointPickerConfig::parse(cfg).expect("config"),
+        &SchedulerOptions {
+            fallback_endpoints: 2,
+            max_scrape_failures: 3,
+            staleness: Duration::from_secs(3600),
+            epoch: store.epoch(),
+        },
+        Arc::new(PrefixIndex::new()),
+    )
+    .expect("scheduler")
+}
+
+/// Schedules `n` prompts of `groups` shared-prefix groups so the index holds
+/// realistic state before measuring.
+fn warm(s: &Scheduler, store: &EndpointStore, groups: usize, n: usize, bytes: usize) {
+    let snap = store.snapshot();
+    for i in 0..n {
+        let text = prompt_text(i % groups, i, bytes);
+        let mut p = Prompt::default();
+        p.push(text.as_str());
+        let facts = RequestFacts {
+            model: "m",
+            prompt: Some(&p),
+            ..RequestFacts::default()
+        };
+        let _ = s.schedule(&facts, &snap, Purpose::Route);
+    }
+}
+
+fn bench_hashing(c: &mut Criterion) {
+    let mut g = c.benchmark_group("hash_prompt");
+    for kib in [16usize, 220] {
+        let text = prompt_text(1, 1, kib << 10);
+        let mut p = Prompt::default();
+        p.push(text.as_str());
+        let mut hasher = BlockHasher::default();
+        let mut out = Vec::new();
+        g.throughput(Throughput::Bytes((kib << 10) as u64));
+        g.bench_function(BenchmarkId::from_parameter(format!("{kib}KiB")), |b| {
+            b.iter(|| {
+                hasher.hash_prompt(&p, chain_seed("m", None), 64, usize::MAX, &mut out);
+                black_box(out.len())
+            })
+        });
+    }
+    g.finish();
+}
+
+/// An index holding `total` blocks spread over `endpoints` endpoints, and a
+/// query that matches one endpoint's 256-block prefix.
+fn filled_index(endpoints: u16, total: usize) -> (PrefixIndex, Vec<u64>, Vec<(u16, u64)>) {
+    let idx = PrefixIndex::new();
+    let per = total / usize::from(endpoints);
+    let mut next = 1u64;
+    let mut query = Vec::new();
+    for slot in 0..endpoints {
+        // Prompts of 256 blocks each; the first one of slot 0 is the query.
+        let mut left = per;
+        while left > 0 {
+            let len = left.min(256);
+            let hashes: Vec<u64> = (next..next + len as u64).collect();
+            next += len as u64;
+            if query.is_empty() {
+                query = hashes.clone();
+            }
+            idx.record(slot, u64::from(slot) + 1, u32::MAX, &hashes);
+            left -= len;
+        }
+    }
+    let cands = (0..endpoints).map(|s| (s, u64::from(s) + 1)).collect();
+    (idx, query, cands)
+}
+
+fn bench_index(c: &mut Criterion) {
+    let mut g = c.benchmark_group("prefix_index");
+    for endpoints in [64u16, 256, 1024] {
+        let (idx, query, cands) = filled_index(endpoints, 1_000_000);
+        let mut out = Vec::new();
+        g.bench_function(
+            BenchmarkId::new("match_256_blocks_1M_indexed", endpoints),
+            |b| {
+                b.iter(|| {
+                    idx.longest_matches(&query, &cands, &mut out);
+                    black_box(out[0])
+                })
+            },
+        );
+        let mut seq = 10_000_000_000u64;
+        g.bench_function(
+            BenchmarkId::new("insert_256_new_blocks_1M_indexed", endpoints),
+            |b| {
+                b.iter_batched(
+                    || {
+                        seq += 256;
+                        (seq..seq + 256).collect::<Vec<u64>>()
+                    },
+                    // Capacity equal to what the endpoint holds: every insert evicts.
+                    |hashes| idx.record(0, 1, (1_000_000 / usize::from(endpoints)) as u32, &hashes),
+                    BatchSize::SmallInput,
+                )
+            },
+        );
+    }
+    g.finish();
+}
+
+fn bench_decision(c: &mut Criterion) {
+    let mut g = c.benchmark_group("decision");
+    for (label, cfg) in [("default", DEFAULT_CONFIG), ("gie", GIE_DEFAULT_CONFIG)] {
+        for endpoints in [64usize, 256, 1024] {
+            let store = store(endpoints);
+            let s = scheduler(cfg, &store);
+            warm(&s, &store, 50, 2000, 16 << 10);
+            let snap = store.snapshot();
+            let mut q = 0usize;
+            let texts: Vec<String> = (0..64)
+                .map(|i| prompt_text(i % 50, 10_000 + i, 16 << 10))
+                .collect();
+            g.bench_function(BenchmarkId::new(format!("{label}_16KiB"), endpoints), |b| {
+                b.iter(|| {
+                    q = (q + 1) % texts.len();
+                    let mut p = Prompt::default();
+                    p.push(texts[q].as_str());
+                    let facts = RequestFacts {
+                        model: "m",
+                        prompt: Some(&p),
+                        ..RequestFacts::default()
+                    };
+                    black_box(
+                        s.schedule(&facts, &snap, Purpose::Route)
+                            .map(|d| d.endpoints.len()),
+                    )
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+fn bench_parse(c: &mut Criterion) {
+    let mut g = c.benchmark_group("parse");
+    for kib in [16usize, 220] {
+        let body = serde_json::json!({"model": "m", "prompt": prompt_text(1, 1, kib << 10), "max_tokens": 16})
+            .to_string()
+            .into_bytes();
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_function(
+            BenchmarkId::new("openai_completions", format!("{kib}KiB")),
+            |b| b.iter(|| black_box(parse(&body, ApiKind::Completions).map(|r| r.prompt.len()))),
+        );
+        let chat = serde_json::json!({"model": "m", "messages": [
+            {"role": "system", "content": prompt_text(1, 1, (kib << 10) / 2)},
+            {"role": "user", "content": prompt_text(2, 2, (kib << 10) / 2)}]})
+        .to_string()
+        .into_bytes();
+        g.bench_function(BenchmarkId::new("openai_chat", format!("{kib}KiB")), |b| {
+            b.iter(|| black_box(parse(&chat, ApiKind::ChatCompletions).map(|r| r.prompt.len())))
+        });
+    }
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/metrics");
+    for page in [
+        "vllm-metrics-inferstack.txt",
+        "vllm-metrics-hwrouter-loaded.txt",
+    ] {
+        let text = std::fs::read(format!("{dir}/{page}")).expect("fixture");
+        let mapping = EngineMapping::vllm();
+        g.throughput(Throughput::Bytes(text.len() as u64));
+        g.bench_function(BenchmarkId::new("prometheus_vllm_page", page), |b| {
+            b.iter(|| black_box(extract(&text, &mapping).map(|s| s.num_blocks)))
+        });
+    }
+    g.finish();
+}
+
+/// Latency percentiles of single decisions (criterion reports means).
+fn decision_percentiles() {
+    println!("\nFull scheduling decision, 16 KiB prompt, warm index (one sample per decision):");
+    println!("| config | endpoints | p50 | p90 | p99 | max |");
+    println!("|---|---|---|---|---|---|");
+    for (label, cfg) in [("default", DEFAULT_CONFIG), ("gie", GIE_DEFAULT_CONFIG)] {
+        for endpoints in [64usize, 256, 1024] {
+            let store = store(endpoints);
+            let s = scheduler(cfg, &store);
+            warm(&s, &store, 50, 2000, 16 << 10);
+            let snap = store.snapshot();
+            let texts: Vec<String> = (0..256)
+                .map(|i| prompt_text(i % 50, 20_000 + i, 16 << 10))
+                .collect();
+            let mut samples = Vec::with_capacity(20_000);
+            for i in 0..20_000 {
+                let mut p = Prompt::default();
+                p.push(texts[i % texts.len()].as_str());
+                let facts = RequestFacts {
+                    model: "m",
+                    prompt: Some(&p),
+                    ..RequestFacts::default()
+                };
+                let t = Instant::now();
+                let d = s.schedule(&facts, &snap, Purpose::Route);
+                samples.push(t.elapsed());
+                black_box(d.is_ok());
+            }
+            samples.sort();
+            let pct = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
+            println!(
+                "| {label} | {endpoints} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs |",
+                pct(0.5).as_secs_f64() * 1e6,
+                pct(0.9).as_secs_f64() * 1e6,
+                pct(0.99).as_secs_f64() * 1e6,
+                samples[samples.len() - 1].as_secs_f64() * 1e6
+            );
+        }
+    }
+}
+
+fn main() {
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let mut c = Criterion::default().configure_from_args();
+    bench_hashing(&mut c);
+    bench_index(&mut c);
+    bench_decision(&mut c);
+    bench_parse(&mut c);
+    c.final_summary();
+    if filter
+        .as_deref()
+        .is_none_or(|f| "decision_percentiles".contains(f) || f.contains("decision"))
+    {
+        decision_percentiles();
+    }
+}

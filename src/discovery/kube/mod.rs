@@ -1,0 +1,210 @@
+//! Discovery from Kubernetes: an InferencePool and the Pods it selects (or a
+//! plain label selector without the CRD), the optional InferenceObjective
+//! priorities, and Lease-based leader election.
+//!
+//! # Algorithm
+//!
+//! One task owns all state and selects over two kube-runtime watchers (each
+//! with `default_backoff()`):
+//! - the InferencePool, by name (`fieldSelector=metadata.name=<pool>`), in
+//!   pool mode; in selector mode the "pool" is fixed by the flags;
+//! - the Pods of the namespace: all of them in pool mode, so a selector change
+//!   takes effect at once without a new list; only the selected ones
+//!   (server-side `labelSelector`) in selector mode.
+//!
+//! Each pod is reduced to a small [`PodView`] as it arrives; the endpoint set
+//! is the pure function [`endpoints`] of (pool spec, pod views), recomputed
+//! and published with `EndpointStore::replace` when an event could change it.
+//! Publications are coalesced over a short window (`debounce`, 50 ms by
+//! default) so a rollout's burst of pod updates is one publication; the first
+//! one is never delayed. A set equal to the last published one is not
+//! republished, so endpoint state (scrapes, prefix slots) is never churned
+//! by no-op events.
+//!
+//! InferenceObjectives are watched in a second loop of the same task (see
+//! [`objectives`]); leader election is a separate task (see [`leader`]).
+//!
+//! # Invariants
+//!
+//! - The store is first published only once the initial pool list and pod
+//!   list are both complete and the pool exists, so readiness (`is_synced`)
+//!   means "a complete view". A pool missing at start keeps the picker
+//!   unready (as GIE's `PoolHasSynced`); a pool deleted later publishes an
+//!   empty set (requests get 503) and the picker keeps running.
+//! - A watcher relist (`Init`..`InitDone`) is buffered and swapped in whole:
+//!   during a relist, or while the API server is unreachable, the last known
+//!   endpoints stay published. Errors never clear endpoints.
+//! - An InferencePool whose spec is invalid keeps the last valid spec (the
+//!   same rule as a bad endpoints file).
+//! - Errors are counted per resource and logged once per failure streak (see
+//!   [`stats`]).
+
+mod leader;
+mod model;
+mod objectives;
+mod stats;
+mod watch;
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+pub use leader::{LeaderElectionConfig, LeaderElector, default_identity, lease_name};
+pub use model::{
+    ACTIVE_PORTS_ANNOTATION, AppProtocol, LLMD_ACTIVE_PORTS_ANNOTATION, Objective, POOL_GROUP_V1,
+    Pod, PodView, PoolSpec, X_K8S_GROUP, endpoints, objective_resource, parse_objective,
+    parse_pool, parse_selector, pool_resource,
+};
+pub use stats::{DiscoveryStats, Observe, ObserveLayer, WatchedResource};
+pub use watch::KubeDiscovery;
+
+use crate::config::Flags;
+
+/// Errors of Kubernetes discovery and leader election.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeDiscoveryError {
+    /// The flags do not describe one discovery source.
+    #[error("{0}")]
+    Config(String),
+    #[error("invalid --endpoint-selector: {0}")]
+    InvalidSelector(String),
+    #[error("invalid InferencePool: {0}")]
+    InvalidPool(String),
+    #[error("invalid InferenceObjective {0}")]
+    InvalidObjective(String),
+    #[error("Kubernetes client: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("Kubernetes watch: {0}")]
+    Watch(#[from] kube::runtime::watcher::Error),
+    /// A kube watcher stream ended; they are infinite by construction, so
+    /// this is a bug, reported rather than spun on.
+    #[error("the {0} watch ended unexpectedly")]
+    WatchEnded(&'static str),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// Receives the priorities of the InferenceObjectives of our pool (name ->
+/// priority), replacing the previous map; `Director::set_dynamic_objectives`
+/// in the server.
+pub type ObjectiveSink = Arc<dyn Fn(HashMap<String, i32>) + Send + Sync>;
+
+/// What to discover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// An InferencePool of `group` (its API version follows from the group).
+    Pool { name: String, group: String },
+    /// Standalone: pods matching the selector, on fixed ports.
+    Selector(PoolSpec),
+}
+
+impl Target {
+    /// The target the flags select: `None` when neither `--pool-name` nor
+    /// `--endpoint-selector` is given, an error when both are, or when the
+    /// selector lacks target ports.
+    pub fn from_flags(flags: &Flags) -> Result<Option<Self>, KubeDiscoveryError> {
+        match (&flags.pool_name, &flags.endpoint_selector) {
+            (Some(_), Some(_)) => Err(KubeDiscoveryError::Config(
+                "give either --pool-name or --endpoint-selector, not both".into(),
+            )),
+            (Some(name), None) => {
+                if name.trim().is_empty() {
+                    return Err(KubeDiscoveryError::Config("--pool-name is empty".into()));
+                }
+                Ok(Some(Self::Pool {
+                    name: name.clone(),
+                    group: flags.pool_group.clone(),
+                }))
+            }
+            (None, Some(selector)) => {
+                if flags.endpoint_target_ports.is_empty() {
+                    return Err(KubeDiscoveryError::Config(
+                        "--endpoint-selector needs --endpoint-target-ports".into(),
+                    ));
+                }
+                let spec = PoolSpec::new(
+                    parse_selector(selector)?,
+                    flags.endpoint_target_ports.clone(),
+                    AppProtocol::Http,
+                )
+                .map_err(|e| KubeDiscoveryError::Config(format!("--endpoint-target-ports: {e}")))?;
+                Ok(Some(Self::Selector(spec)))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// How discovery runs.
+#[derive(Debug, Clone)]
+pub struct KubeDiscoveryOptions {
+    pub namespace: String,
+    pub target: Target,
+    /// Window over which a burst of changes becomes one publication.
+    pub debounce: Duration,
+    /// How often to look again for the InferenceObjective CRD when it is not
+    /// installed (or not readable).
+    pub objectives_retry: Duration,
+}
+
+impl KubeDiscoveryOptions {
+    pub fn new(namespace: impl Into<String>, target: Target) -> Self {
+        Self {
+            namespace: namespace.into(),
+            target,
+            debounce: Duration::from_millis(50),
+            objectives_retry: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A client from the ambient configuration (in-cluster service account, or
+/// the local kubeconfig), with `stats`' layer so reconnections are observed.
+pub async fn client(stats: &Arc<DiscoveryStats>) -> Result<kube::Client, KubeDiscoveryError> {
+    let config = kube::Config::infer()
+        .await
+        .map_err(|e| KubeDiscoveryError::Kube(kube::Error::InferConfig(e)))?;
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&stats.layer())
+        .build())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn target(args: &[&str]) -> Result<Option<Target>, KubeDiscoveryError> {
+        let mut all = vec!["epp"];
+        all.extend_from_slice(args);
+        Target::from_flags(&Flags::try_parse_from(all).unwrap())
+    }
+
+    #[test]
+    fn exactly_one_target() {
+        assert!(target(&[]).unwrap().is_none());
+        assert_eq!(
+            target(&["--pool-name", "p"]).unwrap(),
+            Some(Target::Pool {
+                name: "p".into(),
+                group: POOL_GROUP_V1.into()
+            })
+        );
+        let err = target(&["--pool-name", "p", "--endpoint-selector", "a=b"]).unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
+        let err = target(&["--endpoint-selector", "a=b"]).unwrap_err();
+        assert!(err.to_string().contains("--endpoint-target-ports"), "{err}");
+        let err =
+            target(&["--endpoint-selector", "a", "--endpoint-target-ports", "1"]).unwrap_err();
+        assert!(err.to_string().contains("key=value"), "{err}");
+        let Some(Target::Selector(spec)) = target(&[
+            "--endpoint-selector",
+            "app=vllm",
+            "--endpoint-target-ports",
+            "8000,8001",
+        ])
+        .unwrap() else {
+            panic!("selector target expected");
+        };
+        assert_eq!(spec.target_ports, vec![8000, 8001]);
+    }
+}
