@@ -1,9 +1,15 @@
 //! Wiring: builds every component from the flags and runs the three servers
 //! (ext_proc, health/admin, metrics) and the background tasks (discovery,
-//! scraping, prefix-index upkeep, readiness) until shutdown.
+//! leader election, scraping, prefix-index upkeep, readiness) until shutdown.
+//!
+//! Discovery: `--endpoints-file` if given, else Kubernetes (`--pool-name`
+//! or `--endpoint-selector`, exactly one). With
+//! `--ha-enable-leader-election` a Lease elector drives readiness' leader
+//! input (it starts false, so a replica serves only once it leads).
 //!
 //! Shutdown (SIGTERM): readiness turns NOT_SERVING at once so the gateway
-//! stops sending new streams, the listeners stop accepting, in-flight
+//! stops sending new streams, a leader releases its lease so a standby takes
+//! over at once, the listeners stop accepting, in-flight
 //! ext_proc streams may finish within `--shutdown-grace-period`, then the
 //! process exits 0.
 
@@ -31,7 +37,13 @@ use crate::{
     },
     config::{ConfigError, EndpointPickerConfig, Flags, ResponseProcessing},
     director::Director,
-    discovery::FileDiscovery,
+    discovery::{
+        FileDiscovery,
+        kube::{
+            self as kube_discovery, DiscoveryStats, KubeDiscovery, KubeDiscoveryError,
+            KubeDiscoveryOptions, LeaderElectionConfig, LeaderElector, Target,
+        },
+    },
     endpoints::EndpointStore,
     extproc::{ExtProcService, StreamSettings},
     prefix::PrefixIndex,
@@ -166,9 +178,25 @@ pub async fn run(
         tls = flags.secure_serving, config = ?flags.config_file, "endpoint picker listening");
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (_leader_tx, leader_rx) = watch::channel(true);
+    // Without leader election every replica serves; with it, none does until
+    // it holds the lease.
+    let (leader_tx, leader_rx) = watch::channel(!flags.ha_enable_leader_election);
 
-    // Discovery.
+    // Discovery and leader election.
+    let discovery_error = |e: KubeDiscoveryError| ServerError::Discovery(e.to_string());
+    let kube_target = Target::from_flags(&flags).map_err(discovery_error)?;
+    let kube = if (flags.endpoints_file.is_none() && kube_target.is_some())
+        || flags.ha_enable_leader_election
+    {
+        let stats = Arc::new(DiscoveryStats::default());
+        metrics.attach_discovery(Arc::clone(&stats));
+        let client = kube_discovery::client(&stats)
+            .await
+            .map_err(discovery_error)?;
+        Some((client, stats))
+    } else {
+        None
+    };
     if let Some(path) = &flags.endpoints_file {
         let d = FileDiscovery::new(
             path.clone(),
@@ -176,13 +204,45 @@ pub async fn run(
             Arc::clone(&store),
         );
         tokio::spawn(d.run(stop_rx.clone()));
-    } else if flags.pool_name.is_some() || flags.endpoint_selector.is_some() {
-        return Err(ServerError::Discovery(
-            "Kubernetes discovery is not part of this build yet; use --endpoints-file".into(),
-        ));
+    } else if let (Some(target), Some((client, stats))) = (kube_target.clone(), &kube) {
+        let objectives_director = Arc::clone(&director);
+        let d = KubeDiscovery::new(
+            client.clone(),
+            KubeDiscoveryOptions::new(flags.pool_namespace.clone(), target),
+            Arc::clone(&store),
+            Arc::clone(stats),
+        )
+        .with_objectives(Arc::new(move |objectives| {
+            objectives_director.set_dynamic_objectives(objectives)
+        }));
+        let stop = stop_rx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = d.run(stop).await {
+                tracing::error!(error = %e, "Kubernetes discovery stopped; keeping the last endpoints");
+            }
+        });
     } else {
         return Err(ServerError::NoDiscovery);
     }
+    // Kept until the end of `run` when unused, so readiness' leader input stays open.
+    let mut leader_tx = Some(leader_tx);
+    let leader_task = match (&kube, leader_tx.take()) {
+        (Some((client, stats)), Some(tx)) if flags.ha_enable_leader_election => {
+            let lease_key = kube_target
+                .as_ref()
+                .map_or_else(|| pool_name.clone(), Target::lease_key);
+            let elector = LeaderElector::new(
+                client.clone(),
+                LeaderElectionConfig::new(&flags.pool_namespace, &lease_key),
+                Arc::clone(stats),
+            );
+            Some(tokio::spawn(elector.run(tx, stop_rx.clone())))
+        }
+        (_, tx) => {
+            leader_tx = tx;
+            None
+        }
+    };
 
     tokio::spawn(scraper.run(stop_rx.clone()));
     tokio::spawn(prune_index(
@@ -220,7 +280,7 @@ pub async fn run(
     let stream_settings = StreamSettings {
         max_request_body: usize::try_from(flags.max_request_body_bytes).unwrap_or(usize::MAX),
         echo_served_endpoint: echo_served,
-        skip_response_body: flags.response_processing == ResponseProcessing::HeadersOnly,
+        always_want_response_body: flags.response_processing == ResponseProcessing::Full,
         honour_subset_hint: !flags.disable_endpoint_subset_filter,
     };
     let ext_proc = ExtProcService::new(Arc::clone(&director), stream_settings).into_server();
@@ -266,6 +326,12 @@ pub async fn run(
         Err(_) => tracing::warn!("grace period over; closing remaining streams"),
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
+    if let Some(task) = leader_task {
+        // The elector releases the lease as soon as shutdown begins; this
+        // only makes sure the release request finished before exiting.
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    drop(leader_tx);
     tracing::info!("stopped");
     Ok(())
 }

@@ -125,7 +125,8 @@ pub struct Flags {
           default_missing_value = "true", help_heading = "Scheduling")]
     pub echo_served_endpoint: bool,
 
-    /// Which response phases the picker asks the gateway for (needs allow_mode_override in Envoy).
+    /// Whether the picker asks for response bodies when the gateway does not send them
+    /// (a per-request mode override; needs allow_mode_override in Envoy).
     #[arg(long, value_enum, default_value_t = ResponseProcessing::Full, help_heading = "Scheduling")]
     pub response_processing: ResponseProcessing,
 
@@ -201,13 +202,16 @@ pub enum LogFormat {
     Json,
 }
 
-/// Which response phases the picker needs from the gateway.
+/// When the picker wants response bodies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ResponseProcessing {
-    /// Response headers and body: usage accounting, model-name restore, exact in-flight release.
+    /// Always: token usage metrics, model-name restore, first-token timing.
+    /// A gateway configured not to send bodies is asked for them per request.
     Full,
-    /// Only response headers: saves the per-chunk round trips of the body (needs allow_mode_override).
-    HeadersOnly,
+    /// Only when a request needs it (its model name was rewritten); otherwise
+    /// whatever the gateway is configured to send. With a gateway that sends
+    /// no response bodies this saves a round trip per response chunk.
+    Minimal,
 }
 
 impl Flags {

@@ -295,13 +295,13 @@ pub fn immediate_error(
     }))
 }
 
-/// Mode override that stops Envoy from sending the response body and
-/// trailers: the picker then only sees response headers.
-pub fn skip_response_body() -> ProcessingMode {
+/// Mode override asking Envoy to stream the response body (and trailers,
+/// which that mode requires) to the picker.
+pub fn stream_response_body() -> ProcessingMode {
     ProcessingMode {
         response_header_mode: HeaderSendMode::Send as i32,
-        response_body_mode: BodySendMode::None as i32,
-        response_trailer_mode: HeaderSendMode::Skip as i32,
+        response_body_mode: BodySendMode::FullDuplexStreamed as i32,
+        response_trailer_mode: HeaderSendMode::Send as i32,
         ..ProcessingMode::default()
     }
 }

@@ -53,8 +53,8 @@ pub struct StreamSettings {
     pub max_request_body: usize,
     /// Echo the served endpoint into `x-conformance-test-served-endpoint`.
     pub echo_served_endpoint: bool,
-    /// Ask Envoy (mode override) not to send response bodies.
-    pub skip_response_body: bool,
+    /// Ask for response bodies on every request, not only when one needs them.
+    pub always_want_response_body: bool,
     /// Honour the gateway's subset hint.
     pub honour_subset_hint: bool,
 }
@@ -63,6 +63,7 @@ pub struct StreamSettings {
 const MAX_USAGE_BODY: usize = 4 << 20;
 
 const FULL_DUPLEX: i32 = BodySendMode::FullDuplexStreamed as i32;
+const NONE: i32 = BodySendMode::None as i32;
 const BUFFERED: i32 = BodySendMode::Buffered as i32;
 const BUFFERED_PARTIAL: i32 = BodySendMode::BufferedPartial as i32;
 
@@ -421,9 +422,24 @@ impl ExtProcStream {
             .collect()
     }
 
-    fn add_mode_override(&self, resp: &mut ProcessingResponse) {
-        if self.settings.skip_response_body {
-            resp.mode_override = Some(envoy::skip_response_body());
+    /// Asks for the response body (FULL_DUPLEX_STREAMED) when the gateway is
+    /// configured not to send it and this request wants it.
+    ///
+    /// Envoy (1.40) honours a mode override only in the answer to request
+    /// headers while it is still waiting for that answer, and only when
+    /// neither body mode of the filter is FULL_DUPLEX_STREAMED. So this works
+    /// with BUFFERED (or NONE) request bodies and a response body mode of
+    /// NONE; with full-duplex request bodies the answer is deferred past the
+    /// body and any override would be ignored, so none is sent. Only the
+    /// upgrade is attempted: a picker that believed a refused downgrade took
+    /// effect would answer chunks in the wrong shape.
+    fn add_mode_override(&mut self, resp: &mut ProcessingResponse) {
+        let wants_body = self.settings.always_want_response_body
+            || self.model_rewrite.is_some()
+            || self.active.as_ref().is_some_and(|a| !a.rename.is_empty());
+        if wants_body && self.response_mode == NONE && self.request_mode != FULL_DUPLEX {
+            resp.mode_override = Some(envoy::stream_response_body());
+            self.response_mode = FULL_DUPLEX;
         }
     }
 

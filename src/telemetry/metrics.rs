@@ -9,7 +9,9 @@
 //! - `inference_extension_*`: scheduler latency and attempts, prefix index
 //!   size and hit ratio, build info.
 //!
-//! Ours, prefixed `epp_`: scrape counters.
+//! Ours, prefixed `epp_`: scrape counters; Kubernetes discovery errors per
+//! resource, whether discovery is synced and connected, and whether this
+//! replica is the leader.
 //!
 //! Label values that come from clients (model names) are bounded: after
 //! [`MAX_MODEL_LABELS`] distinct names, further ones are reported as
@@ -18,7 +20,7 @@
 //! so they are exact at scrape time and cost nothing in between.
 
 use std::sync::{
-    Arc,
+    Arc, OnceLock,
     atomic::{AtomicUsize, Ordering},
 };
 
@@ -28,7 +30,12 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder, core::Collector,
 };
 
-use crate::{endpoints::EndpointStore, prefix::PrefixIndex, scrape::ScrapeStats};
+use crate::{
+    discovery::kube::{DiscoveryStats, WatchedResource},
+    endpoints::EndpointStore,
+    prefix::PrefixIndex,
+    scrape::ScrapeStats,
+};
 
 /// Distinct client-supplied model names kept as label values.
 pub const MAX_MODEL_LABELS: usize = 100;
@@ -121,8 +128,14 @@ pub struct Metrics {
     scrapes: IntCounter,
     scrape_failures: IntCounter,
     scrape_seconds: prometheus::Counter,
+    discovery_errors: IntCounterVec,
+    discovery_synced: IntGauge,
+    leader: IntGauge,
     pool_name: String,
     sources: Option<Sources>,
+    /// Set once Kubernetes discovery or leader election starts (after the
+    /// metrics are shared, hence not a `with_` builder).
+    discovery: OnceLock<Arc<DiscoveryStats>>,
 }
 
 #[derive(Debug)]
@@ -248,9 +261,25 @@ impl Metrics {
                 "epp_metrics_scrape_duration_seconds_total",
                 "Total time spent scraping model-server metrics, in seconds.",
             )?)?,
+            discovery_errors: register(&r, IntCounterVec::new(
+                Opts::new(
+                    "epp_discovery_errors_total",
+                    "Failed Kubernetes API calls and watches of discovery and leader election, by resource.",
+                ),
+                &["resource"],
+            )?)?,
+            discovery_synced: register(&r, IntGauge::new(
+                "epp_discovery_synced",
+                "1 when discovery has published a complete endpoint set and its watches are connected.",
+            )?)?,
+            leader: register(&r, IntGauge::new(
+                "epp_leader",
+                "1 when this replica may serve: it holds the leader lease, or leader election is off.",
+            )?)?,
             models: BoundedLabels::new(MAX_MODEL_LABELS),
             pool_name: pool_name.to_owned(),
             sources: None,
+            discovery: OnceLock::new(),
             registry: r,
         };
         let info = IntGaugeVec::new(
@@ -284,6 +313,12 @@ impl Metrics {
         self
     }
 
+    /// Connects the discovery gauges and counters to Kubernetes discovery.
+    /// Only the first call has an effect.
+    pub fn attach_discovery(&self, stats: Arc<DiscoveryStats>) {
+        let _ = self.discovery.set(stats);
+    }
+
     /// A bounded label value for a client-supplied model name.
     pub fn model_label<'a>(&self, model: &'a str) -> &'a str {
         if model.is_empty() {
@@ -303,6 +338,7 @@ impl Metrics {
     }
 
     fn refresh(&self) {
+        self.refresh_discovery();
         let Some(src) = &self.sources else { return };
         let name = self.pool_name.as_str();
         let snapshot = src.store.snapshot();
@@ -344,11 +380,28 @@ impl Metrics {
         let failed = src.scrape.failures.load(Ordering::Relaxed);
         self.scrape_failures
             .inc_by(failed.saturating_sub(self.scrape_failures.get()));
+        if self.discovery.get().is_none() {
+            // File discovery: synced once the file was loaded.
+            self.discovery_synced.set(i64::from(src.store.is_synced()));
+        }
         let secs = src.scrape.duration_micros.load(Ordering::Relaxed) as f64 / 1e6;
         let delta = secs - self.scrape_seconds.get();
         if delta > 0.0 {
             self.scrape_seconds.inc_by(delta);
         }
+    }
+
+    fn refresh_discovery(&self) {
+        let Some(stats) = self.discovery.get() else {
+            self.leader.set(1);
+            return;
+        };
+        for resource in WatchedResource::ALL {
+            let counter = self.discovery_errors.with_label_values(&[resource.label()]);
+            counter.inc_by(stats.errors(resource).saturating_sub(counter.get()));
+        }
+        self.discovery_synced.set(i64::from(stats.is_synced()));
+        self.leader.set(i64::from(stats.leader().unwrap_or(true)));
     }
 }
 

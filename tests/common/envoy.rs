@@ -30,6 +30,9 @@ pub struct EnvoyOptions {
     /// Extra HTTP filters placed before ext_proc (YAML list items, indented
     /// at 10 spaces).
     pub extra_filters: String,
+    /// Send response bodies to the picker (else only when it asks per
+    /// request with a mode override).
+    pub response_bodies: bool,
 }
 
 impl EnvoyOptions {
@@ -41,6 +44,7 @@ impl EnvoyOptions {
             pool,
             without_epp: false,
             extra_filters: String::new(),
+            response_bodies: true,
         }
     }
 }
@@ -97,6 +101,22 @@ pub fn render(opts: &EnvoyOptions, listen_port: u16, admin_port: u16) -> String 
             }),
         )
         .replace("{{POOL_ENDPOINTS}}", endpoints.trim_end())
+        .replace(
+            "{{RESPONSE_BODY_MODE}}",
+            if opts.response_bodies {
+                body_mode
+            } else {
+                "NONE"
+            },
+        )
+        .replace(
+            "{{RESPONSE_TRAILER_MODE}}",
+            if opts.response_bodies {
+                trailer_mode
+            } else {
+                "SKIP"
+            },
+        )
         .replace("{{BODY_MODE}}", body_mode)
         .replace("{{TRAILER_MODE}}", trailer_mode)
         .replace("{{ADMIN_PORT}}", &admin_port.to_string())

@@ -277,3 +277,69 @@ async fn ext_proc_over_tls_with_alpn_h2() {
         "Envoy spoke TLS to the picker"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_bodies_only_when_needed_saves_messages() {
+    // Both gateways buffer request bodies and are configured not to send
+    // response bodies; the picker in full mode asks for them per request with
+    // a mode override (Envoy honours overrides only outside full-duplex mode).
+    let lean_gateway = |o: &mut crate::common::envoy::EnvoyOptions| {
+        o.body_mode = BodyMode::Buffered;
+        o.response_bodies = false;
+    };
+    let full = Stack::start_with(1, &[], lean_gateway).await;
+    let lean = Stack::start_with(1, &["--response-processing", "minimal"], lean_gateway).await;
+    for stack in [&full, &lean] {
+        for i in 0..4 {
+            let r = stack.completion(&format!("mode override {i}")).await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert!(r.json()["choices"].is_array(), "response body intact");
+        }
+    }
+    let sent_full = full
+        .envoy
+        .stat("http.gateway.ext_proc.stream_msgs_sent")
+        .await;
+    let sent_lean = lean
+        .envoy
+        .stat("http.gateway.ext_proc.stream_msgs_sent")
+        .await;
+    assert!(
+        sent_lean < sent_full,
+        "mode override saves messages: {sent_lean} vs {sent_full}"
+    );
+    // In-flight accounting is still released when Envoy ends the stream.
+    let m = lean.epp.metrics;
+    crate::common::eventually(
+        "running back to zero",
+        Duration::from_secs(5),
+        || async move {
+            http::get(m, "/metrics").await.is_ok_and(|r| {
+                r.text()
+                    .contains("inference_objective_running_requests{model_name=\"m\"} 0")
+            })
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_needed_response_body_is_requested_from_a_lean_gateway() {
+    // Model rewrite needs the response body to restore the client's name.
+    let stack = Stack::start_with(1, &["--response-processing", "minimal"], |o| {
+        o.body_mode = BodyMode::Buffered;
+        o.response_bodies = false;
+    })
+    .await;
+    let r = http::request(
+        stack.envoy.listen,
+        "POST",
+        "/v1/completions",
+        &[("x-gateway-model-name-rewrite", "served-name")],
+        Some(br#"{"model":"alias","prompt":"hi"}"#.to_vec()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["model"], "alias");
+}

@@ -7,7 +7,7 @@ use clap::Parser;
 use epp::config::Flags;
 use serde_json::Value;
 
-use crate::model::{Obj, Workload, arr_at, args, find, str_at, workloads};
+use crate::model::{Obj, Workload, args, arr_at, find, str_at, workloads};
 
 /// An EPP container: one whose args name a pool or a standalone selector.
 pub struct EppContainer<'a> {
@@ -76,10 +76,9 @@ impl<'a> EppContainer<'a> {
     pub fn leader_election(&self) -> bool {
         match self.flags() {
             Ok(f) => f.ha_enable_leader_election,
-            Err(_) => self
-                .args()
-                .iter()
-                .any(|a| *a == "--ha-enable-leader-election" || *a == "--ha-enable-leader-election=true"),
+            Err(_) => self.args().iter().any(|a| {
+                *a == "--ha-enable-leader-election" || *a == "--ha-enable-leader-election=true"
+            }),
         }
     }
 
@@ -92,7 +91,10 @@ impl<'a> EppContainer<'a> {
         let mount = arr_at(self.container, "/volumeMounts")
             .iter()
             .filter_map(|m| Some((str_at(m, "/mountPath")?, str_at(m, "/name")?)))
-            .filter(|(dir, _)| path.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/')))
+            .filter(|(dir, _)| {
+                path.strip_prefix(dir)
+                    .is_some_and(|rest| rest.starts_with('/'))
+            })
             .max_by_key(|(dir, _)| dir.len())
             .ok_or_else(|| format!("--config-file {path} is not under any volumeMount"))?;
         let (dir, volume) = mount;
@@ -112,9 +114,12 @@ impl<'a> EppContainer<'a> {
         let cm = find(objs, "ConfigMap", cm_name, self.workload.namespace()).ok_or_else(|| {
             format!("ConfigMap {cm_name} (holding --config-file) is not in the output")
         })?;
-        str_at(cm, &format!("/data/{}", key.replace('~', "~0").replace('/', "~1")))
-            .map(Some)
-            .ok_or_else(|| format!("ConfigMap {cm_name} has no key {key} for --config-file {path}"))
+        str_at(
+            cm,
+            &format!("/data/{}", key.replace('~', "~0").replace('/', "~1")),
+        )
+        .map(Some)
+        .ok_or_else(|| format!("ConfigMap {cm_name} has no key {key} for --config-file {path}"))
     }
 }
 
@@ -141,7 +146,10 @@ pub fn epp_containers(objs: &[Obj]) -> Vec<EppContainer<'_>> {
             });
             if is_epp {
                 out.push(EppContainer {
-                    workload: Workload { obj: w.obj, template: w.template },
+                    workload: Workload {
+                        obj: w.obj,
+                        template: w.template,
+                    },
                     container: c,
                 });
             }

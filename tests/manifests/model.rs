@@ -142,7 +142,10 @@ pub fn workloads(objs: &[Obj]) -> impl Iterator<Item = Workload<'_>> {
         "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" => o
             .pointer("/spec/template")
             .map(|template| Workload { obj: o, template }),
-        "Pod" => Some(Workload { obj: o, template: o }),
+        "Pod" => Some(Workload {
+            obj: o,
+            template: o,
+        }),
         _ => None,
     })
 }
@@ -153,7 +156,11 @@ pub fn match_labels(selector: &Value) -> Option<&Map<String, Value>> {
     selector
         .get("matchLabels")
         .and_then(Value::as_object)
-        .or_else(|| selector.as_object().filter(|m| !m.contains_key("matchLabels")))
+        .or_else(|| {
+            selector
+                .as_object()
+                .filter(|m| !m.contains_key("matchLabels"))
+        })
 }
 
 /// The container's `args` (and `command` after the executable) as strings.

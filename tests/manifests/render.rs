@@ -91,7 +91,10 @@ pub fn compose(overlay: &str, components: &[&str], namespace: &str) -> Result<Ve
         rel(manifests_dir().join("overlays").join(overlay))
     );
     for c in components {
-        k.push_str(&format!("- {}\n", rel(manifests_dir().join("components").join(c))));
+        k.push_str(&format!(
+            "- {}\n",
+            rel(manifests_dir().join("components").join(c))
+        ));
     }
     std::fs::write(tmp.path().join("kustomization.yaml"), k).map_err(|e| e.to_string())?;
     kustomize(tmp.path())

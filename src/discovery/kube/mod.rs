@@ -131,6 +131,28 @@ impl Target {
             (None, None) => Ok(None),
         }
     }
+
+    /// The `<pool>` part of the leader Lease name: the pool name, or in
+    /// standalone mode a digest of the selector and ports, so two standalone
+    /// deployments in one namespace do not share a lease.
+    pub fn lease_key(&self) -> String {
+        match self {
+            Self::Pool { name, .. } => name.clone(),
+            Self::Selector(spec) => {
+                let mut key = String::new();
+                for (k, v) in &spec.selector {
+                    key.push_str(&format!("{k}={v},"));
+                }
+                for p in &spec.target_ports {
+                    key.push_str(&format!("{p},"));
+                }
+                format!(
+                    "standalone-{:016x}",
+                    xxhash_rust::xxh3::xxh3_64(key.as_bytes())
+                )
+            }
+        }
+    }
 }
 
 /// How discovery runs.

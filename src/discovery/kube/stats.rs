@@ -70,7 +70,7 @@ impl WatchedResource {
     }
 }
 
-const UNKNOWN: u8 = 0;
+// The state 0 (the `AtomicU8` default) means "not contacted yet".
 const HEALTHY: u8 = 1;
 const FAILING: u8 = 2;
 

@@ -104,7 +104,7 @@ impl KubeDiscovery {
                 );
                 let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
                 let events: EventStream<DynamicObject> =
-                    watcher(api, config).default_backoff().boxed();
+                    watcher::watcher(api, config).default_backoff().boxed();
                 tracing::info!(namespace = ns, pool = %name, group = %group, "watching the InferencePool and its pods");
                 (
                     Some(events),
@@ -129,7 +129,7 @@ impl KubeDiscovery {
             }
         };
         let mut pod_events: EventStream<Pod> =
-            watcher(Api::<Pod>::namespaced(self.client.clone(), ns), pod_config)
+            watcher::watcher(Api::<Pod>::namespaced(self.client.clone(), ns), pod_config)
                 .default_backoff()
                 .boxed();
         let mut pods: Mirror<PodView> = Mirror::default();

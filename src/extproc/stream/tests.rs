@@ -47,7 +47,7 @@ fn settings() -> StreamSettings {
     StreamSettings {
         max_request_body: 1 << 20,
         echo_served_endpoint: false,
-        skip_response_body: false,
+        always_want_response_body: true,
         honour_subset_hint: true,
     }
 }
@@ -462,16 +462,75 @@ fn served_endpoint_is_echoed_when_enabled() {
     );
 }
 
+fn first_with_modes(
+    request_mode: BodySendMode,
+    response: BodySendMode,
+    request: Request,
+) -> ProcessingRequest {
+    let mut m = first(request_mode, request);
+    m.protocol_config.as_mut().unwrap().response_body_mode = response as i32;
+    m
+}
+
 #[test]
-fn headers_only_response_processing_sets_a_mode_override() {
-    let mut h = Harness::new(StreamSettings {
-        skip_response_body: true,
+fn response_bodies_are_requested_when_the_gateway_sends_none() {
+    use BodySendMode::{Buffered, FullDuplexStreamed, None as NoBody};
+    // Full: always asks, in the answer to the request headers.
+    let mut h = Harness::new(settings());
+    let out = h.send(first_with_modes(
+        Buffered,
+        NoBody,
+        Request::RequestHeaders(post("/v1/completions")),
+    ));
+    let mode = out[0].mode_override.as_ref().expect("override");
+    assert_eq!(mode.response_body_mode, FullDuplexStreamed as i32);
+    h.send(msg(body(BODY, true)));
+    // The picker then answers response chunks as streamed chunks.
+    h.send(msg(Request::ResponseHeaders(headers(
+        &[(":status", "200")],
+        false,
+    ))));
+    let out = h.send(msg(resp_body(b"{}", true)));
+    assert_eq!(streamed(&out[0]), (b"{}".to_vec(), true));
+
+    // Minimal: only when the request needs it (a model rewrite).
+    let minimal = StreamSettings {
+        always_want_response_body: false,
         ..settings()
-    });
+    };
+    let mut h = Harness::new(minimal.clone());
+    let out = h.send(first_with_modes(
+        Buffered,
+        NoBody,
+        Request::RequestHeaders(post("/v1/completions")),
+    ));
+    assert!(out[0].mode_override.is_none());
+    let mut h = Harness::new(minimal);
+    let out = h.send(first_with_modes(
+        Buffered,
+        NoBody,
+        Request::RequestHeaders(headers(
+            &[
+                (":path", "/v1/completions"),
+                ("x-gateway-model-name-rewrite", "x"),
+            ],
+            false,
+        )),
+    ));
+    assert!(out[0].mode_override.is_some());
+
+    // Envoy ignores overrides when request bodies are full-duplex: none sent.
+    let mut h = Harness::new(settings());
+    h.send(first_with_modes(
+        FullDuplexStreamed,
+        NoBody,
+        Request::RequestHeaders(post("/v1/completions")),
+    ));
+    assert!(h.send(msg(body(BODY, true)))[0].mode_override.is_none());
+    // Never a downgrade: a gateway streaming bodies keeps doing so.
+    let mut h = Harness::new(settings());
     h.send(msg(Request::RequestHeaders(post("/v1/completions"))));
-    let out = h.send(msg(body(BODY, true)));
-    let mode = out[0].mode_override.as_ref().unwrap();
-    assert_eq!(mode.response_body_mode, BodySendMode::None as i32);
+    assert!(h.send(msg(body(BODY, true)))[0].mode_override.is_none());
 }
 
 #[test]

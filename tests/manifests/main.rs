@@ -1,0 +1,367 @@
+//! Manifest checks (CI): renders every overlay under manifests/overlays, and
+//! the components combined with them, with the real `kubectl kustomize`
+//! (installed by scripts/setup-tools.sh), then checks the objects: that the
+//! references between them resolve, that the picker gets RBAC, flags and a
+//! config it accepts (checked with `epp --help`, its flag parser and its
+//! scheduler builder), and that none of the failures the first GKE
+//! deployment hit can come back (checks.rs, `pitfall:*`).
+//!
+//! No cluster is needed: everything is offline and takes about a second.
+
+mod checks;
+mod dashboard;
+mod epp;
+mod model;
+mod negative;
+mod render;
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use checks::{Ctx, Violation};
+use model::{Obj, arr_at, kind, of_kind, str_at, workloads};
+use render::{compose, epp_help_flags, manifests_dir, overlay_dirs, rendered_overlays, repo_root};
+
+/// GKE overlays are named gke-*: they must carry the GKE objects and the
+/// TPU model server.
+fn is_gke(overlay: &str) -> bool {
+    overlay.starts_with("gke")
+}
+
+fn ctx(overlay: &str) -> Ctx<'static> {
+    Ctx {
+        gke: is_gke(overlay),
+        epp_flags: epp_help_flags(),
+    }
+}
+
+#[track_caller]
+fn assert_clean(what: &str, found: &[Violation]) {
+    assert!(
+        found.is_empty(),
+        "{what}: {} problem(s):\n{}",
+        found.len(),
+        found.iter().map(|v| format!("  {v}\n")).collect::<String>()
+    );
+}
+
+/// Overlays that must exist; any other overlay is checked too.
+const OVERLAYS: &[&str] = &["gke-tpu", "gke-tpu-internal", "kind", "kind-istio"];
+
+/// Components enabled on top of an overlay, as the docs describe.
+const COMPOSITIONS: &[(&str, &[&str])] = &[
+    ("gke-tpu", &["ha", "https-listener"]),
+    ("gke-tpu-internal", &["https-listener"]),
+    ("kind", &["prometheus-operator", "ha"]),
+];
+
+#[test]
+fn every_overlay_passes_every_check() {
+    let rendered = rendered_overlays();
+    for want in OVERLAYS {
+        assert!(
+            rendered.contains_key(*want),
+            "overlay {want} is missing from manifests/overlays"
+        );
+    }
+    for (name, objs) in rendered {
+        assert!(!objs.is_empty(), "overlay {name} renders nothing");
+        assert_clean(
+            &format!("overlay {name}"),
+            &checks::run_all(objs, &ctx(name)),
+        );
+    }
+}
+
+#[test]
+fn components_compose_with_the_overlays_and_pass_every_check() {
+    for (overlay, components) in COMPOSITIONS {
+        let objs = compose(overlay, components, "inference")
+            .unwrap_or_else(|e| panic!("{overlay} + {components:?}: {e}"));
+        assert_clean(
+            &format!("{overlay} + {components:?}"),
+            &checks::run_all(&objs, &ctx(overlay)),
+        );
+
+        let epps = epp::epp_containers(&objs);
+        if components.contains(&"ha") {
+            let replicas = epps[0]
+                .workload
+                .obj
+                .pointer("/spec/replicas")
+                .and_then(|v| v.as_u64());
+            assert_eq!(replicas, Some(2), "ha: two picker replicas");
+            assert!(epps[0].leader_election(), "ha: --ha-enable-leader-election");
+        }
+        if components.contains(&"https-listener") {
+            let gw = of_kind(&objs, "Gateway").next().expect("a Gateway");
+            let https = arr_at(gw, "/spec/listeners")
+                .iter()
+                .find(|l| str_at(l, "/protocol") == Some("HTTPS"))
+                .expect("https-listener adds an HTTPS listener");
+            assert_eq!(https["port"], 443);
+            assert_eq!(
+                str_at(https, "/tls/certificateRefs/0/name"),
+                Some("inference-gateway-tls")
+            );
+        }
+        if components.contains(&"prometheus-operator") {
+            for k in ["ServiceMonitor", "PodMonitor"] {
+                assert!(
+                    of_kind(&objs, k).next().is_some(),
+                    "prometheus-operator ships a {k}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_component_is_rendered_by_some_test() {
+    let mut used: BTreeSet<String> = COMPOSITIONS
+        .iter()
+        .flat_map(|(_, c)| c.iter().map(|s| s.to_string()))
+        .collect();
+    for dir in overlay_dirs().values() {
+        let k = std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap();
+        used.extend(
+            k.lines()
+                .filter_map(|l| l.trim().strip_prefix("- ../../components/"))
+                .map(str::to_owned),
+        );
+    }
+    for entry in std::fs::read_dir(manifests_dir().join("components")).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(
+            used.contains(&name),
+            "component {name} is in no overlay and no COMPOSITIONS entry, so nothing checks it"
+        );
+    }
+}
+
+#[test]
+fn gke_overlays_are_the_tpu_stack_behind_a_regional_gateway() {
+    let rendered = rendered_overlays();
+    for (overlay, class) in [
+        ("gke-tpu", "gke-l7-regional-external-managed"),
+        ("gke-tpu-internal", "gke-l7-rilb"),
+    ] {
+        let objs = &rendered[overlay];
+        let gw = of_kind(objs, "Gateway").next().expect("a Gateway");
+        assert_eq!(
+            str_at(gw, "/spec/gatewayClassName"),
+            Some(class),
+            "{overlay}"
+        );
+        let vllm = workloads(objs)
+            .flat_map(|w| w.containers().iter())
+            .find(|c| str_at(c, "/image").is_some_and(|i| i.contains("vllm/vllm-tpu:")))
+            .unwrap_or_else(|| panic!("{overlay}: no vllm/vllm-tpu container"));
+        let a = model::args(vllm);
+        assert!(
+            a.contains(&"Qwen/Qwen2.5-3B-Instruct"),
+            "{overlay}: serves Qwen2.5-3B-Instruct: {a:?}"
+        );
+        assert!(a.contains(&"--port=8000"), "{overlay}: {a:?}");
+        assert_eq!(
+            str_at(
+                &of_kind(objs, "InferencePool").next().unwrap()["spec"]["endpointPickerRef"],
+                "/failureMode"
+            ),
+            Some("FailOpen"),
+            "docs/deploy-gke-tpu.md explains FailOpen; change both together"
+        );
+    }
+}
+
+#[test]
+fn the_shipped_picker_config_is_the_repo_default() {
+    // kustomize cannot read config/default.yaml (above its root), so the
+    // base holds a copy; the picker's built-in default is the same file.
+    let copy =
+        std::fs::read_to_string(manifests_dir().join("base/epp-config/default.yaml")).unwrap();
+    let original = std::fs::read_to_string(repo_root().join("config/default.yaml")).unwrap();
+    assert!(
+        copy == original,
+        "manifests/base/epp-config/default.yaml differs from config/default.yaml: cp config/default.yaml manifests/base/epp-config/"
+    );
+}
+
+#[test]
+fn the_dashboard_charts_metrics_that_exist() {
+    let json =
+        std::fs::read_to_string(manifests_dir().join("observability/grafana-dashboard.json"))
+            .unwrap();
+    let source = std::fs::read_to_string(repo_root().join("src/telemetry/metrics.rs")).unwrap();
+    let fixtures = repo_root().join("tests/fixtures/metrics");
+    let captures: String = std::fs::read_dir(&fixtures)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vllm-"))
+        })
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    let problems = dashboard::check(&json, &source, &captures);
+    assert!(problems.is_empty(), "grafana-dashboard.json: {problems:#?}");
+}
+
+/// Destinations of the runtime stage's COPY instructions.
+fn image_files(dockerfile: &str) -> BTreeSet<String> {
+    let runtime = dockerfile.rsplit("\nFROM ").next().unwrap_or(dockerfile);
+    runtime
+        .lines()
+        .filter(|l| l.starts_with("COPY "))
+        .filter_map(|l| l.split_whitespace().last())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_image_holds_what_the_manifests_run() {
+    let root = repo_root();
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    // The Dockerfile and CI share the build script, so CI builds exactly
+    // the image's binaries.
+    assert!(
+        dockerfile.contains("scripts/build-release.sh"),
+        "the Dockerfile must build with scripts/build-release.sh"
+    );
+    let script = std::fs::read_to_string(root.join("scripts/build-release.sh")).unwrap();
+    for needle in [
+        "cargo build --release --locked",
+        "--bin epp",
+        "--bin vllm-sim",
+    ] {
+        assert!(
+            script.contains(needle),
+            "scripts/build-release.sh lacks {needle:?}"
+        );
+    }
+    let files = image_files(&dockerfile);
+    for bin in ["/usr/local/bin/epp", "/usr/local/bin/vllm-sim"] {
+        assert!(files.contains(bin), "the image lacks {bin}: {files:?}");
+    }
+    assert!(dockerfile.contains("ENTRYPOINT [\"/usr/local/bin/epp\"]"));
+    assert!(
+        dockerfile
+            .lines()
+            .any(|l| l.starts_with("FROM gcr.io/distroless/cc-debian12:nonroot")),
+        "non-root runtime"
+    );
+
+    // EXPOSE lists the picker's default ports.
+    use clap::Parser;
+    let defaults = ::epp::config::Flags::try_parse_from(["epp"]).unwrap();
+    let exposed: BTreeSet<u16> = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("EXPOSE "))
+        .flat_map(|l| l.split_whitespace().filter_map(|p| p.parse().ok()))
+        .collect();
+    assert_eq!(
+        exposed,
+        BTreeSet::from([
+            defaults.grpc_port,
+            defaults.grpc_health_port,
+            defaults.metrics_port
+        ])
+    );
+
+    // Containers that run this image with a command override run a binary
+    // the image has (the kind overlay's simulator).
+    for (overlay, objs) in rendered_overlays() {
+        let epp_images: BTreeSet<&str> = epp::epp_containers(objs)
+            .iter()
+            .filter_map(|e| str_at(e.container, "/image"))
+            .collect();
+        for w in workloads(objs) {
+            for c in w.containers() {
+                let same_image = str_at(c, "/image").is_some_and(|i| epp_images.contains(i));
+                if let (true, Some(cmd)) = (same_image, str_at(c, "/command/0")) {
+                    assert!(
+                        files.contains(cmd),
+                        "{overlay}: {} runs {cmd}, which the image lacks",
+                        model::id(w.obj)
+                    );
+                }
+            }
+        }
+    }
+
+    let ignore = std::fs::read_to_string(root.join(".dockerignore")).unwrap();
+    for entry in ["target/", ".venv/", ".tools/", ".git", "bench/results/"] {
+        assert!(
+            ignore.lines().any(|l| l.trim() == entry),
+            ".dockerignore lacks {entry}"
+        );
+    }
+}
+
+/// The simulator binary, when this build has one (it belongs to another
+/// package, so cargo does not build it for this test).
+fn vllm_sim() -> Option<PathBuf> {
+    let epp = Path::new(env!("CARGO_BIN_EXE_epp"));
+    let dir = epp.parent()?;
+    [dir.join("vllm-sim"), dir.join("../release/vllm-sim")]
+        .into_iter()
+        .find(|p| p.exists())
+}
+
+#[test]
+fn the_kind_simulator_args_are_accepted() {
+    let objs = &rendered_overlays()["kind"];
+    let sim = workloads(objs)
+        .flat_map(|w| w.containers().iter())
+        .find(|c| str_at(c, "/command/0") == Some("/usr/local/bin/vllm-sim"))
+        .expect("the kind overlay runs /usr/local/bin/vllm-sim");
+    let args: Vec<String> = model::args(sim)
+        .iter()
+        .map(|a| a.replace("$(POD_NAME)", "pod"))
+        .collect();
+    let Some(bin) = vllm_sim() else {
+        eprintln!(
+            "note: no vllm-sim binary next to epp; build it (cargo build -p epp-bench) to check {args:?}"
+        );
+        return;
+    };
+    // Valid args followed by --help print help and exit 0; an unknown flag
+    // or a bad value fails before clap reaches --help.
+    let out = Command::new(&bin)
+        .args(&args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "vllm-sim rejects {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_rendered_output_parses_as_kubernetes_objects() {
+    // A guard for the parser the checks rely on: kinds come out as strings
+    // and the picker's Deployment is found in every overlay.
+    for (name, objs) in rendered_overlays() {
+        let kinds: BTreeSet<&str> = objs.iter().map(|o: &Obj| kind(o)).collect();
+        for k in [
+            "Deployment",
+            "Service",
+            "InferencePool",
+            "Role",
+            "RoleBinding",
+            "ConfigMap",
+        ] {
+            assert!(kinds.contains(k), "{name} has no {k}: {kinds:?}");
+        }
+        assert_eq!(
+            epp::epp_containers(objs).len(),
+            1,
+            "{name}: one picker container"
+        );
+    }
+}
