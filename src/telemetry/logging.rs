@@ -23,7 +23,12 @@ pub fn init(verbosity: u8, format: LogFormat) {
             "{level},h2=info,hyper=info,tower=info,rustls=info,kube=info"
         ))
     });
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // Colour only for people: files and log collectors get plain text.
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use super::{eventually, free_port, localhost, repo_root, tool};
+use super::{eventually, localhost, repo_root, tool};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyMode {
@@ -146,13 +146,18 @@ impl Drop for Envoy {
 impl Envoy {
     pub async fn start(opts: &EnvoyOptions) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (listen_port, admin_port) = (free_port(), free_port());
-        let config = render(opts, listen_port, admin_port);
+        // Port 0: Envoy binds free ports itself; the admin address is written
+        // to a file and the listener's port read from the admin API, so
+        // concurrent tests never race for ports.
+        let config = render(opts, 0, 0);
         let config_path = dir.path().join("envoy.yaml");
         fs::write(&config_path, config).expect("write config");
+        let admin_path = dir.path().join("admin-address");
         let child = Command::new(tool("envoy"))
             .arg("-c")
             .arg(&config_path)
+            .arg("--admin-address-path")
+            .arg(&admin_path)
             .args(["--disable-hot-restart", "--concurrency", "1"])
             // EPP_TEST_ENVOY_LOG=debug to see Envoy's side when a test fails.
             .args([
@@ -165,12 +170,25 @@ impl Envoy {
             .stderr(fs::File::create(dir.path().join("envoy.log")).expect("log file"))
             .spawn()
             .expect("start envoy");
-        let envoy = Self {
-            listen: localhost(listen_port),
-            admin: localhost(admin_port),
+        let mut envoy = Self {
+            listen: localhost(0),
+            admin: localhost(0),
             child,
             dir,
         };
+        let path = admin_path.clone();
+        eventually("envoy admin address", Duration::from_secs(20), || {
+            let path = path.clone();
+            async move {
+                fs::read_to_string(&path).is_ok_and(|s| s.trim().parse::<SocketAddr>().is_ok())
+            }
+        })
+        .await;
+        envoy.admin = fs::read_to_string(&admin_path)
+            .expect("admin address")
+            .trim()
+            .parse()
+            .expect("socket address");
         let admin = envoy.admin;
         eventually("envoy ready", Duration::from_secs(20), || async move {
             super::http::get(admin, "/ready")
@@ -178,6 +196,15 @@ impl Envoy {
                 .is_ok_and(|r| r.status == 200)
         })
         .await;
+        let listeners = super::http::get(admin, "/listeners?format=json")
+            .await
+            .expect("listeners")
+            .json();
+        let port =
+            listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+                .as_u64()
+                .expect("listener port");
+        envoy.listen = localhost(u16::try_from(port).expect("port"));
         envoy
     }
 

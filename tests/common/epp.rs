@@ -12,7 +12,7 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use super::{eventually, free_port, localhost};
+use super::{eventually, localhost};
 
 pub struct Epp {
     pub grpc: SocketAddr,
@@ -70,29 +70,73 @@ impl Epp {
         if let Some(content) = content {
             fs::write(dir.path().join("endpoints.yaml"), content).expect("endpoints file");
         }
-        let (grpc, health, metrics) = (free_port(), free_port(), free_port());
         let log = fs::File::create(dir.path().join("epp.log")).expect("log file");
+        // Port 0 everywhere: the picker binds free ports itself and logs them,
+        // so concurrent tests can never race for a port.
         let child = Command::new(env!("CARGO_BIN_EXE_epp"))
             .args(["--listen-address", "127.0.0.1"])
-            .args(["--grpc-port", &grpc.to_string()])
-            .args(["--grpc-health-port", &health.to_string()])
-            .args(["--metrics-port", &metrics.to_string()])
+            .args([
+                "--grpc-port",
+                "0",
+                "--grpc-health-port",
+                "0",
+                "--metrics-port",
+                "0",
+            ])
             .arg("--endpoints-file")
             .arg(dir.path().join("endpoints.yaml"))
             .args(["--endpoints-file-poll-interval", "50ms"])
             .args(["--refresh-metrics-interval", "20ms"])
             .args(extra)
             .env("RUST_LOG", "epp=debug,info")
+            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("start epp");
-        Self {
-            grpc: localhost(grpc),
-            health: localhost(health),
-            metrics: localhost(metrics),
+        let mut epp = Self {
+            grpc: localhost(0),
+            health: localhost(0),
+            metrics: localhost(0),
             dir,
             child: Some(child),
+        };
+        epp.read_bound_addresses();
+        epp
+    }
+
+    /// Waits for the "listening" log line and takes the bound addresses from it.
+    fn read_bound_addresses(&mut self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = self.log();
+            if let Some(line) = log
+                .lines()
+                .find(|l| l.contains("endpoint picker listening"))
+            {
+                let field = |name: &str| -> SocketAddr {
+                    let start = line.find(&format!("{name}=")).expect("field") + name.len() + 1;
+                    let rest = &line[start..];
+                    let end = rest.find(' ').unwrap_or(rest.len());
+                    rest[..end].parse().expect("socket address")
+                };
+                self.grpc = field("ext_proc");
+                self.health = field("health");
+                self.metrics = field("metrics");
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("epp exited before listening ({status}):\n{log}");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "epp did not start listening:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
