@@ -11,6 +11,6 @@ scripts/setup-tools.sh
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-# Same command as the Dockerfile's build stage.
-cargo build --release --locked --bin epp --bin vllm-sim
+# The Dockerfile's build step (no Docker engine in CI, so run it here).
+scripts/build-release.sh
 cargo test --workspace --locked

@@ -67,13 +67,21 @@ fn every_overlay_passes_every_check() {
             "overlay {want} is missing from manifests/overlays"
         );
     }
+    // All overlays' problems in one report: a shared component usually
+    // breaks several at once.
+    let mut found = Vec::new();
     for (name, objs) in rendered {
         assert!(!objs.is_empty(), "overlay {name} renders nothing");
-        assert_clean(
-            &format!("overlay {name}"),
-            &checks::run_all(objs, &ctx(name)),
+        found.extend(
+            checks::run_all(objs, &ctx(name))
+                .into_iter()
+                .map(|v| Violation {
+                    msg: format!("overlay {name}: {}", v.msg),
+                    ..v
+                }),
         );
     }
+    assert_clean("overlays", &found);
 }
 
 #[test]
