@@ -224,10 +224,10 @@ pub async fn run(
     } else {
         return Err(ServerError::NoDiscovery);
     }
-    // Kept until the end of `run` when unused, so readiness' leader input stays open.
-    let mut leader_tx = Some(leader_tx);
-    let leader_task = match (&kube, leader_tx.take()) {
-        (Some((client, stats)), Some(tx)) if flags.ha_enable_leader_election => {
+    // Without an elector the sender is kept (unused) until `run` returns, so
+    // readiness' leader input stays open.
+    let (leader_task, _leader_tx) = match &kube {
+        Some((client, stats)) if flags.ha_enable_leader_election => {
             let lease_key = kube_target
                 .as_ref()
                 .map_or_else(|| pool_name.clone(), Target::lease_key);
@@ -236,12 +236,12 @@ pub async fn run(
                 LeaderElectionConfig::new(&flags.pool_namespace, &lease_key),
                 Arc::clone(stats),
             );
-            Some(tokio::spawn(elector.run(tx, stop_rx.clone())))
+            (
+                Some(tokio::spawn(elector.run(leader_tx, stop_rx.clone()))),
+                None,
+            )
         }
-        (_, tx) => {
-            leader_tx = tx;
-            None
-        }
+        _ => (None, Some(leader_tx)),
     };
 
     tokio::spawn(scraper.run(stop_rx.clone()));
@@ -331,7 +331,6 @@ pub async fn run(
         // only makes sure the release request finished before exiting.
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
-    drop(leader_tx);
     tracing::info!("stopped");
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! complete set it currently sees into the endpoint store; nothing else
 //! writes endpoints.
 //!
-//! - [`file`]: a YAML/JSON endpoints file, for running without Kubernetes;
+//! - [`file`](mod@file): a YAML/JSON endpoints file, for running without Kubernetes;
 //! - [`kube`]: an InferencePool and the Pods it selects (or a plain label
 //!   selector without the CRD), InferenceObjective priorities, and Lease
 //!   leader election.

@@ -420,6 +420,43 @@ mod tests {
     }
 
     #[test]
+    fn discovery_metrics_follow_the_stats() {
+        use crate::endpoints::testing::store_with;
+        let store = Arc::new(store_with(&[1], &[]));
+        let m = Metrics::new("pool").unwrap().with_sources(
+            Arc::clone(&store),
+            Arc::new(PrefixIndex::new()),
+            Arc::default(),
+        );
+        let text = m.render();
+        assert!(
+            text.contains("epp_discovery_synced 1"),
+            "file discovery: the store's sync\n{text}"
+        );
+        assert!(text.contains("epp_leader 1"));
+
+        let stats = Arc::new(DiscoveryStats::default());
+        m.attach_discovery(Arc::clone(&stats));
+        stats.record_error(WatchedResource::Pods, &"down");
+        stats.record_error(WatchedResource::Pods, &"down");
+        stats.set_leader(false);
+        let text = m.render();
+        for needle in [
+            "epp_discovery_errors_total{resource=\"pods\"} 2",
+            "epp_discovery_errors_total{resource=\"inferencepool\"} 0",
+            "epp_discovery_synced 0",
+            "epp_leader 0",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+        stats.record_error(WatchedResource::Pods, &"down");
+        assert!(
+            m.render()
+                .contains("epp_discovery_errors_total{resource=\"pods\"} 3")
+        );
+    }
+
+    #[test]
     fn renders_gie_names_and_pool_gauges() {
         use crate::endpoints::{MetricsSample, testing::store_with};
         let store = Arc::new(store_with(

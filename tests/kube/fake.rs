@@ -84,6 +84,7 @@ struct State {
     watches: Vec<Watch>,
     absent: HashSet<String>,
     failures: HashMap<String, VecDeque<u16>>,
+    list_failures: HashMap<String, VecDeque<u16>>,
     requests: Vec<String>,
 }
 
@@ -275,6 +276,17 @@ impl State {
             return full(StatusCode::NOT_FOUND, b"404 page not found".to_vec());
         }
         let q = query(uri);
+        let is_list = *method == Method::GET
+            && name.is_none()
+            && !q.get("watch").is_some_and(|w| w == "true" || w == "1");
+        if is_list
+            && let Some(code) = self
+                .list_failures
+                .get_mut(&plural)
+                .and_then(VecDeque::pop_front)
+        {
+            return status(code, "InternalError", "injected list failure");
+        }
         let objects = self.objects.entry(plural.clone()).or_default();
         match (method.clone(), name) {
             (Method::GET, None) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
@@ -290,7 +302,11 @@ impl State {
                         "message": "too old resource version", "reason": "Expired", "code": 410}});
                     let _ = tx.send(Bytes::from(format!("{gone}\n")));
                 } else {
-                    for e in self.log.iter().filter(|e| e.plural == plural && e.rv > from) {
+                    for e in self
+                        .log
+                        .iter()
+                        .filter(|e| e.plural == plural && e.rv > from)
+                    {
                         if let Some(line) = filtered(&selector, e) {
                             let _ = tx.send(line);
                         }
@@ -326,7 +342,11 @@ impl State {
                 let obj: Value = serde_json::from_slice(body).expect("JSON body");
                 let name = obj["metadata"]["name"].as_str().unwrap_or_default();
                 if objects.contains_key(name) {
-                    return status(409, "AlreadyExists", &format!("{plural} {name:?} already exists"));
+                    return status(
+                        409,
+                        "AlreadyExists",
+                        &format!("{plural} {name:?} already exists"),
+                    );
                 }
                 let stored = self.store(&plural, obj);
                 full(StatusCode::CREATED, stored.to_string().into_bytes())
@@ -375,6 +395,16 @@ impl FakeApi {
         self.state
             .lock()
             .failures
+            .entry(plural.to_owned())
+            .or_default()
+            .extend(std::iter::repeat_n(code, times));
+    }
+
+    /// The next `times` lists (not watches) of `plural` fail with `code`.
+    pub fn fail_next_lists(&self, plural: &str, code: u16, times: usize) {
+        self.state
+            .lock()
+            .list_failures
             .entry(plural.to_owned())
             .or_default()
             .extend(std::iter::repeat_n(code, times));

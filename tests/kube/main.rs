@@ -60,7 +60,11 @@ pub fn endpoint_list(store: &EndpointStore) -> Vec<String> {
 }
 
 /// Waits until `cond` holds for the store, re-checking on every publication.
-pub async fn wait_store(store: &Arc<EndpointStore>, what: &str, cond: impl Fn(&EndpointStore) -> bool) {
+pub async fn wait_store(
+    store: &Arc<EndpointStore>,
+    what: &str,
+    cond: impl Fn(&EndpointStore) -> bool,
+) {
     let mut changes = store.subscribe();
     let waited = tokio::time::timeout(WAIT, async {
         while !cond(store) {

@@ -21,8 +21,9 @@
 //! republished, so endpoint state (scrapes, prefix slots) is never churned
 //! by no-op events.
 //!
-//! InferenceObjectives are watched in a second loop of the same task (see
-//! [`objectives`]); leader election is a separate task (see [`leader`]).
+//! InferenceObjectives are watched in a second loop of the same task (module
+//! `objectives`: the CRD is optional); leader election is a separate task
+//! ([`LeaderElector`]).
 //!
 //! # Invariants
 //!
@@ -37,7 +38,7 @@
 //! - An InferencePool whose spec is invalid keeps the last valid spec (the
 //!   same rule as a bad endpoints file).
 //! - Errors are counted per resource and logged once per failure streak (see
-//!   [`stats`]).
+//!   [`DiscoveryStats`]).
 
 mod leader;
 mod model;

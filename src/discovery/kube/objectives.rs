@@ -114,6 +114,7 @@ pub(super) async fn run(
                     Some(reason) => break reason,
                     None => stats.record_error(WatchedResource::InferenceObjectives, &e),
                 },
+                // Watchers never end; were one to, look again later.
                 None => break Unavailable::Absent,
             }
         };

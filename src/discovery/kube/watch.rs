@@ -85,7 +85,12 @@ impl KubeDiscovery {
         };
         let endpoints = self.run_endpoints(shutdown);
         match objectives {
-            Some(objectives) => futures_util::future::join(endpoints, objectives).await.0,
+            // Both loops end on shutdown; an error of the endpoint loop is
+            // reported at once rather than when the objectives loop ends.
+            Some(objectives) => tokio::select! {
+                result = endpoints => result,
+                () = objectives => Ok(()),
+            },
             None => endpoints.await,
         }
     }
@@ -556,7 +561,10 @@ mod tests {
         assert!(store.is_synced(), "published at once, not debounced");
         assert!(p.pending.is_none());
         assert_eq!(store.snapshot().len(), 1);
-        assert!(stats.is_healthy(WatchedResource::Pods) == false && !stats.is_synced());
+        assert!(
+            !stats.is_synced(),
+            "the gauge also needs the watches to have reported healthy"
+        );
 
         pool.apply(Event::Delete(pool_obj("p", 8000)));
         p.schedule(&pool, &pods);
