@@ -1,0 +1,161 @@
+//! Flags of the load generator's workloads (clap derive, flattened into the
+//! `epp-bench` subcommands).
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Api {
+    /// POST /v1/completions with a `prompt`.
+    Completions,
+    /// POST /v1/chat/completions with `messages`.
+    Chat,
+}
+
+/// Flags every workload takes.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// Base URL of the OpenAI-compatible endpoint (Envoy, or one pod directly).
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    pub target: String,
+    /// Model name sent in every request.
+    #[arg(long, default_value = "Qwen/Qwen2.5-3B-Instruct")]
+    pub model: String,
+    /// Pod base URLs whose /metrics give the fleet prefix-cache hit rate
+    /// (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub pod_metrics: Vec<String>,
+    /// Shorthand for --pod-metrics: N vllm-sim pods on consecutive ports.
+    #[arg(long)]
+    pub sim_pods: Option<u16>,
+    /// First port of the --sim-pods pods.
+    #[arg(long, default_value_t = 8000)]
+    pub sim_base_port: u16,
+    /// Host of the --sim-pods pods.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub sim_host: String,
+    /// Send non-streaming requests (no time to first token is measured).
+    #[arg(long)]
+    pub no_stream: bool,
+    /// Per phase: no request starts after this many seconds.
+    #[arg(long, default_value_t = 600.0)]
+    pub max_duration: f64,
+    /// Per request, in seconds (counted as a "timeout" error).
+    #[arg(long, default_value_t = 300.0)]
+    pub request_timeout: f64,
+    /// The pods' KV block size, for the ideal hit rate.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Bytes of generated text per token (the simulator's --chars-per-token).
+    #[arg(long, default_value_t = 4)]
+    pub chars_per_token: usize,
+    /// Seed of the generated text and of Poisson arrivals.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Name of the setup under test, used by `epp-bench report` (default: the target).
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Write the full result as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Closed loop (`--concurrency`) or open loop (`--rate`).
+#[derive(Debug, Clone, Args)]
+pub struct PaceArgs {
+    /// Closed loop: requests (sessions for multi-turn) in flight at once.
+    #[arg(long, conflicts_with = "rate")]
+    pub concurrency: Option<usize>,
+    /// Open loop: Poisson arrivals per second (sessions for multi-turn).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Open loop: cap on jobs in flight (the dispatcher waits beyond it).
+    #[arg(long, default_value_t = 10_000)]
+    pub max_inflight: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SeedArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Output tokens per request.
+    #[arg(long, default_value_t = 16)]
+    pub max_tokens: usize,
+    #[arg(long, value_enum, default_value_t = Api::Completions)]
+    pub api: Api,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SharedPrefixArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub pace: PaceArgs,
+    /// Groups (distinct system prompts).
+    #[arg(long, default_value_t = 150)]
+    pub groups: usize,
+    /// Prompts per group.
+    #[arg(long, default_value_t = 5)]
+    pub prompts_per_group: usize,
+    /// Tokens of each group's shared system prompt.
+    #[arg(long, default_value_t = 4000)]
+    pub system_tokens: usize,
+    /// Tokens of each prompt's own question (at least 1).
+    #[arg(long, default_value_t = 100)]
+    pub question_tokens: usize,
+    /// Output tokens per request.
+    #[arg(long, default_value_t = 16)]
+    pub output_tokens: usize,
+    /// Send prompts in a seeded random order instead of round-robin over groups.
+    #[arg(long)]
+    pub shuffle: bool,
+    #[arg(long, value_enum, default_value_t = Api::Completions)]
+    pub api: Api,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LongPromptArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Prompt size in KiB.
+    #[arg(long, default_value_t = 220)]
+    pub prompt_kb: usize,
+    /// Concurrency ladder, one phase per step.
+    #[arg(long, value_delimiter = ',', default_value = "20,60,100,150")]
+    pub ladder: Vec<usize>,
+    /// Requests per ladder step.
+    #[arg(long, default_value_t = 300)]
+    pub requests_per_step: usize,
+    /// Output tokens per request.
+    #[arg(long, default_value_t = 16)]
+    pub output_tokens: usize,
+    #[arg(long, value_enum, default_value_t = Api::Completions)]
+    pub api: Api,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MultiTurnArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub pace: PaceArgs,
+    /// Conversations.
+    #[arg(long, default_value_t = 100)]
+    pub sessions: usize,
+    /// Turns per conversation (each resends the whole history).
+    #[arg(long, default_value_t = 5)]
+    pub turns: usize,
+    /// Tokens of each session's system prompt.
+    #[arg(long, default_value_t = 1000)]
+    pub system_tokens: usize,
+    /// Tokens of each user message.
+    #[arg(long, default_value_t = 200)]
+    pub user_tokens: usize,
+    /// Output tokens per turn.
+    #[arg(long, default_value_t = 64)]
+    pub output_tokens: usize,
+    /// Pause between a reply and the session's next turn, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub think_time_ms: u64,
+}

@@ -1,0 +1,89 @@
+//! The result of a run, as written by `--json` and read by `epp-bench report`.
+//! Field names are the stable interface between runs and the report writer;
+//! add fields with `#[serde(default)]` so older files still load.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::stats::LatencySummary;
+
+/// Version of this schema.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// One invocation of a workload (possibly several phases: the seed scenarios,
+/// the long-prompt ladder steps).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BenchRun {
+    pub schema: u32,
+    /// `epp-bench <version>`.
+    pub tool: String,
+    /// `seed`, `shared-prefix`, `long-prompt` or `multi-turn`.
+    pub workload: String,
+    /// Policy or setup under test (`--label`; defaults to the target URL).
+    pub label: String,
+    pub target: String,
+    /// The exact command line that produced this run.
+    pub command: String,
+    pub started_unix_s: u64,
+    /// Workload parameters, as given.
+    pub params: serde_json::Value,
+    pub phases: Vec<PhaseResult>,
+}
+
+/// Prefix-cache counters summed over the pods, as deltas over one phase.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CacheStats {
+    pub hit_tokens: f64,
+    pub query_tokens: f64,
+    /// hit_tokens / query_tokens (0 when nothing was queried).
+    pub hit_rate: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PhaseResult {
+    pub name: String,
+    /// Jobs planned (requests; sessions for multi-turn).
+    pub planned_jobs: usize,
+    pub concurrency: Option<usize>,
+    pub rate_rps: Option<f64>,
+    /// Wall time from the first send to the last completion.
+    pub duration_s: f64,
+    /// The phase stopped issuing work because `--max-duration` elapsed.
+    pub hit_max_duration: bool,
+    pub requests_sent: usize,
+    pub requests_ok: usize,
+    /// Failures by kind: an HTTP status ("429"), or "connect", "timeout",
+    /// "body", "decode", "incomplete".
+    pub errors: BTreeMap<String, usize>,
+    /// Successful requests per second of `duration_s`.
+    pub throughput_rps: f64,
+    pub output_tokens_per_s: f64,
+    /// Streaming only: to the first SSE event carrying generated text.
+    pub ttft_ms: Option<LatencySummary>,
+    pub e2e_ms: Option<LatencySummary>,
+    /// Successful requests per pod, from the `x-inference-pod` header.
+    pub pod_requests: BTreeMap<String, usize>,
+    /// Busiest pod over the mean across pods (pods known from
+    /// `--pod-metrics`/`--sim-pods` that served nothing count as zero).
+    pub pod_load_max_over_mean: Option<f64>,
+    /// Fleet prefix-cache hit rate from the pods' /metrics.
+    pub prefix_cache: Option<CacheStats>,
+    /// Why `prefix_cache` is missing, when it is.
+    #[serde(default)]
+    pub prefix_cache_error: Option<String>,
+    /// Sum of `usage.prompt_tokens_details.cached_tokens` over sum of
+    /// `usage.prompt_tokens`, from the responses (a client-side cross-check).
+    pub usage_cached_ratio: Option<f64>,
+    /// The workload's hit rate if every repeated block were a hit.
+    pub ideal_hit_rate: Option<f64>,
+    /// Multi-turn: share of follow-up turns served by the pod that served the
+    /// session's previous turn.
+    pub stickiness: Option<f64>,
+}
+
+impl PhaseResult {
+    pub fn error_count(&self) -> usize {
+        self.errors.values().sum()
+    }
+}

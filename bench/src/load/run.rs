@@ -1,0 +1,516 @@
+//! The four workloads, each producing a [`BenchRun`].
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::Uri;
+use serde_json::json;
+use tokio::time::Instant;
+
+use super::LoadError;
+use super::args::{
+    Api, CommonArgs, LongPromptArgs, MultiTurnArgs, PaceArgs, SeedArgs, SharedPrefixArgs,
+};
+use super::client::{HttpClient, Record, RequestSpec, http_client, send};
+use super::result::{BenchRun, PhaseResult, SCHEMA_VERSION};
+use super::runner::{JobFn, Pace, PhaseMeta, PodSet, cache_delta, drive, scrape_fleet, summarize};
+use super::workload::{LongPrompt, MultiTurn, SharedPrefix, ideal_hit_rate_of_sent, seed_prompt};
+
+/// The seed deployment's four scenarios: (name, requests, concurrency).
+pub const SEED_SCENARIOS: [(&str, usize, usize); 4] = [
+    ("Baseline", 5, 1),
+    ("Light load", 20, 5),
+    ("Medium load", 50, 10),
+    ("Heavy load", 100, 20),
+];
+
+/// Everything a workload needs that comes from [`CommonArgs`].
+struct Ctx {
+    client: HttpClient,
+    common: CommonArgs,
+    pods: PodSet,
+    stream: bool,
+    timeout: Duration,
+    max_duration: Duration,
+}
+
+impl Ctx {
+    fn new(common: &CommonArgs, max_conns: usize) -> Result<Self, LoadError> {
+        let positive = |v: f64, name: &str| {
+            if v.is_finite() && v > 0.0 {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(LoadError::Args(format!("{name} must be > 0")))
+            }
+        };
+        if common.block_size == 0 || common.chars_per_token == 0 {
+            return Err(LoadError::Args(
+                "--block-size and --chars-per-token must be >= 1".into(),
+            ));
+        }
+        common
+            .target
+            .parse::<Uri>()
+            .map_err(|e| LoadError::Args(format!("--target {}: {e}", common.target)))?;
+        let mut urls = common.pod_metrics.clone();
+        if let Some(n) = common.sim_pods {
+            for i in 0..n {
+                let port = u32::from(common.sim_base_port) + u32::from(i);
+                urls.push(format!("http://{}:{port}", common.sim_host));
+            }
+        }
+        Ok(Self {
+            client: http_client(max_conns.max(1)),
+            common: common.clone(),
+            pods: PodSet { urls },
+            stream: !common.no_stream,
+            timeout: positive(common.request_timeout, "--request-timeout")?,
+            max_duration: positive(common.max_duration, "--max-duration")?,
+        })
+    }
+
+    fn uri(&self, api: Api) -> Result<Uri, LoadError> {
+        let path = match api {
+            Api::Completions => "/v1/completions",
+            Api::Chat => "/v1/chat/completions",
+        };
+        let s = format!("{}{path}", self.common.target.trim_end_matches('/'));
+        s.parse()
+            .map_err(|e| LoadError::Args(format!("--target {}: {e}", self.common.target)))
+    }
+
+    /// Runs one phase: scrape, drive, scrape, summarize.
+    async fn phase(
+        &self,
+        name: String,
+        jobs: usize,
+        pace: Pace,
+        job: JobFn,
+        ideal: impl FnOnce(&[Record]) -> Option<f64>,
+        with_stickiness: bool,
+    ) -> PhaseResult {
+        let before = if self.pods.urls.is_empty() {
+            None
+        } else {
+            Some(scrape_fleet(&self.client, &self.pods).await)
+        };
+        let driven = drive(jobs, pace, self.max_duration, self.common.seed, job).await;
+        let cache = match before {
+            None => Err("no --pod-metrics or --sim-pods given".to_owned()),
+            Some(Err(e)) => Err(e.to_string()),
+            Some(Ok(b)) => match scrape_fleet(&self.client, &self.pods).await {
+                Ok(a) => Ok(cache_delta(b, a)),
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        let meta = PhaseMeta {
+            name,
+            planned_jobs: jobs,
+            pace,
+            known_pods: self.pods.urls.len(),
+            ideal_hit_rate: ideal(&driven.records),
+            cache,
+        };
+        summarize(meta, &driven, with_stickiness)
+    }
+
+    fn run(
+        &self,
+        workload: &str,
+        command: &str,
+        params: serde_json::Value,
+        phases: Vec<PhaseResult>,
+    ) -> BenchRun {
+        BenchRun {
+            schema: SCHEMA_VERSION,
+            tool: format!("epp-bench {}", env!("CARGO_PKG_VERSION")),
+            workload: workload.to_owned(),
+            label: self
+                .common
+                .label
+                .clone()
+                .unwrap_or_else(|| self.common.target.clone()),
+            target: self.common.target.clone(),
+            command: command.to_owned(),
+            started_unix_s: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            params,
+            phases,
+        }
+    }
+}
+
+fn pace_of(p: &PaceArgs, default_concurrency: usize) -> Result<Pace, LoadError> {
+    match (p.concurrency, p.rate) {
+        (_, Some(rate)) if !(rate.is_finite() && rate > 0.0) => {
+            Err(LoadError::Args("--rate must be > 0".into()))
+        }
+        (_, Some(rate)) => Ok(Pace::Poisson {
+            rate,
+            max_inflight: p.max_inflight,
+        }),
+        (Some(0), _) => Err(LoadError::Args("--concurrency must be >= 1".into())),
+        (c, None) => Ok(Pace::Closed {
+            concurrency: c.unwrap_or(default_concurrency),
+        }),
+    }
+}
+
+fn max_conns(p: &Pace) -> usize {
+    match p {
+        Pace::Closed { concurrency } => *concurrency,
+        Pace::Poisson { max_inflight, .. } => (*max_inflight).min(1024),
+    }
+}
+
+/// A job that sends one prebuilt-on-demand request.
+fn single_request_job(
+    client: HttpClient,
+    timeout: Duration,
+    make: Arc<dyn Fn(usize) -> RequestSpec + Send + Sync>,
+) -> JobFn {
+    Arc::new(move |i, _deadline| {
+        let client = client.clone();
+        let make = Arc::clone(&make);
+        Box::pin(async move {
+            let spec = make(i);
+            let start = Instant::now();
+            let (pod, outcome) = send(&client, &spec, timeout).await;
+            vec![Record {
+                job: i,
+                turn: 0,
+                start,
+                pod,
+                outcome,
+            }]
+        })
+    })
+}
+
+/// `seed`: the seed deployment's four scenarios of short completions.
+pub async fn run_seed(args: &SeedArgs, command: &str) -> Result<BenchRun, LoadError> {
+    let ctx = Ctx::new(&args.common, 20)?;
+    let uri = ctx.uri(args.api)?;
+    let mut phases = Vec::new();
+    let mut offset = 0usize;
+    for (name, requests, concurrency) in SEED_SCENARIOS {
+        let body_ctx = BodyCtx::from(&ctx);
+        let bodies: Vec<Bytes> = (0..requests)
+            .map(|i| body_ctx.body(args.api, None, &seed_prompt(offset + i), args.max_tokens))
+            .collect();
+        offset += requests;
+        let bodies = Arc::new(bodies);
+        let (uri, stream) = (uri.clone(), ctx.stream);
+        let make = Arc::new(move |i: usize| RequestSpec {
+            uri: uri.clone(),
+            body: bodies[i].clone(),
+            stream,
+            keep_text: false,
+        });
+        let job = single_request_job(ctx.client.clone(), ctx.timeout, make);
+        let pace = Pace::Closed { concurrency };
+        phases.push(
+            ctx.phase(name.to_owned(), requests, pace, job, |_| None, false)
+                .await,
+        );
+    }
+    let params = json!({
+        "max_tokens": args.max_tokens,
+        "api": format!("{:?}", args.api).to_lowercase(),
+        "stream": ctx.stream,
+        "scenarios": SEED_SCENARIOS.iter().map(|(n, r, c)| json!({"name": n, "requests": r, "concurrency": c})).collect::<Vec<_>>(),
+    });
+    Ok(ctx.run("seed", command, params, phases))
+}
+
+/// `shared-prefix`: inference-perf's shared_prefix data, interleaved groups.
+pub async fn run_shared_prefix(
+    args: &SharedPrefixArgs,
+    command: &str,
+) -> Result<BenchRun, LoadError> {
+    if args.question_tokens == 0 {
+        return Err(LoadError::Args("--question-tokens must be >= 1".into()));
+    }
+    let pace = pace_of(&args.pace, 32)?;
+    let ctx = Ctx::new(&args.common, max_conns(&pace))?;
+    let uri = ctx.uri(args.api)?;
+    let w = SharedPrefix {
+        groups: args.groups,
+        prompts_per_group: args.prompts_per_group,
+        system_tokens: args.system_tokens,
+        question_tokens: args.question_tokens,
+        chars_per_token: args.common.chars_per_token,
+        seed: args.common.seed,
+        shuffle: args.shuffle,
+    };
+    let systems: Arc<Vec<String>> = Arc::new((0..w.groups).map(|g| w.system_prompt(g)).collect());
+    let order = Arc::new(w.order());
+    let ideal_full = w.ideal_hit_rate(args.common.block_size);
+    let maker = {
+        let (w, systems, order) = (w.clone(), Arc::clone(&systems), Arc::clone(&order));
+        let (api, stream, out, uri) = (args.api, ctx.stream, args.output_tokens, uri.clone());
+        let body_ctx = BodyCtx::from(&ctx);
+        move |i: usize| {
+            let (g, p) = order[i];
+            let body = match api {
+                Api::Completions => body_ctx.body(api, None, &w.prompt(&systems[g], g, p), out),
+                Api::Chat => {
+                    let full = w.prompt("", g, p);
+                    body_ctx.body(api, Some(&systems[g]), &full, out)
+                }
+            };
+            RequestSpec {
+                uri: uri.clone(),
+                body,
+                stream,
+                keep_text: false,
+            }
+        }
+    };
+    let job = single_request_job(ctx.client.clone(), ctx.timeout, Arc::new(maker));
+    let (bs, sys_tokens, prompt_tokens) = (
+        args.common.block_size,
+        args.system_tokens,
+        args.system_tokens + args.question_tokens,
+    );
+    let order_for_ideal = Arc::clone(&order);
+    let total = w.len();
+    let phase = ctx
+        .phase(
+            "shared-prefix".to_owned(),
+            total,
+            pace,
+            job,
+            move |records| {
+                if records.len() == total {
+                    return Some(ideal_full);
+                }
+                let mut sent: Vec<_> = records.iter().map(|r| r.job).collect();
+                sent.sort_unstable();
+                Some(ideal_hit_rate_of_sent(
+                    sent.into_iter()
+                        .map(|j| (order_for_ideal[j].0, prompt_tokens)),
+                    sys_tokens,
+                    bs,
+                ))
+            },
+            false,
+        )
+        .await;
+    let params = json!({
+        "groups": args.groups,
+        "prompts_per_group": args.prompts_per_group,
+        "system_tokens": args.system_tokens,
+        "question_tokens": args.question_tokens,
+        "output_tokens": args.output_tokens,
+        "shuffle": args.shuffle,
+        "api": format!("{:?}", args.api).to_lowercase(),
+        "concurrency": args.pace.concurrency,
+        "rate": args.pace.rate,
+        "block_size": args.common.block_size,
+        "ideal_hit_rate": ideal_full,
+        "stream": ctx.stream,
+    });
+    Ok(ctx.run("shared-prefix", command, params, vec![phase]))
+}
+
+/// `long-prompt`: unshared long prompts up a concurrency ladder.
+pub async fn run_long_prompt(args: &LongPromptArgs, command: &str) -> Result<BenchRun, LoadError> {
+    if args.ladder.is_empty() || args.ladder.contains(&0) {
+        return Err(LoadError::Args("--ladder needs concurrencies >= 1".into()));
+    }
+    let max_c = args.ladder.iter().copied().max().unwrap_or(1);
+    let ctx = Ctx::new(&args.common, max_c)?;
+    let uri = ctx.uri(args.api)?;
+    let w = Arc::new(LongPrompt::new(args.prompt_kb * 1024, args.common.seed));
+    let mut phases = Vec::new();
+    for (step, &concurrency) in args.ladder.iter().enumerate() {
+        let offset = step * args.requests_per_step;
+        let maker = {
+            let (w, uri, api, out, stream) = (
+                Arc::clone(&w),
+                uri.clone(),
+                args.api,
+                args.output_tokens,
+                ctx.stream,
+            );
+            let body_ctx = BodyCtx::from(&ctx);
+            move |i: usize| RequestSpec {
+                uri: uri.clone(),
+                body: body_ctx.body(api, None, &w.prompt(offset + i), out),
+                stream,
+                keep_text: false,
+            }
+        };
+        let job = single_request_job(ctx.client.clone(), ctx.timeout, Arc::new(maker));
+        let pace = Pace::Closed { concurrency };
+        phases.push(
+            ctx.phase(
+                format!("c={concurrency}"),
+                args.requests_per_step,
+                pace,
+                job,
+                |_| Some(0.0),
+                false,
+            )
+            .await,
+        );
+    }
+    let params = json!({
+        "prompt_kb": args.prompt_kb,
+        "prompt_bytes": w.bytes(),
+        "ladder": args.ladder,
+        "requests_per_step": args.requests_per_step,
+        "output_tokens": args.output_tokens,
+        "api": format!("{:?}", args.api).to_lowercase(),
+        "stream": ctx.stream,
+    });
+    Ok(ctx.run("long-prompt", command, params, phases))
+}
+
+/// `multi-turn`: sessions whose every turn resends the whole conversation.
+pub async fn run_multi_turn(args: &MultiTurnArgs, command: &str) -> Result<BenchRun, LoadError> {
+    if args.turns == 0 {
+        return Err(LoadError::Args("--turns must be >= 1".into()));
+    }
+    let pace = pace_of(&args.pace, 16)?;
+    let ctx = Ctx::new(&args.common, max_conns(&pace))?;
+    let uri = ctx.uri(Api::Chat)?;
+    let w = Arc::new(MultiTurn {
+        sessions: args.sessions,
+        turns: args.turns,
+        system_tokens: args.system_tokens,
+        user_tokens: args.user_tokens,
+        chars_per_token: args.common.chars_per_token,
+        seed: args.common.seed,
+    });
+    let job: JobFn = {
+        let (client, timeout, body_ctx) = (ctx.client.clone(), ctx.timeout, BodyCtx::from(&ctx));
+        let (turns, out, think) = (
+            args.turns,
+            args.output_tokens,
+            Duration::from_millis(args.think_time_ms),
+        );
+        Arc::new(move |session, deadline| {
+            let (client, body_ctx, w, uri) = (
+                client.clone(),
+                body_ctx.clone(),
+                Arc::clone(&w),
+                uri.clone(),
+            );
+            Box::pin(async move {
+                let mut records = Vec::with_capacity(turns);
+                let mut messages =
+                    vec![json!({"role": "system", "content": w.system_prompt(session)})];
+                for turn in 0..turns {
+                    if turn > 0 {
+                        if !think.is_zero() {
+                            tokio::time::sleep(think).await;
+                        }
+                        if Instant::now() >= deadline {
+                            break;
+                        }
+                    }
+                    messages
+                        .push(json!({"role": "user", "content": w.user_message(session, turn)}));
+                    let mut v = json!({"model": body_ctx.model, "messages": messages});
+                    body_ctx.finish_body(&mut v, out);
+                    let spec = RequestSpec {
+                        uri: uri.clone(),
+                        body: Bytes::from(v.to_string()),
+                        stream: body_ctx.stream,
+                        keep_text: true,
+                    };
+                    let start = Instant::now();
+                    let (pod, outcome) = send(&client, &spec, timeout).await;
+                    let reply = outcome.as_ref().ok().map(|s| s.text.clone());
+                    records.push(Record {
+                        job: session,
+                        turn,
+                        start,
+                        pod,
+                        outcome: outcome.map(|mut s| {
+                            s.text = String::new();
+                            s
+                        }),
+                    });
+                    match reply {
+                        Some(text) => messages.push(json!({"role": "assistant", "content": text})),
+                        // A failed turn ends the conversation, as a user would.
+                        None => break,
+                    }
+                }
+                records
+            })
+        })
+    };
+    let phase = ctx
+        .phase(
+            "multi-turn".to_owned(),
+            args.sessions,
+            pace,
+            job,
+            |_| None,
+            true,
+        )
+        .await;
+    let params = json!({
+        "sessions": args.sessions,
+        "turns": args.turns,
+        "system_tokens": args.system_tokens,
+        "user_tokens": args.user_tokens,
+        "output_tokens": args.output_tokens,
+        "think_time_ms": args.think_time_ms,
+        "concurrency": args.pace.concurrency,
+        "rate": args.pace.rate,
+        "stream": ctx.stream,
+    });
+    Ok(ctx.run("multi-turn", command, params, vec![phase]))
+}
+
+/// The part of [`Ctx`] request builders need, cheap to clone into closures.
+#[derive(Clone)]
+struct BodyCtx {
+    model: String,
+    stream: bool,
+}
+
+impl From<&Ctx> for BodyCtx {
+    fn from(c: &Ctx) -> Self {
+        Self {
+            model: c.common.model.clone(),
+            stream: c.stream,
+        }
+    }
+}
+
+impl BodyCtx {
+    fn finish_body(&self, v: &mut serde_json::Value, max_tokens: usize) {
+        v["max_tokens"] = json!(max_tokens);
+        v["temperature"] = json!(0);
+        v["ignore_eos"] = json!(true);
+        v["stream"] = json!(self.stream);
+        if self.stream {
+            v["stream_options"] = json!({"include_usage": true});
+        }
+    }
+
+    fn body(&self, api: Api, system: Option<&str>, prompt: &str, max_tokens: usize) -> Bytes {
+        let mut v = match api {
+            Api::Completions => json!({ "model": self.model, "prompt": prompt }),
+            Api::Chat => {
+                let mut messages = Vec::with_capacity(2);
+                if let Some(s) = system {
+                    messages.push(json!({"role": "system", "content": s}));
+                }
+                messages.push(json!({"role": "user", "content": prompt}));
+                json!({ "model": self.model, "messages": messages })
+            }
+        };
+        self.finish_body(&mut v, max_tokens);
+        Bytes::from(v.to_string())
+    }
+}

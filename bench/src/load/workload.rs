@@ -1,0 +1,333 @@
+//! Deterministic workload generators.
+//!
+//! Text is made of lowercase filler words from a seeded RNG and is exactly
+//! `tokens x chars_per_token` bytes long, so token counts seen by the
+//! simulator (bytes / chars_per_token) are the counts asked for here. Every
+//! piece of text is derived from (seed, purpose, indices) alone, so prompt i
+//! is the same whatever order prompts are generated in.
+
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+const VOCAB: [&str; 24] = [
+    "alpha", "beta", "cache", "delta", "engine", "fleet", "gateway", "hash", "index", "judge",
+    "kernel", "latency", "model", "node", "order", "prefix", "queue", "route", "score", "token",
+    "user", "vector", "worker", "zone",
+];
+
+/// Seed for one piece of text, mixing the run seed with its identity.
+pub fn sub_seed(seed: u64, parts: &[u64]) -> u64 {
+    let mut bytes = [0u8; 8 * 8];
+    let n = parts.len().min(8);
+    for (i, p) in parts.iter().take(n).enumerate() {
+        bytes[i * 8..i * 8 + 8].copy_from_slice(&p.to_le_bytes());
+    }
+    xxh3_64_with_seed(&bytes[..n * 8], seed)
+}
+
+/// Exactly `bytes` bytes of ASCII filler words.
+pub fn filler_text(seed: u64, bytes: usize) -> String {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut s = String::with_capacity(bytes + 16);
+    while s.len() < bytes {
+        s.push_str(VOCAB[rng.usize(..VOCAB.len())]);
+        s.push(' ');
+    }
+    s.truncate(bytes);
+    s
+}
+
+/// Short, distinct prompts like the seed deployment's smoke test.
+pub fn seed_prompt(i: usize) -> String {
+    const TOPICS: [&str; 8] = [
+        "load balancing",
+        "prefix caching",
+        "queueing theory",
+        "tensor processing units",
+        "KV caches",
+        "request routing",
+        "Kubernetes gateways",
+        "token streaming",
+    ];
+    format!(
+        "Request {i}: in one sentence, explain {}.",
+        TOPICS[i % TOPICS.len()]
+    )
+}
+
+/// inference-perf's `shared_prefix` data: `groups` groups of
+/// `prompts_per_group` prompts; each prompt is its group's system prompt
+/// (`system_tokens`) followed by its own question (`question_tokens`).
+#[derive(Debug, Clone)]
+pub struct SharedPrefix {
+    pub groups: usize,
+    pub prompts_per_group: usize,
+    pub system_tokens: usize,
+    pub question_tokens: usize,
+    pub chars_per_token: usize,
+    pub seed: u64,
+    /// Random order instead of round-robin over groups.
+    pub shuffle: bool,
+}
+
+impl SharedPrefix {
+    pub fn len(&self) -> usize {
+        self.groups * self.prompts_per_group
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// (group, prompt-in-group) of every request in send order. Interleaved:
+    /// round r sends prompt r of every group, so consecutive requests never
+    /// share a prefix and a cache-blind router cannot get hits by accident of
+    /// ordering. `shuffle` draws a seeded random permutation instead.
+    pub fn order(&self) -> Vec<(usize, usize)> {
+        let mut order: Vec<(usize, usize)> = (0..self.prompts_per_group)
+            .flat_map(|p| (0..self.groups).map(move |g| (g, p)))
+            .collect();
+        if self.shuffle {
+            fastrand::Rng::with_seed(sub_seed(self.seed, &[3])).shuffle(&mut order);
+        }
+        order
+    }
+
+    pub fn system_prompt(&self, group: usize) -> String {
+        filler_text(
+            sub_seed(self.seed, &[1, group as u64]),
+            self.system_tokens * self.chars_per_token,
+        )
+    }
+
+    /// The full prompt; `system` is the group's system prompt (cached by the
+    /// caller, it is the bulk of the text).
+    pub fn prompt(&self, system: &str, group: usize, index: usize) -> String {
+        let q = filler_text(
+            sub_seed(self.seed, &[2, group as u64, index as u64]),
+            self.question_tokens * self.chars_per_token,
+        );
+        let mut s = String::with_capacity(system.len() + q.len());
+        s.push_str(system);
+        s.push_str(&q);
+        s
+    }
+
+    /// The ideal hit rate of the whole workload.
+    pub fn ideal_hit_rate(&self, block_size: usize) -> f64 {
+        ideal_shared_prefix_hit_rate(
+            self.groups,
+            self.prompts_per_group,
+            self.system_tokens,
+            self.question_tokens,
+            block_size,
+        )
+    }
+}
+
+/// Every repeated block a hit: for each group, the system prompt's full
+/// blocks of all prompts but the first, in tokens, over all prompt tokens.
+/// (Assumes `question_tokens >= 1`, so the system prompt never holds a
+/// prompt's last token, which an engine always recomputes.)
+pub fn ideal_shared_prefix_hit_rate(
+    groups: usize,
+    prompts_per_group: usize,
+    system_tokens: usize,
+    question_tokens: usize,
+    block_size: usize,
+) -> f64 {
+    let total = groups * prompts_per_group * (system_tokens + question_tokens);
+    if total == 0 || block_size == 0 {
+        return 0.0;
+    }
+    let shared = (system_tokens / block_size) * block_size;
+    let hits = groups * prompts_per_group.saturating_sub(1) * shared;
+    hits as f64 / total as f64
+}
+
+/// The same ideal over the requests actually sent (a run cut short by
+/// `--max-duration`): `sent` lists (group, prompt tokens) in send order.
+pub fn ideal_hit_rate_of_sent(
+    sent: impl IntoIterator<Item = (usize, usize)>,
+    system_tokens: usize,
+    block_size: usize,
+) -> f64 {
+    let shared = (system_tokens / block_size.max(1)) * block_size;
+    let mut seen = std::collections::HashSet::new();
+    let (mut hits, mut total) = (0usize, 0usize);
+    for (group, tokens) in sent {
+        total += tokens;
+        if !seen.insert(group) {
+            hits += shared;
+        }
+    }
+    if total == 0 {
+        0.0
+    } else {
+        hits as f64 / total as f64
+    }
+}
+
+/// Long, unshared prompts: a per-request header first, so no two prompts
+/// share even their first block, then a common body (generated once).
+#[derive(Debug, Clone)]
+pub struct LongPrompt {
+    body: String,
+}
+
+impl LongPrompt {
+    pub fn new(bytes: usize, seed: u64) -> Self {
+        Self {
+            body: filler_text(sub_seed(seed, &[4]), bytes),
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.body.len()
+    }
+
+    pub fn prompt(&self, i: usize) -> String {
+        let header = format!("request {i:010} ");
+        let keep = self.body.len().saturating_sub(header.len());
+        let mut s = String::with_capacity(self.body.len());
+        s.push_str(&header);
+        s.push_str(&self.body[..keep]);
+        s
+    }
+}
+
+/// Chat sessions that grow turn by turn.
+#[derive(Debug, Clone)]
+pub struct MultiTurn {
+    pub sessions: usize,
+    pub turns: usize,
+    pub system_tokens: usize,
+    pub user_tokens: usize,
+    pub chars_per_token: usize,
+    pub seed: u64,
+}
+
+impl MultiTurn {
+    pub fn system_prompt(&self, session: usize) -> String {
+        filler_text(
+            sub_seed(self.seed, &[5, session as u64]),
+            self.system_tokens * self.chars_per_token,
+        )
+    }
+
+    pub fn user_message(&self, session: usize, turn: usize) -> String {
+        filler_text(
+            sub_seed(self.seed, &[6, session as u64, turn as u64]),
+            self.user_tokens * self.chars_per_token,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sp() -> SharedPrefix {
+        SharedPrefix {
+            groups: 3,
+            prompts_per_group: 4,
+            system_tokens: 40,
+            question_tokens: 8,
+            chars_per_token: 4,
+            seed: 42,
+            shuffle: false,
+        }
+    }
+
+    #[test]
+    fn deterministic_exact_length_text() {
+        let a = filler_text(9, 1000);
+        assert_eq!(a.len(), 1000);
+        assert!(a.is_ascii());
+        assert_eq!(a, filler_text(9, 1000));
+        assert_ne!(a, filler_text(10, 1000));
+        assert_eq!(filler_text(1, 0), "");
+    }
+
+    #[test]
+    fn shared_prefix_interleaves_groups() {
+        let w = sp();
+        let order = w.order();
+        assert_eq!(order.len(), 12);
+        assert_eq!(&order[..4], &[(0, 0), (1, 0), (2, 0), (0, 1)]);
+        assert!(
+            order.windows(2).all(|p| p[0].0 != p[1].0),
+            "no two in a row share a group"
+        );
+        let mut sorted = order.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 12, "every prompt exactly once");
+        let shuffled = SharedPrefix {
+            shuffle: true,
+            ..w.clone()
+        }
+        .order();
+        assert_eq!(
+            shuffled,
+            SharedPrefix { shuffle: true, ..w }.order(),
+            "seeded"
+        );
+        assert_ne!(shuffled, order);
+    }
+
+    #[test]
+    fn shared_prefix_prompts_share_exactly_the_system_prompt() {
+        let w = sp();
+        let s0 = w.system_prompt(0);
+        let s1 = w.system_prompt(1);
+        assert_eq!(s0.len(), 160);
+        assert_ne!(s0, s1);
+        let a = w.prompt(&s0, 0, 0);
+        let b = w.prompt(&s0, 0, 1);
+        assert_eq!(a.len(), 192);
+        assert!(a.starts_with(&s0) && b.starts_with(&s0));
+        assert_ne!(a[160..], b[160..]);
+        assert_eq!(a, w.prompt(&w.system_prompt(0), 0, 0), "deterministic");
+    }
+
+    #[test]
+    fn ideal_hit_rate_formula() {
+        // 3 groups x 4 prompts, 40-token system prompts, 16-token blocks:
+        // 2 full blocks (32 tokens) shared by the 3 later prompts of each group.
+        let want = (3.0 * 3.0 * 32.0) / (12.0 * 48.0);
+        assert!((sp().ideal_hit_rate(16) - want).abs() < 1e-12);
+        assert_eq!(ideal_shared_prefix_hit_rate(5, 1, 100, 10, 16), 0.0);
+        assert_eq!(ideal_shared_prefix_hit_rate(0, 5, 100, 10, 16), 0.0);
+        // Sent-order version agrees on a complete run and counts a truncated one.
+        let w = sp();
+        let full = w.order().into_iter().map(|(g, _)| (g, 48));
+        assert!((ideal_hit_rate_of_sent(full, 40, 16) - want).abs() < 1e-12);
+        let first_round = w.order().into_iter().take(3).map(|(g, _)| (g, 48));
+        assert_eq!(ideal_hit_rate_of_sent(first_round, 40, 16), 0.0);
+    }
+
+    #[test]
+    fn long_prompts_are_unshared_and_sized() {
+        let w = LongPrompt::new(220 * 1024, 1);
+        let a = w.prompt(0);
+        let b = w.prompt(1);
+        assert_eq!(a.len(), 220 * 1024);
+        assert_eq!(b.len(), 220 * 1024);
+        assert_ne!(a[..64], b[..64], "first block differs");
+    }
+
+    #[test]
+    fn multi_turn_messages_are_deterministic() {
+        let w = MultiTurn {
+            sessions: 2,
+            turns: 3,
+            system_tokens: 10,
+            user_tokens: 5,
+            chars_per_token: 4,
+            seed: 1,
+        };
+        assert_eq!(w.user_message(1, 2), w.user_message(1, 2));
+        assert_ne!(w.user_message(1, 2), w.user_message(1, 1));
+        assert_eq!(w.system_prompt(0).len(), 40);
+    }
+}

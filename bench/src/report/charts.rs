@@ -1,0 +1,280 @@
+//! PNG charts with plotters' bitmap backend.
+//!
+//! Text is drawn with ab_glyph from DejaVuSans read at run time (no system
+//! font lookup, no bundled font). Without the font the charts are still
+//! written, with bars and lines but no text, rather than failing the report.
+//! Pixels are rendered into an RGB buffer and encoded with the `png` crate,
+//! which keeps plotters' `image` dependency out of the build.
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+
+use super::ReportError;
+
+pub const FONT_PATH: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+const FONT: &str = "sans-serif";
+const W: u32 = 1000;
+const H: u32 = 560;
+
+/// Registers the font once per process; `false` when it is unavailable.
+pub fn font_available() -> bool {
+    static READY: OnceLock<bool> = OnceLock::new();
+    *READY.get_or_init(|| {
+        let Ok(bytes) = std::fs::read(FONT_PATH) else {
+            return false;
+        };
+        // plotters keeps registered fonts for the life of the process and
+        // wants 'static data; this runs once, so the leak is bounded (~700 KB).
+        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        plotters::style::register_font(FONT, FontStyle::Normal, bytes).is_ok()
+    })
+}
+
+const PALETTE: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+];
+
+fn chart_err<E: std::fmt::Debug>(e: E) -> ReportError {
+    ReportError::Chart(format!("{e:?}"))
+}
+
+fn write_png(path: &Path, buf: &[u8]) -> Result<(), ReportError> {
+    let io = |source| ReportError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::create(path).map_err(io)?;
+    let mut enc = png::Encoder::new(BufWriter::new(file), W, H);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let mut w = enc.write_header().map_err(chart_err)?;
+    w.write_image_data(buf).map_err(chart_err)?;
+    w.finish().map_err(chart_err)
+}
+
+/// Bars, one per label, with the value printed above each and an optional
+/// horizontal reference line (e.g. the ideal hit rate).
+pub fn bar_chart(
+    path: &Path,
+    title: &str,
+    y_desc: &str,
+    labels: &[String],
+    values: &[f64],
+    reference: Option<(f64, &str)>,
+) -> Result<(), ReportError> {
+    let text = font_available();
+    let n = labels.len().min(values.len()).max(1);
+
+    let top = values
+        .iter()
+        .copied()
+        .chain(reference.map(|r| r.0))
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max);
+    let y_max = if top > 0.0 { top * 1.15 } else { 1.0 };
+    let mut buf = vec![0u8; (W * H * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (W, H)).into_drawing_area();
+        root.fill(&WHITE).map_err(chart_err)?;
+        let mut builder = ChartBuilder::on(&root);
+        builder.margin(20);
+        if text {
+            builder
+                .caption(title, (FONT, 24))
+                .x_label_area_size(70)
+                .y_label_area_size(80);
+        }
+        let mut chart = builder
+            .build_cartesian_2d(x_range(n), 0f64..y_max)
+            .map_err(chart_err)?;
+        let fmt = |v: &f64| slot_label(*v, labels);
+        let mut mesh = chart.configure_mesh();
+        mesh.disable_x_mesh();
+        if text {
+            mesh.x_labels(n + 1)
+                .x_label_formatter(&fmt)
+                .x_label_style((FONT, 15))
+                .y_label_style((FONT, 14))
+                .y_label_formatter(&fmt_axis)
+                .light_line_style(RGBColor(240, 240, 240))
+                .y_desc(y_desc)
+                .axis_desc_style((FONT, 16));
+        } else {
+            mesh.x_labels(0).y_labels(0);
+        }
+        mesh.draw().map_err(chart_err)?;
+        chart
+            .draw_series(values.iter().take(n).enumerate().map(|(i, v)| {
+                Rectangle::new(
+                    [(i as f64 - 0.4, 0.0), (i as f64 + 0.4, v.max(0.0))],
+                    PALETTE[i % PALETTE.len()].filled(),
+                )
+            }))
+            .map_err(chart_err)?;
+        if text {
+            chart
+                .draw_series(values.iter().take(n).enumerate().map(|(i, v)| {
+                    Text::new(
+                        format_value(*v),
+                        (i as f64, v.max(0.0) + y_max * 0.01),
+                        (FONT, 14)
+                            .into_font()
+                            .color(&BLACK)
+                            .pos(Pos::new(HPos::Center, VPos::Bottom)),
+                    )
+                }))
+                .map_err(chart_err)?;
+        }
+        if let Some((r, name)) = reference {
+            let series = chart
+                .draw_series(LineSeries::new(
+                    [(-0.5, r), (n as f64 - 0.5, r)],
+                    RED.stroke_width(3),
+                ))
+                .map_err(chart_err)?;
+            if text {
+                series
+                    .label(name.to_owned())
+                    .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED.stroke_width(3)));
+                chart
+                    .configure_series_labels()
+                    .label_font((FONT, 15))
+                    .background_style(WHITE.mix(0.8))
+                    .border_style(BLACK)
+                    .position(SeriesLabelPosition::UpperRight)
+                    .draw()
+                    .map_err(chart_err)?;
+            }
+        }
+        root.present().map_err(chart_err)?;
+    }
+    write_png(path, &buf)
+}
+
+/// One line per series across phases (e.g. p95 TTFT up a concurrency ladder).
+pub fn line_chart(
+    path: &Path,
+    title: &str,
+    y_desc: &str,
+    x_labels: &[String],
+    series: &[(String, Vec<f64>)],
+) -> Result<(), ReportError> {
+    let text = font_available();
+    let n = x_labels.len().max(1);
+    let top = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().copied())
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max);
+    let y_max = if top > 0.0 { top * 1.15 } else { 1.0 };
+    let mut buf = vec![0u8; (W * H * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (W, H)).into_drawing_area();
+        root.fill(&WHITE).map_err(chart_err)?;
+        let mut builder = ChartBuilder::on(&root);
+        builder.margin(20);
+        if text {
+            builder
+                .caption(title, (FONT, 24))
+                .x_label_area_size(50)
+                .y_label_area_size(80);
+        }
+        let mut chart = builder
+            .build_cartesian_2d(x_range(n), 0f64..y_max)
+            .map_err(chart_err)?;
+        let fmt = |v: &f64| slot_label(*v, x_labels);
+        let mut mesh = chart.configure_mesh();
+        if text {
+            mesh.x_labels(n + 1)
+                .x_label_formatter(&fmt)
+                .x_label_style((FONT, 15))
+                .y_label_style((FONT, 14))
+                .y_label_formatter(&fmt_axis)
+                .light_line_style(RGBColor(240, 240, 240))
+                .y_desc(y_desc)
+                .axis_desc_style((FONT, 16));
+        } else {
+            mesh.x_labels(0).y_labels(0);
+        }
+        mesh.draw().map_err(chart_err)?;
+        for (k, (name, values)) in series.iter().enumerate() {
+            let color = PALETTE[k % PALETTE.len()];
+            let pts: Vec<_> = values
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| v.is_finite())
+                .map(|(i, v)| (i as f64, *v))
+                .collect();
+            let drawn = chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(3)))
+                .map_err(chart_err)?;
+            if text {
+                drawn.label(name.clone()).legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3))
+                });
+            }
+            chart
+                .draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled())))
+                .map_err(chart_err)?;
+        }
+        if text && !series.is_empty() {
+            chart
+                .configure_series_labels()
+                .label_font((FONT, 15))
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .position(SeriesLabelPosition::UpperLeft)
+                .draw()
+                .map_err(chart_err)?;
+        }
+        root.present().map_err(chart_err)?;
+    }
+    write_png(path, &buf)
+}
+
+/// Slot i (a bar, or a phase) is centred on x = i.
+fn x_range(n: usize) -> std::ops::Range<f64> {
+    -0.5..(n as f64 - 0.5)
+}
+
+/// The label of the slot at `x`, or nothing between slots (plotters picks
+/// its own tick positions; only integral ones name a slot).
+fn slot_label(x: f64, labels: &[String]) -> String {
+    let i = x.round();
+    if (x - i).abs() > 1e-6 || i < 0.0 {
+        return String::new();
+    }
+    labels.get(i as usize).cloned().unwrap_or_default()
+}
+
+fn fmt_axis(v: &f64) -> String {
+    if v.abs() >= 10.0 || *v == 0.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+fn format_value(v: f64) -> String {
+    if !v.is_finite() {
+        "n/a".to_owned()
+    } else if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}

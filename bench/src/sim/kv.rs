@@ -1,0 +1,303 @@
+//! The prefix cache of one pod: ref-counted hashed blocks, LRU eviction of the
+//! unreferenced ones, and private (unhashed) blocks for partial prompt blocks
+//! and output tokens.
+//!
+//! Blocks are identified only by their chained hash (no physical block ids are
+//! needed: the simulator never reads block contents). Occupancy is
+//! `entries.len() + private <= capacity`; `evictable` holds exactly the entries
+//! whose `refs == 0`, keyed by a strictly increasing release tick, so its first
+//! key is always the least recently used block.
+
+use std::collections::{BTreeMap, HashMap};
+
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+/// Chained hashes of the full blocks of `text`, `block_bytes` bytes each. The
+/// trailing partial block is not hashed: vLLM only caches full blocks.
+pub fn block_hashes(text: &[u8], block_bytes: usize, out: &mut Vec<u64>) {
+    out.clear();
+    let mut parent = 0u64;
+    for block in text.chunks_exact(block_bytes) {
+        parent = xxh3_64_with_seed(block, parent);
+        out.push(parent);
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    refs: u32,
+    /// Key in `evictable` while `refs == 0`.
+    tick: u64,
+}
+
+/// What one admitted request holds; handed back to [`KvCache::release`].
+#[derive(Debug, Default)]
+pub struct Allocation {
+    /// Hashed blocks referenced, in prompt order.
+    hashes: Vec<u64>,
+    private: usize,
+    /// Leading blocks that were already cached (prefix-cache hits).
+    pub hit_blocks: usize,
+}
+
+impl Allocation {
+    pub fn blocks(&self) -> usize {
+        self.hashes.len() + self.private
+    }
+}
+
+#[derive(Debug)]
+pub struct KvCache {
+    capacity: usize,
+    entries: HashMap<u64, Entry>,
+    evictable: BTreeMap<u64, u64>,
+    private: usize,
+    tick: u64,
+}
+
+impl KvCache {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            entries: HashMap::with_capacity(capacity),
+            evictable: BTreeMap::new(),
+            private: 0,
+            tick: 0,
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Blocks referenced by running requests (vLLM's "used" blocks).
+    pub fn used_blocks(&self) -> usize {
+        self.entries.len() - self.evictable.len() + self.private
+    }
+
+    /// Unreferenced blocks still cached (hit-able, evictable).
+    pub fn cached_unreferenced(&self) -> usize {
+        self.evictable.len()
+    }
+
+    pub fn contains(&self, hash: u64) -> bool {
+        self.entries.contains_key(&hash)
+    }
+
+    /// Leading blocks of `hashes` present in the cache.
+    pub fn leading_hits(&self, hashes: &[u64]) -> usize {
+        hashes
+            .iter()
+            .take_while(|h| self.entries.contains_key(h))
+            .count()
+    }
+
+    /// References `hashes` (reusing cached ones) plus `private` fresh blocks,
+    /// evicting LRU unreferenced blocks as needed. At most `max_hit_blocks`
+    /// leading blocks count as hits; a present block past that is still shared
+    /// rather than duplicated. `None` (and no change) when the blocks cannot be
+    /// found without evicting a referenced one.
+    pub fn try_allocate(
+        &mut self,
+        hashes: &[u64],
+        max_hit_blocks: usize,
+        private: usize,
+    ) -> Option<Allocation> {
+        let mut need_new = 0usize;
+        let mut reused_unreferenced = 0usize;
+        for h in hashes {
+            match self.entries.get(h) {
+                Some(e) if e.refs == 0 => reused_unreferenced += 1,
+                Some(_) => {}
+                None => need_new += 1,
+            }
+        }
+        let free = self.capacity - self.entries.len() - self.private;
+        let available = free + self.evictable.len() - reused_unreferenced;
+        if need_new + private > available {
+            return None;
+        }
+        let hit_blocks = self.leading_hits(hashes).min(max_hit_blocks);
+        // Pin the reused blocks first so eviction below cannot take them.
+        for h in hashes {
+            if let Some(e) = self.entries.get_mut(h) {
+                if e.refs == 0 {
+                    self.evictable.remove(&e.tick);
+                }
+                e.refs += 1;
+            }
+        }
+        while self.capacity - self.entries.len() - self.private < need_new + private {
+            let Some((_, victim)) = self.evictable.pop_first() else {
+                // Unreachable: `available` above counted enough evictable blocks.
+                break;
+            };
+            self.entries.remove(&victim);
+        }
+        // Pinned blocks have refs >= 1 and survived eviction, so an absent
+        // hash here is exactly one that was absent before: a new block.
+        for &h in hashes {
+            self.entries.entry(h).or_insert(Entry { refs: 1, tick: 0 });
+        }
+        self.private += private;
+        Some(Allocation {
+            hashes: hashes.to_vec(),
+            private,
+            hit_blocks,
+        })
+    }
+
+    /// Drops a request's references. Tail blocks get older ticks than head
+    /// blocks so a prompt is evicted from its end, keeping its prefix hit-able
+    /// longest.
+    pub fn release(&mut self, alloc: Allocation) {
+        self.private -= alloc.private;
+        for h in alloc.hashes.iter().rev() {
+            // A duplicate hash within one prompt (a collision) was referenced
+            // once but is released twice; the `refs > 0` guard absorbs it.
+            if let Some(e) = self.entries.get_mut(h)
+                && e.refs > 0
+            {
+                e.refs -= 1;
+                if e.refs == 0 {
+                    self.tick += 1;
+                    e.tick = self.tick;
+                    self.evictable.insert(self.tick, *h);
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn check_invariants(&self) {
+        assert!(self.entries.len() + self.private <= self.capacity);
+        let unref = self.entries.values().filter(|e| e.refs == 0).count();
+        assert_eq!(unref, self.evictable.len());
+        for (tick, h) in &self.evictable {
+            assert_eq!(self.entries[h].tick, *tick);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hashes(text: &str) -> Vec<u64> {
+        let mut v = Vec::new();
+        block_hashes(text.as_bytes(), 4, &mut v);
+        v
+    }
+
+    #[test]
+    fn chained_hashes_share_prefixes_only() {
+        let a = hashes("aaaabbbbccccdd");
+        let b = hashes("aaaabbbbxxxx");
+        let c = hashes("zzzzbbbbcccc");
+        assert_eq!(a.len(), 3, "partial tail block is not hashed");
+        assert_eq!(a[..2], b[..2]);
+        assert_ne!(a[2], b[2]);
+        // Same block text after a different parent is a different block.
+        assert_ne!(a[1], c[1]);
+        assert_ne!(a[2], c[2]);
+    }
+
+    #[test]
+    fn second_request_hits_released_prefix() {
+        let mut kv = KvCache::new(10);
+        let h = hashes("aaaabbbbcccc");
+        let a = kv.try_allocate(&h, usize::MAX, 1).unwrap();
+        assert_eq!(a.hit_blocks, 0);
+        assert_eq!(kv.used_blocks(), 4);
+        kv.release(a);
+        assert_eq!(kv.used_blocks(), 0);
+        assert_eq!(kv.cached_unreferenced(), 3);
+        let b = kv.try_allocate(&h, usize::MAX, 1).unwrap();
+        assert_eq!(b.hit_blocks, 3);
+        assert_eq!(kv.used_blocks(), 4);
+        kv.check_invariants();
+    }
+
+    #[test]
+    fn concurrent_requests_share_blocks() {
+        let mut kv = KvCache::new(10);
+        let h = hashes("aaaabbbb");
+        let a = kv.try_allocate(&h, usize::MAX, 1).unwrap();
+        let b = kv.try_allocate(&h, usize::MAX, 1).unwrap();
+        assert_eq!(b.hit_blocks, 2);
+        assert_eq!(kv.used_blocks(), 4, "2 shared + 2 private");
+        kv.release(a);
+        assert_eq!(kv.used_blocks(), 3, "b still holds the shared blocks");
+        assert_eq!(kv.cached_unreferenced(), 0);
+        kv.release(b);
+        assert_eq!(kv.cached_unreferenced(), 2);
+        kv.check_invariants();
+    }
+
+    #[test]
+    fn hit_cap_keeps_last_block_computed() {
+        let mut kv = KvCache::new(10);
+        let h = hashes("aaaabbbb");
+        let a = kv.try_allocate(&h, usize::MAX, 0).unwrap();
+        kv.release(a);
+        let b = kv.try_allocate(&h, 1, 0).unwrap();
+        assert_eq!(b.hit_blocks, 1);
+        assert_eq!(
+            kv.used_blocks(),
+            2,
+            "the capped block is shared, not duplicated"
+        );
+        kv.check_invariants();
+    }
+
+    #[test]
+    fn lru_eviction_spares_referenced_blocks() {
+        let mut kv = KvCache::new(6);
+        let old = hashes("oooopppp");
+        let held = hashes("hhhhiiii");
+        let a = kv.try_allocate(&old, usize::MAX, 0).unwrap();
+        kv.release(a); // old: 2 unreferenced blocks
+        let h = kv.try_allocate(&held, usize::MAX, 0).unwrap(); // held: referenced
+        let mid = hashes("mmmmnnnn");
+        let m = kv.try_allocate(&mid, usize::MAX, 0).unwrap();
+        kv.release(m); // mid: 2 unreferenced, more recent than old
+        assert_eq!(kv.used_blocks(), 2);
+        // Needs 3 new blocks: 0 free, so evicts 2 of old (LRU) then 1 of mid (its tail).
+        let new = hashes("nnnnwwwwxxxx");
+        let n = kv.try_allocate(&new, usize::MAX, 0).unwrap();
+        assert!(
+            !kv.contains(old[0]) && !kv.contains(old[1]),
+            "LRU evicted first"
+        );
+        assert!(kv.contains(mid[0]), "head of a prompt outlives its tail");
+        assert!(!kv.contains(mid[1]));
+        assert!(
+            kv.contains(held[0]) && kv.contains(held[1]),
+            "referenced blocks stay"
+        );
+        kv.check_invariants();
+        // Nothing left to evict: everything else is referenced.
+        assert!(
+            kv.try_allocate(&hashes("qqqqrrrr"), usize::MAX, 0)
+                .is_none()
+        );
+        kv.check_invariants();
+        kv.release(n);
+        kv.release(h);
+        assert_eq!(kv.used_blocks(), 0);
+        kv.check_invariants();
+    }
+
+    #[test]
+    fn refuses_without_partial_changes() {
+        let mut kv = KvCache::new(3);
+        let a = kv.try_allocate(&hashes("aaaabbbb"), usize::MAX, 0).unwrap();
+        assert!(
+            kv.try_allocate(&hashes("ccccdddd"), usize::MAX, 0)
+                .is_none()
+        );
+        assert_eq!(kv.used_blocks(), 2);
+        kv.release(a);
+        kv.check_invariants();
+    }
+}

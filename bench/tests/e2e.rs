@@ -1,0 +1,194 @@
+//! End to end on loopback: simulated pods in-process, real HTTP, the load
+//! generator's library entry points. Timings are shrunk so this takes well
+//! under a few seconds.
+
+use clap::Parser;
+use epp_bench::load::args::{MultiTurnArgs, SharedPrefixArgs};
+use epp_bench::load::{run_multi_turn, run_shared_prefix};
+use epp_bench::sim::{SimConfig, SimFleet, spawn_fleet};
+use http_body_util::BodyExt;
+
+fn fast_sim(pods: u16) -> SimConfig {
+    SimConfig {
+        pods,
+        base_port: 0,
+        prefill_overhead_ms: 1.0,
+        prefill_us_per_token: 10.0,
+        itl_ms: 1.0,
+        ..SimConfig::default()
+    }
+}
+
+#[derive(Parser)]
+struct SharedPrefixCli {
+    #[command(flatten)]
+    args: SharedPrefixArgs,
+}
+
+#[derive(Parser)]
+struct MultiTurnCli {
+    #[command(flatten)]
+    args: MultiTurnArgs,
+}
+
+async fn fleet(pods: u16) -> (SimFleet, String) {
+    let fleet = spawn_fleet(fast_sim(pods)).await.expect("pods start");
+    let url = fleet.pods[0].url();
+    (fleet, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_prefix_against_one_pod_hits_the_cache() {
+    let (fleet, url) = fleet(1).await;
+    let cli = SharedPrefixCli::parse_from([
+        "t",
+        "--target",
+        &url,
+        "--pod-metrics",
+        &url,
+        "--groups",
+        "3",
+        "--prompts-per-group",
+        "4",
+        "--system-tokens",
+        "64",
+        "--question-tokens",
+        "8",
+        "--output-tokens",
+        "4",
+        "--concurrency",
+        "2",
+        "--max-duration",
+        "20",
+        "--request-timeout",
+        "10",
+        "--label",
+        "direct",
+    ]);
+    let run = run_shared_prefix(&cli.args, "test").await.expect("run");
+    assert_eq!(run.workload, "shared-prefix");
+    assert_eq!(run.label, "direct");
+    let p = &run.phases[0];
+    assert_eq!((p.requests_sent, p.requests_ok), (12, 12), "{:?}", p.errors);
+    assert!(p.errors.is_empty());
+    assert_eq!(p.pod_requests.get("sim-0"), Some(&12));
+    assert_eq!(p.pod_load_max_over_mean, Some(1.0));
+    let ttft = p.ttft_ms.expect("streaming measures TTFT");
+    let e2e = p.e2e_ms.expect("e2e");
+    assert_eq!((ttft.count, e2e.count), (12, 12));
+    assert!(ttft.p50_ms <= e2e.p50_ms && ttft.max_ms <= e2e.max_ms);
+    assert!(ttft.p50_ms <= ttft.p95_ms && ttft.p95_ms <= ttft.p99_ms);
+    // One pod with room for every group: each repeated system prompt hits,
+    // so the measured rate is the ideal one: 3 groups x 3 repeats x 64
+    // tokens over 12 x 72 tokens.
+    let ideal = p.ideal_hit_rate.expect("ideal");
+    assert!((ideal - 576.0 / 864.0).abs() < 1e-9);
+    let cache = p.prefix_cache.expect("scraped");
+    assert!(cache.hit_rate > 0.0);
+    assert_eq!(cache.query_tokens, 864.0);
+    assert!((cache.hit_rate - ideal).abs() < 1e-9, "{cache:?}");
+    // The responses' usage agrees with the pod's counters.
+    assert!((p.usage_cached_ratio.expect("usage") - cache.hit_rate).abs() < 1e-9);
+    assert!(p.throughput_rps > 0.0);
+    // The JSON round-trips.
+    let text = serde_json::to_string(&run).unwrap();
+    let back: epp_bench::load::BenchRun = serde_json::from_str(&text).unwrap();
+    assert_eq!(back.phases[0].requests_ok, 12);
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_turn_sessions_grow_and_stick() {
+    let (fleet, url) = fleet(2).await;
+    // Target pod 0 only: every turn lands there, so stickiness is 1 and each
+    // follow-up turn reuses the conversation so far.
+    let cli = MultiTurnCli::parse_from([
+        "t",
+        "--target",
+        &url,
+        "--pod-metrics",
+        &url,
+        "--sessions",
+        "3",
+        "--turns",
+        "3",
+        "--system-tokens",
+        "64",
+        "--user-tokens",
+        "16",
+        "--output-tokens",
+        "4",
+        "--concurrency",
+        "3",
+        "--max-duration",
+        "20",
+    ]);
+    let run = run_multi_turn(&cli.args, "test").await.expect("run");
+    let p = &run.phases[0];
+    assert_eq!(p.requests_ok, 9, "{:?}", p.errors);
+    assert_eq!(p.stickiness, Some(1.0));
+    assert!(p.prefix_cache.expect("scraped").hit_rate > 0.3);
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_errors_look_like_vllm() {
+    let fleet = spawn_fleet(SimConfig {
+        max_num_seqs: 1,
+        max_waiting: 0,
+        itl_ms: 50.0,
+        ..fast_sim(2)
+    })
+    .await
+    .expect("pods start");
+    assert_ne!(fleet.pods[0].addr.port(), fleet.pods[1].addr.port());
+    let client = epp_bench::load::client::http_client(4);
+    let url = fleet.pods[1].url();
+    let post = |path: &str, body: &str| {
+        let req = http::Request::post(format!("{url}{path}"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_owned(),
+            )))
+            .unwrap();
+        client.request(req)
+    };
+    let bad = post("/v1/completions", "{nope").await.unwrap();
+    assert_eq!(bad.status(), 400);
+    assert_eq!(bad.headers()["x-inference-pod"], "sim-1");
+    let missing = post("/v1/chat/completions", r#"{"messages":[]}"#)
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 400);
+    let model = post("/v1/completions", r#"{"model":"x","prompt":"a"}"#)
+        .await
+        .unwrap();
+    assert_eq!(model.status(), 404);
+    // One slot, no queue: a second request while the first runs gets 429.
+    // A streamed response's headers arrive once the request is admitted, so
+    // awaiting them is the synchronisation point.
+    let slow = post(
+        "/v1/completions",
+        r#"{"prompt":"hello","max_tokens":20,"stream":true}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(slow.status(), 200);
+    let busy = post("/v1/completions", r#"{"prompt":"again"}"#)
+        .await
+        .unwrap();
+    assert_eq!(busy.status(), 429);
+    let body = slow.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.ends_with(b"data: [DONE]\n\n"));
+    let metrics = epp_bench::load::runner::get_text(
+        &client,
+        &format!("{url}/metrics"),
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let scrape = epp_bench::prom::parse(&metrics).expect("valid exposition");
+    assert_eq!(scrape.sum("vllm:request_success_total"), Some(1.0));
+    assert_eq!(scrape.sum("vllm:num_requests_running"), Some(0.0));
+    fleet.shutdown().await;
+}
