@@ -8,3 +8,4 @@ pub mod load;
 pub mod prom;
 pub mod report;
 pub mod sim;
+pub mod stack;

@@ -11,117 +11,12 @@ use std::{
 
 use super::{eventually, localhost, repo_root, tool};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyMode {
-    FullDuplex,
-    Buffered,
-}
+pub use epp_bench::stack::envoy::{BodyMode, EnvoyOptions};
 
-/// How to configure Envoy.
-#[derive(Debug, Clone)]
-pub struct EnvoyOptions {
-    pub epp_port: u16,
-    pub epp_tls: bool,
-    pub body_mode: BodyMode,
-    /// Model-server endpoints of the upstream cluster.
-    pub pool: Vec<SocketAddr>,
-    /// No ext_proc filter: plain round robin over the pool.
-    pub without_epp: bool,
-    /// Extra HTTP filters placed before ext_proc (YAML list items, indented
-    /// at 10 spaces).
-    pub extra_filters: String,
-    /// Send response bodies to the picker (else only when it asks per
-    /// request with a mode override).
-    pub response_bodies: bool,
-}
-
-impl EnvoyOptions {
-    pub fn new(epp_port: u16, pool: Vec<SocketAddr>) -> Self {
-        Self {
-            epp_port,
-            epp_tls: false,
-            body_mode: BodyMode::FullDuplex,
-            pool,
-            without_epp: false,
-            extra_filters: String::new(),
-            response_bodies: true,
-        }
-    }
-}
-
-fn part(name: &str) -> String {
-    fs::read_to_string(repo_root().join("envoy/parts").join(name))
-        .unwrap_or_else(|e| panic!("envoy/parts/{name}: {e}"))
-        .trim_end()
-        .to_owned()
-}
-
-/// Renders the template for `opts` with the given ports.
-pub fn render(opts: &EnvoyOptions, listen_port: u16, admin_port: u16) -> String {
-    let template = fs::read_to_string(repo_root().join("envoy/envoy.yaml.tmpl")).expect("template");
-    let (body_mode, trailer_mode) = match opts.body_mode {
-        BodyMode::FullDuplex => ("FULL_DUPLEX_STREAMED", "SEND"),
-        BodyMode::Buffered => ("BUFFERED", "SKIP"),
-    };
-    let endpoints: String = opts
-        .pool
-        .iter()
-        .map(|a| {
-            format!(
-                "        - endpoint:\n            address:\n              socket_address: {{address: {}, port_value: {}}}\n",
-                a.ip(),
-                a.port()
-            )
-        })
-        .collect();
-    template
-        .replace(
-            "{{EXT_PROC_FILTER}}",
-            &if opts.without_epp {
-                String::new()
-            } else {
-                part("ext-proc-filter.yaml")
-            },
-        )
-        .replace("{{EXTRA_FILTERS}}", opts.extra_filters.trim_end())
-        .replace(
-            "{{EPP_TLS}}",
-            &if opts.epp_tls {
-                part("epp-tls.yaml")
-            } else {
-                String::new()
-            },
-        )
-        .replace(
-            "{{POOL_LB}}",
-            &part(if opts.without_epp {
-                "round-robin-lb.yaml"
-            } else {
-                "override-host-lb.yaml"
-            }),
-        )
-        .replace("{{POOL_ENDPOINTS}}", endpoints.trim_end())
-        .replace(
-            "{{RESPONSE_BODY_MODE}}",
-            if opts.response_bodies {
-                body_mode
-            } else {
-                "NONE"
-            },
-        )
-        .replace(
-            "{{RESPONSE_TRAILER_MODE}}",
-            if opts.response_bodies {
-                trailer_mode
-            } else {
-                "SKIP"
-            },
-        )
-        .replace("{{BODY_MODE}}", body_mode)
-        .replace("{{TRAILER_MODE}}", trailer_mode)
-        .replace("{{ADMIN_PORT}}", &admin_port.to_string())
-        .replace("{{LISTEN_PORT}}", &listen_port.to_string())
-        .replace("{{EPP_PORT}}", &opts.epp_port.to_string())
+/// Renders the repository's template for `opts`.
+pub fn render(opts: &EnvoyOptions) -> String {
+    epp_bench::stack::envoy::render(&repo_root().join("envoy"), opts)
+        .expect("render envoy template")
 }
 
 pub struct Envoy {
@@ -149,7 +44,7 @@ impl Envoy {
         // Port 0: Envoy binds free ports itself; the admin address is written
         // to a file and the listener's port read from the admin API, so
         // concurrent tests never race for ports.
-        let config = render(opts, 0, 0);
+        let config = render(opts);
         let config_path = dir.path().join("envoy.yaml");
         fs::write(&config_path, config).expect("write config");
         let admin_path = dir.path().join("admin-address");

@@ -5,6 +5,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod bench_smoke;
 mod operations;
 mod protocol;
 mod routing;

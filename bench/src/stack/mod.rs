@@ -1,0 +1,591 @@
+//! The local stack: simulated vLLM pods, the endpoint picker and Envoy on
+//! loopback, started and stopped as one unit.
+//!
+//! ```text
+//!   load generator --HTTP--> Envoy (ext_proc filter) --HTTP--> vllm-sim pods
+//!                              |  ^
+//!                      ext_proc|  |destination
+//!                              v  |
+//!                             epp (endpoints file, scrapes the pods' /metrics)
+//! ```
+//!
+//! Every port is chosen by the kernel (port 0) and read back, so several
+//! stacks (or tests) can run side by side. The simulated pods run in this
+//! process on their own runtime thread, the picker and Envoy as child
+//! processes that are killed when the [`Stack`] is dropped. Each stack starts
+//! from cold pods, so policies compared one after another see the same
+//! workload on the same fresh caches.
+
+pub mod envoy;
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+pub use envoy::{BodyMode, EnvoyOptions};
+
+use crate::{
+    load::{
+        client::{HttpClient, http_client},
+        runner::get_text,
+    },
+    sim::{SimConfig, SimFleet, spawn_fleet},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    #[error("{what} not found at {path}: {hint}")]
+    Missing {
+        what: &'static str,
+        path: String,
+        hint: &'static str,
+    },
+    #[error("starting {what}: {source}")]
+    Spawn {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{what} did not become ready within {secs} s; log: {log}")]
+    NotReady {
+        what: &'static str,
+        secs: u64,
+        log: String,
+    },
+    #[error("{what} exited early ({status}); log: {log}")]
+    Exited {
+        what: &'static str,
+        status: String,
+        log: String,
+    },
+    #[error("simulated pods: {0}")]
+    Sim(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error(
+        "unknown policy {0:?}: use a name from bench/configs, epp-default, gie-default, envoy-rr, direct, or a config file path"
+    )]
+    UnknownPolicy(String),
+}
+
+/// Where the programs the stack runs are.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub epp: PathBuf,
+    pub envoy: PathBuf,
+    /// The repository's envoy/ directory (template and parts).
+    pub envoy_dir: PathBuf,
+    pub repo: PathBuf,
+}
+
+impl Binaries {
+    /// `epp` next to the running executable (or `$EPP_BIN`), Envoy from
+    /// `scripts/setup-tools.sh` (`.tools/bin`, or `$EPP_TOOLS_DIR`).
+    pub fn locate() -> Result<Self, StackError> {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let epp = match std::env::var_os("EPP_BIN") {
+            Some(p) => PathBuf::from(p),
+            None => {
+                let exe = std::env::current_exe()?;
+                // target/<profile>/epp-bench, or target/<profile>/deps/<test>.
+                exe.ancestors()
+                    .skip(1)
+                    .take(2)
+                    .map(|d| d.join("epp"))
+                    .find(|p| p.exists())
+                    .unwrap_or_else(|| exe.with_file_name("epp"))
+            }
+        };
+        Self::with_epp(epp, repo)
+    }
+
+    pub fn with_epp(epp: PathBuf, repo: PathBuf) -> Result<Self, StackError> {
+        let tools = std::env::var_os("EPP_TOOLS_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo.join(".tools/bin"));
+        let envoy = tools.join("envoy");
+        if !epp.exists() {
+            return Err(StackError::Missing {
+                what: "epp",
+                path: epp.display().to_string(),
+                hint: "build it (cargo build --release -p epp) or set EPP_BIN",
+            });
+        }
+        if !envoy.exists() {
+            return Err(StackError::Missing {
+                what: "envoy",
+                path: envoy.display().to_string(),
+                hint: "run scripts/setup-tools.sh",
+            });
+        }
+        Ok(Self {
+            epp,
+            envoy,
+            envoy_dir: repo.join("envoy"),
+            repo,
+        })
+    }
+}
+
+/// What sits between the load generator and the pods.
+#[derive(Debug, Clone)]
+pub enum Router {
+    /// Envoy + the endpoint picker with this scheduler config.
+    Epp {
+        config: PathBuf,
+        extra_args: Vec<String>,
+    },
+    /// Envoy alone, round robin over the pods (a plain Kubernetes Service).
+    EnvoyRoundRobin,
+    /// No gateway: the load generator talks to pod 0.
+    Direct,
+}
+
+impl Router {
+    /// A policy by name: `epp-default`, `gie-default`, `envoy-rr`, `direct`,
+    /// a file stem in bench/configs (e.g. `prefix-only`), or a config path.
+    pub fn policy(name: &str, repo: &Path) -> Result<Self, StackError> {
+        let epp = |config: PathBuf| Router::Epp {
+            config,
+            extra_args: Vec::new(),
+        };
+        Ok(match name {
+            "envoy-rr" => Router::EnvoyRoundRobin,
+            "direct" => Router::Direct,
+            "epp-default" => epp(repo.join("config/default.yaml")),
+            "gie-default" => epp(repo.join("config/gie-default.yaml")),
+            other => {
+                let named = repo.join("bench/configs").join(format!("{other}.yaml"));
+                if named.exists() {
+                    epp(named)
+                } else if Path::new(other).exists() {
+                    epp(PathBuf::from(other))
+                } else {
+                    return Err(StackError::UnknownPolicy(other.to_owned()));
+                }
+            }
+        })
+    }
+}
+
+/// How to build a stack.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    pub sim: SimConfig,
+    pub router: Router,
+    pub body_mode: BodyMode,
+    pub response_bodies: bool,
+    pub epp_tls: bool,
+    /// Envoy worker threads.
+    pub envoy_concurrency: usize,
+    /// Keep the picker's and Envoy's logs here (else a temporary directory).
+    pub log_dir: Option<PathBuf>,
+}
+
+impl StackOptions {
+    pub fn new(sim: SimConfig, router: Router) -> Self {
+        Self {
+            sim,
+            router,
+            body_mode: BodyMode::FullDuplex,
+            response_bodies: true,
+            epp_tls: true,
+            envoy_concurrency: 1,
+            log_dir: None,
+        }
+    }
+}
+
+/// A child process killed on drop.
+#[derive(Debug)]
+struct Proc {
+    child: Child,
+    what: &'static str,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn log_text(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    fn check_running(&mut self) -> Result<(), StackError> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Err(StackError::Exited {
+                what: self.what,
+                status: status.to_string(),
+                log: self.log_text(),
+            });
+        }
+        Ok(())
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running stack.
+pub struct Stack {
+    /// Base URL the load generator should use.
+    pub gateway: String,
+    /// Base URLs of the pods (for their /metrics).
+    pub pod_urls: Vec<String>,
+    /// The picker's /metrics address, when there is a picker.
+    pub epp_metrics: Option<SocketAddr>,
+    /// The picker's health/admin address.
+    pub epp_health: Option<SocketAddr>,
+    pub envoy_admin: Option<SocketAddr>,
+    envoy: Option<Proc>,
+    epp: Option<Proc>,
+    fleet: Option<SimFleet>,
+    sim_runtime: Option<tokio::runtime::Runtime>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // Order: gateway first, then the picker, then the pods.
+        self.envoy.take();
+        self.epp.take();
+        self.fleet.take();
+        if let Some(rt) = self.sim_runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl std::fmt::Debug for Stack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stack")
+            .field("gateway", &self.gateway)
+            .field("pods", &self.pod_urls.len())
+            .finish()
+    }
+}
+
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Stack {
+    pub async fn start(bin: &Binaries, opts: &StackOptions) -> Result<Self, StackError> {
+        let dir = tempfile::tempdir()?;
+        let logs = opts
+            .log_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().to_path_buf());
+        fs::create_dir_all(&logs)?;
+
+        // Pods on their own runtime thread, so the load generator's work in
+        // this process does not delay their timers.
+        let sim_runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("vllm-sim")
+            .enable_all()
+            .build()?;
+        let mut sim = opts.sim.clone();
+        sim.base_port = 0;
+        sim.host = "127.0.0.1".into();
+        let fleet = sim_runtime
+            .spawn(spawn_fleet(sim))
+            .await
+            .map_err(|e| StackError::Sim(e.to_string()))?
+            .map_err(|e| StackError::Sim(e.to_string()))?;
+        let pod_urls = fleet.urls();
+        let pods: Vec<SocketAddr> = pod_urls
+            .iter()
+            .filter_map(|u| u.trim_start_matches("http://").parse().ok())
+            .collect();
+
+        let mut stack = Self {
+            gateway: pod_urls.first().cloned().unwrap_or_default(),
+            pod_urls,
+            epp_metrics: None,
+            epp_health: None,
+            envoy_admin: None,
+            envoy: None,
+            epp: None,
+            fleet: Some(fleet),
+            sim_runtime: Some(sim_runtime),
+            _dir: dir,
+        };
+        let client = http_client(4);
+
+        let epp_port = match &opts.router {
+            Router::Direct => return Ok(stack),
+            Router::EnvoyRoundRobin => 0,
+            Router::Epp { config, extra_args } => {
+                let endpoints = stack._dir.path().join("endpoints.yaml");
+                fs::write(&endpoints, endpoints_yaml(&pods))?;
+                let (proc_, addrs) =
+                    start_epp(bin, config, extra_args, &endpoints, opts.epp_tls, &logs).await?;
+                stack.epp = Some(proc_);
+                stack.epp_metrics = Some(addrs.metrics);
+                stack.epp_health = Some(addrs.health);
+                wait_scraped(&client, addrs.metrics, pods.len(), stack.epp.as_mut()).await?;
+                addrs.ext_proc.port()
+            }
+        };
+
+        let mut envoy_opts = EnvoyOptions::new(epp_port, pods);
+        envoy_opts.without_epp = matches!(opts.router, Router::EnvoyRoundRobin);
+        envoy_opts.epp_tls = opts.epp_tls;
+        envoy_opts.body_mode = opts.body_mode;
+        envoy_opts.response_bodies = opts.response_bodies;
+        let (proc_, admin, listen) = start_envoy(
+            bin,
+            &envoy_opts,
+            opts.envoy_concurrency,
+            stack._dir.path(),
+            &logs,
+            &client,
+        )
+        .await?;
+        stack.envoy = Some(proc_);
+        stack.envoy_admin = Some(admin);
+        stack.gateway = format!("http://{listen}");
+        Ok(stack)
+    }
+
+    /// Process id of the picker (for CPU and memory measurements).
+    pub fn epp_pid(&self) -> Option<u32> {
+        self.epp.as_ref().map(Proc::pid)
+    }
+
+    pub fn envoy_pid(&self) -> Option<u32> {
+        self.envoy.as_ref().map(Proc::pid)
+    }
+
+    /// Stops everything (also done on drop).
+    pub async fn stop(mut self) {
+        self.envoy.take();
+        self.epp.take();
+        if let (Some(f), Some(rt)) = (self.fleet.take(), &self.sim_runtime) {
+            let _ = rt.spawn(f.shutdown()).await;
+        }
+    }
+}
+
+/// An endpoints file for the picker.
+pub fn endpoints_yaml(pods: &[SocketAddr]) -> String {
+    let mut s = String::from("endpoints:\n");
+    if pods.is_empty() {
+        return "endpoints: []\n".into();
+    }
+    for (i, a) in pods.iter().enumerate() {
+        s.push_str(&format!(
+            "- name: sim-{i}\n  address: {}\n  port: {}\n  labels: {{inference.networking.k8s.io/engine-type: vllm}}\n",
+            a.ip(),
+            a.port()
+        ));
+    }
+    s
+}
+
+struct EppAddrs {
+    ext_proc: SocketAddr,
+    health: SocketAddr,
+    metrics: SocketAddr,
+}
+
+async fn start_epp(
+    bin: &Binaries,
+    config: &Path,
+    extra: &[String],
+    endpoints: &Path,
+    tls: bool,
+    logs: &Path,
+) -> Result<(Proc, EppAddrs), StackError> {
+    let log = logs.join("epp.log");
+    let child = Command::new(&bin.epp)
+        .args(["--listen-address", "127.0.0.1"])
+        .args([
+            "--grpc-port",
+            "0",
+            "--grpc-health-port",
+            "0",
+            "--metrics-port",
+            "0",
+        ])
+        .arg("--endpoints-file")
+        .arg(endpoints)
+        .arg("--config-file")
+        .arg(config)
+        .arg(format!("--secure-serving={tls}"))
+        .args(extra)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log)?)
+        .spawn()
+        .map_err(|source| StackError::Spawn {
+            what: "epp",
+            source,
+        })?;
+    let mut p = Proc {
+        child,
+        what: "epp",
+        log,
+    };
+    let started = Instant::now();
+    loop {
+        p.check_running()?;
+        let text = fs::read_to_string(&p.log).unwrap_or_default();
+        if let Some(line) = text
+            .lines()
+            .find(|l| l.contains("endpoint picker listening"))
+        {
+            let field = |name: &str| -> Option<SocketAddr> {
+                let start = line.find(&format!("{name}="))? + name.len() + 1;
+                line[start..].split_whitespace().next()?.parse().ok()
+            };
+            if let (Some(ext_proc), Some(health), Some(metrics)) =
+                (field("ext_proc"), field("health"), field("metrics"))
+            {
+                return Ok((
+                    p,
+                    EppAddrs {
+                        ext_proc,
+                        health,
+                        metrics,
+                    },
+                ));
+            }
+        }
+        if started.elapsed() > READY_TIMEOUT {
+            return Err(StackError::NotReady {
+                what: "epp",
+                secs: READY_TIMEOUT.as_secs(),
+                log: p.log_text(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the picker has scraped every pod at least twice.
+async fn wait_scraped(
+    client: &HttpClient,
+    metrics: SocketAddr,
+    pods: usize,
+    mut epp: Option<&mut Proc>,
+) -> Result<(), StackError> {
+    let started = Instant::now();
+    let url = format!("http://{metrics}/metrics");
+    loop {
+        if let Some(p) = epp.as_deref_mut() {
+            p.check_running()?;
+        }
+        if let Ok(text) = get_text(client, &url, Duration::from_secs(2)).await {
+            let scrapes = text
+                .lines()
+                .find_map(|l| l.strip_prefix("epp_metrics_scrapes_total "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0);
+            let failures = text
+                .lines()
+                .find_map(|l| l.strip_prefix("epp_metrics_scrape_failures_total "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if scrapes - failures >= 2.0 * pods as f64 {
+                return Ok(());
+            }
+        }
+        if started.elapsed() > READY_TIMEOUT {
+            return Err(StackError::NotReady {
+                what: "epp (scraping the pods)",
+                secs: READY_TIMEOUT.as_secs(),
+                log: epp.map(|p| p.log_text()).unwrap_or_default(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn start_envoy(
+    bin: &Binaries,
+    opts: &EnvoyOptions,
+    concurrency: usize,
+    dir: &Path,
+    logs: &Path,
+    client: &HttpClient,
+) -> Result<(Proc, SocketAddr, SocketAddr), StackError> {
+    let config = dir.join("envoy.yaml");
+    fs::write(&config, envoy::render(&bin.envoy_dir, opts)?)?;
+    let admin_path = dir.join("envoy-admin-address");
+    let log = logs.join("envoy.log");
+    let child = Command::new(&bin.envoy)
+        .arg("-c")
+        .arg(&config)
+        .arg("--admin-address-path")
+        .arg(&admin_path)
+        .args(["--disable-hot-restart", "-l", "warning"])
+        .args(["--concurrency", &concurrency.max(1).to_string()])
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log)?)
+        .spawn()
+        .map_err(|source| StackError::Spawn {
+            what: "envoy",
+            source,
+        })?;
+    let mut p = Proc {
+        child,
+        what: "envoy",
+        log,
+    };
+    let started = Instant::now();
+    loop {
+        p.check_running()?;
+        let admin = fs::read_to_string(&admin_path)
+            .ok()
+            .and_then(|s| s.trim().parse::<SocketAddr>().ok());
+        if let Some(admin) = admin {
+            let ready = get_text(
+                client,
+                &format!("http://{admin}/ready"),
+                Duration::from_secs(2),
+            )
+            .await;
+            if ready.is_ok_and(|t| t.trim() == "LIVE") {
+                let listeners = get_text(
+                    client,
+                    &format!("http://{admin}/listeners?format=json"),
+                    Duration::from_secs(2),
+                )
+                .await
+                .map_err(|e| StackError::Sim(format!("envoy listeners: {e}")))?;
+                let v: serde_json::Value = serde_json::from_str(&listeners)
+                    .map_err(|e| StackError::Sim(format!("envoy listeners: {e}")))?;
+                let port =
+                    v["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+                        .as_u64()
+                        .and_then(|p| u16::try_from(p).ok())
+                        .ok_or_else(|| {
+                            StackError::Sim("envoy listener port not reported".into())
+                        })?;
+                return Ok((p, admin, SocketAddr::from(([127, 0, 0, 1], port))));
+            }
+        }
+        if started.elapsed() > READY_TIMEOUT {
+            return Err(StackError::NotReady {
+                what: "envoy",
+                secs: READY_TIMEOUT.as_secs(),
+                log: p.log_text(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
