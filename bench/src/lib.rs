@@ -5,6 +5,7 @@
 //! workloads in-process.
 
 pub mod load;
+pub mod perf;
 pub mod prom;
 pub mod report;
 pub mod sim;

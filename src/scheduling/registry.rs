@@ -149,6 +149,7 @@ const PREFILL_COST_PARAMS: &[&str] = &[
     "lruCapacityPerServer",
     "autoTune",
     "backlogWeight",
+    "uncachedWeight",
     "decodeTokensPerRequest",
     "foreignTokensPerRequest",
     "kvHighWatermark",

@@ -152,11 +152,11 @@ impl Scorer for LoadAwareScorer {
 /// scorer estimates a cost in prompt tokens for each candidate:
 ///
 /// ```text
-/// cost = backlog                   prompt tokens routed there, not yet prefilled
-///      + uncached                  this prompt minus the blocks it caches
-///      + decode  x in_flight       the running batch slows every step
-///      + foreign x untracked       requests the scrape sees that we did not route
-///      + uncached x kv_pressure    KV cache nearly full: evictions, preemption
+/// cost = backlog                       prompt tokens routed there, not yet prefilled
+///      + uncached x uncached_weight    this prompt minus the blocks it caches
+///      + decode  x in_flight           the running batch slows every step
+///      + foreign x untracked           requests the scrape sees that we did not route
+///      + uncached x kv_pressure        KV cache nearly full: evictions, preemption
 /// ```
 ///
 /// and scores `1 - (cost - min) / (max - min)`, so alone with the max-score
@@ -164,12 +164,21 @@ impl Scorer for LoadAwareScorer {
 /// work queued on it is smaller than re-prefilling the prompt elsewhere; when
 /// a popular prefix makes it busy, requests spill over and the prefix is
 /// replicated on a second endpoint, instead of piling up on one.
+///
+/// Uncached tokens weigh more than queued ones (`uncached_weight`, 2 by
+/// default): a miss does not only delay this request, the prefill it creates
+/// delays every later request on that endpoint and evicts cached blocks.
+/// Counting it once makes bursts of cold requests push warm ones away from
+/// their cache, which costs more than the short wait it saves.
 #[derive(Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PrefillCostScorer {
     /// Weight of the prefill backlog (1 = one queued token costs one token).
     #[serde(default = "one")]
     pub backlog_weight: f64,
+    /// Weight of this request's own uncached prompt tokens.
+    #[serde(default = "default_uncached_weight")]
+    pub uncached_weight: f64,
     /// Token-equivalent cost of each request already in flight.
     #[serde(default = "default_decode_tokens")]
     pub decode_tokens_per_request: f64,
@@ -180,6 +189,10 @@ pub struct PrefillCostScorer {
     /// KV-cache usage above which the pressure term starts.
     #[serde(default = "default_kv_high")]
     pub kv_high_watermark: f64,
+}
+
+fn default_uncached_weight() -> f64 {
+    2.0
 }
 
 fn default_decode_tokens() -> f64 {
@@ -198,6 +211,7 @@ impl Default for PrefillCostScorer {
     fn default() -> Self {
         Self {
             backlog_weight: 1.0,
+            uncached_weight: default_uncached_weight(),
             decode_tokens_per_request: default_decode_tokens(),
             foreign_tokens_per_request: default_foreign_tokens(),
             kv_high_watermark: default_kv_high(),
@@ -209,6 +223,7 @@ impl fmt::Debug for PrefillCostScorer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PrefillCostScorer")
             .field("backlog_weight", &self.backlog_weight)
+            .field("uncached_weight", &self.uncached_weight)
             .field("decode_tokens_per_request", &self.decode_tokens_per_request)
             .field(
                 "foreign_tokens_per_request",
@@ -233,7 +248,7 @@ impl PrefillCostScorer {
             0.0
         };
         self.backlog_weight * c.prefill_backlog as f64
-            + uncached
+            + self.uncached_weight * uncached
             + self.decode_tokens_per_request * f64::from(c.in_flight)
             + self.foreign_tokens_per_request * untracked
             + uncached * pressure

@@ -9,6 +9,7 @@ use epp_bench::load::args::{
     CommonArgs, LongPromptArgs, MultiTurnArgs, SeedArgs, SharedPrefixArgs,
 };
 use epp_bench::load::{self, BenchRun};
+use epp_bench::perf;
 use epp_bench::report;
 use epp_bench::sim::SimConfig;
 use epp_bench::stack::{Binaries, BodyMode, Router, Stack, StackOptions};
@@ -48,6 +49,118 @@ enum Cmd {
     /// Starts the local stack (simulated pods, the picker, Envoy on
     /// loopback), runs the seed workload through it and prints the table.
     Local(LocalArgs),
+    /// Performance measurements of the picker (overhead through Envoy,
+    /// scraping, decision time, index memory); `perf all` writes perf.md.
+    Perf {
+        #[command(subcommand)]
+        what: PerfCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PerfCmd {
+    /// Latency and throughput through Envoy: alone, with a no-op ext_proc, with the picker.
+    Gateway(GatewayArgs),
+    /// CPU and memory of scraping many endpoints.
+    Scrape(ScrapeArgs),
+    /// Decision time against pool size and prompt length (in process), with charts.
+    Decisions(DecisionArgs),
+    /// Prefix-index memory per block.
+    Index(IndexArgs),
+    /// Everything above; writes OUT/perf.md and charts.
+    All(AllPerfArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct GatewayArgs {
+    /// Paths: envoy, noop, epp, noop-lean, epp-lean, epp-buffered-lean.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "envoy,noop,epp,noop-lean,epp-lean,epp-buffered-lean"
+    )]
+    paths: Vec<String>,
+    /// Request body sizes in bytes.
+    #[arg(long, value_delimiter = ',', default_value = "1024,16384,225280")]
+    bodies: Vec<usize>,
+    /// Concurrency ladder.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    ladder: Vec<usize>,
+    /// Measured requests per step (after a warm-up).
+    #[arg(long, default_value_t = 3000)]
+    requests: usize,
+    /// Warm-up requests per step.
+    #[arg(long, default_value_t = 300)]
+    warmup: usize,
+    /// Cap on each step's duration, seconds.
+    #[arg(long, default_value_t = 20.0)]
+    max_step: f64,
+    #[arg(long, default_value_t = 4)]
+    backends: usize,
+    /// Envoy worker threads.
+    #[arg(long, default_value_t = 1)]
+    envoy_concurrency: usize,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct ScrapeArgs {
+    #[arg(long, default_value_t = 256)]
+    endpoints: usize,
+    #[arg(long, default_value = "50ms")]
+    interval: String,
+    /// Measurement window, seconds.
+    #[arg(long, default_value_t = 300.0)]
+    duration: f64,
+    /// `sim` (vllm-sim pods) or a path to a captured /metrics page.
+    #[arg(long, default_value = "sim")]
+    page: String,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct DecisionArgs {
+    #[arg(long, value_delimiter = ',', default_value = "16,64,256,1024")]
+    endpoints: Vec<usize>,
+    /// Prompt sizes in bytes.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1024,4096,16384,65536,225280"
+    )]
+    prompts: Vec<usize>,
+    #[arg(long, default_value_t = 5000)]
+    samples: usize,
+    /// Directory for the charts.
+    #[arg(long, default_value = "bench/results/perf")]
+    out: PathBuf,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct IndexArgs {
+    #[arg(long, default_value_t = 1_000_000)]
+    blocks: usize,
+    #[arg(long, default_value_t = 64)]
+    endpoints: u16,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct AllPerfArgs {
+    /// Output directory: perf.md and perf/*.png.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Criterion output of `cargo bench --bench picker` to include.
+    #[arg(long)]
+    micro: Option<PathBuf>,
+    /// Scraping window, seconds.
+    #[arg(long, default_value_t = 300.0)]
+    scrape_duration: f64,
+    /// A captured vLLM /metrics page for the second scraping run.
+    #[arg(
+        long,
+        default_value = "tests/fixtures/metrics/vllm-metrics-inferstack.txt"
+    )]
+    captured_page: PathBuf,
+    #[command(flatten)]
+    gateway: GatewayArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -385,6 +498,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Compare { workload } => compare(workload, &command).await?,
         Cmd::Local(a) => local(a, &command).await?,
+        Cmd::Perf { what } => perf(what, &command).await?,
         Cmd::Report(a) => {
             let runs = report::load_runs(&a.inputs)?;
             let title = a
@@ -402,4 +516,303 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn gateway_settings(a: &GatewayArgs) -> anyhow::Result<perf::gateway::GatewayPerf> {
+    let paths = a
+        .paths
+        .iter()
+        .map(|p| perf::gateway::GatewayPath::parse(p).with_context(|| format!("unknown path {p}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(perf::gateway::GatewayPerf {
+        paths,
+        body_sizes: a.bodies.clone(),
+        concurrency: a.ladder.clone(),
+        requests_per_step: a.requests,
+        max_step: std::time::Duration::from_secs_f64(a.max_step),
+        warmup: a.warmup,
+        backends: a.backends,
+        envoy_concurrency: a.envoy_concurrency,
+    })
+}
+
+fn scrape_settings(a: &ScrapeArgs) -> anyhow::Result<perf::scrape::ScrapePerf> {
+    let page = if a.page == "sim" {
+        perf::scrape::Page::Simulated
+    } else {
+        let text =
+            std::fs::read_to_string(&a.page).with_context(|| format!("reading {}", a.page))?;
+        perf::scrape::Page::Captured {
+            name: std::path::Path::new(&a.page)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            text: text.into(),
+        }
+    };
+    Ok(perf::scrape::ScrapePerf {
+        endpoints: a.endpoints,
+        interval: a.interval.clone(),
+        duration: std::time::Duration::from_secs_f64(a.duration),
+        sample_every: std::time::Duration::from_secs(10),
+        page,
+    })
+}
+
+/// Decision-time grid (in process) as markdown, with two charts.
+fn decisions(a: &DecisionArgs, chart_prefix: &str) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    let config = epp::config::DEFAULT_CONFIG;
+    let mut grid = Vec::new();
+    for &e in &a.endpoints {
+        for &p in &a.prompts {
+            let t = perf::footprint::decision_times(config, e, p, a.samples)
+                .map_err(anyhow::Error::msg)?;
+            eprintln!(
+                "decision: {e} endpoints, {p} B prompt: p50 {:.1} us p99 {:.1} us",
+                t.p50_us, t.p99_us
+            );
+            grid.push(t);
+        }
+    }
+    std::fs::create_dir_all(&a.out)?;
+    let kib = |b: usize| format!("{} KiB", b / 1024);
+    let ends: Vec<String> = a.endpoints.iter().map(|e| e.to_string()).collect();
+    let by_prompt: Vec<(String, Vec<f64>)> = a
+        .prompts
+        .iter()
+        .map(|&p| {
+            (
+                format!("{} prompt", kib(p)),
+                a.endpoints
+                    .iter()
+                    .map(|&e| {
+                        grid.iter()
+                            .find(|t| t.endpoints == e && t.prompt_bytes == p)
+                            .map_or(f64::NAN, |t| t.p99_us)
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    let c1 = a
+        .out
+        .join(format!("{chart_prefix}decision-vs-endpoints.png"));
+    report::charts::line_chart(
+        &c1,
+        "Decision time p99 (us) vs endpoints",
+        "p99 (us)",
+        &ends,
+        &by_prompt,
+    )?;
+    let prompts: Vec<String> = a.prompts.iter().map(|&p| kib(p)).collect();
+    let by_pool: Vec<(String, Vec<f64>)> = a
+        .endpoints
+        .iter()
+        .map(|&e| {
+            (
+                format!("{e} endpoints"),
+                a.prompts
+                    .iter()
+                    .map(|&p| {
+                        grid.iter()
+                            .find(|t| t.endpoints == e && t.prompt_bytes == p)
+                            .map_or(f64::NAN, |t| t.p99_us)
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    let c2 = a.out.join(format!("{chart_prefix}decision-vs-prompt.png"));
+    report::charts::line_chart(
+        &c2,
+        "Decision time p99 (us) vs prompt length",
+        "p99 (us)",
+        &prompts,
+        &by_pool,
+    )?;
+    let mut md = String::new();
+    let _ = writeln!(md, "| endpoints | prompt | p50 | p90 | p99 | max |");
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    for t in &grid {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs |",
+            t.endpoints,
+            kib(t.prompt_bytes),
+            t.p50_us,
+            t.p90_us,
+            t.p99_us,
+            t.max_us
+        );
+    }
+    let rel = |p: &std::path::Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let _ = writeln!(
+        md,
+        "\n![decision time vs endpoints](perf/{})\n![decision time vs prompt length](perf/{})",
+        rel(&c1),
+        rel(&c2)
+    );
+    Ok(md)
+}
+
+fn index_markdown(m: &perf::footprint::IndexMemory) -> String {
+    format!(
+        "| blocks | endpoints | bytes per block (index accounting) | RSS growth per block | process RSS after |\n|---|---|---|---|---|\n| {} | {} | {:.1} B | {:.1} B | {:.1} MiB |\n",
+        m.blocks, m.endpoints, m.bytes_per_block, m.rss_bytes_per_block, m.rss_mb_after
+    )
+}
+
+async fn perf(what: PerfCmd, command: &str) -> anyhow::Result<()> {
+    match what {
+        PerfCmd::Gateway(a) => {
+            let bin = Binaries::locate()?;
+            let points = perf::gateway::run(&bin, &gateway_settings(&a)?).await?;
+            println!("{}", perf::gateway::markdown(&points));
+        }
+        PerfCmd::Scrape(a) => {
+            let bin = Binaries::locate()?;
+            let r = perf::scrape::run(&bin, &scrape_settings(&a)?).await?;
+            println!("{}", perf::scrape::markdown(&[r]));
+        }
+        PerfCmd::Decisions(a) => println!("{}", decisions(&a, "")?),
+        PerfCmd::Index(a) => {
+            let m = perf::footprint::index_memory(a.blocks, a.endpoints);
+            println!("{}", index_markdown(&m));
+        }
+        PerfCmd::All(a) => perf_all(&a, command).await?,
+    }
+    Ok(())
+}
+
+async fn perf_all(a: &AllPerfArgs, command: &str) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    let bin = Binaries::locate()?;
+    let charts = a.out.join("perf");
+    std::fs::create_dir_all(&charts)?;
+    let mut md = String::new();
+    let _ = writeln!(md, "# Performance of the endpoint picker\n");
+    let _ = writeln!(md, "Generated by `{command}` on {}.\n", machine_line());
+    if let Some(micro) = &a.micro {
+        let text = std::fs::read_to_string(micro)
+            .with_context(|| format!("reading {}", micro.display()))?;
+        let _ = writeln!(
+            md,
+            "## 1. Micro-benchmarks (criterion, `cargo bench --bench picker`)\n"
+        );
+        let _ = writeln!(md, "{}", perf_micro_table(&text));
+    }
+    eprintln!("index memory...");
+    let m = perf::footprint::index_memory(1_000_000, 64);
+    let _ = writeln!(md, "## 4. Prefix index memory\n\n{}", index_markdown(&m));
+    eprintln!("decision times...");
+    let grid = decisions(
+        &DecisionArgs {
+            endpoints: vec![16, 64, 256, 1024],
+            prompts: vec![1024, 4096, 16384, 65536, 225280],
+            samples: 5000,
+            out: charts.clone(),
+        },
+        "",
+    )?;
+    let _ = writeln!(
+        md,
+        "## 5. Decision time against pool size and prompt length (in process, default config)\n\n{grid}"
+    );
+    eprintln!("gateway overhead...");
+    let points = perf::gateway::run(&bin, &gateway_settings(&a.gateway)?).await?;
+    let _ = writeln!(
+        md,
+        "## 2. Overhead through Envoy\n\n{}",
+        perf::gateway::markdown(&points)
+    );
+    eprintln!("scraping...");
+    let mut scrapes = Vec::new();
+    for page in ["sim".to_owned(), a.captured_page.display().to_string()] {
+        let s = ScrapeArgs {
+            endpoints: 256,
+            interval: "50ms".into(),
+            duration: a.scrape_duration,
+            page,
+        };
+        scrapes.push(perf::scrape::run(&bin, &scrape_settings(&s)?).await?);
+    }
+    let _ = writeln!(
+        md,
+        "## 3. Scraping 256 endpoints every 50 ms\n\n{}",
+        perf::scrape::markdown(&scrapes)
+    );
+    let path = a.out.join("perf.md");
+    std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
+    println!("{md}");
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+/// CPU model, cores and date, for the record.
+fn machine_line() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let date = std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    format!("{cores} cores ({cpu}), {date}")
+}
+
+/// Criterion's `name  time: [lo mid hi]` lines as a table, followed by the
+/// decision-percentile table the bench prints itself.
+fn perf_micro_table(text: &str) -> String {
+    use std::fmt::Write as _;
+    let mut md =
+        String::from("| benchmark | time (criterion's estimate) | range |\n|---|---|---|\n");
+    let mut extra = String::new();
+    let mut name = String::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with('|') {
+            let _ = writeln!(extra, "{t}");
+        } else if let Some(i) = t.find("time:") {
+            let head = t[..i].trim();
+            if !head.is_empty() {
+                name = head.to_owned();
+            }
+            let inner = t[i + 5..]
+                .trim()
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            let parts: Vec<&str> = inner.split_whitespace().collect();
+            if parts.len() >= 6 {
+                let _ = writeln!(
+                    md,
+                    "| {name} | {} {} | {} {} .. {} {} |",
+                    parts[2], parts[3], parts[0], parts[1], parts[4], parts[5]
+                );
+            }
+        } else if !t.is_empty() && !t.contains(' ') && t.contains('/') {
+            name = t.to_owned();
+        }
+    }
+    if !extra.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nFull scheduling decision, one sample per decision (`decision_percentiles` in the bench):\n\n{extra}"
+        );
+    }
+    md
 }

@@ -21,8 +21,12 @@ pub struct EnvoyOptions {
     /// Model-server endpoints of the upstream cluster.
     pub pool: Vec<SocketAddr>,
     /// No ext_proc filter: plain round robin over the pool (what a
-    /// Kubernetes Service does).
+    /// Kubernetes Service does), unless `client_routes` is set.
     pub without_epp: bool,
+    /// With `without_epp`: keep the override_host policy, so a client that
+    /// sets `x-gateway-destination-endpoint` itself picks the endpoint (the
+    /// gateway-alone baseline of the overhead benchmark).
+    pub client_routes: bool,
     /// Extra HTTP filters placed before ext_proc (YAML list items indented at
     /// 10 spaces).
     pub extra_filters: String,
@@ -42,6 +46,7 @@ impl EnvoyOptions {
             body_mode: BodyMode::FullDuplex,
             pool,
             without_epp: false,
+            client_routes: false,
             extra_filters: String::new(),
             response_bodies: true,
             listen_port: 0,
@@ -91,7 +96,7 @@ pub fn render(envoy_dir: &Path, opts: &EnvoyOptions) -> io::Result<String> {
     };
     let lb = part(
         envoy_dir,
-        if opts.without_epp {
+        if opts.without_epp && !opts.client_routes {
             "round-robin-lb.yaml"
         } else {
             "override-host-lb.yaml"

@@ -22,7 +22,7 @@ use std::{
     fs,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
@@ -204,13 +204,45 @@ impl StackOptions {
 
 /// A child process killed on drop.
 #[derive(Debug)]
-struct Proc {
+pub struct Proc {
     child: Child,
     what: &'static str,
     log: PathBuf,
 }
 
 impl Proc {
+    /// Starts `cmd` with stderr (and stdout) going to `log`.
+    pub fn spawn(mut cmd: Command, what: &'static str, log: PathBuf) -> Result<Self, StackError> {
+        let file = fs::File::create(&log)?;
+        let child = cmd
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .map_err(|source| StackError::Spawn { what, source })?;
+        Ok(Self { child, what, log })
+    }
+
+    /// Waits (up to the stack's ready timeout) for a log line containing
+    /// `needle` and returns it.
+    pub async fn wait_for_line(&mut self, needle: &str) -> Result<String, StackError> {
+        let started = Instant::now();
+        loop {
+            self.check_running()?;
+            let text = fs::read_to_string(&self.log).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+                return Ok(line.to_owned());
+            }
+            if started.elapsed() > READY_TIMEOUT {
+                return Err(StackError::NotReady {
+                    what: self.what,
+                    secs: READY_TIMEOUT.as_secs(),
+                    log: self.log_text(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn log_text(&self) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
         let tail: Vec<&str> = text.lines().rev().take(30).collect();
@@ -228,7 +260,7 @@ impl Proc {
         Ok(())
     }
 
-    fn pid(&self) -> u32 {
+    pub fn pid(&self) -> u32 {
         self.child.id()
     }
 }
@@ -396,13 +428,17 @@ pub fn endpoints_yaml(pods: &[SocketAddr]) -> String {
     s
 }
 
-struct EppAddrs {
-    ext_proc: SocketAddr,
-    health: SocketAddr,
-    metrics: SocketAddr,
+/// Addresses the picker bound.
+#[derive(Debug, Clone, Copy)]
+pub struct EppAddrs {
+    pub ext_proc: SocketAddr,
+    pub health: SocketAddr,
+    pub metrics: SocketAddr,
 }
 
-async fn start_epp(
+/// Starts the picker with an endpoints file and a config, and returns it once
+/// it listens.
+pub async fn start_epp(
     bin: &Binaries,
     config: &Path,
     extra: &[String],
@@ -410,9 +446,8 @@ async fn start_epp(
     tls: bool,
     logs: &Path,
 ) -> Result<(Proc, EppAddrs), StackError> {
-    let log = logs.join("epp.log");
-    let child = Command::new(&bin.epp)
-        .args(["--listen-address", "127.0.0.1"])
+    let mut cmd = Command::new(&bin.epp);
+    cmd.args(["--listen-address", "127.0.0.1"])
         .args([
             "--grpc-port",
             "0",
@@ -427,57 +462,32 @@ async fn start_epp(
         .arg(config)
         .arg(format!("--secure-serving={tls}"))
         .args(extra)
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log)?)
-        .spawn()
-        .map_err(|source| StackError::Spawn {
-            what: "epp",
-            source,
-        })?;
-    let mut p = Proc {
-        child,
-        what: "epp",
-        log,
+        .env("NO_COLOR", "1");
+    let mut p = Proc::spawn(cmd, "epp", logs.join("epp.log"))?;
+    let line = p.wait_for_line("endpoint picker listening").await?;
+    let field = |name: &str| -> Option<SocketAddr> {
+        let start = line.find(&format!("{name}="))? + name.len() + 1;
+        line[start..].split_whitespace().next()?.parse().ok()
     };
-    let started = Instant::now();
-    loop {
-        p.check_running()?;
-        let text = fs::read_to_string(&p.log).unwrap_or_default();
-        if let Some(line) = text
-            .lines()
-            .find(|l| l.contains("endpoint picker listening"))
-        {
-            let field = |name: &str| -> Option<SocketAddr> {
-                let start = line.find(&format!("{name}="))? + name.len() + 1;
-                line[start..].split_whitespace().next()?.parse().ok()
-            };
-            if let (Some(ext_proc), Some(health), Some(metrics)) =
-                (field("ext_proc"), field("health"), field("metrics"))
-            {
-                return Ok((
-                    p,
-                    EppAddrs {
-                        ext_proc,
-                        health,
-                        metrics,
-                    },
-                ));
-            }
-        }
-        if started.elapsed() > READY_TIMEOUT {
-            return Err(StackError::NotReady {
-                what: "epp",
-                secs: READY_TIMEOUT.as_secs(),
-                log: p.log_text(),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    match (field("ext_proc"), field("health"), field("metrics")) {
+        (Some(ext_proc), Some(health), Some(metrics)) => Ok((
+            p,
+            EppAddrs {
+                ext_proc,
+                health,
+                metrics,
+            },
+        )),
+        _ => Err(StackError::NotReady {
+            what: "epp (unreadable listening line)",
+            secs: 0,
+            log: line,
+        }),
     }
 }
 
 /// Waits until the picker has scraped every pod at least twice.
-async fn wait_scraped(
+pub async fn wait_scraped(
     client: &HttpClient,
     metrics: SocketAddr,
     pods: usize,
@@ -515,7 +525,9 @@ async fn wait_scraped(
     }
 }
 
-async fn start_envoy(
+/// Starts Envoy from the template and returns it with its admin and listener
+/// addresses once it is ready.
+pub async fn start_envoy(
     bin: &Binaries,
     opts: &EnvoyOptions,
     concurrency: usize,
@@ -526,26 +538,14 @@ async fn start_envoy(
     let config = dir.join("envoy.yaml");
     fs::write(&config, envoy::render(&bin.envoy_dir, opts)?)?;
     let admin_path = dir.join("envoy-admin-address");
-    let log = logs.join("envoy.log");
-    let child = Command::new(&bin.envoy)
-        .arg("-c")
+    let mut cmd = Command::new(&bin.envoy);
+    cmd.arg("-c")
         .arg(&config)
         .arg("--admin-address-path")
         .arg(&admin_path)
         .args(["--disable-hot-restart", "-l", "warning"])
-        .args(["--concurrency", &concurrency.max(1).to_string()])
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log)?)
-        .spawn()
-        .map_err(|source| StackError::Spawn {
-            what: "envoy",
-            source,
-        })?;
-    let mut p = Proc {
-        child,
-        what: "envoy",
-        log,
-    };
+        .args(["--concurrency", &concurrency.max(1).to_string()]);
+    let mut p = Proc::spawn(cmd, "envoy", logs.join("envoy.log"))?;
     let started = Instant::now();
     loop {
         p.check_running()?;

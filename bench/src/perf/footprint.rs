@@ -1,0 +1,203 @@
+//! In-process measurements of the picker's library: what a decision costs
+//! as pools and prompts grow, and what the prefix index costs in memory.
+//! Also the fixtures the criterion micro-benchmarks (benches/picker.rs) use,
+//! so both measure the same thing.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    hint::black_box,
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use epp::{
+    config::EndpointPickerConfig,
+    endpoints::{EndpointSpec, EndpointStore, MetricsSample},
+    prefix::PrefixIndex,
+    request::Prompt,
+    scheduling::{Purpose, RequestFacts, Scheduler, SchedulerOptions, build_scheduler},
+};
+
+use super::proc_stats::ProcStats;
+
+/// Deterministic prompt text of `bytes` bytes. Prompts of one `group` share
+/// everything but their last 64 bytes, like requests sharing a system prompt.
+pub fn prompt_text(group: usize, question: usize, bytes: usize) -> String {
+    let bytes = bytes.max(128);
+    let mut s = format!("System prompt of group {group}. ");
+    let mut i = 0u64;
+    while s.len() < bytes - 64 {
+        let _ = write!(s, "rule {group}-{i} applies to every answer; ");
+        i += 1;
+    }
+    s.truncate(bytes - 64);
+    let _ = write!(s, " Question {question}: what is the answer?");
+    while s.len() < bytes {
+        s.push(' ');
+    }
+    s.truncate(bytes);
+    s
+}
+
+/// A store of `endpoints` endpoints with fresh, varied metrics.
+pub fn store(endpoints: usize) -> Arc<EndpointStore> {
+    let store = Arc::new(EndpointStore::new(Duration::from_secs(3600)));
+    let specs = (0..endpoints)
+        .map(|i| EndpointSpec {
+            name: format!("pod-{i}"),
+            address: IpAddr::from([
+                10,
+                (i / 62500) as u8,
+                ((i / 250) % 250) as u8,
+                (i % 250) as u8 + 1,
+            ]),
+            port: 8000,
+            labels: BTreeMap::new(),
+            metrics_port: None,
+        })
+        .collect();
+    // Pools beyond u16::MAX endpoints are rejected by the store; none here.
+    let _ = store.replace(specs);
+    let now = Instant::now();
+    for (i, e) in store.snapshot().endpoints().iter().enumerate() {
+        e.record_scrape(
+            &MetricsSample {
+                waiting: (i % 5) as u32,
+                running: (i % 7) as u32,
+                kv_usage: (i % 10) as f64 / 20.0,
+                block_size: 16,
+                num_blocks: 20_000,
+            },
+            now,
+            store.epoch(),
+        );
+    }
+    store
+}
+
+/// A scheduler built from config text.
+pub fn scheduler(config: &str, store: &EndpointStore) -> Result<Scheduler, String> {
+    let cfg = EndpointPickerConfig::parse(config).map_err(|e| e.to_string())?;
+    build_scheduler(
+        &cfg,
+        &SchedulerOptions {
+            fallback_endpoints: 2,
+            max_scrape_failures: 3,
+            staleness: Duration::from_secs(3600),
+            epoch: store.epoch(),
+        },
+        Arc::new(PrefixIndex::new()),
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Routes `n` prompts of `groups` groups so the index holds realistic state.
+pub fn warm(s: &Scheduler, store: &EndpointStore, groups: usize, n: usize, bytes: usize) {
+    let snap = store.snapshot();
+    for i in 0..n {
+        let text = prompt_text(i % groups, i, bytes);
+        let mut p = Prompt::default();
+        p.push(text.as_str());
+        let facts = RequestFacts {
+            model: "m",
+            prompt: Some(&p),
+            ..RequestFacts::default()
+        };
+        let _ = s.schedule(&facts, &snap, Purpose::Route);
+    }
+}
+
+/// Latency distribution of full decisions, in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DecisionTimes {
+    pub endpoints: usize,
+    pub prompt_bytes: usize,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+}
+
+/// Times `samples` decisions on a warm index.
+pub fn decision_times(
+    config: &str,
+    endpoints: usize,
+    prompt_bytes: usize,
+    samples: usize,
+) -> Result<DecisionTimes, String> {
+    let store = store(endpoints);
+    let s = scheduler(config, &store)?;
+    warm(&s, &store, 50, 2000.min(samples), prompt_bytes);
+    let snap = store.snapshot();
+    let texts: Vec<String> = (0..256)
+        .map(|i| prompt_text(i % 50, 1_000_000 + i, prompt_bytes))
+        .collect();
+    let mut t = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let mut p = Prompt::default();
+        p.push(texts[i % texts.len()].as_str());
+        let facts = RequestFacts {
+            model: "m",
+            prompt: Some(&p),
+            ..RequestFacts::default()
+        };
+        let start = Instant::now();
+        let d = s.schedule(&facts, &snap, Purpose::Route);
+        t.push(start.elapsed().as_secs_f64() * 1e6);
+        black_box(d.is_ok());
+    }
+    t.sort_by(|a, b| a.total_cmp(b));
+    let q = |p: f64| crate::load::stats::percentile(&t, p).unwrap_or(f64::NAN);
+    Ok(DecisionTimes {
+        endpoints,
+        prompt_bytes,
+        p50_us: q(0.5),
+        p90_us: q(0.9),
+        p99_us: q(0.99),
+        max_us: t.last().copied().unwrap_or(f64::NAN),
+    })
+}
+
+/// Memory of the prefix index holding `blocks` blocks over `endpoints`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IndexMemory {
+    pub blocks: usize,
+    pub endpoints: u16,
+    /// What the index's own accounting says (slab, map buckets, slots).
+    pub bytes_per_block: f64,
+    /// Growth of this process's RSS while filling, per block.
+    pub rss_bytes_per_block: f64,
+    pub rss_mb_after: f64,
+}
+
+pub fn index_memory(blocks: usize, endpoints: u16) -> IndexMemory {
+    let before = ProcStats::read(std::process::id()).unwrap_or_default();
+    let idx = PrefixIndex::new();
+    let per = blocks / usize::from(endpoints.max(1));
+    let mut next = 1u64;
+    for slot in 0..endpoints {
+        let mut left = per;
+        while left > 0 {
+            let len = left.min(256);
+            let hashes: Vec<u64> = (next..next + len as u64)
+                .map(|h| h.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                .collect();
+            next += len as u64;
+            idx.record(slot, u64::from(slot) + 1, u32::MAX, &hashes);
+            left -= len;
+        }
+    }
+    let after = ProcStats::read(std::process::id()).unwrap_or_default();
+    let n = idx.len().max(1) as f64;
+    let out = IndexMemory {
+        blocks: idx.len(),
+        endpoints,
+        bytes_per_block: idx.memory_bytes() as f64 / n,
+        rss_bytes_per_block: (after.rss_kb.saturating_sub(before.rss_kb) as f64 * 1024.0) / n,
+        rss_mb_after: after.rss_kb as f64 / 1024.0,
+    };
+    black_box(&idx);
+    out
+}

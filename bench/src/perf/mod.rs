@@ -1,0 +1,35 @@
+//! Performance measurements of the endpoint picker (issue: measure the EPP's
+//! overhead, throughput and scale against Envoy alone).
+//!
+//! - [`gateway`]: latency and throughput through Envoy with no ext_proc, a
+//!   no-op ext_proc (the protocol's floor) and the picker, lean variants;
+//! - [`scrape`]: CPU and memory of scraping many endpoints at 50 ms;
+//! - [`footprint`]: decision time against pool size and prompt length, and
+//!   prefix-index memory per block (in process, on the picker's library);
+//! - [`noop`]: the no-op ext_proc server itself.
+//!
+//! `epp-bench perf all` runs everything and writes bench/results/perf.md.
+
+pub mod backend;
+pub mod driver;
+pub mod footprint;
+pub mod gateway;
+pub mod noop;
+pub mod proc_stats;
+pub mod scrape;
+
+use crate::sim::SimConfig;
+
+/// The simulator's default flags (as `vllm-sim` with no arguments).
+pub fn default_sim_config() -> SimConfig {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sim: SimConfig,
+    }
+    // Parsing no arguments cannot fail: every flag has a default.
+    Cli::try_parse_from(["vllm-sim"])
+        .map(|c| c.sim)
+        .unwrap_or_else(|e| panic!("vllm-sim defaults do not parse: {e}"))
+}
