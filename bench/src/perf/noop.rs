@@ -160,17 +160,16 @@ impl NoopStream {
             self.full_duplex = pc.request_body_mode == BodySendMode::FullDuplexStreamed as i32;
         }
         match msg.request {
-            Some(Request::RequestHeaders(h)) => {
-                if h.end_of_stream || !self.full_duplex {
-                    let (common, md) = self.destination();
-                    let mut r = resp(Response::RequestHeaders(HeadersResponse {
-                        response: Some(common),
-                    }));
-                    r.dynamic_metadata = Some(md);
-                    self.routed = h.end_of_stream;
-                    self.out.push_back(r);
-                }
+            Some(Request::RequestHeaders(h)) if h.end_of_stream || !self.full_duplex => {
+                let (common, md) = self.destination();
+                let mut r = resp(Response::RequestHeaders(HeadersResponse {
+                    response: Some(common),
+                }));
+                r.dynamic_metadata = Some(md);
+                self.routed = h.end_of_stream;
+                self.out.push_back(r);
             }
+            Some(Request::RequestHeaders(_)) => {}
             Some(Request::RequestBody(b)) => {
                 if self.routed {
                     return;
