@@ -244,7 +244,7 @@ pub async fn run(
         _ => (None, Some(leader_tx)),
     };
 
-    tokio::spawn(scraper.run(stop_rx.clone()));
+    spawn_scraper(scraper, stop_rx.clone())?;
     tokio::spawn(prune_index(
         Arc::clone(&store),
         Arc::clone(&index),
@@ -332,6 +332,25 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Runs the scraper on its own thread with a single-threaded runtime.
+///
+/// Scraping is thousands of tiny I/O bursts per second on a large pool; on
+/// the shared multi-threaded runtime every burst wakes and parks worker
+/// threads, which cost more CPU than the scrapes, and competes with request
+/// handling. One dedicated thread handles a whole round without handing
+/// work across threads.
+fn spawn_scraper(scraper: Scraper, stop: watch::Receiver<bool>) -> Result<(), ServerError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ServerError::Discovery(format!("scraper runtime: {e}")))?;
+    std::thread::Builder::new()
+        .name("epp-scraper".into())
+        .spawn(move || rt.block_on(scraper.run(stop)))
+        .map_err(|e| ServerError::Discovery(format!("scraper thread: {e}")))?;
     Ok(())
 }
 

@@ -3,16 +3,20 @@
 //! endpoint's atomics in the store.
 //!
 //! Design points:
-//! - one kept-alive HTTP/1.1 connection per endpoint, reconnected on error,
-//!   and one reused body buffer, so steady-state scraping allocates nothing
-//!   per scrape beyond hyper's own frames;
-//! - start times are spread over the interval so scrapes of a large pool do
-//!   not all fire in the same millisecond;
+//! - one kept-alive HTTP/1.1 connection per endpoint with a minimal client
+//!   (no connection task, reused buffers), reconnected on error, so
+//!   steady-state scraping allocates nothing;
+//! - every endpoint's ticks are aligned on the same instants (multiples of
+//!   the interval from the store's epoch): the runtime wakes once per round
+//!   and handles the whole burst, instead of waking for each endpoint at a
+//!   different moment, which costs more CPU in thread wake-ups than the
+//!   scrapes themselves;
 //! - a supervisor follows the store's change notifications, starting tasks for
 //!   new endpoints and aborting those of departed ones;
 //! - failures are counted per endpoint (the scheduler stops picking endpoints
 //!   that keep failing) and logged on transitions only, not per failure.
 
+mod client;
 pub mod engines;
 mod parse;
 
@@ -26,11 +30,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
-use tokio::{net::TcpStream, sync::watch, task::JoinHandle};
+use tokio::{sync::watch, task::JoinHandle};
+
+use client::MetricsClient;
 
 pub use engines::{EngineMapping, MetricSpec, ScrapeSettings, SettingsError};
 pub use parse::{ParseError, extract};
@@ -45,16 +47,18 @@ const MAX_PAGE_BYTES: usize = 8 << 20;
 pub enum ScrapeError {
     #[error("connect: {0}")]
     Connect(std::io::Error),
-    #[error("http: {0}")]
-    Http(#[from] hyper::Error),
+    #[error("i/o: {0}")]
+    Io(std::io::Error),
+    #[error("malformed response: {0}")]
+    Malformed(String),
+    #[error("connection closed before the response was complete")]
+    Closed,
     #[error("status {0}")]
     Status(u16),
     #[error("metrics page larger than {MAX_PAGE_BYTES} bytes")]
     TooLarge,
     #[error("timed out after {0:?}")]
     Timeout(Duration),
-    #[error("request: {0}")]
-    Request(#[from] http::Error),
     #[error(transparent)]
     Parse(#[from] ParseError),
 }
@@ -160,24 +164,23 @@ async fn scrape_loop(
         .clone()
         .unwrap_or_else(|| settings.path.clone());
     let addr = target(&endpoint, &settings);
-    let mut client = MetricsClient::new(addr, &path);
     let interval = options.interval.max(Duration::from_millis(1));
+    let mut client = MetricsClient::new(addr, &path, MAX_PAGE_BYTES);
 
-    // Spread first scrapes over one interval.
-    let offset = interval.mul_f64(fastrand::f64());
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + offset, interval);
+    // The next multiple of the interval since the epoch: every endpoint's
+    // task ticks at the same instants.
+    let since = Instant::now().saturating_duration_since(epoch).as_nanos();
+    let period = interval.as_nanos().max(1);
+    let wait = Duration::from_nanos(u64::try_from(period - since % period).unwrap_or(0));
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + wait, interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     loop {
         ticker.tick().await;
         let started = Instant::now();
-        let result = match tokio::time::timeout(options.timeout, client.fetch()).await {
-            Ok(Ok(page)) => extract(page, &mapping).map_err(ScrapeError::from),
-            Ok(Err(e)) => Err(e),
-            Err(_) => {
-                client.reset();
-                Err(ScrapeError::Timeout(options.timeout))
-            }
+        let result = match client.fetch(options.timeout).await {
+            Ok(page) => extract(page, &mapping).map_err(ScrapeError::from),
+            Err(e) => Err(e),
         };
         let done = Instant::now();
         stats.scrapes.fetch_add(1, Ordering::Relaxed);
@@ -205,93 +208,6 @@ async fn scrape_loop(
                 }
             }
         }
-    }
-}
-
-/// A kept-alive HTTP/1.1 client for one endpoint's metrics page.
-struct MetricsClient {
-    addr: SocketAddr,
-    uri: http::Uri,
-    host: http::HeaderValue,
-    sender: Option<SendRequest<Empty<Bytes>>>,
-    page: Vec<u8>,
-}
-
-impl MetricsClient {
-    fn new(addr: SocketAddr, path: &str) -> Self {
-        let uri = path
-            .parse()
-            .unwrap_or_else(|_| http::Uri::from_static("/metrics"));
-        let host = http::HeaderValue::from_str(&addr.to_string())
-            .unwrap_or_else(|_| http::HeaderValue::from_static("localhost"));
-        Self {
-            addr,
-            uri,
-            host,
-            sender: None,
-            page: Vec::with_capacity(64 << 10),
-        }
-    }
-
-    fn reset(&mut self) {
-        self.sender = None;
-    }
-
-    async fn fetch(&mut self) -> Result<&[u8], ScrapeError> {
-        let result = self.fetch_inner().await;
-        // A bad status leaves a healthy connection; anything else may not.
-        if result
-            .as_ref()
-            .is_err_and(|e| !matches!(e, ScrapeError::Status(_)))
-        {
-            self.sender = None;
-        }
-        result?;
-        Ok(&self.page)
-    }
-
-    async fn fetch_inner(&mut self) -> Result<(), ScrapeError> {
-        let sender = match &mut self.sender {
-            Some(s) if !s.is_closed() => s,
-            _ => {
-                let stream = TcpStream::connect(self.addr)
-                    .await
-                    .map_err(ScrapeError::Connect)?;
-                let _ = stream.set_nodelay(true);
-                let (sender, conn) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-                // The connection task ends when the sender is dropped.
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                self.sender.insert(sender)
-            }
-        };
-        sender.ready().await?;
-        let req = http::Request::get(self.uri.clone())
-            .header(http::header::HOST, self.host.clone())
-            .header(http::header::ACCEPT, "text/plain")
-            .body(Empty::new())?;
-        let resp = sender.send_request(req).await?;
-        let status = resp.status();
-        let mut body = resp.into_body();
-        self.page.clear();
-        while let Some(frame) = body.frame().await {
-            if let Ok(data) = frame?.into_data() {
-                if self.page.len() + data.len() > MAX_PAGE_BYTES {
-                    return Err(ScrapeError::TooLarge);
-                }
-                self.page.extend_from_slice(&data);
-            }
-        }
-        if !status.is_success() {
-            return Err(ScrapeError::Status(status.as_u16()));
-        }
-        // Keep the buffer from growing forever after one huge page.
-        if self.page.capacity() > (1 << 20) && self.page.len() < (256 << 10) {
-            self.page.shrink_to(256 << 10);
-        }
-        Ok(())
     }
 }
 
@@ -391,10 +307,10 @@ mod tests {
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(scraper.run(stopped));
         let e = Arc::clone(&store.snapshot().endpoints()[0]);
-        wait_until(|| hits.load(Ordering::SeqCst) >= 3).await;
+        wait_until(|| stats.scrapes.load(Ordering::Relaxed) >= 3).await;
         let s = e.metrics.sample().unwrap();
         assert_eq!((s.waiting, s.running, s.kv_usage), (3, 2, 0.5));
-        assert!(stats.scrapes.load(Ordering::Relaxed) >= 3);
+        assert!(hits.load(Ordering::SeqCst) >= 3);
         assert_eq!(open.load(Ordering::SeqCst), 1, "one kept-alive connection");
         stop.send_replace(true);
         task.await.unwrap();
@@ -430,7 +346,10 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let mut client = MetricsClient::new(addr, "/metrics");
-        assert!(matches!(client.fetch().await, Err(ScrapeError::Connect(_))));
+        let mut client = MetricsClient::new(addr, "/metrics", MAX_PAGE_BYTES);
+        assert!(matches!(
+            client.fetch(Duration::from_secs(5)).await,
+            Err(ScrapeError::Connect(_))
+        ));
     }
 }

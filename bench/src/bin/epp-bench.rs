@@ -100,6 +100,9 @@ struct GatewayArgs {
     /// Envoy worker threads.
     #[arg(long, default_value_t = 1)]
     envoy_concurrency: usize,
+    /// Rotations over the paths per step (each path keeps its best run).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -533,6 +536,7 @@ fn gateway_settings(a: &GatewayArgs) -> anyhow::Result<perf::gateway::GatewayPer
         warmup: a.warmup,
         backends: a.backends,
         envoy_concurrency: a.envoy_concurrency,
+        repeats: a.repeats,
     })
 }
 

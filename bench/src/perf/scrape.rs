@@ -10,8 +10,8 @@ use std::{fmt::Write as _, sync::Arc, time::Duration};
 use super::{backend::StaticBackends, proc_stats::ProcStats};
 use crate::{
     load::{client::http_client, runner::get_text},
-    sim::{SimConfig, spawn_fleet},
-    stack::{Binaries, StackError, endpoints_yaml, start_epp, wait_scraped},
+    sim::SimConfig,
+    stack::{Binaries, SimRuntime, StackError, endpoints_yaml, start_epp, wait_scraped},
 };
 
 #[derive(Debug, Clone)]
@@ -59,10 +59,7 @@ pub async fn run(bin: &Binaries, p: &ScrapePerf) -> Result<ScrapeResult, StackEr
     // Keep the endpoints alive for the whole measurement.
     let mut _backends = None;
     let mut _fleet = None;
-    let sim_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
+    let sim_rt = SimRuntime::new()?;
     let (addrs, page_bytes, label) = match &p.page {
         Page::Captured { name, text } => {
             let b = StaticBackends::start(p.endpoints, Arc::clone(text)).await?;
@@ -74,11 +71,7 @@ pub async fn run(bin: &Binaries, p: &ScrapePerf) -> Result<ScrapeResult, StackEr
             let mut cfg: SimConfig = crate::perf::default_sim_config();
             cfg.pods = u16::try_from(p.endpoints).unwrap_or(u16::MAX);
             cfg.base_port = 0;
-            let fleet = sim_rt
-                .spawn(spawn_fleet(cfg))
-                .await
-                .map_err(|e| StackError::Sim(e.to_string()))?
-                .map_err(|e| StackError::Sim(e.to_string()))?;
+            let fleet = sim_rt.spawn_fleet(cfg).await?;
             let urls = fleet.urls();
             let page = get_text(
                 &client,
@@ -98,11 +91,7 @@ pub async fn run(bin: &Binaries, p: &ScrapePerf) -> Result<ScrapeResult, StackEr
     };
     let endpoints = dir.path().join("endpoints.yaml");
     std::fs::write(&endpoints, endpoints_yaml(&addrs))?;
-    let extra = vec![
-        "--refresh-metrics-interval".to_owned(),
-        p.interval.clone(),
-        "--secure-serving=false".to_owned(),
-    ];
+    let extra = vec!["--refresh-metrics-interval".to_owned(), p.interval.clone()];
     let (mut epp, eaddrs) = start_epp(
         bin,
         &bin.repo.join("config/default.yaml"),
@@ -143,7 +132,8 @@ pub async fn run(bin: &Binaries, p: &ScrapePerf) -> Result<ScrapeResult, StackEr
     let failures = counter(&text1, "epp_metrics_scrape_failures_total")
         - counter(&text0, "epp_metrics_scrape_failures_total");
     drop(epp);
-    sim_rt.shutdown_background();
+    drop(_fleet);
+    drop(sim_rt);
     Ok(ScrapeResult {
         label,
         endpoints: addrs.len(),

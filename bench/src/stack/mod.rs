@@ -272,6 +272,56 @@ impl Drop for Proc {
     }
 }
 
+/// A runtime on its own threads for the simulated pods, so the load
+/// generator's work in this process does not delay their timers. Dropping it
+/// from async code is allowed (it shuts down in the background).
+pub struct SimRuntime(Option<tokio::runtime::Runtime>);
+
+impl SimRuntime {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("vllm-sim")
+                .enable_all()
+                .build()?,
+        )))
+    }
+
+    /// Starts the simulated pods on this runtime.
+    pub async fn spawn_fleet(&self, cfg: SimConfig) -> Result<SimFleet, StackError> {
+        let rt = self
+            .0
+            .as_ref()
+            .ok_or_else(|| StackError::Sim("runtime stopped".into()))?;
+        rt.spawn(spawn_fleet(cfg))
+            .await
+            .map_err(|e| StackError::Sim(e.to_string()))?
+            .map_err(|e| StackError::Sim(e.to_string()))
+    }
+
+    /// Stops the pods gracefully.
+    pub async fn shutdown_fleet(&self, fleet: SimFleet) {
+        if let Some(rt) = &self.0 {
+            let _ = rt.spawn(fleet.shutdown()).await;
+        }
+    }
+}
+
+impl Drop for SimRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl std::fmt::Debug for SimRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SimRuntime")
+    }
+}
+
 /// A running stack.
 pub struct Stack {
     /// Base URL the load generator should use.
@@ -286,7 +336,7 @@ pub struct Stack {
     envoy: Option<Proc>,
     epp: Option<Proc>,
     fleet: Option<SimFleet>,
-    sim_runtime: Option<tokio::runtime::Runtime>,
+    sim_runtime: SimRuntime,
     _dir: tempfile::TempDir,
 }
 
@@ -296,9 +346,6 @@ impl Drop for Stack {
         self.envoy.take();
         self.epp.take();
         self.fleet.take();
-        if let Some(rt) = self.sim_runtime.take() {
-            rt.shutdown_background();
-        }
     }
 }
 
@@ -322,21 +369,11 @@ impl Stack {
             .unwrap_or_else(|| dir.path().to_path_buf());
         fs::create_dir_all(&logs)?;
 
-        // Pods on their own runtime thread, so the load generator's work in
-        // this process does not delay their timers.
-        let sim_runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("vllm-sim")
-            .enable_all()
-            .build()?;
+        let sim_runtime = SimRuntime::new()?;
         let mut sim = opts.sim.clone();
         sim.base_port = 0;
         sim.host = "127.0.0.1".into();
-        let fleet = sim_runtime
-            .spawn(spawn_fleet(sim))
-            .await
-            .map_err(|e| StackError::Sim(e.to_string()))?
-            .map_err(|e| StackError::Sim(e.to_string()))?;
+        let fleet = sim_runtime.spawn_fleet(sim).await?;
         let pod_urls = fleet.urls();
         let pods: Vec<SocketAddr> = pod_urls
             .iter()
@@ -352,7 +389,7 @@ impl Stack {
             envoy: None,
             epp: None,
             fleet: Some(fleet),
-            sim_runtime: Some(sim_runtime),
+            sim_runtime,
             _dir: dir,
         };
         let client = http_client(4);
@@ -406,8 +443,8 @@ impl Stack {
     pub async fn stop(mut self) {
         self.envoy.take();
         self.epp.take();
-        if let (Some(f), Some(rt)) = (self.fleet.take(), &self.sim_runtime) {
-            let _ = rt.spawn(f.shutdown()).await;
+        if let Some(f) = self.fleet.take() {
+            self.sim_runtime.shutdown_fleet(f).await;
         }
     }
 }
