@@ -145,7 +145,7 @@ mod tests {
             }
             let text = render(&envoy_dir(), &o).unwrap();
             assert!(!text.contains("{{"), "unfilled placeholder:\n{text}");
-            assert_eq!(text.contains("ext_proc"), !without);
+            assert_eq!(text.contains("envoy.filters.http.ext_proc"), !without);
             assert_eq!(text.contains("UpstreamTlsContext"), tls);
             assert!(text.contains("port_value: 8001"));
         }
