@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The performance measurements of bench/results/perf.md: criterion
-# micro-benchmarks, then the overhead through Envoy, scraping, decision time
-# and index memory (about 25 minutes on 2 cores). Run it on an idle machine:
+# micro-benchmarks, then index memory, decision time, the overhead through
+# Envoy, scraping, scale-out and one picker core over ext_proc (about 40
+# minutes on 2 cores). Run it on an idle machine:
 # ratios within one run are what count, absolute times drift.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -41,6 +41,16 @@ if [ ! -x "$tools/promtool" ]; then
   cp "$work/extracted/usr/bin/promtool" "$tools/promtool"
 fi
 
-"$tools/envoy" --version | grep -m1 version
-"$tools/kubectl" version --client 2>/dev/null | head -n 1
-"$tools/promtool" --version 2>&1 | head -n 1
+# Print each tool's version line. The output is captured whole before it is
+# cut: piping into `head` would close the pipe early, kill the tool with
+# SIGPIPE and, under `pipefail`, fail the whole script (exit 141).
+first_line() {
+  local out line
+  out=$("$@" 2>&1) || return 1
+  while IFS= read -r line; do
+    if [[ -n "$line" ]]; then printf '%s\n' "$line"; return 0; fi
+  done <<<"$out"
+}
+first_line "$tools/envoy" --version
+first_line "$tools/kubectl" version --client
+first_line "$tools/promtool" --version

@@ -115,3 +115,32 @@ async fn multi_turn_workload_through_the_local_stack() {
     );
     stack.stop().await;
 }
+
+/// The one-core throughput driver speaks ext_proc well enough that the real
+/// picker routes every request it sends, in both phase profiles; the CPU
+/// accounting it reports comes from the picker's /proc entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_proc_driver_gets_every_request_routed_by_the_picker() {
+    use epp_bench::perf::extproc::{ExtProcPerf, Phases, run};
+    let bin = Binaries::with_epp(env!("CARGO_BIN_EXE_epp").into(), repo_root()).expect("binaries");
+    let settings = ExtProcPerf {
+        body_size: 4096,
+        phases: vec![Phases::Full, Phases::Lean],
+        concurrency: vec![4],
+        connections: 2,
+        requests_per_step: 300,
+        max_step: std::time::Duration::from_secs(30),
+        warmup: 20,
+        backends: 3,
+        // Pinning would pin the test process itself.
+        pin: None,
+    };
+    let points = run(&bin, &settings).await.expect("ext_proc run");
+    assert_eq!(points.len(), 2);
+    for p in &points {
+        assert_eq!((p.routed, p.errors), (300, 0), "{:?}", p.phases);
+        // NaN when the picker's /proc entry could not be read.
+        assert!(p.picker_cpu_us_per_request.is_finite(), "{p:?}");
+        assert!(p.picker_peak_rss_mb > 0.0, "{p:?}");
+    }
+}

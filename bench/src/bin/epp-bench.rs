@@ -67,6 +67,10 @@ enum PerfCmd {
     Decisions(DecisionArgs),
     /// Prefix-index memory per block.
     Index(IndexArgs),
+    /// The real picker with growing pools of simulated pods.
+    Scale(ScaleArgs),
+    /// Routed requests/s of one picker core, driven over ext_proc directly (no Envoy).
+    ExtProc(ExtProcArgs),
     /// Everything above; writes OUT/perf.md and charts.
     All(AllPerfArgs),
 }
@@ -143,6 +147,50 @@ struct IndexArgs {
     blocks: usize,
     #[arg(long, default_value_t = 64)]
     endpoints: u16,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct ScaleArgs {
+    #[arg(long, value_delimiter = ',', default_value = "64,256,1024")]
+    endpoints: Vec<usize>,
+    /// Simulated pods per simulator runtime.
+    #[arg(long, default_value_t = 256)]
+    per_process: usize,
+    #[arg(long, default_value_t = 2000)]
+    requests: usize,
+    /// Scrape interval (1,024 endpoints at 50 ms would take this machine's
+    /// cores away from what is measured).
+    #[arg(long, default_value = "500ms")]
+    interval: String,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct ExtProcArgs {
+    /// Request body size in bytes.
+    #[arg(long, default_value_t = 4096)]
+    body: usize,
+    /// Phase profiles: full (response bodies too), lean (no response bodies).
+    #[arg(long, value_delimiter = ',', default_value = "full,lean")]
+    phases: Vec<String>,
+    /// Concurrent streams per step.
+    #[arg(long, value_delimiter = ',', default_value = "16,64,256")]
+    ladder: Vec<usize>,
+    /// HTTP/2 connections (Envoy opens one per worker).
+    #[arg(long, default_value_t = 2)]
+    connections: usize,
+    #[arg(long, default_value_t = 40000)]
+    requests: usize,
+    #[arg(long, default_value_t = 2000)]
+    warmup: usize,
+    /// Cap on each step's duration, seconds.
+    #[arg(long, default_value_t = 20.0)]
+    max_step: f64,
+    #[arg(long, default_value_t = 8)]
+    backends: usize,
+    /// CPUs for the picker and for the driver (`taskset -c` lists); `none`
+    /// to run both unpinned.
+    #[arg(long, default_value = "0/1")]
+    pin: String,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -540,6 +588,49 @@ fn gateway_settings(a: &GatewayArgs) -> anyhow::Result<perf::gateway::GatewayPer
     })
 }
 
+impl ExtProcArgs {
+    /// The flags' defaults (`perf all` runs this step as `perf ext-proc` would).
+    fn defaults() -> Self {
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            a: ExtProcArgs,
+        }
+        // Every flag has a default, so parsing no arguments cannot fail.
+        Cli::try_parse_from(["ext-proc"])
+            .map(|c| c.a)
+            .unwrap_or_else(|e| panic!("ext-proc defaults do not parse: {e}"))
+    }
+}
+
+fn extproc_settings(a: &ExtProcArgs) -> anyhow::Result<perf::extproc::ExtProcPerf> {
+    let phases = a
+        .phases
+        .iter()
+        .map(|p| perf::extproc::Phases::parse(p).with_context(|| format!("unknown phases {p}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let pin = match a.pin.as_str() {
+        "none" => None,
+        s => {
+            let (picker, driver) = s
+                .split_once('/')
+                .with_context(|| format!("--pin {s}: expected PICKER_CPUS/DRIVER_CPUS"))?;
+            Some((picker.to_owned(), driver.to_owned()))
+        }
+    };
+    Ok(perf::extproc::ExtProcPerf {
+        body_size: a.body,
+        phases,
+        concurrency: a.ladder.clone(),
+        connections: a.connections,
+        requests_per_step: a.requests,
+        max_step: std::time::Duration::from_secs_f64(a.max_step),
+        warmup: a.warmup,
+        backends: a.backends,
+        pin,
+    })
+}
+
 fn scrape_settings(a: &ScrapeArgs) -> anyhow::Result<perf::scrape::ScrapePerf> {
     let page = if a.page == "sim" {
         perf::scrape::Page::Simulated
@@ -688,9 +779,28 @@ async fn perf(what: PerfCmd, command: &str) -> anyhow::Result<()> {
             let m = perf::footprint::index_memory(a.blocks, a.endpoints);
             println!("{}", index_markdown(&m));
         }
+        PerfCmd::Scale(a) => {
+            let bin = Binaries::locate()?;
+            println!("{}", scale(&bin, &a).await?);
+        }
+        PerfCmd::ExtProc(a) => {
+            let bin = Binaries::locate()?;
+            let settings = extproc_settings(&a)?;
+            let points = perf::extproc::run(&bin, &settings).await?;
+            println!("{}", perf::extproc::markdown(&points, &settings));
+        }
         PerfCmd::All(a) => perf_all(&a, command).await?,
     }
     Ok(())
+}
+
+async fn scale(bin: &Binaries, a: &ScaleArgs) -> anyhow::Result<String> {
+    let mut points = Vec::new();
+    for &n in &a.endpoints {
+        eprintln!("scale: {n} endpoints...");
+        points.push(perf::scale::run_one(bin, n, a.per_process, a.requests, &a.interval).await?);
+    }
+    Ok(perf::scale::markdown(&points, &a.interval))
 }
 
 async fn perf_all(a: &AllPerfArgs, command: &str) -> anyhow::Result<()> {
@@ -712,7 +822,7 @@ async fn perf_all(a: &AllPerfArgs, command: &str) -> anyhow::Result<()> {
     }
     eprintln!("index memory...");
     let m = perf::footprint::index_memory(1_000_000, 64);
-    let _ = writeln!(md, "## 4. Prefix index memory\n\n{}", index_markdown(&m));
+    let _ = writeln!(md, "## 2. Prefix index memory\n\n{}", index_markdown(&m));
     eprintln!("decision times...");
     let grid = decisions(
         &DecisionArgs {
@@ -725,13 +835,13 @@ async fn perf_all(a: &AllPerfArgs, command: &str) -> anyhow::Result<()> {
     )?;
     let _ = writeln!(
         md,
-        "## 5. Decision time against pool size and prompt length (in process, default config)\n\n{grid}"
+        "## 3. Decision time against pool size and prompt length (in process, default config)\n\n{grid}"
     );
     eprintln!("gateway overhead...");
     let points = perf::gateway::run(&bin, &gateway_settings(&a.gateway)?).await?;
     let _ = writeln!(
         md,
-        "## 2. Overhead through Envoy\n\n{}",
+        "## 4. Overhead through Envoy\n\n{}",
         perf::gateway::markdown(&points)
     );
     eprintln!("scraping...");
@@ -747,8 +857,29 @@ async fn perf_all(a: &AllPerfArgs, command: &str) -> anyhow::Result<()> {
     }
     let _ = writeln!(
         md,
-        "## 3. Scraping 256 endpoints every 50 ms\n\n{}",
+        "## 5. Scraping 256 endpoints every 50 ms\n\n{}",
         perf::scrape::markdown(&scrapes)
+    );
+    eprintln!("scale-out...");
+    let sc = scale(
+        &bin,
+        &ScaleArgs {
+            endpoints: vec![64, 256, 1024],
+            per_process: 256,
+            requests: 2000,
+            interval: "500ms".into(),
+        },
+    )
+    .await?;
+    let _ = writeln!(md, "## 6. Scale-out through the real picker\n\n{sc}");
+    // Last: it pins this process to one CPU for the rest of its life.
+    eprintln!("one picker core over ext_proc...");
+    let settings = extproc_settings(&ExtProcArgs::defaults())?;
+    let points = perf::extproc::run(&bin, &settings).await?;
+    let _ = writeln!(
+        md,
+        "## 7. One picker core, driven over ext_proc directly\n\n`target/release/epp-bench perf ext-proc`: no Envoy and no HTTP client; the driver sends each request's ext_proc messages itself.\n\n{}",
+        perf::extproc::markdown(&points, &settings)
     );
     let path = a.out.join("perf.md");
     std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
@@ -801,7 +932,9 @@ fn perf_micro_table(text: &str) -> String {
                 .trim_start_matches('[')
                 .trim_end_matches(']');
             let parts: Vec<&str> = inner.split_whitespace().collect();
-            if parts.len() >= 6 {
+            // Criterion's "change:" block repeats `time:` with percentages
+            // against the previous run; only absolute times belong here.
+            if parts.len() >= 6 && !inner.contains('%') {
                 let _ = writeln!(
                     md,
                     "| {name} | {} {} | {} {} .. {} {} |",
@@ -819,4 +952,20 @@ fn perf_micro_table(text: &str) -> String {
         );
     }
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::perf_micro_table;
+
+    #[test]
+    fn micro_table_keeps_absolute_times_and_drops_change_lines() {
+        let out = "hash_prompt/16KiB       time:   [1.0 µs 1.1 µs 1.2 µs]\n                        change:\n                        time:   [−9.7% −8.0% −6.4%] (p = 0.00 < 0.05)\n                        Performance has improved.\n";
+        let md = perf_micro_table(out);
+        assert!(
+            md.contains("| hash_prompt/16KiB | 1.1 µs | 1.0 µs .. 1.2 µs |"),
+            "{md}"
+        );
+        assert!(!md.contains('%'), "{md}");
+    }
 }

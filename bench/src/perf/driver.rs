@@ -44,7 +44,8 @@ impl DriveResult {
 pub struct DriveSpec {
     pub target: SocketAddr,
     pub path: String,
-    pub body: Bytes,
+    /// Sent in turn; several distinct bodies spread prompts over the pool.
+    pub bodies: Vec<Bytes>,
     /// When set, each request carries `x-gateway-destination-endpoint`
     /// naming these in turn (the gateway-alone path: the client routes).
     pub destinations: Vec<String>,
@@ -101,7 +102,11 @@ pub async fn drive(spec: &DriveSpec) -> DriveResult {
                     let d = &spec.destinations[(i + w) % spec.destinations.len()];
                     req = req.header("x-gateway-destination-endpoint", d.as_str());
                 }
-                let Ok(req) = req.body(Full::new(spec.body.clone())) else {
+                let Some(body) = spec.bodies.get((i + w) % spec.bodies.len().max(1)) else {
+                    errors += 1;
+                    break;
+                };
+                let Ok(req) = req.body(Full::new(body.clone())) else {
                     errors += 1;
                     continue;
                 };

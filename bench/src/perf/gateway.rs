@@ -124,6 +124,18 @@ pub fn body_of(size: usize) -> Bytes {
     Bytes::from(s)
 }
 
+/// `groups` bodies of about `size` bytes whose prompts differ from their
+/// first block, so the prefix index fills and affinity spreads them over the
+/// pool instead of sending every request to one endpoint.
+pub fn grouped_bodies(size: usize, groups: usize) -> Vec<Bytes> {
+    let base = String::from_utf8_lossy(&body_of(size)).into_owned();
+    (0..groups.max(1))
+        .map(|g| {
+            Bytes::from(base.replacen("\"prompt\":\"", &format!("\"prompt\":\"group {g:02} "), 1))
+        })
+        .collect()
+}
+
 struct Running {
     gateway: SocketAddr,
     server: Option<Proc>,
@@ -268,7 +280,7 @@ async fn measure(
     let mut spec = DriveSpec {
         target: running.gateway,
         path: "/v1/completions".into(),
-        body: body.clone(),
+        bodies: vec![body.clone()],
         destinations: if path == GatewayPath::Envoy {
             destinations.to_vec()
         } else {

@@ -6,16 +6,21 @@
 //! - [`scrape`]: CPU and memory of scraping many endpoints at 50 ms;
 //! - [`footprint`]: decision time against pool size and prompt length, and
 //!   prefix-index memory per block (in process, on the picker's library);
+//! - [`scale`]: the real picker with pools of up to 1,024 simulated pods;
+//! - [`extproc`]: the picker alone on one core, driven over ext_proc
+//!   directly (no Envoy, no HTTP load generator);
 //! - [`noop`]: the no-op ext_proc server itself.
 //!
 //! `epp-bench perf all` runs everything and writes bench/results/perf.md.
 
 pub mod backend;
 pub mod driver;
+pub mod extproc;
 pub mod footprint;
 pub mod gateway;
 pub mod noop;
 pub mod proc_stats;
+pub mod scale;
 pub mod scrape;
 
 use crate::sim::SimConfig;

@@ -249,7 +249,7 @@ impl Proc {
         tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     }
 
-    fn check_running(&mut self) -> Result<(), StackError> {
+    pub fn check_running(&mut self) -> Result<(), StackError> {
         if let Ok(Some(status)) = self.child.try_wait() {
             return Err(StackError::Exited {
                 what: self.what,

@@ -1,0 +1,199 @@
+//! Scale-out through the real picker: pools of simulated pods (several
+//! simulator runtimes), the picker discovering them from a file, Envoy in
+//! front, a short load; the picker's own scheduling histogram and memory as
+//! the pool grows.
+
+use std::{fmt::Write as _, time::Duration};
+
+use super::{
+    driver::{DriveSpec, drive},
+    gateway::grouped_bodies,
+    proc_stats::ProcStats,
+};
+use crate::{
+    load::{client::http_client, runner::get_text},
+    sim::SimFleet,
+    stack::{
+        Binaries, EnvoyOptions, SimRuntime, StackError, endpoints_yaml, start_envoy, start_epp,
+        wait_scraped,
+    },
+};
+
+#[derive(Debug, Clone)]
+pub struct ScalePoint {
+    pub endpoints: usize,
+    pub sim_processes: usize,
+    pub requests: usize,
+    pub errors: usize,
+    pub decision_mean_us: f64,
+    /// Upper bound of the histogram bucket holding the 99th percentile.
+    pub decision_p99_bucket_us: f64,
+    pub rss_mb: f64,
+    pub throughput: f64,
+}
+
+/// Mean and p99 bucket of a Prometheus histogram from its text exposition.
+fn histogram(text: &str, name: &str) -> (f64, f64) {
+    let value = |line: &str| line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+    let sum = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}_sum")))
+        .and_then(value)
+        .unwrap_or(0.0);
+    let count = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}_count")))
+        .and_then(value)
+        .unwrap_or(0.0);
+    let mut p99 = f64::NAN;
+    for l in text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}_bucket")))
+    {
+        let le = l
+            .split("le=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .and_then(|v| v.parse::<f64>().ok());
+        if let (Some(le), Some(n)) = (le, value(l))
+            && n >= 0.99 * count
+        {
+            p99 = le;
+            break;
+        }
+    }
+    (if count > 0.0 { sum / count } else { 0.0 }, p99)
+}
+
+/// Runs one pool size.
+pub async fn run_one(
+    bin: &Binaries,
+    endpoints: usize,
+    per_process: usize,
+    requests: usize,
+    interval: &str,
+) -> Result<ScalePoint, StackError> {
+    let dir = tempfile::tempdir()?;
+    let client = http_client(4);
+    // Several simulator runtimes ("processes" of pods), each on its thread.
+    let groups = endpoints.div_ceil(per_process.max(1));
+    let mut runtimes: Vec<(SimRuntime, SimFleet)> = Vec::with_capacity(groups);
+    let mut urls = Vec::with_capacity(endpoints);
+    for g in 0..groups {
+        let rt = SimRuntime::new()?;
+        let mut cfg = super::default_sim_config();
+        cfg.pods =
+            u16::try_from((endpoints - g * per_process).min(per_process)).unwrap_or(u16::MAX);
+        cfg.base_port = 0;
+        // The same model name the gateway bodies carry.
+        cfg.model = "m".to_owned();
+        // Fast pods: what is measured is the picker, not the model.
+        cfg.itl_ms = 1.0;
+        cfg.prefill_us_per_token = 1.0;
+        cfg.prefill_overhead_ms = 0.0;
+        let fleet = rt.spawn_fleet(cfg).await?;
+        urls.extend(fleet.urls());
+        runtimes.push((rt, fleet));
+    }
+    let addrs: Vec<std::net::SocketAddr> = urls
+        .iter()
+        .filter_map(|u| u.trim_start_matches("http://").parse().ok())
+        .collect();
+    let file = dir.path().join("endpoints.yaml");
+    std::fs::write(&file, endpoints_yaml(&addrs))?;
+    let extra = vec![
+        "--refresh-metrics-interval".to_owned(),
+        interval.to_owned(),
+        "--fallback-endpoints".to_owned(),
+        "0".to_owned(),
+    ];
+    let (mut epp, eaddrs) = start_epp(
+        bin,
+        &bin.repo.join("config/default.yaml"),
+        &extra,
+        &file,
+        false,
+        dir.path(),
+    )
+    .await?;
+    wait_scraped(&client, eaddrs.metrics, addrs.len(), Some(&mut epp)).await?;
+    let mut opts = EnvoyOptions::new(eaddrs.ext_proc.port(), addrs.clone());
+    opts.response_bodies = true;
+    let (_envoy, _admin, listen) =
+        start_envoy(bin, &opts, 1, dir.path(), dir.path(), &client).await?;
+    // 16 KiB prompts in 64 groups that differ from their first block, so
+    // the index fills and affinity spreads them over the pool.
+    let bodies = grouped_bodies(16 << 10, 64);
+    let spec = DriveSpec {
+        target: listen,
+        path: "/v1/completions".into(),
+        bodies,
+        destinations: Vec::new(),
+        concurrency: 8,
+        max_requests: requests,
+        max_duration: Duration::from_secs(60),
+    };
+    let r = drive(&spec).await;
+    let text = get_text(
+        &client,
+        &format!("http://{}/metrics", eaddrs.metrics),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap_or_default();
+    let (mean, p99) = histogram(&text, "inference_extension_scheduler_e2e_duration_seconds");
+    let rss = ProcStats::read(epp.pid()).map_or(0.0, |s| s.rss_kb as f64 / 1024.0);
+    drop(epp);
+    drop(runtimes);
+    Ok(ScalePoint {
+        endpoints: addrs.len(),
+        sim_processes: groups,
+        requests: r.latencies_ms.len(),
+        errors: r.errors,
+        decision_mean_us: mean * 1e6,
+        decision_p99_bucket_us: p99 * 1e6,
+        rss_mb: rss,
+        throughput: r.throughput(),
+    })
+}
+
+pub fn markdown(points: &[ScalePoint], interval: &str) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "Through the real picker and Envoy, 16 KiB completions at concurrency 8, pods scraped every {interval}:\n"
+    );
+    let _ = writeln!(
+        md,
+        "| endpoints | simulator runtimes | requests (errors) | throughput | scheduling mean (picker histogram) | scheduling p99 bucket | picker RSS |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+    for p in points {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} ({}) | {:.0} req/s | {:.1} µs | ≤ {:.0} µs | {:.1} MiB |",
+            p.endpoints,
+            p.sim_processes,
+            p.requests,
+            p.errors,
+            p.throughput,
+            p.decision_mean_us,
+            p.decision_p99_bucket_us,
+            p.rss_mb
+        );
+    }
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_mean_and_p99_bucket() {
+        let text = "h_bucket{le=\"0.00001\"} 50\nh_bucket{le=\"0.00002\"} 98\nh_bucket{le=\"0.00005\"} 100\nh_bucket{le=\"+Inf\"} 100\nh_sum 0.0015\nh_count 100\n";
+        let (mean, p99) = histogram(text, "h");
+        assert!((mean - 0.000015).abs() < 1e-12);
+        assert_eq!(p99, 0.00005);
+    }
+}
