@@ -73,6 +73,12 @@ pub struct Endpoint {
     /// Requests routed here since the last successful scrape and still in
     /// flight: the scrape cannot have seen them, so the queue scorer adds them.
     dispatched_since_scrape: AtomicU32,
+    /// Requests of this picker that a scrape may have seen running and that
+    /// finished after it: the scrape still counts them, but they are ours and
+    /// gone, so they must not read as someone else's load. Without this, a
+    /// conversation's next turn, sent right after the previous one finished,
+    /// sees its own pod as busy until the next scrape and loses its cache.
+    finished_since_scrape: AtomicU32,
     /// Incremented at every successful scrape; a request remembers the value
     /// it was routed under to know whether the scrape has seen it since.
     scrape_seq: AtomicU64,
@@ -92,6 +98,7 @@ impl Endpoint {
             metrics: EndpointMetrics::default(),
             in_flight: AtomicU32::new(0),
             dispatched_since_scrape: AtomicU32::new(0),
+            finished_since_scrape: AtomicU32::new(0),
             scrape_seq: AtomicU64::new(0),
             prefill_backlog: AtomicU64::new(0),
         }
@@ -112,6 +119,11 @@ impl Endpoint {
 
     pub fn dispatched_since_scrape(&self) -> u32 {
         self.dispatched_since_scrape.load(Ordering::Relaxed)
+    }
+
+    /// Requests routed before the last scrape that have finished since.
+    pub fn finished_since_scrape(&self) -> u32 {
+        self.finished_since_scrape.load(Ordering::Relaxed)
     }
 
     /// Estimated prompt tokens waiting to be prefilled here.
@@ -140,6 +152,7 @@ impl Endpoint {
         self.metrics.store(sample, at, epoch);
         self.scrape_seq.fetch_add(1, Ordering::Relaxed);
         self.dispatched_since_scrape.store(0, Ordering::Relaxed);
+        self.finished_since_scrape.store(0, Ordering::Relaxed);
     }
 }
 
@@ -178,6 +191,9 @@ impl Drop for InFlightGuard {
             let _ =
                 e.dispatched_since_scrape
                     .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        } else {
+            // A scrape since routing may still show it running.
+            e.finished_since_scrape.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -503,12 +519,16 @@ mod tests {
             1,
             "a finished request leaves the estimate"
         );
+        assert_eq!(e.finished_since_scrape(), 0, "no scrape saw g1");
         e.record_scrape(&MetricsSample::default(), Instant::now(), store.epoch());
         assert_eq!(e.dispatched_since_scrape(), 0);
         drop(g2);
         assert_eq!(e.in_flight(), 0);
         assert_eq!(e.dispatched_since_scrape(), 0, "never underflows");
+        assert_eq!(e.finished_since_scrape(), 1, "the scrape may show g2");
         assert_eq!(e.prefill_backlog(), 0);
+        e.record_scrape(&MetricsSample::default(), Instant::now(), store.epoch());
+        assert_eq!(e.finished_since_scrape(), 0);
     }
 
     #[test]

@@ -67,6 +67,8 @@ pub struct Candidate<'s> {
     pub waiting: u32,
     /// Of `waiting`, the requests routed here since the scrape.
     pub dispatched_since_scrape: u32,
+    /// Requests of this picker the scrape may count that have finished since.
+    pub finished_since_scrape: u32,
     pub running: u32,
     pub kv_usage: f64,
     /// Requests this picker routed here that are still in flight.
@@ -87,6 +89,7 @@ impl<'s> Candidate<'s> {
             endpoint,
             waiting: m.waiting.saturating_add(dispatched),
             dispatched_since_scrape: dispatched,
+            finished_since_scrape: endpoint.finished_since_scrape(),
             running: m.running,
             kv_usage: m.kv_usage,
             in_flight: endpoint.in_flight(),

@@ -238,9 +238,13 @@ impl PrefillCostScorer {
     pub fn cost(&self, cycle: &Cycle<'_>, c: &Candidate<'_>) -> f64 {
         let uncached = f64::from(cycle.uncached_tokens(c));
         // What the last scrape saw, minus this picker's requests that were
-        // already in flight then: requests someone else sent.
+        // already routed then (still in flight, or finished since): requests
+        // someone else sent.
         let scraped = c.waiting - c.dispatched_since_scrape + c.running;
-        let ours_then = c.in_flight.saturating_sub(c.dispatched_since_scrape);
+        let ours_then = c
+            .in_flight
+            .saturating_sub(c.dispatched_since_scrape)
+            .saturating_add(c.finished_since_scrape);
         let untracked = f64::from(scraped.saturating_sub(ours_then));
         let pressure = if self.kv_high_watermark < 1.0 {
             ((c.kv_usage - self.kv_high_watermark) / (1.0 - self.kv_high_watermark)).max(0.0)

@@ -152,6 +152,38 @@ fn prefill_cost_spills_a_hot_prefix_when_its_endpoint_is_busy() {
     assert!(!Arc::ptr_eq(&d.endpoints[0], &hot));
 }
 
+/// A conversation's next turn, sent right after the previous one finished,
+/// must not count that finished request (which the last scrape still shows
+/// running) as someone else's load and leave its cache for it; a request the
+/// picker did not route still counts.
+#[test]
+fn prefill_cost_does_not_mistake_our_finished_request_for_foreign_load() {
+    let store = store_with(&[1, 2], &[idle(), idle()]);
+    let s = scheduler(crate::config::DEFAULT_CONFIG, 0, &store);
+    let p = prompt(LONG);
+    let route = || {
+        s.schedule(&facts(&p), &store.snapshot(), Purpose::Route)
+            .unwrap()
+            .endpoints[0]
+            .clone()
+    };
+    let hot = route();
+    let running = MetricsSample {
+        running: 1,
+        ..idle()
+    };
+    let turn = hot.begin_request(0);
+    hot.record_scrape(&running, std::time::Instant::now(), store.epoch());
+    drop(turn);
+    assert!(
+        Arc::ptr_eq(&route(), &hot),
+        "ours, finished since the scrape"
+    );
+    // The next scrape still shows one running request, now not ours.
+    hot.record_scrape(&running, std::time::Instant::now(), store.epoch());
+    assert!(!Arc::ptr_eq(&route(), &hot), "foreign load still spills");
+}
+
 #[test]
 fn fallbacks_are_distinct_and_bounded() {
     let store = store_with(&[1, 2, 3], &[idle(), idle(), idle()]);

@@ -63,8 +63,11 @@ async fn shared_prefix_workload_through_the_local_stack() {
         "20",
         "--output-tokens",
         "4",
+        // One session at a time: with no competing load a turn has no reason
+        // to leave its cache, so anything below full stickiness is a routing
+        // fault, not a trade-off the scorer made against a queue.
         "--concurrency",
-        "2",
+        "1",
         "--max-duration",
         "60",
     ]);
@@ -98,8 +101,11 @@ async fn multi_turn_workload_through_the_local_stack() {
         "50",
         "--output-tokens",
         "4",
+        // One session at a time: with no competing load a turn has no reason
+        // to leave its cache, so anything below full stickiness is a routing
+        // fault, not a trade-off the scorer made against a queue.
         "--concurrency",
-        "2",
+        "1",
         "--max-duration",
         "60",
     ]);

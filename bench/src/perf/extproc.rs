@@ -43,10 +43,7 @@ use super::{
     gateway::grouped_bodies,
     proc_stats::ProcStats,
 };
-use crate::{
-    load::client::http_client,
-    stack::{Binaries, StackError, endpoints_yaml, start_epp, wait_scraped},
-};
+use crate::stack::{Binaries, StackError, start_scraped_epp};
 
 /// The header the picker names the destination in.
 const DESTINATION: &str = "x-gateway-destination-endpoint";
@@ -379,31 +376,14 @@ pub async fn run(bin: &Binaries, p: &ExtProcPerf) -> Result<Vec<ExtProcPoint>, S
     let mut points = Vec::new();
     for &phases in &p.phases {
         let dir = tempfile::tempdir()?;
-        let endpoints = dir.path().join("endpoints.yaml");
-        std::fs::write(&endpoints, endpoints_yaml(&backends.addrs))?;
         let mut extra = vec!["--fallback-endpoints".to_owned(), "0".to_owned()];
         if phases == Phases::Lean {
             extra.extend(["--response-processing".to_owned(), "minimal".to_owned()]);
         }
-        let (mut epp, addrs) = start_epp(
-            bin,
-            &bin.repo.join("config/default.yaml"),
-            &extra,
-            &endpoints,
-            false,
-            dir.path(),
-        )
-        .await?;
+        let (mut epp, addrs) = start_scraped_epp(bin, &backends.addrs, &extra, dir.path()).await?;
         if pinned && let Some((picker, _)) = &p.pin {
             pin(epp.pid(), picker);
         }
-        wait_scraped(
-            &http_client(2),
-            addrs.metrics,
-            backends.addrs.len(),
-            Some(&mut epp),
-        )
-        .await?;
         let clients = connect(addrs.ext_proc, p.connections.max(1)).await?;
         let scripts: Arc<Vec<Script>> =
             Arc::new(bodies.iter().map(|b| script(b, phases)).collect());

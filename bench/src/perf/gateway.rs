@@ -26,8 +26,7 @@ use super::{
     proc_stats::ProcStats,
 };
 use crate::stack::{
-    Binaries, BodyMode, EnvoyOptions, Proc, StackError, endpoints_yaml, start_envoy, start_epp,
-    wait_scraped,
+    Binaries, BodyMode, EnvoyOptions, Proc, StackError, start_envoy, start_scraped_epp,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,22 +178,11 @@ async fn start_path(
             server = Some(p);
         }
         GatewayPath::Epp | GatewayPath::EppLean | GatewayPath::EppBufferedLean => {
-            let endpoints = dir.join("endpoints.yaml");
-            std::fs::write(&endpoints, endpoints_yaml(backends))?;
             let mut extra = vec!["--fallback-endpoints".to_owned(), "0".to_owned()];
             if path.lean() {
                 extra.extend(["--response-processing".to_owned(), "minimal".to_owned()]);
             }
-            let (mut p, addrs) = start_epp(
-                bin,
-                &bin.repo.join("config/default.yaml"),
-                &extra,
-                &endpoints,
-                false,
-                dir,
-            )
-            .await?;
-            wait_scraped(&client, addrs.metrics, backends.len(), Some(&mut p)).await?;
+            let (p, addrs) = start_scraped_epp(bin, backends, &extra, dir).await?;
             opts.epp_port = addrs.ext_proc.port();
             if path == GatewayPath::EppBufferedLean {
                 opts.body_mode = BodyMode::Buffered;

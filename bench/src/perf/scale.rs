@@ -13,10 +13,7 @@ use super::{
 use crate::{
     load::{client::http_client, runner::get_text},
     sim::SimFleet,
-    stack::{
-        Binaries, EnvoyOptions, SimRuntime, StackError, endpoints_yaml, start_envoy, start_epp,
-        wait_scraped,
-    },
+    stack::{Binaries, EnvoyOptions, SimRuntime, StackError, start_envoy, start_scraped_epp},
 };
 
 #[derive(Debug, Clone)]
@@ -99,24 +96,13 @@ pub async fn run_one(
         .iter()
         .filter_map(|u| u.trim_start_matches("http://").parse().ok())
         .collect();
-    let file = dir.path().join("endpoints.yaml");
-    std::fs::write(&file, endpoints_yaml(&addrs))?;
     let extra = vec![
         "--refresh-metrics-interval".to_owned(),
         interval.to_owned(),
         "--fallback-endpoints".to_owned(),
         "0".to_owned(),
     ];
-    let (mut epp, eaddrs) = start_epp(
-        bin,
-        &bin.repo.join("config/default.yaml"),
-        &extra,
-        &file,
-        false,
-        dir.path(),
-    )
-    .await?;
-    wait_scraped(&client, eaddrs.metrics, addrs.len(), Some(&mut epp)).await?;
+    let (epp, eaddrs) = start_scraped_epp(bin, &addrs, &extra, dir.path()).await?;
     let mut opts = EnvoyOptions::new(eaddrs.ext_proc.port(), addrs.clone());
     opts.response_bodies = true;
     let (_envoy, _admin, listen) =

@@ -11,7 +11,7 @@ use super::{backend::StaticBackends, proc_stats::ProcStats};
 use crate::{
     load::{client::http_client, runner::get_text},
     sim::SimConfig,
-    stack::{Binaries, SimRuntime, StackError, endpoints_yaml, start_epp, wait_scraped},
+    stack::{Binaries, SimRuntime, StackError, start_scraped_epp},
 };
 
 #[derive(Debug, Clone)]
@@ -89,19 +89,8 @@ pub async fn run(bin: &Binaries, p: &ScrapePerf) -> Result<ScrapeResult, StackEr
             (addrs, page, "simulated pods (vllm-sim page)".to_owned())
         }
     };
-    let endpoints = dir.path().join("endpoints.yaml");
-    std::fs::write(&endpoints, endpoints_yaml(&addrs))?;
     let extra = vec!["--refresh-metrics-interval".to_owned(), p.interval.clone()];
-    let (mut epp, eaddrs) = start_epp(
-        bin,
-        &bin.repo.join("config/default.yaml"),
-        &extra,
-        &endpoints,
-        false,
-        dir.path(),
-    )
-    .await?;
-    wait_scraped(&client, eaddrs.metrics, addrs.len(), Some(&mut epp)).await?;
+    let (epp, eaddrs) = start_scraped_epp(bin, &addrs, &extra, dir.path()).await?;
     // Let connection pools and buffers reach their steady size first.
     tokio::time::sleep(Duration::from_secs(5)).await;
 

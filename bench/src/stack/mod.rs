@@ -523,6 +523,24 @@ pub async fn start_epp(
     }
 }
 
+/// The picker as the perf measurements run it: default config, plaintext,
+/// discovering `pods` from an endpoints file in `dir`, returned once it has
+/// scraped every pod (so the first measured request sees a full pool).
+pub async fn start_scraped_epp(
+    bin: &Binaries,
+    pods: &[SocketAddr],
+    extra: &[String],
+    dir: &Path,
+) -> Result<(Proc, EppAddrs), StackError> {
+    let endpoints = dir.join("endpoints.yaml");
+    std::fs::write(&endpoints, endpoints_yaml(pods))?;
+    let config = bin.repo.join("config/default.yaml");
+    let (mut epp, addrs) = start_epp(bin, &config, extra, &endpoints, false, dir).await?;
+    let client = crate::load::client::http_client(2);
+    wait_scraped(&client, addrs.metrics, pods.len(), Some(&mut epp)).await?;
+    Ok((epp, addrs))
+}
+
 /// Waits until the picker has scraped every pod at least twice.
 pub async fn wait_scraped(
     client: &HttpClient,
