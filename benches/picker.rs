@@ -174,6 +174,26 @@ fn bench_index(c: &mut Criterion) {
             },
         );
     }
+    // A hot prefix replicated on every endpoint (what load spreading does to
+    // a shared system prompt): each block has as many holders as endpoints.
+    for endpoints in [8u16, 16, 64] {
+        let idx = PrefixIndex::new();
+        let hashes: Vec<u64> = (1..=256).collect();
+        for slot in 0..endpoints {
+            idx.record(slot, u64::from(slot) + 1, u32::MAX, &hashes);
+        }
+        let cands: Vec<(u16, u64)> = (0..endpoints).map(|s| (s, u64::from(s) + 1)).collect();
+        let mut out = Vec::new();
+        g.bench_function(
+            BenchmarkId::new("match_256_blocks_held_by_every_endpoint", endpoints),
+            |b| {
+                b.iter(|| {
+                    idx.longest_matches(&hashes, &cands, &mut out);
+                    black_box(out[0])
+                })
+            },
+        );
+    }
     g.finish();
 }
 
