@@ -47,6 +47,10 @@ use crate::{
     scheduling::Purpose,
 };
 
+/// Most a request body buffer is sized to before its bytes arrive (from
+/// Content-Length); larger bodies grow as they come.
+const RESERVE_LIMIT: usize = 1 << 20;
+
 /// Settings shared by every stream.
 #[derive(Debug, Clone)]
 pub struct StreamSettings {
@@ -129,6 +133,10 @@ pub struct ExtProcStream {
     /// Routing headers the client sent that must be removed.
     forbidden_present: Vec<&'static str>,
     body: Vec<u8>,
+    /// The request's Content-Length when it declared one within the limit:
+    /// the body buffer is sized once instead of doubling per chunk (each
+    /// doubling copies everything received so far).
+    declared_len: usize,
     /// The forwarded request body has ended (or there was none).
     request_body_done: bool,
     active: Option<Active>,
@@ -153,6 +161,7 @@ impl ExtProcStream {
             subset: None,
             forbidden_present: Vec::new(),
             body: Vec::new(),
+            declared_len: 0,
             request_body_done: false,
             active: None,
             response: ResponseState::default(),
@@ -217,6 +226,8 @@ impl ExtProcStream {
             self.reject_too_large(out);
             return;
         }
+        // Within max_request_body (checked above), so it fits in usize.
+        self.declared_len = declared_len.map_or(0, |n| usize::try_from(n).unwrap_or(0));
 
         let buffered = matches!(self.request_mode, BUFFERED | BUFFERED_PARTIAL);
         if h.end_of_stream || !(buffered || self.request_mode == FULL_DUPLEX) {
@@ -259,7 +270,16 @@ impl ExtProcStream {
             RequestPhase::Headers | RequestPhase::Rejected => return,
         }
         if self.body.is_empty() {
-            self.body = b.body; // first chunk: take it without copying
+            if self.declared_len > b.body.len() {
+                // More chunks follow: one allocation of the final size, but
+                // never more up front than RESERVE_LIMIT, so a client that
+                // declares a large body and sends a few bytes cannot make
+                // every stream hold megabytes.
+                self.body = Vec::with_capacity(self.declared_len.min(RESERVE_LIMIT));
+                self.body.extend_from_slice(&b.body);
+            } else {
+                self.body = b.body; // the whole body: take it without copying
+            }
         } else {
             self.body.extend_from_slice(&b.body);
         }

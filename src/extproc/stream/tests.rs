@@ -221,6 +221,40 @@ fn full_duplex_defers_headers_until_the_body_is_complete() {
     assert_eq!(h.in_flight(), 1);
 }
 
+/// With a Content-Length the body buffer is sized up front; the body that
+/// goes on must still be exactly the chunks received, whether the declared
+/// length is right, too small or huge.
+#[test]
+fn bodies_with_a_declared_length_reassemble_across_chunks() {
+    for declared in [BODY.len(), 5, 1 << 20] {
+        let mut h = Harness::new(settings());
+        let mut hdrs = post("/v1/completions");
+        if let Some(map) = hdrs.headers.as_mut() {
+            map.headers.push(HeaderValue {
+                key: "content-length".into(),
+                value: String::new(),
+                raw_value: declared.to_string().into_bytes(),
+            });
+        }
+        assert!(
+            h.send(first(
+                BodySendMode::FullDuplexStreamed,
+                Request::RequestHeaders(hdrs)
+            ))
+            .is_empty()
+        );
+        assert!(h.send(msg(body(&BODY[..7], false))).is_empty());
+        assert!(h.send(msg(body(&BODY[7..40], false))).is_empty());
+        let out = h.send(msg(body(&BODY[40..], true)));
+        assert_eq!(out.len(), 2, "declared {declared}");
+        assert_eq!(
+            streamed(&out[1]),
+            (BODY.to_vec(), true),
+            "declared {declared}"
+        );
+    }
+}
+
 #[test]
 fn buffered_mode_answers_headers_at_once_and_routes_in_the_body_answer() {
     let mut h = Harness::new(settings());
