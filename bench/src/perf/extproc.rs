@@ -93,6 +93,9 @@ pub struct ExtProcPerf {
     pub pin: Option<(String, String)>,
 }
 
+/// How to read the table (printed with it).
+const NOTE: &str = "Each request is one bidi stream, message for message as Envoy sends them (request headers with `protocol_config`, the body, response headers, and in the `full` profile a response body), over HTTP/2 connections as Envoy workers would open them. The picker is pinned to one CPU and the driver to the other, so the picker has exactly one core; it routes with its default config over 8 static endpoints scraped every 50 ms. \"Picker core busy\" near 100% means the figure is the picker's own ceiling, not the driver's; the one-core capacity column is 1 / (CPU time per request).";
+
 /// One measured step.
 #[derive(Debug, Clone)]
 pub struct ExtProcPoint {
@@ -455,6 +458,7 @@ async fn connect(
 /// The markdown section of perf.md for these points.
 pub fn markdown(points: &[ExtProcPoint], p: &ExtProcPerf) -> String {
     let mut s = String::new();
+    let _ = writeln!(s, "{NOTE}\n");
     let _ = writeln!(
         s,
         "Body {} bytes in 64 prompt groups, {} HTTP/2 connection(s), {}.\n",

@@ -77,6 +77,9 @@ impl GatewayPath {
     }
 }
 
+/// How to read the tables (printed with them).
+const NOTE: &str = "Static backends (answers cost nothing), Envoy 1.40 with one worker, the HTTP load driver, the ext_proc server and the backends all on the same two cores. Paths: `envoy` routes by a destination header the client sets (no ext_proc); `noop` is `noop-extproc` (buffers the body, names an endpoint round robin, passes everything back: the protocol's floor); `epp` is the picker with its default config; `lean` paths do not send response bodies to ext_proc; `buffered + lean` also sends the request body in one BUFFERED message. Each step runs every path back to back, three times in rotation, and keeps each path's best run; on two shared cores, throughput of the same path still varies by about 10% between whole runs.";
+
 /// Settings of the gateway overhead measurement.
 #[derive(Debug, Clone)]
 pub struct GatewayPerf {
@@ -319,6 +322,7 @@ fn kib(size: usize) -> String {
 /// The markdown section of perf.md for these points.
 pub fn markdown(points: &[GatewayPoint]) -> String {
     let mut out = String::new();
+    let _ = writeln!(out, "{NOTE}\n");
     let base = |body: usize, conc: usize| {
         points
             .iter()

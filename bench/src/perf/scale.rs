@@ -62,6 +62,9 @@ fn histogram(text: &str, name: &str) -> (f64, f64) {
     (if count > 0.0 { sum / count } else { 0.0 }, p99)
 }
 
+/// How to read the table (printed with it).
+const NOTE: &str = "The simulated pods are made nearly free (no prefill overhead, 1 µs per prompt token, 1 ms per output token) so that what saturates is the stack itself: the load driver, Envoy, the simulators and the picker share the two cores. Prompts are 16 KiB in 64 groups that differ from their first block, so the prefix index fills and affinity spreads them. The scheduling time is read from the picker's own `inference_extension_scheduler_e2e_duration_seconds`, so with the CPU saturated it includes waiting for a core; its bucket boundaries are the Go EPP's, so the p99 can only be given as a bucket.";
+
 /// Runs one pool size.
 pub async fn run_one(
     bin: &Binaries,
@@ -147,7 +150,8 @@ pub fn markdown(points: &[ScalePoint], interval: &str) -> String {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "Through the real picker and Envoy, 16 KiB completions at concurrency 8, pods scraped every {interval}:\n"
+        "Through the real picker and Envoy, 16 KiB completions at concurrency 8, pods scraped every {interval}. {}\n",
+        NOTE
     );
     let _ = writeln!(
         md,
