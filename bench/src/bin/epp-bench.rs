@@ -588,21 +588,6 @@ fn gateway_settings(a: &GatewayArgs) -> anyhow::Result<perf::gateway::GatewayPer
     })
 }
 
-impl ExtProcArgs {
-    /// The flags' defaults (`perf all` runs this step as `perf ext-proc` would).
-    fn defaults() -> Self {
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            a: ExtProcArgs,
-        }
-        // Every flag has a default, so parsing no arguments cannot fail.
-        Cli::try_parse_from(["ext-proc"])
-            .map(|c| c.a)
-            .unwrap_or_else(|e| panic!("ext-proc defaults do not parse: {e}"))
-    }
-}
-
 fn extproc_settings(a: &ExtProcArgs) -> anyhow::Result<perf::extproc::ExtProcPerf> {
     let phases = a
         .phases
@@ -874,7 +859,7 @@ async fn perf_all(a: &AllPerfArgs, command: &str) -> anyhow::Result<()> {
     let _ = writeln!(md, "## 6. Scale-out through the real picker\n\n{sc}");
     // Last: it pins this process to one CPU for the rest of its life.
     eprintln!("one picker core over ext_proc...");
-    let settings = extproc_settings(&ExtProcArgs::defaults())?;
+    let settings = extproc_settings(&perf::flag_defaults::<ExtProcArgs>())?;
     let points = perf::extproc::run(&bin, &settings).await?;
     let _ = writeln!(
         md,
@@ -967,5 +952,26 @@ mod tests {
             "{md}"
         );
         assert!(!md.contains('%'), "{md}");
+    }
+}
+
+#[cfg(test)]
+mod extproc_defaults {
+    use super::*;
+
+    /// `perf all` runs the ext-proc step with the subcommand's defaults: they
+    /// must parse, and the pin list must split into picker and driver CPUs.
+    #[test]
+    fn perf_all_gets_the_subcommands_defaults() {
+        let a: ExtProcArgs = perf::flag_defaults();
+        assert_eq!(a.body, 4096);
+        let s = extproc_settings(&a).expect("defaults are valid");
+        assert_eq!(s.pin, Some(("0".to_owned(), "1".to_owned())));
+        assert_eq!(s.phases.len(), 2);
+        let bad = ExtProcArgs {
+            pin: "0".into(),
+            ..a
+        };
+        assert!(extproc_settings(&bad).is_err(), "a pin without '/' is refused");
     }
 }

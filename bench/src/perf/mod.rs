@@ -27,14 +27,22 @@ use crate::sim::SimConfig;
 
 /// The simulator's default flags (as `vllm-sim` with no arguments).
 pub fn default_sim_config() -> SimConfig {
-    use clap::Parser;
-    #[derive(Parser)]
-    struct Cli {
+    flag_defaults()
+}
+
+/// A flag group's defaults, as parsing no arguments gives them (how `perf
+/// all` runs a step with the settings its own subcommand would use).
+///
+/// # Panics
+/// When a flag of `T` has no default: a programming error that the first
+/// run of the command shows.
+pub fn flag_defaults<T: clap::Args>() -> T {
+    #[derive(clap::Parser)]
+    struct Cli<A: clap::Args> {
         #[command(flatten)]
-        sim: SimConfig,
+        a: A,
     }
-    // Parsing no arguments cannot fail: every flag has a default.
-    Cli::try_parse_from(["vllm-sim"])
-        .map(|c| c.sim)
-        .unwrap_or_else(|e| panic!("vllm-sim defaults do not parse: {e}"))
+    <Cli<T> as clap::Parser>::try_parse_from(["defaults"])
+        .map(|c| c.a)
+        .unwrap_or_else(|e| panic!("flag defaults do not parse: {e}"))
 }
