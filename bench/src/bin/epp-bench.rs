@@ -972,6 +972,9 @@ mod extproc_defaults {
             pin: "0".into(),
             ..a
         };
-        assert!(extproc_settings(&bad).is_err(), "a pin without '/' is refused");
+        assert!(
+            extproc_settings(&bad).is_err(),
+            "a pin without '/' is refused"
+        );
     }
 }
