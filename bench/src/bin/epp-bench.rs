@@ -153,7 +153,7 @@ struct IndexArgs {
 struct ScaleArgs {
     #[arg(long, value_delimiter = ',', default_value = "64,256,1024")]
     endpoints: Vec<usize>,
-    /// Simulated pods per simulator runtime.
+    /// Simulated pods per vllm-sim process.
     #[arg(long, default_value_t = 256)]
     per_process: usize,
     #[arg(long, default_value_t = 2000)]

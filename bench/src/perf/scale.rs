@@ -1,9 +1,9 @@
 //! Scale-out through the real picker: pools of simulated pods (several
-//! simulator runtimes), the picker discovering them from a file, Envoy in
+//! `vllm-sim` processes), the picker discovering them from a file, Envoy in
 //! front, a short load; the picker's own scheduling histogram and memory as
 //! the pool grows.
 
-use std::{fmt::Write as _, time::Duration};
+use std::{fmt::Write as _, net::SocketAddr, path::Path, process::Command, time::Duration};
 
 use super::{
     driver::{DriveSpec, drive},
@@ -12,8 +12,7 @@ use super::{
 };
 use crate::{
     load::{client::http_client, runner::get_text},
-    sim::SimFleet,
-    stack::{Binaries, EnvoyOptions, SimRuntime, StackError, start_envoy, start_scraped_epp},
+    stack::{Binaries, EnvoyOptions, Proc, StackError, start_envoy, start_scraped_epp},
 };
 
 #[derive(Debug, Clone)]
@@ -65,6 +64,39 @@ fn histogram(text: &str, name: &str) -> (f64, f64) {
 /// How to read the table (printed with it).
 const NOTE: &str = "The simulated pods are made nearly free (no prefill overhead, 1 µs per prompt token, 1 ms per output token) so that what saturates is the stack itself: the load driver, Envoy, the simulators and the picker share the two cores. Prompts are 16 KiB in 64 groups that differ from their first block, so the prefix index fills and affinity spreads them. The scheduling time is read from the picker's own `inference_extension_scheduler_e2e_duration_seconds`, so with the CPU saturated it includes waiting for a core; its bucket boundaries are the Go EPP's, so the p99 can only be given as a bucket.";
 
+/// Starts one `vllm-sim` process hosting `pods` nearly free pods on free
+/// ports and returns it with the pods' addresses (from its stdout lines).
+async fn start_sim_process(
+    bin: &Binaries,
+    pods: usize,
+    log: &Path,
+) -> Result<(Proc, Vec<SocketAddr>), StackError> {
+    let mut cmd = Command::new(bin.epp.with_file_name("vllm-sim"));
+    cmd.args(["--pods", &pods.to_string(), "--base-port", "0"])
+        // The same model name the gateway bodies carry.
+        .args(["--model", "m"])
+        // Fast pods: what is measured is the picker, not the model.
+        .args(["--itl-ms", "1", "--prefill-us-per-token", "1"])
+        .args(["--prefill-overhead-ms", "0"])
+        .env("RUST_LOG", "warn,vllm_sim=info");
+    let mut sim = Proc::spawn(cmd, "vllm-sim", log.to_path_buf())?;
+    sim.wait_for_line("vllm-sim ready").await?;
+    let text = std::fs::read_to_string(log)?;
+    let addrs: Vec<SocketAddr> = text
+        .lines()
+        .filter(|l| l.contains(" listening on "))
+        .filter_map(|l| l.rsplit(' ').next())
+        .filter_map(|u| u.trim_start_matches("http://").parse().ok())
+        .collect();
+    if addrs.len() != pods {
+        return Err(StackError::Sim(format!(
+            "vllm-sim announced {} of {pods} pods",
+            addrs.len()
+        )));
+    }
+    Ok((sim, addrs))
+}
+
 /// Runs one pool size.
 pub async fn run_one(
     bin: &Binaries,
@@ -75,30 +107,17 @@ pub async fn run_one(
 ) -> Result<ScalePoint, StackError> {
     let dir = tempfile::tempdir()?;
     let client = http_client(4);
-    // Several simulator runtimes ("processes" of pods), each on its thread.
+    // Several `vllm-sim` processes, `per_process` pods each.
     let groups = endpoints.div_ceil(per_process.max(1));
-    let mut runtimes: Vec<(SimRuntime, SimFleet)> = Vec::with_capacity(groups);
-    let mut urls = Vec::with_capacity(endpoints);
+    let mut sims = Vec::with_capacity(groups);
+    let mut addrs: Vec<SocketAddr> = Vec::with_capacity(endpoints);
     for g in 0..groups {
-        let rt = SimRuntime::new()?;
-        let mut cfg = super::default_sim_config();
-        cfg.pods =
-            u16::try_from((endpoints - g * per_process).min(per_process)).unwrap_or(u16::MAX);
-        cfg.base_port = 0;
-        // The same model name the gateway bodies carry.
-        cfg.model = "m".to_owned();
-        // Fast pods: what is measured is the picker, not the model.
-        cfg.itl_ms = 1.0;
-        cfg.prefill_us_per_token = 1.0;
-        cfg.prefill_overhead_ms = 0.0;
-        let fleet = rt.spawn_fleet(cfg).await?;
-        urls.extend(fleet.urls());
-        runtimes.push((rt, fleet));
+        let pods = (endpoints - g * per_process).min(per_process);
+        let (sim, pod_addrs) =
+            start_sim_process(bin, pods, &dir.path().join(format!("sim{g}.log"))).await?;
+        addrs.extend(pod_addrs);
+        sims.push(sim);
     }
-    let addrs: Vec<std::net::SocketAddr> = urls
-        .iter()
-        .filter_map(|u| u.trim_start_matches("http://").parse().ok())
-        .collect();
     let extra = vec![
         "--refresh-metrics-interval".to_owned(),
         interval.to_owned(),
@@ -133,7 +152,7 @@ pub async fn run_one(
     let (mean, p99) = histogram(&text, "inference_extension_scheduler_e2e_duration_seconds");
     let rss = ProcStats::read(epp.pid()).map_or(0.0, |s| s.rss_kb as f64 / 1024.0);
     drop(epp);
-    drop(runtimes);
+    drop(sims);
     Ok(ScalePoint {
         endpoints: addrs.len(),
         sim_processes: groups,
@@ -155,7 +174,7 @@ pub fn markdown(points: &[ScalePoint], interval: &str) -> String {
     );
     let _ = writeln!(
         md,
-        "| endpoints | simulator runtimes | requests (errors) | throughput | scheduling mean (picker histogram) | scheduling p99 bucket | picker RSS |"
+        "| endpoints | vllm-sim processes | requests (errors) | throughput | scheduling mean (picker histogram) | scheduling p99 bucket | picker RSS |"
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|");
     for p in points {
