@@ -5,99 +5,23 @@
 //! which criterion's mean does not show. `cargo bench --bench picker --
 //! decision` runs only what matches "decision".
 
-use std::{
-    collections::BTreeMap,
-    hint::black_box,
-    net::IpAddr,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::hint::black_box;
 
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
 use epp::{
-    config::{DEFAULT_CONFIG, EndpointPickerConfig, GIE_DEFAULT_CONFIG},
-    endpoints::{EndpointSpec, EndpointStore, MetricsSample},
+    config::{DEFAULT_CONFIG, GIE_DEFAULT_CONFIG},
+    endpoints::EndpointStore,
     prefix::{BlockHasher, PrefixIndex, chain_seed},
     request::{ApiKind, Prompt, parse},
-    scheduling::{Purpose, RequestFacts, Scheduler, SchedulerOptions, build_scheduler},
+    scheduling::{Purpose, RequestFacts, Scheduler},
     scrape::{EngineMapping, extract},
 };
+use epp_bench::perf::footprint::{self, prompt_text, store, warm};
 
-/// Deterministic prompt text: `groups` distinct system prompts, so prompts
-/// of one group share a prefix.
-fn prompt_text(group: usize, question: usize, bytes: usize) -> String {
-    let mut s = format!("System prompt of group {group}. ");
-    let mut i = 0u64;
-    while s.len() < bytes - 64 {
-        s.push_str(&format!("rule {group}-{i} applies to every answer; "));
-        i += 1;
-    }
-    s.truncate(bytes - 64);
-    s.push_str(&format!(" Question {question}: what is the answer?"));
-    while s.len() < bytes {
-        s.push(' ');
-    }
-    s
-}
-
-fn store(endpoints: usize) -> Arc<EndpointStore> {
-    let store = Arc::new(EndpointStore::new(Duration::from_secs(3600)));
-    let specs = (0..endpoints)
-        .map(|i| EndpointSpec {
-            name: format!("pod-{i}"),
-            address: IpAddr::from([10, 0, (i / 250) as u8, (i % 250) as u8 + 1]),
-            port: 8000,
-            labels: BTreeMap::new(),
-            metrics_port: None,
-        })
-        .collect();
-    store.replace(specs).expect("pool fits");
-    let now = Instant::now();
-    for (i, e) in store.snapshot().endpoints().iter().enumerate() {
-        e.record_scrape(
-            &MetricsSample {
-                waiting: (i % 5) as u32,
-                running: (i % 7) as u32,
-                kv_usage: (i % 10) as f64 / 20.0,
-                block_size: 16,
-                num_blocks: 20_000,
-            },
-            now,
-            store.epoch(),
-        );
-    }
-    store
-}
-
+/// The store, scheduler, warm-up and prompts are the in-process perf
+/// fixtures of `epp-bench perf decisions`, so both measure the same thing.
 fn scheduler(cfg: &str, store: &EndpointStore) -> Scheduler {
-    build_scheduler(
-        &EndpointPickerConfig::parse(cfg).expect("config"),
-        &SchedulerOptions {
-            fallback_endpoints: 2,
-            max_scrape_failures: 3,
-            staleness: Duration::from_secs(3600),
-            epoch: store.epoch(),
-        },
-        Arc::new(PrefixIndex::new()),
-    )
-    .expect("scheduler")
-}
-
-/// Schedules `n` prompts of `groups` shared-prefix groups so the index holds
-/// realistic state before measuring.
-fn warm(s: &Scheduler, store: &EndpointStore, groups: usize, n: usize, bytes: usize) {
-    let snap = store.snapshot();
-    for i in 0..n {
-        let text = prompt_text(i % groups, i, bytes);
-        let mut p = Prompt::default();
-        p.push(text.as_str());
-        let facts = RequestFacts {
-            model: "m",
-            prompt: Some(&p),
-            ..RequestFacts::default()
-        };
-        let _ = s.schedule(&facts, &snap, Purpose::Route);
-    }
+    footprint::scheduler(cfg, store).expect("scheduler")
 }
 
 fn bench_hashing(c: &mut Criterion) {
@@ -272,35 +196,10 @@ fn decision_percentiles() {
     println!("|---|---|---|---|---|---|");
     for (label, cfg) in [("default", DEFAULT_CONFIG), ("gie", GIE_DEFAULT_CONFIG)] {
         for endpoints in [64usize, 256, 1024] {
-            let store = store(endpoints);
-            let s = scheduler(cfg, &store);
-            warm(&s, &store, 50, 2000, 16 << 10);
-            let snap = store.snapshot();
-            let texts: Vec<String> = (0..256)
-                .map(|i| prompt_text(i % 50, 20_000 + i, 16 << 10))
-                .collect();
-            let mut samples = Vec::with_capacity(20_000);
-            for i in 0..20_000 {
-                let mut p = Prompt::default();
-                p.push(texts[i % texts.len()].as_str());
-                let facts = RequestFacts {
-                    model: "m",
-                    prompt: Some(&p),
-                    ..RequestFacts::default()
-                };
-                let t = Instant::now();
-                let d = s.schedule(&facts, &snap, Purpose::Route);
-                samples.push(t.elapsed());
-                black_box(d.is_ok());
-            }
-            samples.sort();
-            let pct = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
+            let t = footprint::decision_times(cfg, endpoints, 16 << 10, 20_000).expect("scheduler");
             println!(
                 "| {label} | {endpoints} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs |",
-                pct(0.5).as_secs_f64() * 1e6,
-                pct(0.9).as_secs_f64() * 1e6,
-                pct(0.99).as_secs_f64() * 1e6,
-                samples[samples.len() - 1].as_secs_f64() * 1e6
+                t.p50_us, t.p90_us, t.p99_us, t.max_us
             );
         }
     }
