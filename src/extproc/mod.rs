@@ -7,7 +7,9 @@
 //! No task is spawned and nothing is awaited while routing, so a stream costs
 //! one allocation for its state and its answers go out as soon as they exist.
 
-mod envoy;
+/// Message builders; public so the bench's no-op ext_proc server sends the
+/// very same message shapes as the picker.
+pub mod envoy;
 mod stream;
 
 use std::{

@@ -9,7 +9,7 @@
 //! come. No parsing, no scoring, no metrics.
 
 use std::{
-    collections::HashMap,
+    collections::VecDeque,
     pin::Pin,
     sync::{
         Arc,
@@ -18,25 +18,23 @@ use std::{
     task::{Context, Poll},
 };
 
-use envoy_types::pb::{
-    envoy::{
-        config::core::v3::{
-            HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
-        },
-        extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode,
-        service::ext_proc::v3::{
-            BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse,
-            ProcessingRequest, ProcessingResponse, StreamedBodyResponse, TrailersResponse,
-            body_mutation::Mutation, external_processor_server::ExternalProcessor,
-            processing_request::Request, processing_response::Response,
-        },
+use envoy_types::pb::envoy::{
+    extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode,
+    service::ext_proc::v3::{
+        BodyResponse, ProcessingRequest, ProcessingResponse,
+        external_processor_server::ExternalProcessor, processing_request::Request,
+        processing_response::Response,
     },
-    google::protobuf::{Struct, Value, value::Kind},
+};
+use epp::extproc::{
+    DESTINATION, LB_NAMESPACE,
+    envoy::{
+        header_mutation, headers_response, metadata, push_streamed, response, set_header,
+        streamed_chunk, trailers_response,
+    },
 };
 use futures_util::Stream;
 use tonic::{Status, Streaming};
-
-const CHUNK: usize = 62_000;
 
 /// The no-op service. Clones share the round-robin counter.
 #[derive(Debug, Clone)]
@@ -71,7 +69,8 @@ impl ExternalProcessor for NoopExtProc {
         Ok(tonic::Response::new(NoopStream {
             inbound: request.into_inner(),
             picker: self.clone(),
-            out: std::collections::VecDeque::new(),
+            out: VecDeque::new(),
+            scratch: Vec::new(),
             body: Vec::new(),
             full_duplex: true,
             routed: false,
@@ -83,76 +82,24 @@ impl ExternalProcessor for NoopExtProc {
 pub struct NoopStream {
     inbound: Streaming<ProcessingRequest>,
     picker: NoopExtProc,
-    out: std::collections::VecDeque<ProcessingResponse>,
+    out: VecDeque<ProcessingResponse>,
+    /// Reused buffer for the chunks `push_streamed` produces.
+    scratch: Vec<ProcessingResponse>,
     body: Vec<u8>,
     full_duplex: bool,
     routed: bool,
     ended: bool,
 }
 
-fn resp(r: Response) -> ProcessingResponse {
-    ProcessingResponse {
-        response: Some(r),
-        ..ProcessingResponse::default()
-    }
-}
-
-fn streamed(request: bool, body: Vec<u8>, end_of_stream: bool) -> ProcessingResponse {
-    let r = BodyResponse {
-        response: Some(CommonResponse {
-            body_mutation: Some(BodyMutation {
-                mutation: Some(Mutation::StreamedResponse(StreamedBodyResponse {
-                    body,
-                    end_of_stream,
-                    ..StreamedBodyResponse::default()
-                })),
-            }),
-            ..CommonResponse::default()
-        }),
-    };
-    resp(if request {
-        Response::RequestBody(r)
-    } else {
-        Response::ResponseBody(r)
-    })
-}
-
 impl NoopStream {
-    fn destination(&self) -> (CommonResponse, Struct) {
+    /// The headers answer naming the next endpoint: destination header,
+    /// `clear_route_cache` and the `envoy.lb` metadata.
+    fn routed(&self) -> ProcessingResponse {
         let dest = self.picker.pick();
-        let common = CommonResponse {
-            header_mutation: Some(HeaderMutation {
-                set_headers: vec![HeaderValueOption {
-                    header: Some(HeaderValue {
-                        key: "x-gateway-destination-endpoint".into(),
-                        value: String::new(),
-                        raw_value: dest.clone().into_bytes(),
-                    }),
-                    append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
-                    ..HeaderValueOption::default()
-                }],
-                remove_headers: Vec::new(),
-            }),
-            clear_route_cache: true,
-            ..CommonResponse::default()
-        };
-        let inner = Struct {
-            fields: HashMap::from([(
-                "x-gateway-destination-endpoint".to_owned(),
-                Value {
-                    kind: Some(Kind::StringValue(dest)),
-                },
-            )]),
-        };
-        let md = Struct {
-            fields: HashMap::from([(
-                "envoy.lb".to_owned(),
-                Value {
-                    kind: Some(Kind::StructValue(inner)),
-                },
-            )]),
-        };
-        (common, md)
+        let mutation = header_mutation(vec![set_header(DESTINATION, dest.as_bytes())], Vec::new());
+        let mut r = response(headers_response(true, mutation, true));
+        r.dynamic_metadata = Some(metadata(LB_NAMESPACE, DESTINATION, &dest));
+        r
     }
 
     fn on_message(&mut self, msg: ProcessingRequest) {
@@ -161,12 +108,8 @@ impl NoopStream {
         }
         match msg.request {
             Some(Request::RequestHeaders(h)) if h.end_of_stream || !self.full_duplex => {
-                let (common, md) = self.destination();
-                let mut r = resp(Response::RequestHeaders(HeadersResponse {
-                    response: Some(common),
-                }));
-                r.dynamic_metadata = Some(md);
                 self.routed = h.end_of_stream;
+                let r = self.routed();
                 self.out.push_back(r);
             }
             Some(Request::RequestHeaders(_)) => {}
@@ -185,45 +128,35 @@ impl NoopStream {
                 self.routed = true;
                 let body = std::mem::take(&mut self.body);
                 if self.full_duplex {
-                    let (common, md) = self.destination();
-                    let mut r = resp(Response::RequestHeaders(HeadersResponse {
-                        response: Some(common),
-                    }));
-                    r.dynamic_metadata = Some(md);
+                    let r = self.routed();
                     self.out.push_back(r);
-                    let n = body.len().div_ceil(CHUNK).max(1);
-                    if body.len() <= CHUNK {
-                        self.out.push_back(streamed(true, body, true));
-                    } else {
-                        for (i, c) in body.chunks(CHUNK).enumerate() {
-                            self.out.push_back(streamed(true, c.to_vec(), i + 1 == n));
-                        }
-                    }
+                    push_streamed(&mut self.scratch, true, body, true);
+                    self.out.extend(self.scratch.drain(..));
                 } else {
                     self.out
-                        .push_back(resp(Response::RequestBody(BodyResponse { response: None })));
+                        .push_back(response(Response::RequestBody(BodyResponse {
+                            response: None,
+                        })));
                 }
             }
             Some(Request::RequestTrailers(_)) => {
-                self.out
-                    .push_back(resp(Response::RequestTrailers(TrailersResponse::default())));
+                self.out.push_back(response(trailers_response(true)));
             }
             Some(Request::ResponseHeaders(_)) => {
                 self.out
-                    .push_back(resp(Response::ResponseHeaders(HeadersResponse::default())));
+                    .push_back(response(headers_response(false, None, false)));
             }
             Some(Request::ResponseBody(b)) => {
                 if self.full_duplex {
-                    self.out.push_back(streamed(false, b.body, b.end_of_stream));
+                    self.out
+                        .push_back(response(streamed_chunk(false, b.body, b.end_of_stream)));
                 } else {
                     self.out
-                        .push_back(resp(Response::ResponseBody(BodyResponse::default())));
+                        .push_back(response(Response::ResponseBody(BodyResponse::default())));
                 }
             }
             Some(Request::ResponseTrailers(_)) => {
-                self.out.push_back(resp(
-                    Response::ResponseTrailers(TrailersResponse::default()),
-                ));
+                self.out.push_back(response(trailers_response(false)));
             }
             None => {}
         }
@@ -248,5 +181,106 @@ impl Stream for NoopStream {
                 Poll::Pending => return Poll::Pending,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::service::ext_proc::v3::{
+        HttpBody, HttpHeaders, ProtocolConfiguration, body_mutation::Mutation,
+        external_processor_client::ExternalProcessorClient,
+        external_processor_server::ExternalProcessorServer,
+    };
+
+    use super::*;
+
+    /// Over real gRPC on loopback: a full-duplex request is answered with
+    /// the destination (header and `envoy.lb` metadata) once its body is
+    /// complete, then the body comes back in chunks of at most 62,000 bytes,
+    /// the last one ending the stream; endpoints rotate.
+    #[tokio::test]
+    async fn routes_round_robin_and_echoes_the_body_in_chunks() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let incoming = futures_util::stream::unfold(listener, |l| async move {
+            Some((l.accept().await.map(|(s, _)| s), l))
+        });
+        let server = NoopExtProc::new(vec!["10.0.0.1:80".into(), "10.0.0.2:80".into()]);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ExternalProcessorServer::new(server))
+                .serve_with_incoming(incoming),
+        );
+        let mut client = ExternalProcessorClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let body: Vec<u8> = (0..130_000u32).map(|i| (i % 251) as u8).collect();
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let messages = vec![
+                ProcessingRequest {
+                    request: Some(Request::RequestHeaders(HttpHeaders::default())),
+                    protocol_config: Some(ProtocolConfiguration {
+                        request_body_mode: BodySendMode::FullDuplexStreamed as i32,
+                        ..ProtocolConfiguration::default()
+                    }),
+                    ..ProcessingRequest::default()
+                },
+                ProcessingRequest {
+                    request: Some(Request::RequestBody(HttpBody {
+                        body: body.clone(),
+                        end_of_stream: true,
+                        ..HttpBody::default()
+                    })),
+                    ..ProcessingRequest::default()
+                },
+            ];
+            let mut answers = client
+                .process(futures_util::stream::iter(messages))
+                .await
+                .unwrap()
+                .into_inner();
+            let first = answers.message().await.unwrap().unwrap();
+            let Some(Response::RequestHeaders(h)) = &first.response else {
+                panic!("first answer is not the headers answer: {first:?}");
+            };
+            let common = h.response.as_ref().unwrap();
+            assert!(common.clear_route_cache);
+            let set = &common.header_mutation.as_ref().unwrap().set_headers[0];
+            let header = set.header.as_ref().unwrap();
+            assert_eq!(header.key, DESTINATION);
+            let dest = String::from_utf8(header.raw_value.clone()).unwrap();
+            assert!(
+                first
+                    .dynamic_metadata
+                    .unwrap()
+                    .fields
+                    .contains_key(LB_NAMESPACE)
+            );
+            seen.push(dest);
+            let mut echoed = Vec::new();
+            let mut chunks = 0;
+            while let Some(m) = answers.message().await.unwrap() {
+                let Some(Response::RequestBody(b)) = m.response else {
+                    panic!("not a body chunk");
+                };
+                let Some(Mutation::StreamedResponse(s)) = b
+                    .response
+                    .and_then(|c| c.body_mutation)
+                    .and_then(|m| m.mutation)
+                else {
+                    panic!("not a streamed chunk");
+                };
+                assert!(s.body.len() <= 62_000);
+                echoed.extend_from_slice(&s.body);
+                chunks += 1;
+                if s.end_of_stream {
+                    break;
+                }
+            }
+            assert_eq!(chunks, 3);
+            assert_eq!(echoed, body);
+        }
+        assert_eq!(seen, ["10.0.0.1:80", "10.0.0.2:80"]);
     }
 }
