@@ -40,6 +40,7 @@ use tonic::transport::Channel;
 
 use super::{
     backend::{SMALL_METRICS, StaticBackends},
+    driver::DriveResult,
     gateway::grouped_bodies,
     proc_stats::ProcStats,
 };
@@ -302,20 +303,13 @@ async fn exchange(
     routed.ok_or(ExchangeError::Ended)
 }
 
-struct StepResult {
-    latencies_ms: Vec<f64>,
-    errors: usize,
-    elapsed: Duration,
-    first_error: Option<String>,
-}
-
 async fn step(
     clients: &[ExternalProcessorClient<Channel>],
     scripts: &Arc<Vec<Script>>,
     concurrency: usize,
     max_requests: usize,
     max_duration: Duration,
-) -> StepResult {
+) -> (DriveResult, Option<String>) {
     let issued = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let deadline = started + max_duration;
@@ -345,24 +339,20 @@ async fn step(
             (lat, errors, first_error)
         }));
     }
-    let mut out = StepResult {
-        latencies_ms: Vec::new(),
-        errors: 0,
-        elapsed: Duration::ZERO,
-        first_error: None,
-    };
+    let mut out = DriveResult::default();
+    let mut first_error = None;
     for t in tasks {
         if let Ok((lat, errors, first)) = t.await {
             out.latencies_ms.extend(lat);
             out.errors += errors;
-            if out.first_error.is_none() {
-                out.first_error = first;
+            if first_error.is_none() {
+                first_error = first;
             }
         }
     }
     out.elapsed = started.elapsed();
     out.latencies_ms.sort_by(|a, b| a.total_cmp(b));
-    out
+    (out, first_error)
 }
 
 /// Starts a picker per phase profile and measures every concurrency step.
@@ -393,7 +383,8 @@ pub async fn run(bin: &Binaries, p: &ExtProcPerf) -> Result<Vec<ExtProcPoint>, S
         for &conc in &p.concurrency {
             step(&clients, &scripts, conc, p.warmup, p.max_step).await;
             let before = ProcStats::read(epp.pid());
-            let r = step(&clients, &scripts, conc, p.requests_per_step, p.max_step).await;
+            let (r, first_error) =
+                step(&clients, &scripts, conc, p.requests_per_step, p.max_step).await;
             let after = ProcStats::read(epp.pid());
             let cpu = match (before, after) {
                 (Some(b), Some(a)) => a.cpu_seconds - b.cpu_seconds,
@@ -405,9 +396,9 @@ pub async fn run(bin: &Binaries, p: &ExtProcPerf) -> Result<Vec<ExtProcPoint>, S
                 concurrency: conc,
                 routed: n,
                 errors: r.errors,
-                throughput: n as f64 / r.elapsed.as_secs_f64().max(1e-9),
-                p50_ms: crate::load::stats::percentile(&r.latencies_ms, 0.5).unwrap_or(f64::NAN),
-                p99_ms: crate::load::stats::percentile(&r.latencies_ms, 0.99).unwrap_or(f64::NAN),
+                throughput: r.throughput(),
+                p50_ms: r.percentile(0.5),
+                p99_ms: r.percentile(0.99),
                 picker_core_share: cpu / r.elapsed.as_secs_f64().max(1e-9),
                 picker_cpu_us_per_request: if n > 0 {
                     cpu * 1e6 / n as f64
@@ -426,7 +417,7 @@ pub async fn run(bin: &Binaries, p: &ExtProcPerf) -> Result<Vec<ExtProcPoint>, S
                 point.picker_core_share * 100.0,
                 point.picker_cpu_us_per_request,
                 point.errors,
-                r.first_error
+                first_error
                     .as_deref()
                     .map(|e| format!(" (first: {e})"))
                     .unwrap_or_default(),
