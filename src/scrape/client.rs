@@ -79,7 +79,6 @@ impl MetricsClient {
                 return Err(e);
             }
         };
-        // Keep buffers from staying huge after one unusual page.
         Ok(match body {
             Body::InBuf(start, end) => &self.buf[start..end],
             Body::InPage => &self.page,

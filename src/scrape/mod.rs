@@ -178,10 +178,10 @@ async fn scrape_loop(
     loop {
         ticker.tick().await;
         let started = Instant::now();
-        let result = match client.fetch(options.timeout).await {
-            Ok(page) => extract(page, &mapping).map_err(ScrapeError::from),
-            Err(e) => Err(e),
-        };
+        let result = client
+            .fetch(options.timeout)
+            .await
+            .and_then(|page| extract(page, &mapping).map_err(ScrapeError::from));
         let done = Instant::now();
         stats.scrapes.fetch_add(1, Ordering::Relaxed);
         stats.duration_micros.fetch_add(
