@@ -381,20 +381,41 @@ async fn prune_index(
 
 /// Plain TCP connections with TCP_NODELAY, as a stream for tonic.
 fn tokio_stream_listener(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming(listener)
+    TcpIncoming {
+        listener,
+        backoff: None,
+    }
 }
 
-struct TcpIncoming(TcpListener);
+/// Accepted connections for tonic. After a failed accept (out of file
+/// descriptors, typically) it waits [`crate::admin::tls::ACCEPT_BACKOFF`]
+/// before the next one: tonic retries at once, which would spin a core for as
+/// long as the condition lasts.
+struct TcpIncoming {
+    listener: TcpListener,
+    backoff: Option<Pin<Box<tokio::time::Sleep>>>,
+}
 
 impl futures_util::Stream for TcpIncoming {
     type Item = Result<tokio::net::TcpStream, std::io::Error>;
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        match self.0.poll_accept(cx) {
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(sleep) = self.backoff.as_mut() {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.backoff = None;
+        }
+        match self.listener.poll_accept(cx) {
             Poll::Ready(Ok((s, _))) => {
                 let _ = s.set_nodelay(true);
                 Poll::Ready(Some(Ok(s)))
             }
-            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(Err(e)) => {
+                self.backoff = Some(Box::pin(tokio::time::sleep(
+                    crate::admin::tls::ACCEPT_BACKOFF,
+                )));
+                Poll::Ready(Some(Err(e)))
+            }
             Poll::Pending => Poll::Pending,
         }
     }

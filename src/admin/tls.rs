@@ -31,6 +31,14 @@ use tokio::{
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
+use crate::telemetry::log_limit::LogLimiter;
+
+/// Pause after a failed accept, so running out of file descriptors does not
+/// turn the accept loop into a busy loop.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// At most one accept-failure warning per listener in this interval.
+pub const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {path}: {source}")]
@@ -163,7 +171,14 @@ impl TlsSetup {
                     accepted = listener.accept() => match accepted {
                         Ok((s, _)) => s,
                         Err(e) => {
-                            tracing::warn!(error = %e, "ext_proc accept failed");
+                            // Out of file descriptors, every accept fails at
+                            // once: back off instead of spinning, and log the
+                            // condition rather than each attempt.
+                            static LIMIT: LogLimiter = LogLimiter::new(ACCEPT_ERROR_LOG_INTERVAL);
+                            if let Some(suppressed) = LIMIT.allow(std::time::Instant::now()) {
+                                tracing::warn!(error = %e, suppressed, "ext_proc accept failed");
+                            }
+                            tokio::time::sleep(ACCEPT_BACKOFF).await;
                             continue;
                         }
                     },

@@ -14,8 +14,8 @@
 //! It is polled (cheap: one read per interval) rather than watched, which
 //! also works for Kubernetes ConfigMap mounts, where the file is replaced
 //! through a symlink swap that inotify-based watchers often miss. A file that
-//! fails to read or validate keeps the last good endpoint set and logs why,
-//! once per distinct content.
+//! fails to read or validate, or is empty, keeps the last good endpoint set
+//! and logs why, once per distinct content.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -164,6 +164,16 @@ impl FileDiscovery {
         if last.as_deref() == Some(content.as_slice()) {
             return;
         }
+        // An empty file is what a writer that truncates before writing
+        // leaves for a moment (`>` in a shell, most editors): taking it as
+        // "no endpoints" would empty the pool and fail every request until
+        // the write lands. Removing every endpoint takes `endpoints: []`.
+        if content.iter().all(u8::is_ascii_whitespace) {
+            tracing::warn!(path = %self.path.display(),
+                "endpoints file is empty; keeping the last good endpoints (write `endpoints: []` to remove them all)");
+            *last = Some(content);
+            return;
+        }
         let text = String::from_utf8_lossy(&content);
         match parse_endpoints(&text) {
             Ok(specs) => {
@@ -292,6 +302,14 @@ mod tests {
             "invalid file keeps the last good set"
         );
 
+        std::fs::write(&path, "").unwrap();
+        d.poll(&mut last).await;
+        assert_eq!(
+            store.snapshot().len(),
+            1,
+            "an emptied (truncated) file keeps the last good set"
+        );
+
         std::fs::remove_file(&path).unwrap();
         d.poll(&mut last).await;
         assert_eq!(
@@ -299,6 +317,10 @@ mod tests {
             1,
             "missing file keeps the last good set"
         );
+
+        std::fs::write(&path, "endpoints: []\n").unwrap();
+        d.poll(&mut last).await;
+        assert_eq!(store.snapshot().len(), 0, "an explicit empty list applies");
 
         std::fs::write(
             &path,

@@ -16,8 +16,9 @@ use envoy_types::pb::{
         },
         service::ext_proc::v3::{
             BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse,
-            ImmediateResponse, ProcessingResponse, StreamedBodyResponse, TrailersResponse,
-            body_mutation::Mutation, processing_response::Response,
+            HttpHeaders, ImmediateResponse, ProcessingRequest, ProcessingResponse,
+            StreamedBodyResponse, TrailersResponse, body_mutation::Mutation,
+            processing_request::Request, processing_response::Response,
         },
         r#type::v3::HttpStatus,
     },
@@ -42,6 +43,32 @@ pub const MAX_CHUNK: usize = 62_000;
 
 /// Headers a client must not be able to set: they steer routing.
 pub const CLIENT_FORBIDDEN: &[&str] = &[SERVED, SUBSET, CONFORMANCE_SERVED];
+
+/// Names (lower-cased, each once) of the request's headers that a client
+/// could use to steer routing and that must be removed before forwarding:
+/// every `x-gateway-destination-endpoint*` header except the destination
+/// itself (which the answer overwrites), in any case and whatever the
+/// suffix, since gateways and load-balancing policies read more of these
+/// than [`CLIENT_FORBIDDEN`] names; plus the conformance echo header.
+pub fn client_routing_headers(map: Option<&HeaderMap>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let Some(map) = map else {
+        return out;
+    };
+    for h in &map.headers {
+        let key = h.key.as_str();
+        let steering = key
+            .get(..DESTINATION.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(DESTINATION))
+            && key.len() > DESTINATION.len();
+        if (steering || CLIENT_FORBIDDEN.iter().any(|f| key.eq_ignore_ascii_case(f)))
+            && !out.iter().any(|o| o.eq_ignore_ascii_case(key))
+        {
+            out.push(key.to_ascii_lowercase());
+        }
+    }
+    out
+}
 
 /// Value of a header in an Envoy header map (raw bytes take precedence, as
 /// Envoy fills `raw_value` since 1.27).
@@ -306,6 +333,34 @@ pub fn stream_response_body() -> ProcessingMode {
     }
 }
 
+/// Request or response headers as Envoy sends them (values in `raw_value`).
+/// The picker never builds these; its tests, the fuzz target and direct
+/// ext_proc clients do, and one builder keeps them all in Envoy's shape.
+pub fn gateway_headers(pairs: &[(&str, &str)], end_of_stream: bool) -> HttpHeaders {
+    HttpHeaders {
+        headers: Some(HeaderMap {
+            headers: pairs
+                .iter()
+                .map(|(k, v)| HeaderValue {
+                    key: (*k).into(),
+                    value: String::new(),
+                    raw_value: v.as_bytes().to_vec(),
+                })
+                .collect(),
+        }),
+        end_of_stream,
+        ..HttpHeaders::default()
+    }
+}
+
+/// A gateway message with nothing but its payload set.
+pub fn gateway_message(request: Request) -> ProcessingRequest {
+    ProcessingRequest {
+        request: Some(request),
+        ..ProcessingRequest::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,5 +476,39 @@ mod tests {
         };
         assert_eq!(header(Some(&map), ":path"), Some("/v1/completions"));
         assert_eq!(header(Some(&map), "x"), None);
+    }
+
+    #[test]
+    fn every_destination_header_variant_is_a_routing_header() {
+        let h = |key: &str| HeaderValue {
+            key: key.into(),
+            value: String::new(),
+            raw_value: b"6.6.6.6:80".to_vec(),
+        };
+        let map = HeaderMap {
+            headers: vec![
+                h(":path"),
+                h(DESTINATION),
+                h("X-Gateway-Destination-Endpoint-Fallback"),
+                h("x-gateway-destination-endpoint-fallback"),
+                h("X-GATEWAY-DESTINATION-ENDPOINT-SERVED"),
+                h("x-gateway-destination-endpoint-subset"),
+                h("x-gateway-destination-endpointx"),
+                h("x-conformance-test-served-endpoint"),
+                h("x-gateway-destination"),
+                h("content-type"),
+            ],
+        };
+        assert_eq!(
+            client_routing_headers(Some(&map)),
+            [
+                "x-gateway-destination-endpoint-fallback",
+                "x-gateway-destination-endpoint-served",
+                "x-gateway-destination-endpoint-subset",
+                "x-gateway-destination-endpointx",
+                "x-conformance-test-served-endpoint",
+            ]
+        );
+        assert!(client_routing_headers(None).is_empty());
     }
 }

@@ -29,7 +29,7 @@ use tonic::{Request, Response, Status, Streaming};
 pub use envoy::{
     CONFORMANCE_SERVED, DESTINATION, LB_NAMESPACE, MAX_CHUNK, SERVED, SUBSET, SUBSET_NAMESPACE,
 };
-pub use stream::{ExtProcStream, StreamSettings};
+pub use stream::{ExtProcStream, ProtocolError, StreamSettings};
 
 use crate::director::Director;
 
@@ -100,7 +100,15 @@ impl Stream for ResponseStream {
             }
             match Pin::new(&mut this.inbound).poll_next(cx) {
                 Poll::Ready(Some(Ok(msg))) => {
-                    this.state.on_message(msg, &mut this.scratch);
+                    if let Err(e) = this.state.on_message(msg, &mut this.scratch) {
+                        // Debug, not warn: whoever can reach the port could
+                        // otherwise write a log line per stream at will.
+                        tracing::debug!(error = %e, "ext_proc protocol violation; stream ended");
+                        this.ended = true;
+                        return Poll::Ready(Some(Err(Status::invalid_argument(format!(
+                            "ext_proc protocol violation: {e}"
+                        )))));
+                    }
                     this.pending.extend(this.scratch.drain(..));
                 }
                 // Envoy closed its side, or the stream broke (client gone):

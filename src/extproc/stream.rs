@@ -17,7 +17,14 @@
 //! - NONE / STREAMED: the body cannot be held back, so the request is routed
 //!   by load at the headers.
 //!
-//! A request without a body (`end_of_stream` on headers) is routed at once.
+//! A request without a body (`end_of_stream` on headers) is routed at once,
+//! except a POST to an inference API, which needs a body: it gets 400.
+//!
+//! A request whose `content-encoding` is anything but `identity` (gzip, br,
+//! zstd...) is routed at the headers by load, like NONE / STREAMED: the picker
+//! does not decompress, so it cannot read the prompt, and holding the body
+//! back would only add latency. Its body chunks are passed back byte for byte
+//! (in full-duplex mode Envoy then forwards it chunked, without its length).
 //!
 //! Response side: headers are answered at once (with the served endpoint
 //! echoed when enabled); body chunks are passed back immediately (server-sent
@@ -25,8 +32,20 @@
 //! accounting taken at routing is released at the end of the response, or
 //! when the stream is dropped (error, client cancel), by the guard's `Drop`.
 //!
-//! Errors become ImmediateResponses with an OpenAI-style JSON body; a client
-//! error never aborts the gRPC stream.
+//! Errors in the client's HTTP request become ImmediateResponses with an
+//! OpenAI-style JSON body; a client error never aborts the gRPC stream.
+//! Messages that break the ext_proc protocol itself (a body or trailers
+//! before the request headers, repeated request headers, messages after the
+//! end of their direction, an empty `ProcessingRequest`) are the gateway's
+//! fault, not the client's: the gRPC stream ends with INVALID_ARGUMENT
+//! naming the violation, and whatever the request held is released at once.
+//! Tolerated, because Envoy really sends them:
+//! - a final body chunk (`end_of_stream` set) repeated after its direction
+//!   ended (envoyproxy/envoy#46237): ignored;
+//! - messages racing an ImmediateResponse: ignored;
+//! - response messages with no request before them: Envoy's own local
+//!   replies (431 for too many headers, 400 for malformed HTTP) pass through
+//!   the filter although the request never did. They are answered as usual.
 
 use std::{sync::Arc, time::Instant};
 
@@ -39,11 +58,11 @@ use envoy_types::pb::envoy::{
 };
 use tracing::Level;
 
-use super::envoy::{self, CLIENT_FORBIDDEN, DESTINATION, LB_NAMESPACE};
+use super::envoy::{self, DESTINATION, LB_NAMESPACE};
 use crate::{
     director::{Director, RouteInput, Routed},
     endpoints::InFlightGuard,
-    request::{SseUsageScanner, Usage, parse_json_usage},
+    request::{ApiKind, SseUsageScanner, Usage, parse_json_usage},
     scheduling::Purpose,
 };
 
@@ -70,6 +89,23 @@ const FULL_DUPLEX: i32 = BodySendMode::FullDuplexStreamed as i32;
 const NONE: i32 = BodySendMode::None as i32;
 const BUFFERED: i32 = BodySendMode::Buffered as i32;
 const BUFFERED_PARTIAL: i32 = BodySendMode::BufferedPartial as i32;
+
+/// A message sequence no well-behaved gateway sends. The stream ends with
+/// INVALID_ARGUMENT rather than an ImmediateResponse: the client's HTTP
+/// request may be fine, and a 4xx would blame it for the gateway's bug.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("empty ProcessingRequest: no headers, body or trailers")]
+    EmptyMessage,
+    #[error("request headers sent twice")]
+    RepeatedRequestHeaders,
+    #[error("{0} before the request headers")]
+    BeforeRequestHeaders(&'static str),
+    #[error("{0} after the request ended")]
+    AfterRequestEnd(&'static str),
+    #[error("{0} after the response ended")]
+    AfterResponseEnd(&'static str),
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RequestPhase {
@@ -131,7 +167,7 @@ pub struct ExtProcStream {
     test_selection: Option<String>,
     subset: Option<Vec<String>>,
     /// Routing headers the client sent that must be removed.
-    forbidden_present: Vec<&'static str>,
+    forbidden_present: Vec<String>,
     body: Vec<u8>,
     /// The request's Content-Length when it declared one within the limit:
     /// the body buffer is sized once instead of doubling per chunk (each
@@ -139,6 +175,9 @@ pub struct ExtProcStream {
     declared_len: usize,
     /// The forwarded request body has ended (or there was none).
     request_body_done: bool,
+    /// The request ended at its headers: no body message may follow, not
+    /// even the repeated final chunk tolerated after a body.
+    bodiless: bool,
     active: Option<Active>,
     response: ResponseState,
     observability_only: bool,
@@ -163,6 +202,7 @@ impl ExtProcStream {
             body: Vec::new(),
             declared_len: 0,
             request_body_done: false,
+            bodiless: false,
             active: None,
             response: ResponseState::default(),
             observability_only: false,
@@ -170,31 +210,91 @@ impl ExtProcStream {
     }
 
     /// Handles one message from Envoy, appending the answers to `out`.
-    pub fn on_message(&mut self, msg: ProcessingRequest, out: &mut Vec<ProcessingResponse>) {
+    ///
+    /// On a protocol violation nothing is appended, the request's in-flight
+    /// accounting is released, and the caller must end the gRPC stream with
+    /// the error.
+    pub fn on_message(
+        &mut self,
+        msg: ProcessingRequest,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> Result<(), ProtocolError> {
+        let start = out.len();
+        let result = self.dispatch(msg, out);
+        if result.is_err() {
+            out.truncate(start);
+            // Ends the request now rather than whenever the transport drops
+            // the stream.
+            self.active = None;
+            self.body = Vec::new();
+            self.phase = RequestPhase::Rejected;
+            self.response.done = true;
+        } else if self.observability_only {
+            // Envoy ignores answers in observability mode; do not send any.
+            out.truncate(start);
+        }
+        result
+    }
+
+    fn dispatch(
+        &mut self,
+        msg: ProcessingRequest,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> Result<(), ProtocolError> {
         if let Some(pc) = msg.protocol_config {
             self.request_mode = pc.request_body_mode;
             self.response_mode = pc.response_body_mode;
         }
         self.observability_only = msg.observability_mode;
-        let start = out.len();
-        match msg.request {
-            Some(Request::RequestHeaders(h)) => self.request_headers(h, &msg.metadata_context, out),
-            Some(Request::RequestBody(b)) => self.request_body(b, out),
-            Some(Request::RequestTrailers(_)) => self.request_trailers(out),
-            Some(Request::ResponseHeaders(h)) => {
+        let Some(request) = msg.request else {
+            return Err(ProtocolError::EmptyMessage);
+        };
+        let (what, is_request) = match &request {
+            Request::RequestHeaders(_) => ("request headers", true),
+            Request::RequestBody(_) => ("request body", true),
+            Request::RequestTrailers(_) => ("request trailers", true),
+            Request::ResponseHeaders(_) => ("response headers", false),
+            Request::ResponseBody(_) => ("response body", false),
+            Request::ResponseTrailers(_) => ("response trailers", false),
+        };
+        if self.phase == RequestPhase::Headers
+            && matches!(
+                request,
+                Request::RequestBody(_) | Request::RequestTrailers(_)
+            )
+        {
+            return Err(ProtocolError::BeforeRequestHeaders(what));
+        }
+        // Response messages may come first: Envoy runs its own local replies
+        // (431 for too many headers, 400 for a malformed request) through the
+        // filter even when the request never reached it. They are answered
+        // like any response; nothing was routed, so nothing is accounted.
+        // A request cannot start once its response is over, though.
+        if self.response.done && matches!(request, Request::RequestHeaders(_)) {
+            return Err(ProtocolError::AfterResponseEnd(what));
+        }
+        if !is_request && self.response.done {
+            return match request {
+                // A final chunk repeated, as Envoy can do on the request
+                // side (envoyproxy/envoy#46237): harmless, so tolerated.
+                Request::ResponseBody(b) if b.end_of_stream => Ok(()),
+                _ => Err(ProtocolError::AfterResponseEnd(what)),
+            };
+        }
+        match request {
+            Request::RequestHeaders(h) => self.request_headers(h, &msg.metadata_context, out)?,
+            Request::RequestBody(b) => self.request_body(b, out)?,
+            Request::RequestTrailers(_) => self.request_trailers(out)?,
+            Request::ResponseHeaders(h) => {
                 self.response_headers(h, &msg.metadata_context, &msg.attributes, out)
             }
-            Some(Request::ResponseBody(b)) => self.response_body(b, out),
-            Some(Request::ResponseTrailers(_)) => {
+            Request::ResponseBody(b) => self.response_body(b, out),
+            Request::ResponseTrailers(_) => {
                 out.push(envoy::response(envoy::trailers_response(false)));
                 self.complete_response();
             }
-            None => {}
         }
-        if self.observability_only {
-            // Envoy ignores answers in observability mode; do not send any.
-            out.truncate(start);
-        }
+        Ok(())
     }
 
     fn request_headers(
@@ -202,9 +302,9 @@ impl ExtProcStream {
         h: HttpHeaders,
         md: &Option<envoy_types::pb::envoy::config::core::v3::Metadata>,
         out: &mut Vec<ProcessingResponse>,
-    ) {
+    ) -> Result<(), ProtocolError> {
         if self.phase != RequestPhase::Headers {
-            return;
+            return Err(ProtocolError::RepeatedRequestHeaders);
         }
         let map = h.headers.as_ref();
         self.path = envoy::header(map, ":path").unwrap_or("/").to_owned();
@@ -212,11 +312,7 @@ impl ExtProcStream {
         self.objective = envoy::header(map, "x-gateway-inference-objective").map(str::to_owned);
         self.model_rewrite = envoy::header(map, "x-gateway-model-name-rewrite").map(str::to_owned);
         self.test_selection = envoy::header(map, "test-epp-endpoint-selection").map(str::to_owned);
-        self.forbidden_present = CLIENT_FORBIDDEN
-            .iter()
-            .copied()
-            .filter(|name| envoy::has_header(map, name))
-            .collect();
+        self.forbidden_present = envoy::client_routing_headers(map);
         if self.settings.honour_subset_hint {
             self.subset = envoy::subset_hint(md.as_ref());
         }
@@ -224,17 +320,35 @@ impl ExtProcStream {
             envoy::header(map, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
         if declared_len.is_some_and(|n| n > self.settings.max_request_body as u64) {
             self.reject_too_large(out);
-            return;
+            return Ok(());
         }
         // Within max_request_body (checked above), so it fits in usize.
         self.declared_len = declared_len.map_or(0, |n| usize::try_from(n).unwrap_or(0));
 
+        if h.end_of_stream
+            && envoy::header(map, ":method") == Some("POST")
+            && ApiKind::from_path(&self.path) != ApiKind::Other
+        {
+            // An inference call without a body would reach a model server
+            // only to be refused there; parsing the empty body answers 400.
+            self.request_body_done = true;
+            self.bodiless = true;
+            self.route(Some(Vec::new()), false, out);
+            return Ok(());
+        }
+        // The picker does not decompress, so an encoded body is not read.
+        let encoded = envoy::header(map, "content-encoding").is_some_and(|v| {
+            let v = v.trim();
+            !v.is_empty() && !v.eq_ignore_ascii_case("identity")
+        });
         let buffered = matches!(self.request_mode, BUFFERED | BUFFERED_PARTIAL);
-        if h.end_of_stream || !(buffered || self.request_mode == FULL_DUPLEX) {
-            // No body to wait for (or one Envoy will not hold back for us).
+        if h.end_of_stream || encoded || !(buffered || self.request_mode == FULL_DUPLEX) {
+            // No body to wait for, one Envoy will not hold back for us, or
+            // one the picker cannot read.
             self.request_body_done = h.end_of_stream;
+            self.bodiless = h.end_of_stream;
             self.route(None, false, out);
-            return;
+            return Ok(());
         }
         self.phase = RequestPhase::Body;
         if buffered {
@@ -244,20 +358,30 @@ impl ExtProcStream {
             self.add_mode_override(&mut resp);
             out.push(resp);
         }
+        Ok(())
     }
 
-    fn request_body(&mut self, b: HttpBody, out: &mut Vec<ProcessingResponse>) {
+    fn request_body(
+        &mut self,
+        b: HttpBody,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> Result<(), ProtocolError> {
         match self.phase {
             RequestPhase::Body => {}
             RequestPhase::Routed => {
                 if self.request_body_done {
+                    if !b.end_of_stream || self.bodiless {
+                        return Err(ProtocolError::AfterRequestEnd("request body"));
+                    }
                     // Envoy 1.35+ can re-deliver the final chunk after the
                     // end of stream was handled (envoyproxy/envoy#46237);
                     // echoing it would corrupt the forwarded body.
-                    tracing::debug!(request_id = %self.request_id, "request body chunk after end of stream ignored");
-                    return;
+                    tracing::debug!(request_id = %Clip(&self.request_id), "request body chunk after end of stream ignored");
+                    return Ok(());
                 }
-                // Routed at the headers (STREAMED mode): pass chunks through.
+                // Routed at the headers (STREAMED mode, or an encoded body):
+                // pass chunks through unchanged.
+                self.request_body_done = b.end_of_stream;
                 if self.request_mode == FULL_DUPLEX {
                     envoy::push_streamed(out, true, b.body, b.end_of_stream);
                 } else {
@@ -265,9 +389,18 @@ impl ExtProcStream {
                         true, None, None, false,
                     )));
                 }
-                return;
+                return Ok(());
             }
-            RequestPhase::Headers | RequestPhase::Rejected => return,
+            // Headers: refused by `dispatch`. Rejected: chunks Envoy sent
+            // before it saw the ImmediateResponse.
+            RequestPhase::Headers | RequestPhase::Rejected => return Ok(()),
+        }
+        let total = self.body.len() + b.body.len();
+        if total > self.settings.max_request_body {
+            // Refused before copying, so a stream never holds more than the
+            // limit.
+            self.reject_too_large(out);
+            return Ok(());
         }
         if self.body.is_empty() {
             if self.declared_len > b.body.len() {
@@ -281,26 +414,37 @@ impl ExtProcStream {
                 self.body = b.body; // the whole body: take it without copying
             }
         } else {
+            if total > self.body.capacity() {
+                // Doubling, but never past the limit: a body just under it
+                // must not cost twice the limit.
+                let want = (self.body.capacity() * 2)
+                    .max(total)
+                    .min(self.settings.max_request_body);
+                self.body.reserve_exact(want - self.body.len());
+            }
             self.body.extend_from_slice(&b.body);
-        }
-        if self.body.len() > self.settings.max_request_body {
-            self.reject_too_large(out);
-            return;
         }
         if b.end_of_stream || self.request_mode == BUFFERED_PARTIAL || self.request_mode == BUFFERED
         {
             self.finish_request_body(false, out);
         }
+        Ok(())
     }
 
-    fn request_trailers(&mut self, out: &mut Vec<ProcessingResponse>) {
-        if self.phase == RequestPhase::Body {
+    fn request_trailers(&mut self, out: &mut Vec<ProcessingResponse>) -> Result<(), ProtocolError> {
+        match self.phase {
             // The body ended without end_of_stream because trailers follow.
-            self.finish_request_body(true, out);
+            RequestPhase::Body => self.finish_request_body(true, out),
+            RequestPhase::Routed if self.request_body_done => {
+                return Err(ProtocolError::AfterRequestEnd("request trailers"));
+            }
+            RequestPhase::Routed => self.request_body_done = true,
+            RequestPhase::Headers | RequestPhase::Rejected => {}
         }
         if self.phase != RequestPhase::Rejected {
             out.push(envoy::response(envoy::trailers_response(true)));
         }
+        Ok(())
     }
 
     fn finish_request_body(&mut self, trailers_follow: bool, out: &mut Vec<ProcessingResponse>) {
@@ -333,7 +477,7 @@ impl ExtProcStream {
         let routed = match director.route(&input, purpose) {
             Ok(r) => r,
             Err(e) => {
-                tracing::debug!(request_id = %self.request_id, path = %self.path, status = e.http_status(), error = %e, "request rejected");
+                tracing::debug!(request_id = %Clip(&self.request_id), path = %Clip(&self.path), status = e.http_status(), error = %Clip(&e.to_string()), "request rejected");
                 let error_type = match e.http_status() {
                     400 => "invalid_request_error",
                     429 => "rate_limit_error",
@@ -358,8 +502,8 @@ impl ExtProcStream {
         } = routed;
         let destination = decision.destination();
         if let Some(ex) = &decision.explanation {
-            tracing::debug!(request_id = %self.request_id, path = %self.path, model = %model,
-                target_model = %target_model, destination = %destination,
+            tracing::debug!(request_id = %Clip(&self.request_id), path = %Clip(&self.path), model = %Clip(&model),
+                target_model = %Clip(&target_model), destination = %destination,
                 prompt_blocks = decision.prompt_blocks, matched_blocks = decision.matched_blocks,
                 scores = %ex, "request routed");
         }
@@ -436,10 +580,7 @@ impl ExtProcStream {
     }
 
     fn forbidden_removals(&self) -> Vec<String> {
-        self.forbidden_present
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect()
+        self.forbidden_present.clone()
     }
 
     /// Asks for the response body (FULL_DUPLEX_STREAMED) when the gateway is
@@ -509,7 +650,7 @@ impl ExtProcStream {
         if let (Some(served), Some(active)) = (served, &self.active) {
             let picked = &*active.guard.endpoint().host_port;
             if served != picked {
-                tracing::debug!(request_id = %self.request_id, picked, served, "gateway served another endpoint (fallback or retry)");
+                tracing::debug!(request_id = %Clip(&self.request_id), picked, served = %Clip(served), "gateway served another endpoint (fallback or retry)");
             }
         }
         out.push(envoy::response(envoy::headers_response(
@@ -613,6 +754,30 @@ impl ExtProcStream {
         }
         self.response.json = Vec::new();
         drop(active);
+    }
+}
+
+/// Client-controlled text (path, request id, model, parse errors quoting the
+/// body) as it goes into a log line: at most [`Clip::MAX`] bytes, cut on a
+/// character boundary, with the full length noted, so a client cannot make
+/// one debug line copy kilobytes (or, for a model name, megabytes) of its
+/// own text into the log.
+struct Clip<'a>(&'a str);
+
+impl Clip<'_> {
+    const MAX: usize = 128;
+}
+
+impl std::fmt::Display for Clip<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.len() <= Self::MAX {
+            return f.write_str(self.0);
+        }
+        let mut end = Self::MAX;
+        while !self.0.is_char_boundary(end) {
+            end -= 1;
+        }
+        write!(f, "{}...({} bytes)", &self.0[..end], self.0.len())
     }
 }
 

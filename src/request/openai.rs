@@ -144,7 +144,9 @@ fn nesting_exceeds(body: &[u8], limit: usize) -> bool {
                 // Skip to the closing quote, stepping over escapes.
                 i += 1;
                 loop {
-                    match memchr::memchr2(b'"', b'\\', &body[i..]) {
+                    // `i` can pass the end when the body ends in a backslash.
+                    let rest = body.get(i..).unwrap_or_default();
+                    match memchr::memchr2(b'"', b'\\', rest) {
                         Some(off) if body[i + off] == b'\\' => i += off + 2,
                         Some(off) => {
                             i += off + 1;

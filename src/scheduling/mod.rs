@@ -621,4 +621,6 @@ fn filtered(e: &Endpoint, by: &str) -> ExplainedCandidate {
 }
 
 #[cfg(test)]
+mod destination_tests;
+#[cfg(test)]
 mod tests;

@@ -6,7 +6,7 @@ use crate::{
     endpoints::{EndpointStore, MetricsSample, testing::store_with},
 };
 
-fn scheduler(cfg: &str, fallback: usize, store: &EndpointStore) -> Scheduler {
+pub(super) fn scheduler(cfg: &str, fallback: usize, store: &EndpointStore) -> Scheduler {
     let cfg = EndpointPickerConfig::parse(cfg).unwrap();
     build_scheduler(
         &cfg,

@@ -227,7 +227,9 @@ impl MetricsClient {
                     read_more(stream, &mut self.buf, deadline, timeout).await?;
                 }
             }
-            if self.page.len() + size > self.max_page {
+            // Not `page.len() + size`: a hostile size near usize::MAX would
+            // overflow it and slip past the check.
+            if size > self.max_page.saturating_sub(self.page.len()) {
                 return Err(ScrapeError::TooLarge);
             }
             while self.buf.len() < pos + size + 2 {

@@ -280,7 +280,8 @@ fn label_block_end(s: &[u8]) -> Option<usize> {
 fn quoted_end(s: &[u8]) -> Option<usize> {
     let mut i = 1;
     loop {
-        let off = memchr::memchr2(b'"', b'\\', &s[i..])?;
+        // `i` can pass the end when the line ends in a backslash.
+        let off = memchr::memchr2(b'"', b'\\', s.get(i..)?)?;
         if s[i + off] == b'\\' {
             i += off + 2;
         } else {

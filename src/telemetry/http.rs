@@ -11,7 +11,7 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, sync::watch};
 
-use super::Metrics;
+use super::{Metrics, log_limit::LogLimiter};
 
 /// Serves `/metrics` on `listener` until `shutdown` turns true.
 pub async fn serve_metrics(
@@ -24,7 +24,14 @@ pub async fn serve_metrics(
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(error = %e, "metrics listener accept failed");
+                    // As for ext_proc: back off and log the condition, not
+                    // each failed attempt.
+                    static LIMIT: LogLimiter =
+                        LogLimiter::new(crate::admin::tls::ACCEPT_ERROR_LOG_INTERVAL);
+                    if let Some(suppressed) = LIMIT.allow(std::time::Instant::now()) {
+                        tracing::warn!(error = %e, suppressed, "metrics listener accept failed");
+                    }
+                    tokio::time::sleep(crate::admin::tls::ACCEPT_BACKOFF).await;
                     continue;
                 }
             },

@@ -1,6 +1,7 @@
 //! Telemetry: the picker's Prometheus metrics, their HTTP endpoint, and logs.
 
 mod http;
+pub mod log_limit;
 pub mod logging;
 mod metrics;
 

@@ -37,13 +37,24 @@ pub struct BackendState {
     /// SSE responses wait for this after their first event, so a test can
     /// prove the first event reached the client before the rest was sent.
     pub release_stream: Notify,
+    /// Milliseconds a completion waits before its response headers (time to
+    /// first token) and between its first and last body bytes (generation).
+    /// With both zero the answer is immediate and in one piece.
+    pub ttft_ms: AtomicU64,
+    pub gen_ms: AtomicU64,
+    /// Completions whose headers are out and whose body is not finished: what
+    /// a gateway can no longer retry elsewhere if this server dies now.
+    pub open_responses: AtomicU64,
+    /// Completions received and not answered yet (waiting for their first
+    /// byte): what a gateway can still retry elsewhere.
+    pub unanswered: AtomicU64,
 }
 
 pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
     pub state: Arc<BackendState>,
-    task: JoinHandle<()>,
+    task: Mutex<JoinHandle<()>>,
     connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
@@ -60,38 +71,56 @@ impl Backend {
             .expect("bind backend");
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(BackendState::default());
-        let (st, nm) = (Arc::clone(&state), name.to_owned());
         let connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let conns = Arc::clone(&connections);
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let (st, nm) = (Arc::clone(&st), nm.clone());
-                let conn = tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let (st, nm) = (Arc::clone(&st), nm.clone());
-                        async move { Ok::<_, Infallible>(handle(req, st, &nm).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-                conns.lock().push(conn.abort_handle());
-            }
-        });
+        let task = serve(listener, Arc::clone(&state), name, Arc::clone(&connections));
         Self {
             name: name.to_owned(),
             addr,
             state,
-            task,
+            task: Mutex::new(task),
             connections,
         }
     }
 
+    /// Serves again on the same address after [`Backend::kill`], with the
+    /// same state (a pod restarted in place: same IP and port).
+    pub async fn restart(&self) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        // The killed accept task releases the port when it is dropped,
+        // which the runtime does shortly after the abort.
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "rebind {}: {e}",
+                        self.addr
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            }
+        };
+        *self.task.lock() = serve(
+            listener,
+            Arc::clone(&self.state),
+            &self.name,
+            Arc::clone(&self.connections),
+        );
+    }
+
     pub fn host_port(&self) -> String {
         self.addr.to_string()
+    }
+
+    /// The value of a header in the last request this backend received.
+    pub fn last_header(&self, name: &str) -> Option<String> {
+        self.state
+            .last_headers
+            .lock()
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
     }
 
     pub fn set_load(&self, waiting: u32, kv: f64) {
@@ -108,11 +137,40 @@ impl Backend {
     /// Stops serving: open connections are closed and the port refuses new
     /// ones afterwards.
     pub fn kill(&self) {
-        self.task.abort();
+        self.task.lock().abort();
         for c in self.connections.lock().drain(..) {
             c.abort();
         }
     }
+}
+
+fn serve(
+    listener: TcpListener,
+    state: Arc<BackendState>,
+    name: &str,
+    connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+) -> JoinHandle<()> {
+    let nm = name.to_owned();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (st, nm) = (Arc::clone(&state), nm.clone());
+            let conn = tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let (st, nm) = (Arc::clone(&st), nm.clone());
+                    async move { Ok::<_, Infallible>(handle(req, st, &nm).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+            let mut conns = connections.lock();
+            conns.retain(|c| !c.is_finished());
+            conns.push(conn.abort_handle());
+        }
+    })
 }
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -179,10 +237,68 @@ async fn handle(
                 "usage": {"prompt_tokens": body.len() / 4, "completion_tokens": 1, "total_tokens": body.len() / 4 + 1,
                           "prompt_tokens_details": {"cached_tokens": 0}}
             });
-            full(200, name, "application/json", reply.to_string())
+            let (ttft, gen_ms) = (
+                st.ttft_ms.load(Ordering::SeqCst),
+                st.gen_ms.load(Ordering::SeqCst),
+            );
+            if ttft == 0 && gen_ms == 0 {
+                return full(200, name, "application/json", reply.to_string());
+            }
+            st.unanswered.fetch_add(1, Ordering::SeqCst);
+            let waiting = Unanswered(Arc::clone(&st));
+            tokio::time::sleep(std::time::Duration::from_millis(ttft)).await;
+            drop(waiting);
+            slow(name, reply.to_string(), gen_ms, st)
         }
         _ => full(404, name, "text/plain", "not found"),
     }
+}
+
+/// Counts a response as open from its headers until its body is finished
+/// (or dropped with the connection).
+struct OpenResponse(Arc<BackendState>);
+
+impl Drop for OpenResponse {
+    fn drop(&mut self) {
+        self.0.open_responses.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+struct Unanswered(Arc<BackendState>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        self.0.unanswered.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A JSON answer sent as a first byte right away and the rest after
+/// `gen_ms`, with a Content-Length, so a client can tell a cut body.
+fn slow(name: &str, body: String, gen_ms: u64, st: Arc<BackendState>) -> Response<Body> {
+    st.open_responses.fetch_add(1, Ordering::SeqCst);
+    let guard = OpenResponse(st);
+    let len = body.len();
+    let bytes = Bytes::from(body);
+    let stream = futures_util::stream::unfold(
+        (0u8, bytes, Some(guard)),
+        move |(i, bytes, guard)| async move {
+            match i {
+                0 => Some((Ok(Frame::data(bytes.slice(..1))), (1, bytes, guard))),
+                1 => {
+                    tokio::time::sleep(std::time::Duration::from_millis(gen_ms)).await;
+                    Some((Ok(Frame::data(bytes.slice(1..))), (2, bytes, guard)))
+                }
+                _ => None,
+            }
+        },
+    );
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/json")
+        .header("content-length", len)
+        .header("x-backend", name)
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
 }
 
 /// Events of a streamed completion: `EVENTS` text chunks, a usage chunk and

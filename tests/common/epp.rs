@@ -66,6 +66,17 @@ impl Epp {
 
     /// Starts with the given endpoints file content (`None`: no file yet).
     pub fn spawn_with_file(content: Option<&str>, extra: &[&str]) -> Self {
+        Self::spawn_with_log_filter(content, extra, Some("epp=debug,info"))
+    }
+
+    /// Like [`Self::spawn_with_file`] with `RUST_LOG` set to `rust_log`, or
+    /// unset (`None`) so the picker logs at its own default level, as in
+    /// production.
+    pub fn spawn_with_log_filter(
+        content: Option<&str>,
+        extra: &[&str],
+        rust_log: Option<&str>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         if let Some(content) = content {
             fs::write(dir.path().join("endpoints.yaml"), content).expect("endpoints file");
@@ -73,22 +84,26 @@ impl Epp {
         let log = fs::File::create(dir.path().join("epp.log")).expect("log file");
         // Port 0 everywhere: the picker binds free ports itself and logs them,
         // so concurrent tests can never race for a port.
-        let child = Command::new(env!("CARGO_BIN_EXE_epp"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_epp"));
+        match rust_log {
+            Some(filter) => command.env("RUST_LOG", filter),
+            None => command.env_remove("RUST_LOG"),
+        };
+        let child = command
             .args(["--listen-address", "127.0.0.1"])
-            .args([
-                "--grpc-port",
-                "0",
-                "--grpc-health-port",
-                "0",
-                "--metrics-port",
-                "0",
-            ])
+            // A port given in `extra` (a restart on the same port) replaces
+            // the default: the flags parser refuses a flag given twice.
+            .args(
+                ["--grpc-port", "--grpc-health-port", "--metrics-port"]
+                    .into_iter()
+                    .filter(|p| !extra.contains(p))
+                    .flat_map(|p| [p, "0"]),
+            )
             .arg("--endpoints-file")
             .arg(dir.path().join("endpoints.yaml"))
             .args(["--endpoints-file-poll-interval", "50ms"])
             .args(["--refresh-metrics-interval", "20ms"])
             .args(extra)
-            .env("RUST_LOG", "epp=debug,info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(log)

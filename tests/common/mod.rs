@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod envoy;
 pub mod epp;
+pub mod faults;
 pub mod http;
 
 use std::{
@@ -91,7 +92,10 @@ impl Stack {
         let secure = epp_args
             .iter()
             .any(|a| *a == "--secure-serving" || *a == "--secure-serving=true");
-        let mut args = vec!["--fallback-endpoints", "1"];
+        let mut args = vec![];
+        if !epp_args.contains(&"--fallback-endpoints") {
+            args.extend(["--fallback-endpoints", "1"]);
+        }
         if !secure {
             args.push("--secure-serving=false");
         }

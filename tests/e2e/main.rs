@@ -5,7 +5,10 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod bad_input;
 mod bench_smoke;
+mod faults;
 mod operations;
 mod protocol;
 mod routing;
+mod security;

@@ -26,11 +26,8 @@ async fn routes_to_the_picked_endpoint_with_the_body_intact() {
         body.to_string().into_bytes()
     );
     // The destination the backend saw starts with itself.
-    let headers = served.state.last_headers.lock().clone();
-    let dest = headers
-        .iter()
-        .find(|(k, _)| k == "x-gateway-destination-endpoint")
-        .map(|(_, v)| v.clone())
+    let dest = served
+        .last_header("x-gateway-destination-endpoint")
         .expect("destination header forwarded");
     assert!(
         dest.starts_with(&served.host_port()),

@@ -22,17 +22,17 @@ use crate::{
     pod, poll_until, pool, wait_endpoints, wait_store,
 };
 
-struct Running {
-    store: Arc<EndpointStore>,
-    fake: FakeApi,
-    stats: Arc<DiscoveryStats>,
+pub(crate) struct Running {
+    pub(crate) store: Arc<EndpointStore>,
+    pub(crate) fake: FakeApi,
+    pub(crate) stats: Arc<DiscoveryStats>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
     objectives: watch::Receiver<Option<HashMap<String, i32>>>,
 }
 
 impl Running {
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.stop.send_replace(true);
         tokio::time::timeout(WAIT, self.task)
             .await
@@ -41,7 +41,7 @@ impl Running {
     }
 }
 
-fn pool_target() -> Target {
+pub(crate) fn pool_target() -> Target {
     Target::Pool {
         name: "pool".into(),
         group: POOL_GROUP_V1.into(),
@@ -49,7 +49,7 @@ fn pool_target() -> Target {
 }
 
 /// Starts discovery of `target` over a fake server that `seed` fills first.
-fn start(target: Target, seed: impl FnOnce(&FakeApi)) -> Running {
+pub(crate) fn start(target: Target, seed: impl FnOnce(&FakeApi)) -> Running {
     let (client, fake, stats) = fake::start();
     seed(&fake);
     let store = Arc::new(EndpointStore::new(Duration::from_secs(2)));
@@ -77,7 +77,7 @@ fn start(target: Target, seed: impl FnOnce(&FakeApi)) -> Running {
     }
 }
 
-fn vllm() -> serde_json::Value {
+pub(crate) fn vllm() -> serde_json::Value {
     json!({"app": "vllm"})
 }
 

@@ -86,6 +86,10 @@ struct State {
     failures: HashMap<String, VecDeque<u16>>,
     list_failures: HashMap<String, VecDeque<u16>>,
     requests: Vec<String>,
+    /// Every request fails at the transport (connection refused), as when
+    /// the API server is down or cut off by the network.
+    unreachable: bool,
+    refused: u64,
 }
 
 /// Handle on the fake server; cheap to clone.
@@ -105,6 +109,13 @@ pub fn start() -> (kube::Client, FakeApi, Arc<DiscoveryStats>) {
     let server = fake.clone();
     tokio::spawn(async move {
         while let Some((request, send)) = handle.next_request().await {
+            if server.refuse() {
+                send.send_error(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionRefused,
+                    "connection refused (fake API server unreachable)",
+                ));
+                continue;
+            }
             let response = server.handle(request).await;
             send.send_response(response);
         }
@@ -418,6 +429,29 @@ impl FakeApi {
         } else {
             s.absent.remove(plural);
         }
+    }
+
+    /// Makes the server unreachable (every request fails to connect and
+    /// every open watch ends) or reachable again.
+    pub fn set_unreachable(&self, unreachable: bool) {
+        let mut s = self.state.lock();
+        s.unreachable = unreachable;
+        if unreachable {
+            s.watches.clear();
+        }
+    }
+
+    /// Requests refused while unreachable.
+    pub fn refused(&self) -> u64 {
+        self.state.lock().refused
+    }
+
+    fn refuse(&self) -> bool {
+        let mut s = self.state.lock();
+        if s.unreachable {
+            s.refused += 1;
+        }
+        s.unreachable
     }
 
     /// Ends every open watch of `plural`, as a dropped connection would.

@@ -11,6 +11,7 @@
 
 mod discovery;
 mod fake;
+mod faults;
 mod leader;
 
 use std::{future::Future, sync::Arc, time::Duration};

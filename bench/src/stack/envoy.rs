@@ -33,6 +33,11 @@ pub struct EnvoyOptions {
     /// Send response bodies to the picker (otherwise only when it asks per
     /// request with a mode override).
     pub response_bodies: bool,
+    /// ext_proc `failure_mode_allow`: when the picker cannot be reached,
+    /// true lets requests through unrouted (the override_host policy's
+    /// round-robin fallback picks), false fails them (GIE's FailOpen and
+    /// FailClose).
+    pub failure_mode_allow: bool,
     /// Listener and admin ports; 0 lets Envoy pick.
     pub listen_port: u16,
     pub admin_port: u16,
@@ -49,6 +54,7 @@ impl EnvoyOptions {
             client_routes: false,
             extra_filters: String::new(),
             response_bodies: true,
+            failure_mode_allow: false,
             listen_port: 0,
             admin_port: 0,
         }
@@ -106,6 +112,14 @@ pub fn render(envoy_dir: &Path, opts: &EnvoyOptions) -> io::Result<String> {
         .replace("{{EXT_PROC_FILTER}}", &ext_proc)
         .replace("{{EXTRA_FILTERS}}", opts.extra_filters.trim_end())
         .replace("{{EPP_TLS}}", &tls)
+        .replace(
+            "{{FAILURE_MODE_ALLOW}}",
+            if opts.failure_mode_allow {
+                "true"
+            } else {
+                "false"
+            },
+        )
         .replace("{{POOL_LB}}", &lb)
         .replace("{{POOL_ENDPOINTS}}", endpoints.trim_end())
         .replace("{{RESPONSE_BODY_MODE}}", response_body_mode)

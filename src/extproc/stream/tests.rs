@@ -2,7 +2,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use envoy_types::pb::{
     envoy::{
-        config::core::v3::{HeaderMap, HeaderValue, Metadata},
+        config::core::v3::{HeaderValue, Metadata},
         service::ext_proc::v3::{
             CommonResponse, HttpBody, HttpHeaders, HttpTrailers, ProcessingRequest,
             ProcessingResponse, ProtocolConfiguration, body_mutation::Mutation,
@@ -13,7 +13,10 @@ use envoy_types::pb::{
 };
 
 use super::*;
-use crate::extproc::envoy::{CONFORMANCE_SERVED, SERVED, SUBSET, SUBSET_NAMESPACE};
+use crate::extproc::envoy::{
+    CONFORMANCE_SERVED, SERVED, SUBSET, SUBSET_NAMESPACE, gateway_headers as headers,
+    gateway_message as msg,
+};
 use crate::{
     config::EndpointPickerConfig,
     endpoints::{EndpointStore, MetricsSample, testing::store_with},
@@ -69,9 +72,16 @@ impl Harness {
     }
 
     fn send(&mut self, msg: ProcessingRequest) -> Vec<ProcessingResponse> {
+        self.try_send(msg).expect("well-formed message sequence")
+    }
+
+    fn try_send(
+        &mut self,
+        msg: ProcessingRequest,
+    ) -> Result<Vec<ProcessingResponse>, ProtocolError> {
         let mut out = Vec::new();
-        self.stream.on_message(msg, &mut out);
-        out
+        self.stream.on_message(msg, &mut out)?;
+        Ok(out)
     }
 
     fn in_flight(&self) -> u32 {
@@ -81,30 +91,6 @@ impl Harness {
             .iter()
             .map(|e| e.in_flight())
             .sum()
-    }
-}
-
-fn headers(pairs: &[(&str, &str)], end_of_stream: bool) -> HttpHeaders {
-    HttpHeaders {
-        headers: Some(HeaderMap {
-            headers: pairs
-                .iter()
-                .map(|(k, v)| HeaderValue {
-                    key: (*k).into(),
-                    value: String::new(),
-                    raw_value: v.as_bytes().to_vec(),
-                })
-                .collect(),
-        }),
-        end_of_stream,
-        ..HttpHeaders::default()
-    }
-}
-
-fn msg(request: Request) -> ProcessingRequest {
-    ProcessingRequest {
-        request: Some(request),
-        ..ProcessingRequest::default()
     }
 }
 
@@ -606,7 +592,8 @@ fn empty_pool_is_503() {
             true,
         ))),
         &mut out,
-    );
+    )
+    .unwrap();
     assert_eq!(immediate_status(&out[0]).0, 503);
 }
 
@@ -630,4 +617,325 @@ fn a_repeated_final_body_chunk_is_not_echoed() {
     assert_eq!(out.len(), 2);
     assert!(h.send(msg(body(BODY, true))).is_empty());
     assert_eq!(h.in_flight(), 1, "routed once");
+}
+
+fn with_header(mut h: HttpHeaders, key: &str, value: &str) -> HttpHeaders {
+    if let Some(map) = h.headers.as_mut() {
+        map.headers.push(HeaderValue {
+            key: key.into(),
+            value: String::new(),
+            raw_value: value.as_bytes().to_vec(),
+        });
+    }
+    h
+}
+
+/// Not JSON, so reading it would be a 400: routing proves it went unread.
+const GZIP: &[u8] = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\xabV\xca\xcdOI\xcd\x01\x00";
+
+#[test]
+fn encoded_bodies_are_routed_at_the_headers_and_passed_through_unread() {
+    for encoding in ["gzip", "br", "zstd", " GZIP ", "deflate, gzip"] {
+        let mut h = Harness::new(settings());
+        let hdrs = with_header(
+            with_header(post("/v1/completions"), "content-encoding", encoding),
+            "content-length",
+            &GZIP.len().to_string(),
+        );
+        let out = h.send(first(
+            BodySendMode::FullDuplexStreamed,
+            Request::RequestHeaders(hdrs),
+        ));
+        assert_eq!(out.len(), 1, "{encoding}: routed before any body byte");
+        assert!(matches!(out[0].response, Some(Response::RequestHeaders(_))));
+        assert!(set_header(&out[0], DESTINATION).is_some());
+        assert_eq!(h.in_flight(), 1);
+        let out = h.send(msg(body(&GZIP[..5], false)));
+        assert_eq!(streamed(&out[0]), (GZIP[..5].to_vec(), false));
+        let out = h.send(msg(body(&GZIP[5..], true)));
+        assert_eq!(streamed(&out[0]), (GZIP[5..].to_vec(), true));
+        // Nothing was hashed for prefix affinity.
+        assert!(
+            h.stream.director.scheduler().index().is_empty(),
+            "{encoding}"
+        );
+    }
+
+    // Buffered: destination in the headers answer, body left as it is.
+    let mut h = Harness::new(settings());
+    let out = h.send(first(
+        BodySendMode::Buffered,
+        Request::RequestHeaders(with_header(
+            post("/v1/completions"),
+            "content-encoding",
+            "gzip",
+        )),
+    ));
+    assert!(set_header(&out[0], DESTINATION).is_some());
+    let out = h.send(msg(body(GZIP, true)));
+    assert_eq!(out.len(), 1);
+    let Some(Response::RequestBody(b)) = &out[0].response else {
+        panic!("not a body answer: {:?}", out[0]);
+    };
+    assert!(
+        b.response
+            .as_ref()
+            .is_none_or(|c| c.body_mutation.is_none()),
+        "unchanged"
+    );
+
+    // identity is no encoding: the body is read as usual.
+    let mut h = Harness::new(settings());
+    assert!(
+        h.send(msg(Request::RequestHeaders(with_header(
+            post("/v1/completions"),
+            "content-encoding",
+            "identity",
+        ))))
+        .is_empty()
+    );
+    let (status, _) = immediate_status(&h.send(msg(body(GZIP, true)))[0]);
+    assert_eq!(status, 400);
+}
+
+#[test]
+fn a_post_to_an_inference_api_without_a_body_is_400() {
+    let mut h = Harness::new(settings());
+    let out = h.send(msg(Request::RequestHeaders(headers(
+        &[(":method", "POST"), (":path", "/v1/chat/completions")],
+        true,
+    ))));
+    let (status, v) = immediate_status(&out[0]);
+    assert_eq!(status, 400);
+    assert_eq!(v["error"]["code"], "invalid_json", "{v}");
+    assert_eq!(h.in_flight(), 0);
+    // Other paths and methods without a body are routed by load.
+    for (method, path) in [("POST", "/tokenize"), ("GET", "/v1/completions")] {
+        let mut h = Harness::new(settings());
+        let out = h.send(msg(Request::RequestHeaders(headers(
+            &[(":method", method), (":path", path)],
+            true,
+        ))));
+        assert!(
+            set_header(&out[0], DESTINATION).is_some(),
+            "{method} {path}"
+        );
+    }
+}
+
+/// The request buffer never holds (or reserves) more than the limit, so a
+/// body streamed without a length costs at most the limit before its 413.
+#[test]
+fn the_body_buffer_never_grows_past_the_limit() {
+    let max = 10_000;
+    let mut h = Harness::new(StreamSettings {
+        max_request_body: max,
+        ..settings()
+    });
+    h.send(msg(Request::RequestHeaders(post("/v1/completions"))));
+    let chunk = [b' '; 3_000];
+    for _ in 0..3 {
+        assert!(h.send(msg(body(&chunk, false))).is_empty());
+        assert!(
+            h.stream.body.capacity() <= max,
+            "{}",
+            h.stream.body.capacity()
+        );
+    }
+    let out = h.send(msg(body(&chunk, false)));
+    assert_eq!(immediate_status(&out[0]).0, 413);
+    assert_eq!(h.stream.body.capacity(), 0, "released at the refusal");
+}
+
+fn eos_headers() -> Request {
+    Request::RequestHeaders(headers(&[(":path", "/v1/models")], true))
+}
+
+/// Message orders no gateway sends: each ends the stream with a named
+/// protocol error, nothing is answered, the request's in-flight accounting
+/// is released at once, and later messages cannot revive the stream.
+#[test]
+fn protocol_violations_end_the_stream_and_release_the_request() {
+    let trailers = || Request::RequestTrailers(HttpTrailers::default());
+    let resp_headers = || Request::ResponseHeaders(headers(&[(":status", "200")], false));
+    type Case = (
+        &'static str,
+        Vec<ProcessingRequest>,
+        ProcessingRequest,
+        ProtocolError,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "body before headers",
+            vec![],
+            msg(body(BODY, true)),
+            ProtocolError::BeforeRequestHeaders("request body"),
+        ),
+        (
+            "trailers first",
+            vec![],
+            msg(trailers()),
+            ProtocolError::BeforeRequestHeaders("request trailers"),
+        ),
+        (
+            "empty message",
+            vec![],
+            ProcessingRequest::default(),
+            ProtocolError::EmptyMessage,
+        ),
+        (
+            "empty message mid-stream",
+            vec![msg(Request::RequestHeaders(post("/v1/completions")))],
+            ProcessingRequest::default(),
+            ProtocolError::EmptyMessage,
+        ),
+        (
+            "repeated headers while collecting the body",
+            vec![msg(Request::RequestHeaders(post("/v1/completions")))],
+            msg(Request::RequestHeaders(post("/v1/completions"))),
+            ProtocolError::RepeatedRequestHeaders,
+        ),
+        (
+            "repeated headers after routing",
+            vec![
+                msg(Request::RequestHeaders(post("/v1/completions"))),
+                msg(body(BODY, true)),
+            ],
+            msg(Request::RequestHeaders(post("/v1/completions"))),
+            ProtocolError::RepeatedRequestHeaders,
+        ),
+        (
+            "body after headers ended the request",
+            vec![msg(eos_headers())],
+            msg(body(b"late", true)),
+            ProtocolError::AfterRequestEnd("request body"),
+        ),
+        (
+            "more body after the body ended",
+            vec![
+                msg(Request::RequestHeaders(post("/v1/completions"))),
+                msg(body(BODY, true)),
+            ],
+            msg(body(b"more", false)),
+            ProtocolError::AfterRequestEnd("request body"),
+        ),
+        (
+            "trailers after the body ended",
+            vec![
+                msg(Request::RequestHeaders(post("/v1/completions"))),
+                msg(body(BODY, true)),
+            ],
+            msg(trailers()),
+            ProtocolError::AfterRequestEnd("request trailers"),
+        ),
+        (
+            "response headers after the response ended",
+            vec![
+                msg(eos_headers()),
+                msg(resp_headers()),
+                msg(resp_body(b"{}", true)),
+            ],
+            msg(resp_headers()),
+            ProtocolError::AfterResponseEnd("response headers"),
+        ),
+        (
+            "response body after the response ended",
+            vec![
+                msg(eos_headers()),
+                msg(Request::ResponseHeaders(headers(
+                    &[(":status", "200")],
+                    true,
+                ))),
+            ],
+            msg(resp_body(b"x", false)),
+            ProtocolError::AfterResponseEnd("response body"),
+        ),
+    ];
+    for (name, before, bad, expected) in cases {
+        let mut h = Harness::new(settings());
+        for m in before {
+            h.send(m);
+        }
+        let err = h.try_send(bad).expect_err(name);
+        assert_eq!(err, expected, "{name}");
+        assert!(err.to_string().len() > 10, "{name}: {err}");
+        assert_eq!(h.in_flight(), 0, "{name}: released at the violation");
+        // Whatever follows gets no answer and cannot route anything.
+        for m in [
+            msg(Request::RequestHeaders(post("/v1/completions"))),
+            msg(body(BODY, true)),
+            msg(resp_headers()),
+            msg(resp_body(b"{}", true)),
+            msg(trailers()),
+        ] {
+            assert!(h.try_send(m).unwrap_or_default().is_empty(), "{name}");
+        }
+        assert_eq!(h.in_flight(), 0, "{name}");
+    }
+}
+
+/// Envoy's own local reply (here the 431 for too many request headers)
+/// passes through the filter although the request never did: the response
+/// is answered as usual and nothing is routed; a request cannot follow it.
+#[test]
+fn a_response_with_no_request_before_it_is_answered() {
+    let mut h = Harness::new(settings());
+    let out = h.send(first(
+        BodySendMode::FullDuplexStreamed,
+        Request::ResponseHeaders(headers(
+            &[(":status", "431"), ("content-type", "text/plain")],
+            false,
+        )),
+    ));
+    assert_eq!(out.len(), 1);
+    assert!(matches!(
+        out[0].response,
+        Some(Response::ResponseHeaders(_))
+    ));
+    let out = h.send(msg(resp_body(b"Request Header Fields Too Large", true)));
+    assert_eq!(
+        streamed(&out[0]),
+        (b"Request Header Fields Too Large".to_vec(), true)
+    );
+    assert_eq!(h.in_flight(), 0);
+    assert_eq!(
+        h.try_send(msg(Request::RequestHeaders(post("/v1/completions")))),
+        Err(ProtocolError::AfterResponseEnd("request headers"))
+    );
+    assert_eq!(h.in_flight(), 0);
+}
+
+/// What the rules above must not catch: Envoy's own re-deliveries and
+/// messages racing an ImmediateResponse.
+#[test]
+fn tolerated_repeats_get_no_answer_and_no_error() {
+    // A repeated final response chunk (the request-side #46237 pattern).
+    let mut h = Harness::new(settings());
+    h.send(msg(eos_headers()));
+    h.send(msg(Request::ResponseHeaders(headers(
+        &[(":status", "200")],
+        false,
+    ))));
+    assert_eq!(h.send(msg(resp_body(b"{}", true))).len(), 1);
+    assert!(h.send(msg(resp_body(b"{}", true))).is_empty());
+    // Body chunks and trailers in flight when the picker answered 413.
+    let mut h = Harness::new(StreamSettings {
+        max_request_body: 4,
+        ..settings()
+    });
+    h.send(msg(Request::RequestHeaders(post("/v1/completions"))));
+    assert_eq!(immediate_status(&h.send(msg(body(BODY, false)))[0]).0, 413);
+    assert!(h.send(msg(body(b"more", false))).is_empty());
+    assert!(
+        h.send(msg(Request::RequestTrailers(HttpTrailers::default())))
+            .is_empty()
+    );
+}
+
+#[test]
+fn client_text_in_log_lines_is_clipped_on_a_char_boundary() {
+    assert_eq!(Clip("short").to_string(), "short");
+    let long = format!("{}é{}", "a".repeat(127), "b".repeat(5000));
+    let shown = Clip(&long).to_string();
+    assert_eq!(shown, format!("{}...(5129 bytes)", "a".repeat(127)));
 }

@@ -1,0 +1,222 @@
+//! Inputs the fuzz targets in fuzz/ found crashing, kept as tests so the fixes
+//! stay fixed. The fuzzers' own inputs are under tests/fixtures/fuzz/ (named
+//! after the target and the artifact's hash); each also has a minimal
+//! hand-reduced form here. See docs/reliability.md, "Fuzzing".
+
+// Shared with the e2e binary, whose re-exports this one does not all use.
+#[allow(unused_imports)]
+#[path = "common/mod.rs"]
+mod common;
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use epp::{
+    endpoints::{EndpointSpec, EndpointStore},
+    request::{self, ApiKind, ParseError},
+    scrape::{EngineMapping, ScrapeSettings, Scraper, ScraperOptions, extract},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+    sync::watch,
+};
+
+const PARSED_APIS: [ApiKind; 5] = [
+    ApiKind::Completions,
+    ApiKind::ChatCompletions,
+    ApiKind::Responses,
+    ApiKind::Embeddings,
+    ApiKind::Conversations,
+];
+
+/// request_body, 2026-11-27: a body ending in a backslash inside a string
+/// made the nesting pre-check step past the end of the body and panic
+/// (src/request/openai.rs, `nesting_exceeds`). In the picker that panic ends
+/// the ext_proc stream, so Envoy fails the request instead of the client
+/// getting a 400.
+#[test]
+fn body_ending_in_a_backslash_is_invalid_json() {
+    let cases: [&[u8]; 4] = [
+        br#"{"model":"m","prompt":"\"#,
+        br#"{"model":"m","messages":[{"role":"user","content":"a\\\"#,
+        br#"{"\"#,
+        // The fuzzer's input without its first byte (the target's SSE split
+        // seed), exactly as the parser saw it.
+        &include_bytes!("fixtures/fuzz/request_body-crash-6e064c48")[1..],
+    ];
+    for body in cases {
+        for api in PARSED_APIS {
+            let err = request::parse(body, api).expect_err("an unterminated string");
+            assert!(
+                matches!(err, ParseError::InvalidJson(_)),
+                "{api:?} {:?}: {err:?}",
+                String::from_utf8_lossy(body)
+            );
+            assert_eq!(err.code(), "invalid_json");
+        }
+    }
+}
+
+/// prometheus_text, 2026-11-27: a label value ending in a backslash at the
+/// end of a line made the label scanner slice past the line and panic
+/// (src/scrape/parse.rs, `quoted_end`). In the picker that panic kills the
+/// endpoint's scrape task for good, so its metrics go stale while the pod is
+/// healthy; now the page is refused as malformed and the next scrape retries.
+#[test]
+fn metrics_label_ending_in_a_backslash_is_malformed() {
+    let minimal: &[u8] = b"vllm:num_requests_waiting{model_name=\"\\";
+    let err = extract(minimal, &EngineMapping::vllm()).expect_err("unterminated label value");
+    assert!(err.to_string().contains("malformed sample line"), "{err}");
+
+    let found = include_bytes!("fixtures/fuzz/prometheus_text-crash-95abcd76");
+    for mapping in [
+        EngineMapping::vllm(),
+        EngineMapping::sglang(),
+        EngineMapping::trtllm_serve(),
+        EngineMapping::triton_trtllm(),
+    ] {
+        // Only the outcome's existence matters: it must not panic.
+        let _ = extract(found, &mapping);
+    }
+    let err = extract(found, &EngineMapping::triton_trtllm()).expect_err("malformed page");
+    assert!(
+        err.to_string()
+            .contains("nv_trt_llm_kv_cache_block_metrics"),
+        "{err}"
+    );
+}
+
+/// The first finding end to end: through a real Envoy, the body that used
+/// to panic the ext_proc stream now gets the picker's 400 JSON error, and the
+/// picker goes on routing.
+#[tokio::test(flavor = "multi_thread")]
+async fn backslash_body_gets_a_400_through_envoy() {
+    let stack = common::Stack::start(1, &[]).await;
+    let reply = common::http::request(
+        stack.envoy.listen,
+        "POST",
+        "/v1/completions",
+        &[],
+        Some(br#"{"model":"m","prompt":"\"#.to_vec()),
+    )
+    .await
+    .expect("request through envoy");
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    let v = reply.json();
+    assert_eq!(v["error"]["code"], "invalid_json", "{v}");
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    assert_eq!(
+        stack.backends[0].requests(),
+        0,
+        "the bad body reached a server"
+    );
+
+    let ok = stack.completion("still routing").await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+}
+
+/// Found while writing the prometheus_text target, by reading the code that
+/// feeds it (the metrics HTTP client is async and not a fuzz target): a
+/// chunked response whose second chunk declares a size near `usize::MAX`
+/// overflowed the page-size check (src/scrape/client.rs, `read_chunked`) and
+/// panicked, killing the endpoint's scrape task for good. Now the scrape
+/// fails as too large and the next one retries: this server answers that way
+/// three times, then with a good page, which must be read.
+#[tokio::test(flavor = "multi_thread")]
+async fn huge_chunk_size_fails_one_scrape_only() {
+    const BAD_ANSWERS: u64 = 3;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let served = Arc::new(AtomicU64::new(0));
+    let server = tokio::spawn({
+        let served = Arc::clone(&served);
+        async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let served = Arc::clone(&served);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            continue;
+                        };
+                        buf.drain(..end + 4);
+                        let answer: Vec<u8> = if served.fetch_add(1, Ordering::SeqCst) < BAD_ANSWERS
+                        {
+                            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                              6\r\n# page\r\nffffffffffffffff\r\n"
+                                .to_vec()
+                        } else {
+                            let page = "vllm:num_requests_waiting 7\nvllm:num_requests_running 2\nvllm:kv_cache_usage_perc 0.5\n";
+                            format!(
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{page}",
+                                page.len()
+                            )
+                            .into_bytes()
+                        };
+                        if conn.write_all(&answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+
+    let store = Arc::new(EndpointStore::new(Duration::from_secs(2)));
+    store
+        .replace(vec![EndpointSpec {
+            name: "pod".into(),
+            address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port: addr.port(),
+            labels: Default::default(),
+            metrics_port: None,
+        }])
+        .expect("one endpoint");
+    let scraper = Scraper::new(
+        Arc::clone(&store),
+        ScrapeSettings::default(),
+        ScraperOptions {
+            interval: Duration::from_millis(20),
+            timeout: Duration::from_secs(1),
+            max_failures: 3,
+        },
+    );
+    let stats = scraper.stats();
+    let (stop, stopped) = watch::channel(false);
+    let scraping = tokio::spawn(scraper.run(stopped));
+
+    let endpoint = Arc::clone(&store.snapshot().endpoints()[0]);
+    common::eventually(
+        "the good page is scraped after the bad ones",
+        Duration::from_secs(10),
+        || {
+            let waiting = endpoint.metrics.sample().map(|s| s.waiting);
+            async move { waiting == Some(7) }
+        },
+    )
+    .await;
+    assert!(
+        stats.failures.load(Ordering::Relaxed) >= BAD_ANSWERS,
+        "the bad answers were not counted as failures"
+    );
+    assert!(served.load(Ordering::SeqCst) > BAD_ANSWERS);
+
+    stop.send(true).expect("scraper still running");
+    scraping.await.expect("scraper stops cleanly");
+    server.abort();
+}
