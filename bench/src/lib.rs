@@ -9,4 +9,5 @@ pub mod perf;
 pub mod prom;
 pub mod report;
 pub mod sim;
+pub mod soak;
 pub mod stack;

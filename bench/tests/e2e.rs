@@ -192,3 +192,105 @@ async fn http_errors_look_like_vllm() {
     assert_eq!(scrape.sum("vllm:num_requests_running"), Some(0.0));
     fleet.shutdown().await;
 }
+
+/// The soak's code path, shrunk: 12 s at 30 req/s through the real Envoy
+/// and picker (debug build) to 2 vllm-sim processes, one SIGKILLed at 3 s
+/// and back at 6 s. Requests take ~0.5 s, so the kill catches several in
+/// flight on the dead pod at once: the gateway must retry all of them on the
+/// fallback (more than Envoy's default of 3 concurrent retries; with that
+/// default this test loses requests). Every request is accounted for and
+/// succeeds, the killed pod serves again once back, and the results
+/// directory is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_survives_a_pod_kill_and_writes_its_report() {
+    use epp_bench::soak::{self, EventKind, SoakConfig, Workload};
+    use std::time::Duration;
+    let bin = epp_bench::stack::Binaries::locate()
+        .expect("the epp binary (cargo build -p epp) and Envoy (scripts/setup-tools.sh)");
+    let cfg = SoakConfig {
+        duration: Duration::from_secs(12),
+        rate: 30.0,
+        pods: 2,
+        first_kill: Duration::from_secs(3),
+        kill_every: Duration::from_secs(60),
+        down_for: Duration::from_secs(3),
+        request_timeout: Duration::from_secs(20),
+        max_inflight: 500,
+        workload: Workload {
+            model: SimConfig::default().model,
+            groups: 2,
+            sessions: 6,
+            turns: 3,
+            system_tokens: 64,
+            user_tokens: 8,
+            reply_tokens: 8,
+            max_tokens: 8,
+            chars_per_token: 4,
+            seed: 3,
+        },
+        sim_bin: env!("CARGO_BIN_EXE_vllm-sim").into(),
+        sim_args: [
+            "--itl-ms=60",
+            "--prefill-overhead-ms=1",
+            "--prefill-us-per-token=10",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+        epp_args: Vec::new(),
+        envoy_concurrency: 1,
+        envoy_max_retries: None,
+        log_dir: None,
+    };
+    let run = soak::run(&bin, &cfg).await.expect("soak runs");
+    let s = soak::report::summarize(&run);
+    assert_eq!(s.due, 360);
+    assert_eq!(s.not_sent, 0);
+    assert_eq!(s.sent, s.ok + s.failed);
+    let kinds: Vec<(EventKind, &str)> = run
+        .events
+        .iter()
+        .map(|e| (e.kind, e.pod.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [(EventKind::Kill, "pod0-0"), (EventKind::Restart, "pod0-0")]
+    );
+    let outage = &s.outages[0];
+    assert_eq!(
+        s.failed, 0,
+        "lost requests, by cause and kind: {:?}; Envoy: {:?}",
+        s.failures, run.envoy_stats
+    );
+    let in_flight_on_pod0 = run
+        .envoy_stats
+        .iter()
+        .find(|(k, _)| k == "upstream_cx_destroy_remote_with_active_rq")
+        .map_or(0, |(_, n)| *n);
+    assert!(
+        in_flight_on_pod0 > 3,
+        "the kill caught only {in_flight_on_pod0} requests in flight on the pod: too few to exercise concurrent retries"
+    );
+    assert!(
+        outage.back_after.is_some() && outage.served_after > 0,
+        "the restarted pod was never picked again: {outage:?} {:?}",
+        s.served_by_pod
+    );
+    assert!(s.served_by_pod.get("pod1-0").is_some_and(|&n| n > 0));
+    assert!(run.samples.len() >= 8, "{} samples", run.samples.len());
+    assert!(s.rss_max_kb > 0 && s.rss_end_kb > 0);
+
+    let out = tempfile::tempdir().unwrap();
+    let files = soak::report::write(out.path(), &run, &s, "test", "test machine").expect("report");
+    let csv = std::fs::read_to_string(&files.csv).unwrap();
+    let mut lines = csv.lines();
+    assert!(lines.next().unwrap().starts_with("t_s,sent,ok,failed"));
+    assert!(lines.count() >= 12);
+    assert!(csv.contains("kill pod0-0") && csv.contains("restart pod0-0"));
+    let png = std::fs::read(&files.png).unwrap();
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000);
+    let md = std::fs::read_to_string(&files.readme).unwrap();
+    assert!(
+        md.contains("## Totals") && md.contains("| pod0-0 |"),
+        "{md}"
+    );
+}

@@ -55,6 +55,10 @@ enum Cmd {
         #[command(subcommand)]
         what: PerfCmd,
     },
+    /// A bounded soak: fixed-rate load through Envoy and the picker to
+    /// vllm-sim processes, killing and restarting pods on a schedule;
+    /// writes soak.csv, soak.png and README.md.
+    Soak(epp_bench::soak::args::SoakArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -550,6 +554,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Compare { workload } => compare(workload, &command).await?,
         Cmd::Local(a) => local(a, &command).await?,
         Cmd::Perf { what } => perf(what, &command).await?,
+        Cmd::Soak(a) => soak(&a, &command).await?,
         Cmd::Report(a) => {
             let runs = report::load_runs(&a.inputs)?;
             let title = a
@@ -870,6 +875,30 @@ async fn perf_all(a: &AllPerfArgs, command: &str) -> anyhow::Result<()> {
     std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
     println!("{md}");
     eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+async fn soak(a: &epp_bench::soak::args::SoakArgs, command: &str) -> anyhow::Result<()> {
+    use epp_bench::soak;
+    let bin = Binaries::locate()?;
+    let cfg = a.config(&bin.epp);
+    eprintln!(
+        "soak: {} s at {} req/s, {} pods, kills at {:?}",
+        cfg.duration.as_secs(),
+        cfg.rate,
+        cfg.pods,
+        cfg.kill_times()
+    );
+    let run = soak::run(&bin, &cfg).await?;
+    let summary = soak::report::summarize(&run);
+    let files = soak::report::write(&a.out, &run, &summary, command, &machine_line())?;
+    println!("{}", std::fs::read_to_string(&files.readme)?);
+    eprintln!(
+        "wrote {}, {} and {}",
+        files.readme.display(),
+        files.csv.display(),
+        files.png.display()
+    );
     Ok(())
 }
 

@@ -17,7 +17,8 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 use super::ReportError;
 
 pub const FONT_PATH: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
-const FONT: &str = "sans-serif";
+/// The family name the font is registered under.
+pub const FONT: &str = "sans-serif";
 const W: u32 = 1000;
 const H: u32 = 560;
 
@@ -51,12 +52,18 @@ fn chart_err<E: std::fmt::Debug>(e: E) -> ReportError {
 }
 
 fn write_png(path: &Path, buf: &[u8]) -> Result<(), ReportError> {
+    write_png_sized(path, W, H, buf)
+}
+
+/// Encodes an RGB buffer of `w` x `h` pixels (what plotters' bitmap backend
+/// drew into) as a PNG file.
+pub fn write_png_sized(path: &Path, w: u32, h: u32, buf: &[u8]) -> Result<(), ReportError> {
     let io = |source| ReportError::Io {
         path: path.to_path_buf(),
         source,
     };
     let file = File::create(path).map_err(io)?;
-    let mut enc = png::Encoder::new(BufWriter::new(file), W, H);
+    let mut enc = png::Encoder::new(BufWriter::new(file), w, h);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
     let mut w = enc.write_header().map_err(chart_err)?;
