@@ -130,12 +130,13 @@ pub async fn run(
     )?;
     let echo_served =
         flags.echo_served_endpoint || scheduler.has_filter_type("header-based-testing-filter");
-    let scrape_settings = ScrapeSettings::from_config(
+    let mut scrape_settings = ScrapeSettings::from_config(
         &cfg,
         flags.model_server_metrics_scheme.as_deref(),
         flags.model_server_metrics_path.as_deref(),
         flags.model_server_metrics_port,
     )?;
+    scrape_settings.name_filter = flags.metrics_name_filter;
     let scraper = Scraper::new(
         Arc::clone(&store),
         scrape_settings,

@@ -115,6 +115,90 @@ pub fn escape_label(v: &str) -> String {
     s
 }
 
+/// The metric names a scrape asks for with `name[]=...` (repeated), decoded
+/// as Python's `parse_qs` does (`%XX`, `+` for a space, blank values
+/// dropped); `None` when the query asks for no name, which means the whole
+/// page. This is how prometheus_client's `make_asgi_app` (vLLM, SGLang)
+/// reads the query.
+pub fn requested_names(query: Option<&str>) -> Option<Vec<String>> {
+    let mut names = Vec::new();
+    for pair in query?.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if form_decode(k) == "name[]" && !v.is_empty() {
+            names.push(form_decode(v));
+        }
+    }
+    (!names.is_empty()).then_some(names)
+}
+
+fn form_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let hex = |c: u8| {
+        char::from(c)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    };
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 1 < b.len() => match (hex(b[i + 1]), b.get(i + 2).copied().and_then(hex)) {
+                (Some(h), Some(l)) => {
+                    out.push(h * 16 + l);
+                    i += 2;
+                }
+                // Not an escape: kept as it is, like Python's unquote.
+                _ => out.push(b'%'),
+            },
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The page as prometheus_client serves it for `name[]` filters: only the
+/// samples whose names are listed, each kept family with its `# HELP` and
+/// `# TYPE` lines, families without a listed sample left out.
+pub fn restrict(page: &str, names: &[String]) -> String {
+    let mut out = String::new();
+    // HELP/TYPE lines of the current family, written before its first kept sample.
+    let mut head = String::new();
+    let mut family = "";
+    let mut head_written = false;
+    for line in page.split_inclusive('\n') {
+        let text = line.trim_end_matches(['\n', '\r']);
+        if let Some(rest) = text
+            .strip_prefix("# HELP ")
+            .or_else(|| text.strip_prefix("# TYPE "))
+        {
+            let name = rest.split(' ').next().unwrap_or("");
+            if name != family {
+                family = name;
+                head.clear();
+                head_written = false;
+            }
+            head.push_str(text);
+            head.push('\n');
+            continue;
+        }
+        if text.is_empty() || text.starts_with('#') {
+            continue;
+        }
+        let name = text.split(['{', ' ']).next().unwrap_or("");
+        if names.iter().any(|n| n == name) {
+            if !head_written {
+                out.push_str(&head);
+                head_written = true;
+            }
+            out.push_str(text);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
     pub name: String,
@@ -402,6 +486,105 @@ fn check_histograms(scrape: &Scrape) -> Result<(), PromError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn captured_vllm_page() -> String {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/metrics/vllm-metrics-inferstack.txt"
+        );
+        std::fs::read_to_string(path).unwrap()
+    }
+
+    #[test]
+    fn requested_names_are_read_like_parse_qs() {
+        assert_eq!(requested_names(None), None);
+        assert_eq!(requested_names(Some("")), None);
+        assert_eq!(requested_names(Some("foo=1&name=x")), None);
+        assert_eq!(
+            requested_names(Some("name[]=")),
+            None,
+            "blank values are dropped"
+        );
+        assert_eq!(
+            requested_names(Some(
+                "name%5B%5D=vllm%3Aa&name[]=vllm:b&x=1&name%5b%5d=c+d%2"
+            )),
+            Some(vec!["vllm:a".into(), "vllm:b".into(), "c d%2".into()])
+        );
+    }
+
+    #[test]
+    fn restrict_keeps_listed_samples_with_their_family_headers() {
+        let page = captured_vllm_page();
+        let names = requested_names(Some(&epp::scrape::name_filter_query(
+            &epp::scrape::EngineMapping::vllm(),
+        )))
+        .unwrap();
+        let small = restrict(&page, &names);
+        let lines: Vec<&str> = small.lines().collect();
+        // waiting, running, KV usage and cache_config_info (gpu_cache_usage_perc,
+        // the deprecated name, is not on this page): HELP, TYPE, one sample each.
+        assert_eq!(lines.len(), 12, "{small}");
+        for name in [
+            "vllm:num_requests_running",
+            "vllm:num_requests_waiting",
+            "vllm:kv_cache_usage_perc",
+            "vllm:cache_config_info",
+        ] {
+            assert!(
+                lines.contains(&format!("# TYPE {name} gauge").as_str()),
+                "{name}"
+            );
+            assert_eq!(
+                lines
+                    .iter()
+                    .filter(|l| l.starts_with(&format!("{name}{{")))
+                    .count(),
+                1,
+                "{name}"
+            );
+        }
+        assert!(small.len() < 2_000, "{} bytes", small.len());
+        assert!(page.len() > 50_000);
+        // Well-formed, and the picker reads the same signals from it.
+        parse(&small).unwrap();
+        let vllm = epp::scrape::EngineMapping::vllm();
+        assert_eq!(
+            epp::scrape::extract(small.as_bytes(), &vllm).unwrap(),
+            epp::scrape::extract(page.as_bytes(), &vllm).unwrap()
+        );
+        let (_, found) = epp::scrape::extract_signals(small.as_bytes(), &vllm).unwrap();
+        assert_eq!(
+            found,
+            vllm.signals(),
+            "every signal is on the filtered page"
+        );
+    }
+
+    #[test]
+    fn restrict_matches_sample_names_not_family_names() {
+        let page = captured_vllm_page();
+        let small = restrict(
+            &page,
+            &[
+                "vllm:time_to_first_token_seconds_count".to_owned(),
+                "nope".to_owned(),
+            ],
+        );
+        let lines: Vec<&str> = small.lines().collect();
+        assert_eq!(lines.len(), 3, "{small}");
+        assert!(lines[0].starts_with("# HELP vllm:time_to_first_token_seconds "));
+        assert_eq!(
+            lines[1],
+            "# TYPE vllm:time_to_first_token_seconds histogram"
+        );
+        assert!(lines[2].starts_with("vllm:time_to_first_token_seconds_count{"));
+        // A family's own name matches nothing when its samples are suffixed.
+        assert_eq!(
+            restrict(&page, &["vllm:time_to_first_token_seconds".to_owned()]),
+            ""
+        );
+    }
 
     #[test]
     fn histogram_round_trip() {

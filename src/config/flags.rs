@@ -142,6 +142,13 @@ pub struct Flags {
     #[arg(long, default_value = "1s", value_parser = parse_duration, help_heading = "Metrics scraping")]
     pub metrics_scrape_timeout: Duration,
 
+    /// Ask model servers for only the metrics the picker reads (`/metrics?name[]=...`, honoured by
+    /// Python's prometheus_client as vLLM and SGLang serve it); a server whose filtered page lacks
+    /// metrics its full page has is scraped without the filter. `=false` sends the plain path.
+    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "true", help_heading = "Metrics scraping")]
+    pub metrics_name_filter: bool,
+
     /// Consecutive failed scrapes after which an endpoint is no longer picked.
     #[arg(long, default_value_t = 3, help_heading = "Metrics scraping")]
     pub max_scrape_failures: u32,
@@ -316,6 +323,8 @@ mod tests {
         assert!(parse(&["--secure-serving"]).secure_serving);
         assert!(parse(&["--ha-enable-leader-election"]).ha_enable_leader_election);
         assert!(!parse(&["--metrics-endpoint-auth=false"]).metrics_endpoint_auth);
+        assert!(parse(&[]).metrics_name_filter);
+        assert!(!parse(&["--metrics-name-filter=false"]).metrics_name_filter);
     }
 
     #[test]

@@ -23,6 +23,7 @@ const SETTLE: std::time::Duration = std::time::Duration::from_millis(1);
 
 pub(super) struct MetricsClient {
     addr: SocketAddr,
+    path: String,
     request: Vec<u8>,
     stream: Option<TcpStream>,
     /// Raw bytes read from the stream.
@@ -45,18 +46,21 @@ impl MetricsClient {
         } else {
             "/metrics"
         };
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/plain\r\nUser-Agent: epp-scraper\r\n\r\n"
-        )
-        .into_bytes();
         Self {
             addr,
-            request,
+            path: path.to_owned(),
+            request: request(addr, path, None),
             stream: None,
             buf: Vec::with_capacity(64 << 10),
             page: Vec::new(),
             max_page,
         }
+    }
+
+    /// Adds `query` to the request target from now on (`None` removes it).
+    /// Called when the target changes, not per scrape: it allocates.
+    pub(super) fn set_query(&mut self, query: Option<&str>) {
+        self.request = request(self.addr, &self.path, query);
     }
 
     /// GETs the page and returns its body, failing after `timeout`.
@@ -241,6 +245,21 @@ impl MetricsClient {
     }
 }
 
+/// The request, prepared once: `path` plus `query` (joined with `&` when
+/// the path already has one).
+fn request(addr: SocketAddr, path: &str, query: Option<&str>) -> Vec<u8> {
+    let sep = match query {
+        None | Some("") => "",
+        Some(_) if path.contains('?') => "&",
+        Some(_) => "?",
+    };
+    let query = query.unwrap_or("");
+    format!(
+        "GET {path}{sep}{query} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/plain\r\nUser-Agent: epp-scraper\r\n\r\n"
+    )
+    .into_bytes()
+}
+
 /// Reads at least one more byte into `buf`, waiting (until `deadline`) only
 /// when nothing is buffered yet. The peer closing gives [`ScrapeError::Closed`].
 async fn read_more(
@@ -381,6 +400,36 @@ mod tests {
         let addr = serve(vec![b"garbage\r\n\r\n"]).await;
         let mut c = MetricsClient::new(addr, "/metrics", 10);
         assert!(matches!(c.fetch(T).await, Err(ScrapeError::Malformed(_))));
+    }
+
+    #[test]
+    fn request_target_with_and_without_a_query() {
+        let addr: SocketAddr = "127.0.0.1:8000".parse().unwrap();
+        let first_line = |r: Vec<u8>| {
+            String::from_utf8(r)
+                .unwrap()
+                .lines()
+                .next()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(
+            first_line(request(addr, "/metrics", None)),
+            "GET /metrics HTTP/1.1"
+        );
+        assert_eq!(
+            first_line(request(addr, "/metrics", Some("name%5B%5D=a"))),
+            "GET /metrics?name%5B%5D=a HTTP/1.1"
+        );
+        assert_eq!(
+            first_line(request(addr, "/m?x=1", Some("name%5B%5D=a"))),
+            "GET /m?x=1&name%5B%5D=a HTTP/1.1"
+        );
+        let mut c = MetricsClient::new(addr, "/metrics", 10);
+        c.set_query(Some("q=1"));
+        assert_eq!(first_line(c.request.clone()), "GET /metrics?q=1 HTTP/1.1");
+        c.set_query(None);
+        assert_eq!(first_line(c.request.clone()), "GET /metrics HTTP/1.1");
     }
 
     #[tokio::test]

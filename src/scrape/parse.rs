@@ -8,7 +8,7 @@
 //! line's metric name with the handful of wanted names, and parses labels
 //! and values only for lines that match. It allocates nothing.
 
-use super::engines::{EngineMapping, MetricSpec};
+use super::engines::{EngineMapping, MetricSpec, Signals};
 use crate::endpoints::MetricsSample;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,6 +40,15 @@ impl Acc {
 /// exports one series per engine reports its total; KV usage is averaged.
 /// Block size and cache size come from `cache_info` labels or from gauges.
 pub fn extract(page: &[u8], mapping: &EngineMapping) -> Result<MetricsSample, ParseError> {
+    extract_signals(page, mapping).map(|(sample, _)| sample)
+}
+
+/// Like [`extract`], and also says which signals the page carried, so a
+/// page filtered by the server can be told from a complete one.
+pub fn extract_signals(
+    page: &[u8],
+    mapping: &EngineMapping,
+) -> Result<(MetricsSample, Signals), ParseError> {
     let mut waiting = Acc::default();
     let mut running = Acc::default();
     let mut kv = vec_acc(mapping.kv_usage.len());
@@ -106,7 +115,19 @@ pub fn extract(page: &[u8], mapping: &EngineMapping) -> Result<MetricsSample, Pa
     if waiting.count == 0 && running.count == 0 && kv.count == 0 {
         return Err(ParseError::NothingFound(mapping.describe()));
     }
-    Ok(MetricsSample {
+    let mut found = Signals::NONE;
+    for (acc, signal) in [
+        (&waiting, Signals::WAITING),
+        (&running, Signals::RUNNING),
+        (&kv, Signals::KV_USAGE),
+        (&block_size, Signals::BLOCK_SIZE),
+        (&num_blocks, Signals::NUM_BLOCKS),
+    ] {
+        if acc.count > 0 {
+            found = found.with(signal);
+        }
+    }
+    let sample = MetricsSample {
         waiting: to_u32(waiting.sum),
         running: to_u32(running.sum),
         kv_usage: if kv.count > 0 {
@@ -121,7 +142,8 @@ pub fn extract(page: &[u8], mapping: &EngineMapping) -> Result<MetricsSample, Pa
             0
         },
         num_blocks: to_u32(num_blocks.sum),
-    })
+    };
+    Ok((sample, found))
 }
 
 fn vec_acc(n: usize) -> smallvec_acc::Accs {
@@ -345,6 +367,20 @@ mod tests {
         assert_eq!((s.block_size, s.num_blocks), (16, 22538));
         let s = extract(&fixture("vllm-metrics-hwrouter-idle.txt"), &vllm).unwrap();
         assert_eq!((s.block_size, s.num_blocks), (16, 2452));
+    }
+
+    #[test]
+    fn signals_say_what_the_page_carried() {
+        let vllm = EngineMapping::vllm();
+        let (_, found) = extract_signals(&fixture("vllm-metrics-inferstack.txt"), &vllm).unwrap();
+        assert_eq!(found, vllm.signals());
+        let (_, found) = extract_signals(
+            b"vllm:num_requests_waiting 0\nvllm:gpu_cache_usage_perc 0.5\n",
+            &vllm,
+        )
+        .unwrap();
+        assert_eq!(found, Signals::WAITING.with(Signals::KV_USAGE));
+        assert!(vllm.signals().covers(found) && !found.covers(vllm.signals()));
     }
 
     #[test]

@@ -125,6 +125,10 @@ struct ScrapeArgs {
     /// `sim` (vllm-sim pods) or a path to a captured /metrics page.
     #[arg(long, default_value = "sim")]
     page: String,
+    /// The picker's --metrics-name-filter (`=false`: full pages, as before the filter).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "true")]
+    name_filter: bool,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -641,6 +645,7 @@ fn scrape_settings(a: &ScrapeArgs) -> anyhow::Result<perf::scrape::ScrapePerf> {
         duration: std::time::Duration::from_secs_f64(a.duration),
         sample_every: std::time::Duration::from_secs(10),
         page,
+        name_filter: a.name_filter,
     })
 }
 
@@ -842,6 +847,7 @@ async fn perf_all(a: &AllPerfArgs, command: &str) -> anyhow::Result<()> {
             interval: "50ms".into(),
             duration: a.scrape_duration,
             page,
+            name_filter: true,
         };
         scrapes.push(perf::scrape::run(&bin, &scrape_settings(&s)?).await?);
     }

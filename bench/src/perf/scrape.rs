@@ -29,6 +29,8 @@ pub struct ScrapePerf {
     pub duration: Duration,
     pub sample_every: Duration,
     pub page: Page,
+    /// Whether the picker asks for only the metrics it reads (`name[]`).
+    pub name_filter: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -37,6 +39,9 @@ pub struct ScrapeResult {
     pub endpoints: usize,
     pub interval: String,
     pub page_bytes: usize,
+    /// What the picker receives: the page filtered to the names it reads,
+    /// or the whole page without the filter.
+    pub fetched_bytes: usize,
     pub duration_s: f64,
     /// Percent of one core.
     pub cpu_percent: f64,
@@ -89,7 +94,28 @@ pub async fn run(bin: &Binaries, p: &ScrapePerf) -> Result<ScrapeResult, StackEr
             (addrs, page, "simulated pods (vllm-sim page)".to_owned())
         }
     };
-    let extra = vec!["--refresh-metrics-interval".to_owned(), p.interval.clone()];
+    let fetched_bytes = if p.name_filter {
+        let query = epp::scrape::name_filter_query(&epp::scrape::EngineMapping::vllm());
+        let url = format!(
+            "http://{}/metrics?{query}",
+            addrs.first().copied().unwrap_or(([127, 0, 0, 1], 0).into())
+        );
+        get_text(&client, &url, Duration::from_secs(5))
+            .await
+            .map(|t| t.len())
+            .unwrap_or(0)
+    } else {
+        page_bytes
+    };
+    let label = if p.name_filter {
+        format!("{label}, name[] filter")
+    } else {
+        format!("{label}, no filter")
+    };
+    let mut extra = vec!["--refresh-metrics-interval".to_owned(), p.interval.clone()];
+    if !p.name_filter {
+        extra.push("--metrics-name-filter=false".to_owned());
+    }
     let (epp, eaddrs) = start_scraped_epp(bin, &addrs, &extra, dir.path()).await?;
     // Let connection pools and buffers reach their steady size first.
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -128,6 +154,7 @@ pub async fn run(bin: &Binaries, p: &ScrapePerf) -> Result<ScrapeResult, StackEr
         endpoints: addrs.len(),
         interval: p.interval.clone(),
         page_bytes,
+        fetched_bytes,
         duration_s: elapsed,
         cpu_percent: (after.cpu_seconds - before.cpu_seconds) / elapsed * 100.0,
         scrapes_per_s: scrapes / elapsed,
@@ -140,20 +167,21 @@ pub fn markdown(results: &[ScrapeResult]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| endpoints | interval | page | page size | duration | scrapes/s | failures | picker CPU (% of one core) | RSS start | RSS end | RSS max |"
+        "| endpoints | interval | page | page size | fetched per scrape | duration | scrapes/s | failures | picker CPU (% of one core) | RSS start | RSS end | RSS max |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in results {
         let start = r.rss_mb.first().map_or(0.0, |x| x.1);
         let end = r.rss_mb.last().map_or(0.0, |x| x.1);
         let max = r.rss_mb.iter().map(|x| x.1).fold(0.0f64, f64::max);
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.1} KB | {:.0} s | {:.0} | {:.0} | {:.1}% | {:.1} MiB | {:.1} MiB | {:.1} MiB |",
+            "| {} | {} | {} | {:.1} KB | {} B | {:.0} s | {:.0} | {:.0} | {:.1}% | {:.1} MiB | {:.1} MiB | {:.1} MiB |",
             r.endpoints,
             r.interval,
             r.label,
             r.page_bytes as f64 / 1000.0,
+            r.fetched_bytes,
             r.duration_s,
             r.scrapes_per_s,
             r.failures,

@@ -165,6 +165,35 @@ mod tests {
     use super::*;
     use crate::prom;
 
+    /// What the server sends for the picker's `name[]` filter: the same
+    /// signals in a fraction of the page.
+    #[test]
+    fn the_name_filtered_page_carries_the_picker_signals() {
+        let g = Gauges {
+            running: 3,
+            waiting: 2,
+            kv_usage: 0.5,
+            block_size: 16,
+            num_gpu_blocks: 4096,
+        };
+        let text = render("m", &PodMetrics::default(), &g);
+        let vllm = epp::scrape::EngineMapping::vllm();
+        let q = epp::scrape::name_filter_query(&vllm);
+        let names = prom::requested_names(Some(&q)).unwrap();
+        let small = prom::restrict(&text, &names);
+        prom::parse(&small).unwrap();
+        assert_eq!(small.lines().count(), 12, "{small}");
+        assert!(
+            small.len() * 10 < text.len(),
+            "{} of {}",
+            small.len(),
+            text.len()
+        );
+        let full = epp::scrape::extract(text.as_bytes(), &vllm).unwrap();
+        assert_eq!(epp::scrape::extract(small.as_bytes(), &vllm).unwrap(), full);
+        assert_eq!((full.waiting, full.running, full.num_blocks), (2, 3, 4096));
+    }
+
     #[test]
     fn renders_parseable_vllm_metrics() {
         let mut m = PodMetrics {

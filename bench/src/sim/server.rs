@@ -116,7 +116,11 @@ async fn handle(
         (&Method::GET, "/v1/models", _) => models(&ctx),
         (&Method::GET, "/metrics", _) => {
             let (m, g) = ctx.pod.scrape();
-            let text = metrics::render(&ctx.pod.config().model, &m, &g);
+            let mut text = metrics::render(&ctx.pod.config().model, &m, &g);
+            // `name[]` filters like vLLM's prometheus_client does.
+            if let Some(names) = crate::prom::requested_names(req.uri().query()) {
+                text = crate::prom::restrict(&text, &names);
+            }
             ctx.respond(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
