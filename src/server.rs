@@ -389,7 +389,7 @@ fn tokio_stream_listener(listener: TcpListener) -> TcpIncoming {
 }
 
 /// Accepted connections for tonic. After a failed accept (out of file
-/// descriptors, typically) it waits [`crate::admin::tls::ACCEPT_BACKOFF`]
+/// descriptors, typically) it waits [`crate::telemetry::log_limit::ACCEPT_BACKOFF`]
 /// before the next one: tonic retries at once, which would spin a core for as
 /// long as the condition lasts.
 struct TcpIncoming {
@@ -413,7 +413,7 @@ impl futures_util::Stream for TcpIncoming {
             }
             Poll::Ready(Err(e)) => {
                 self.backoff = Some(Box::pin(tokio::time::sleep(
-                    crate::admin::tls::ACCEPT_BACKOFF,
+                    crate::telemetry::log_limit::ACCEPT_BACKOFF,
                 )));
                 Poll::Ready(Some(Err(e)))
             }

@@ -31,13 +31,7 @@ use tokio::{
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
-use crate::telemetry::log_limit::LogLimiter;
-
-/// Pause after a failed accept, so running out of file descriptors does not
-/// turn the accept loop into a busy loop.
-pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-/// At most one accept-failure warning per listener in this interval.
-pub const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+use crate::telemetry::log_limit::{ACCEPT_ERROR_LOG_INTERVAL, LogLimiter, accept_failed};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -171,14 +165,8 @@ impl TlsSetup {
                     accepted = listener.accept() => match accepted {
                         Ok((s, _)) => s,
                         Err(e) => {
-                            // Out of file descriptors, every accept fails at
-                            // once: back off instead of spinning, and log the
-                            // condition rather than each attempt.
                             static LIMIT: LogLimiter = LogLimiter::new(ACCEPT_ERROR_LOG_INTERVAL);
-                            if let Some(suppressed) = LIMIT.allow(std::time::Instant::now()) {
-                                tracing::warn!(error = %e, suppressed, "ext_proc accept failed");
-                            }
-                            tokio::time::sleep(ACCEPT_BACKOFF).await;
+                            accept_failed(&LIMIT, "ext_proc", &e).await;
                             continue;
                         }
                     },

@@ -41,15 +41,12 @@ pub const CONFORMANCE_SERVED: &str = "x-conformance-test-served-endpoint";
 /// Largest body chunk sent back: some proxies cap streamed chunks at 64 KiB.
 pub const MAX_CHUNK: usize = 62_000;
 
-/// Headers a client must not be able to set: they steer routing.
-pub const CLIENT_FORBIDDEN: &[&str] = &[SERVED, SUBSET, CONFORMANCE_SERVED];
-
 /// Names (lower-cased, each once) of the request's headers that a client
 /// could use to steer routing and that must be removed before forwarding:
 /// every `x-gateway-destination-endpoint*` header except the destination
 /// itself (which the answer overwrites), in any case and whatever the
-/// suffix, since gateways and load-balancing policies read more of these
-/// than [`CLIENT_FORBIDDEN`] names; plus the conformance echo header.
+/// suffix (`-served` and `-subset` today, whatever gateways and
+/// load-balancing policies read tomorrow); plus the conformance echo header.
 pub fn client_routing_headers(map: Option<&HeaderMap>) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     let Some(map) = map else {
@@ -61,7 +58,7 @@ pub fn client_routing_headers(map: Option<&HeaderMap>) -> Vec<String> {
             .get(..DESTINATION.len())
             .is_some_and(|p| p.eq_ignore_ascii_case(DESTINATION))
             && key.len() > DESTINATION.len();
-        if (steering || CLIENT_FORBIDDEN.iter().any(|f| key.eq_ignore_ascii_case(f)))
+        if (steering || key.eq_ignore_ascii_case(CONFORMANCE_SERVED))
             && !out.iter().any(|o| o.eq_ignore_ascii_case(key))
         {
             out.push(key.to_ascii_lowercase());

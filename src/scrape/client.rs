@@ -24,7 +24,13 @@ const SETTLE: std::time::Duration = std::time::Duration::from_millis(1);
 pub(super) struct MetricsClient {
     addr: SocketAddr,
     path: String,
+    /// The request sent, prepared once.
     request: Vec<u8>,
+    /// The other request (plain path or metric-name filter) when a filter
+    /// was set, swapped with `request` to switch: no allocation per scrape.
+    other: Vec<u8>,
+    /// `request` is the filtered one.
+    filtering: bool,
     stream: Option<TcpStream>,
     /// Raw bytes read from the stream.
     buf: Vec<u8>,
@@ -50,6 +56,8 @@ impl MetricsClient {
             addr,
             path: path.to_owned(),
             request: request(addr, path, None),
+            other: Vec::new(),
+            filtering: false,
             stream: None,
             buf: Vec::with_capacity(64 << 10),
             page: Vec::new(),
@@ -57,10 +65,25 @@ impl MetricsClient {
         }
     }
 
-    /// Adds `query` to the request target from now on (`None` removes it).
-    /// Called when the target changes, not per scrape: it allocates.
-    pub(super) fn set_query(&mut self, query: Option<&str>) {
-        self.request = request(self.addr, &self.path, query);
+    /// Prepares the request with `query` added to the target and sends it
+    /// from now on. Called once per endpoint: it allocates.
+    pub(super) fn set_filter_query(&mut self, query: &str) {
+        let filtered = request(self.addr, &self.path, Some(query));
+        if self.filtering {
+            self.request = filtered;
+        } else {
+            self.other = std::mem::replace(&mut self.request, filtered);
+            self.filtering = true;
+        }
+    }
+
+    /// Switches between the filtered and the plain request (no allocation);
+    /// without a filter query there is only the plain one.
+    pub(super) fn use_filter(&mut self, on: bool) {
+        if on != self.filtering && !self.other.is_empty() {
+            std::mem::swap(&mut self.request, &mut self.other);
+            self.filtering = on;
+        }
     }
 
     /// GETs the page and returns its body, failing after `timeout`.
@@ -426,9 +449,9 @@ mod tests {
             "GET /m?x=1&name%5B%5D=a HTTP/1.1"
         );
         let mut c = MetricsClient::new(addr, "/metrics", 10);
-        c.set_query(Some("q=1"));
+        c.set_filter_query("q=1");
         assert_eq!(first_line(c.request.clone()), "GET /metrics?q=1 HTTP/1.1");
-        c.set_query(None);
+        c.use_filter(false);
         assert_eq!(first_line(c.request.clone()), "GET /metrics HTTP/1.1");
     }
 

@@ -186,7 +186,6 @@ enum Filter {
 struct EndpointScraper {
     client: MetricsClient,
     mapping: EngineMapping,
-    query: String,
     filter: Filter,
 }
 
@@ -195,7 +194,7 @@ impl EndpointScraper {
         let mut client = client;
         let query = name_filter_query(&mapping);
         let filter = if filter && !query.is_empty() {
-            client.set_query(Some(&query));
+            client.set_filter_query(&query);
             Filter::Unverified
         } else {
             Filter::Off
@@ -203,7 +202,6 @@ impl EndpointScraper {
         Self {
             client,
             mapping,
-            query,
             filter,
         }
     }
@@ -242,12 +240,12 @@ impl EndpointScraper {
             Err(ScrapeError::Status(status)) if (400..500).contains(status) => {}
             Err(_) => return filtered.map(|(sample, _)| sample),
         }
-        self.client.set_query(None);
+        self.client.use_filter(false);
         let full = self.fetch(timeout).await;
         match (filtered, full) {
             (Ok((sample, found)), Ok((_, full_found))) if found.covers(full_found) => {
                 self.filter = Filter::Trusted;
-                self.client.set_query(Some(&self.query));
+                self.client.use_filter(true);
                 Ok(sample)
             }
             (_, Ok((sample, _))) => {
@@ -261,11 +259,11 @@ impl EndpointScraper {
             (Ok((sample, _)), Err(_)) => {
                 // The full page fails where the filtered one works: keep the filter.
                 self.filter = Filter::Trusted;
-                self.client.set_query(Some(&self.query));
+                self.client.use_filter(true);
                 Ok(sample)
             }
             (Err(e), Err(_)) => {
-                self.client.set_query(Some(&self.query));
+                self.client.use_filter(true);
                 Err(e)
             }
         }

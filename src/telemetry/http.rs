@@ -11,7 +11,10 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, sync::watch};
 
-use super::{Metrics, log_limit::LogLimiter};
+use super::{
+    Metrics,
+    log_limit::{ACCEPT_ERROR_LOG_INTERVAL, LogLimiter, accept_failed},
+};
 
 /// Serves `/metrics` on `listener` until `shutdown` turns true.
 pub async fn serve_metrics(
@@ -24,14 +27,8 @@ pub async fn serve_metrics(
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // As for ext_proc: back off and log the condition, not
-                    // each failed attempt.
-                    static LIMIT: LogLimiter =
-                        LogLimiter::new(crate::admin::tls::ACCEPT_ERROR_LOG_INTERVAL);
-                    if let Some(suppressed) = LIMIT.allow(std::time::Instant::now()) {
-                        tracing::warn!(error = %e, suppressed, "metrics listener accept failed");
-                    }
-                    tokio::time::sleep(crate::admin::tls::ACCEPT_BACKOFF).await;
+                    static LIMIT: LogLimiter = LogLimiter::new(ACCEPT_ERROR_LOG_INTERVAL);
+                    accept_failed(&LIMIT, "metrics", &e).await;
                     continue;
                 }
             },

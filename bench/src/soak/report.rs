@@ -120,10 +120,6 @@ pub fn cause(r: &Record, kills: &[f64]) -> Cause {
     }
 }
 
-fn ms_percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    percentile(sorted, p)
-}
-
 fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v.sort_by(f64::total_cmp);
     v
@@ -193,8 +189,8 @@ pub fn summarize(run: &SoakRun) -> Summary {
     }
     s.kinds = kinds.into_iter().collect();
     let all_ok = sorted(all_ok);
-    s.p50_ms = ms_percentile(&all_ok, 0.5);
-    s.p99_ms = ms_percentile(&all_ok, 0.99);
+    s.p50_ms = percentile(&all_ok, 0.5);
+    s.p99_ms = percentile(&all_ok, 0.99);
     s.max_ms = all_ok.last().copied();
     for x in &run.samples {
         let i = (x.at.as_secs_f64().round() as usize).min(n - 1);
