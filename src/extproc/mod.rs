@@ -10,6 +10,7 @@
 /// Message builders; public so the bench's no-op ext_proc server sends the
 /// very same message shapes as the picker.
 pub mod envoy;
+pub mod route;
 mod stream;
 
 use std::{
@@ -19,7 +20,6 @@ use std::{
     task::{Context, Poll},
 };
 
-pub use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     ProcessingRequest, ProcessingResponse, external_processor_server::ExternalProcessor,
 };
@@ -29,6 +29,7 @@ use tonic::{Request, Response, Status, Streaming};
 pub use envoy::{
     CONFORMANCE_SERVED, DESTINATION, LB_NAMESPACE, MAX_CHUNK, SERVED, SUBSET, SUBSET_NAMESPACE,
 };
+pub use route::ExtProcServer;
 pub use stream::{ExtProcStream, ProtocolError, StreamSettings};
 
 use crate::director::Director;
@@ -50,12 +51,10 @@ impl ExtProcService {
         }
     }
 
-    pub fn into_server(self) -> ExternalProcessorServer<Self> {
+    pub fn into_server(self) -> ExtProcServer<Self> {
         // Request bodies arrive in chunks well under this; it bounds what a
         // misbehaving peer can make us buffer per message.
-        ExternalProcessorServer::new(self)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20)
+        ExtProcServer::new(self, 64 << 20)
     }
 }
 

@@ -8,10 +8,22 @@
 //! response in place: no task, no channel, no allocation in steady state.
 //! It understands what metrics servers send: `Content-Length` or chunked
 //! bodies, or a body ended by closing the connection.
+//!
+//! The socket is polled, not registered with the runtime's reactor: once
+//! connected, the stream is a plain non-blocking `std` socket, and waiting
+//! for the answer is a timer (see [`SETTLE`] and [`PollBackoff`]). A
+//! registered socket makes every arriving answer an epoll event, and when
+//! the scraper's thread is idle each event wakes it: with pods that answer
+//! a few milliseconds apart, one wake-up (a context switch and an
+//! `epoll_wait`) per scrape cost more than reading the page. Timers of every
+//! endpoint's task expire on the same millisecond ticks, so the thread wakes
+//! once per tick and reads every answer that came in meanwhile.
 
-use std::net::SocketAddr;
-
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
 
 use super::ScrapeError;
 
@@ -19,7 +31,39 @@ use super::ScrapeError;
 const MAX_HEAD: usize = 64 << 10;
 
 /// Pause between sending the request and reading the answer.
-const SETTLE: std::time::Duration = std::time::Duration::from_millis(1);
+const SETTLE: Duration = Duration::from_millis(1);
+
+/// Longest pause between two looks at a socket that has nothing to read:
+/// a server that hangs costs a syscall this often until the timeout.
+const MAX_POLL: Duration = Duration::from_millis(16);
+
+/// Waits between looks at a socket with nothing ready: 1 ms, then doubling
+/// up to [`MAX_POLL`], never past the scrape's deadline.
+struct PollBackoff {
+    next: Duration,
+}
+
+impl PollBackoff {
+    fn new() -> Self {
+        Self {
+            next: Duration::from_millis(1),
+        }
+    }
+
+    async fn wait(
+        &mut self,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Result<(), ScrapeError> {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Err(ScrapeError::Timeout(timeout));
+        }
+        tokio::time::sleep_until((now + self.next).min(deadline)).await;
+        self.next = (self.next * 2).min(MAX_POLL);
+        Ok(())
+    }
+}
 
 pub(super) struct MetricsClient {
     addr: SocketAddr,
@@ -91,10 +135,7 @@ impl MetricsClient {
     /// The deadline is only armed on slow paths: a read that finds the
     /// answer already buffered (the usual case, see [`SETTLE`]) needs no
     /// timer, and a timer per scrape shows up in the scraper's profile.
-    pub(super) async fn fetch(
-        &mut self,
-        timeout: std::time::Duration,
-    ) -> Result<&[u8], ScrapeError> {
+    pub(super) async fn fetch(&mut self, timeout: Duration) -> Result<&[u8], ScrapeError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let body = match self.exchange(deadline, timeout).await {
             Ok(b) => b,
@@ -115,7 +156,7 @@ impl MetricsClient {
     async fn exchange(
         &mut self,
         deadline: tokio::time::Instant,
-        timeout: std::time::Duration,
+        timeout: Duration,
     ) -> Result<Body, ScrapeError> {
         if self.buf.capacity() > (4 << 20) {
             self.buf = Vec::with_capacity(64 << 10);
@@ -124,38 +165,38 @@ impl MetricsClient {
             self.page = Vec::new();
         }
         if self.stream.is_none() {
-            let s = tokio::time::timeout_at(deadline, TcpStream::connect(self.addr))
+            let s = tokio::time::timeout_at(deadline, tokio::net::TcpStream::connect(self.addr))
                 .await
                 .map_err(|_| ScrapeError::Timeout(timeout))?
                 .map_err(ScrapeError::Connect)?;
             let _ = s.set_nodelay(true);
-            self.stream = Some(s);
+            // Leaves the reactor (see the module header); stays non-blocking.
+            self.stream = Some(s.into_std().map_err(ScrapeError::Connect)?);
         }
         let Some(stream) = self.stream.as_mut() else {
             return Err(ScrapeError::Malformed("no connection".into()));
         };
         // A request this small fits the socket buffer: the write normally
         // completes at once; only a full buffer waits (bounded).
-        match stream.try_write(&self.request) {
-            Ok(n) if n == self.request.len() => {}
-            Ok(n) => tokio::time::timeout_at(deadline, stream.write_all(&self.request[n..]))
-                .await
-                .map_err(|_| ScrapeError::Timeout(timeout))?
-                .map_err(ScrapeError::Io)?,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                tokio::time::timeout_at(deadline, stream.write_all(&self.request))
-                    .await
-                    .map_err(|_| ScrapeError::Timeout(timeout))?
-                    .map_err(ScrapeError::Io)?
+        let mut sent = 0;
+        let mut backoff = PollBackoff::new();
+        while sent < self.request.len() {
+            match stream.write(&self.request[sent..]) {
+                Ok(0) => return Err(ScrapeError::Closed),
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    backoff.wait(deadline, timeout).await?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ScrapeError::Io(e)),
             }
-            Err(e) => return Err(ScrapeError::Io(e)),
         }
         // Let the answer arrive before reading. Every endpoint's request of a
         // round goes out at the same tick, so after this one timer (shared by
         // all of them in the timer wheel) the thread finds nearly every
         // response already buffered and reads them in one pass, instead of
         // sleeping and waking once per response, which costs more CPU than
-        // the scrape itself. Slow servers are still awaited normally below.
+        // the scrape itself. Slower answers are polled for below.
         tokio::time::sleep(SETTLE).await;
 
         self.buf.clear();
@@ -215,7 +256,7 @@ impl MetricsClient {
         &mut self,
         mut pos: usize,
         deadline: tokio::time::Instant,
-        timeout: std::time::Duration,
+        timeout: Duration,
     ) -> Result<(), ScrapeError> {
         self.page.clear();
         let Some(stream) = self.stream.as_mut() else {
@@ -283,27 +324,34 @@ fn request(addr: SocketAddr, path: &str, query: Option<&str>) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Reads at least one more byte into `buf`, waiting (until `deadline`) only
+/// Reads at least one more byte into `buf`, polling (until `deadline`) only
 /// when nothing is buffered yet. The peer closing gives [`ScrapeError::Closed`].
 async fn read_more(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
     deadline: tokio::time::Instant,
-    timeout: std::time::Duration,
+    timeout: Duration,
 ) -> Result<(), ScrapeError> {
     if buf.capacity() - buf.len() < 4096 {
         buf.reserve(16 << 10);
     }
+    let mut backoff = PollBackoff::new();
     loop {
-        match stream.try_read_buf(buf) {
-            Ok(0) => return Err(ScrapeError::Closed),
-            Ok(_) => return Ok(()),
+        let before = buf.len();
+        // Bounded by the room already reserved, so reading never grows
+        // `buf`; `read_to_end` fills spare capacity without zeroing it and
+        // keeps what it read when the socket runs dry (WouldBlock).
+        let room = u64::try_from(buf.capacity() - before).unwrap_or(u64::MAX);
+        match (&mut *stream).take(room).read_to_end(buf) {
+            Ok(_) if buf.len() > before => return Ok(()),
+            Ok(_) => return Err(ScrapeError::Closed),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                tokio::time::timeout_at(deadline, stream.readable())
-                    .await
-                    .map_err(|_| ScrapeError::Timeout(timeout))?
-                    .map_err(ScrapeError::Io)?;
+                if buf.len() > before {
+                    return Ok(());
+                }
+                backoff.wait(deadline, timeout).await?;
             }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(ScrapeError::Io(e)),
         }
     }
@@ -355,9 +403,26 @@ impl Head {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::{io::AsyncReadExt, net::TcpListener};
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
 
-    const T: std::time::Duration = std::time::Duration::from_secs(5);
+    const T: Duration = Duration::from_secs(5);
+
+    /// Reads one request head; false once the client has closed.
+    async fn read_request(sock: &mut tokio::net::TcpStream) -> bool {
+        let mut req = Vec::new();
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut b = [0u8; 1024];
+            let n = sock.read(&mut b).await.unwrap();
+            if n == 0 {
+                return false;
+            }
+            req.extend_from_slice(&b[..n]);
+        }
+        true
+    }
 
     /// Serves `responses` in order, one per request on one connection.
     async fn serve(responses: Vec<&'static [u8]>) -> SocketAddr {
@@ -366,14 +431,8 @@ mod tests {
         tokio::spawn(async move {
             let (mut sock, _) = listener.accept().await.unwrap();
             for r in responses {
-                let mut req = Vec::new();
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let mut b = [0u8; 1024];
-                    let n = sock.read(&mut b).await.unwrap();
-                    if n == 0 {
-                        return;
-                    }
-                    req.extend_from_slice(&b[..n]);
+                if !read_request(&mut sock).await {
+                    return;
                 }
                 // Split the answer to exercise partial reads.
                 let mid = r.len() / 2;
@@ -384,6 +443,49 @@ mod tests {
             }
         });
         addr
+    }
+
+    /// The socket is polled, not awaited: an answer whose second half comes
+    /// well after the settle pause (several backoff steps later) is still
+    /// read whole, on the same connection.
+    #[tokio::test]
+    async fn an_answer_arriving_in_late_pieces_is_polled_for() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            for _ in 0..2 {
+                if !read_request(&mut sock).await {
+                    return;
+                }
+                sock.write_all(b"HTTP/1.1 200 OK\r\nContent-Le")
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(40)).await;
+                sock.write_all(b"ngth: 4\r\n\r\nla").await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                sock.write_all(b"te").await.unwrap();
+            }
+        });
+        let mut c = MetricsClient::new(addr, "/metrics", 1 << 20);
+        assert_eq!(c.fetch(T).await.unwrap(), b"late");
+        assert_eq!(c.fetch(T).await.unwrap(), b"late");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn polling_backs_off_to_its_cap_and_stops_at_the_deadline() {
+        let start = tokio::time::Instant::now();
+        let deadline = start + Duration::from_millis(100);
+        let mut b = PollBackoff::new();
+        let mut waits = Vec::new();
+        let mut last = start;
+        while b.wait(deadline, Duration::from_millis(100)).await.is_ok() {
+            let now = tokio::time::Instant::now();
+            waits.push((now - last).as_millis());
+            last = now;
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16, 16, 16, 16, 16, 5]);
+        assert_eq!(tokio::time::Instant::now(), deadline);
     }
 
     #[tokio::test]

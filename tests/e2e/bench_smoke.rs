@@ -123,13 +123,16 @@ async fn multi_turn_workload_through_the_local_stack() {
 }
 
 /// The one-core throughput driver speaks ext_proc well enough that the real
-/// picker routes every request it sends, in both phase profiles; the CPU
-/// accounting it reports comes from the picker's /proc entry.
+/// picker, and the no-op server it is compared with, route every request it
+/// sends, in both phase profiles; the CPU accounting it reports comes from
+/// each server's /proc entry. (`noop-extproc` is the bench crate's binary,
+/// built beside `epp` by `cargo test --workspace`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ext_proc_driver_gets_every_request_routed_by_the_picker() {
-    use epp_bench::perf::extproc::{ExtProcPerf, Phases, run};
+    use epp_bench::perf::extproc::{ExtProcPerf, Phases, Server, run};
     let bin = Binaries::with_epp(env!("CARGO_BIN_EXE_epp").into(), repo_root()).expect("binaries");
     let settings = ExtProcPerf {
+        servers: vec![Server::Epp, Server::Noop],
         body_size: 4096,
         phases: vec![Phases::Full, Phases::Lean],
         concurrency: vec![4],
@@ -142,9 +145,24 @@ async fn ext_proc_driver_gets_every_request_routed_by_the_picker() {
         pin: None,
     };
     let points = run(&bin, &settings).await.expect("ext_proc run");
-    assert_eq!(points.len(), 2);
+    let measured: Vec<_> = points.iter().map(|p| (p.server, p.phases)).collect();
+    assert_eq!(
+        measured,
+        [
+            (Server::Epp, Phases::Full),
+            (Server::Epp, Phases::Lean),
+            (Server::Noop, Phases::Full),
+            (Server::Noop, Phases::Lean),
+        ]
+    );
     for p in &points {
-        assert_eq!((p.routed, p.errors), (300, 0), "{:?}", p.phases);
+        assert_eq!(
+            (p.routed, p.errors),
+            (300, 0),
+            "{:?} {:?}",
+            p.server,
+            p.phases
+        );
         // NaN when the picker's /proc entry could not be read.
         assert!(p.picker_cpu_us_per_request.is_finite(), "{p:?}");
         assert!(p.picker_peak_rss_mb > 0.0, "{p:?}");

@@ -174,6 +174,9 @@ struct ScaleArgs {
 
 #[derive(Debug, Clone, clap::Args)]
 struct ExtProcArgs {
+    /// Servers to measure: epp (the picker), noop (the protocol's floor).
+    #[arg(long, value_delimiter = ',', default_value = "epp,noop")]
+    servers: Vec<String>,
     /// Request body size in bytes.
     #[arg(long, default_value_t = 4096)]
     body: usize,
@@ -612,7 +615,13 @@ fn extproc_settings(a: &ExtProcArgs) -> anyhow::Result<perf::extproc::ExtProcPer
             Some((picker.to_owned(), driver.to_owned()))
         }
     };
+    let servers = a
+        .servers
+        .iter()
+        .map(|s| perf::extproc::Server::parse(s).with_context(|| format!("unknown server {s}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(perf::extproc::ExtProcPerf {
+        servers,
         body_size: a.body,
         phases,
         concurrency: a.ladder.clone(),

@@ -76,9 +76,37 @@ impl Phases {
     }
 }
 
+/// Which ext_proc server the driver measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    /// The picker, default config, scraping its endpoints.
+    Epp,
+    /// `noop-extproc`: the protocol's floor (round robin, no parsing).
+    Noop,
+}
+
+impl Server {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "epp" => Some(Self::Epp),
+            "noop" => Some(Self::Noop),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Epp => "epp",
+            Self::Noop => "noop",
+        }
+    }
+}
+
 /// Settings of the one-core throughput measurement.
 #[derive(Debug, Clone)]
 pub struct ExtProcPerf {
+    /// Servers measured one after the other, each with every phase profile.
+    pub servers: Vec<Server>,
     pub body_size: usize,
     pub phases: Vec<Phases>,
     pub concurrency: Vec<usize>,
@@ -95,11 +123,12 @@ pub struct ExtProcPerf {
 }
 
 /// How to read the table (printed with it).
-const NOTE: &str = "Each request is one bidi stream, message for message as Envoy sends them (request headers with `protocol_config`, the body, response headers, and in the `full` profile a response body), over HTTP/2 connections as Envoy workers would open them. The picker is pinned to one CPU and the driver to the other, so the picker has exactly one core; it routes with its default config over 8 static endpoints scraped every 50 ms. \"Picker core busy\" near 100% means the figure is the picker's own ceiling, not the driver's; the one-core capacity column is 1 / (CPU time per request).";
+const NOTE: &str = "Each request is one bidi stream, message for message as Envoy sends them (request headers with `protocol_config`, the body, response headers, and in the `full` profile a response body), over HTTP/2 connections as Envoy workers would open them. The picker is pinned to one CPU and the driver to the other, so the picker has exactly one core; it routes with its default config over 8 static endpoints scraped every 50 ms. The `noop` server (`noop-extproc`, round robin, no parsing: the protocol's floor) gets the same driver and the same core, so its CPU per request is what any picker pays. \"Picker core busy\" near 100% means the figure is the picker's own ceiling, not the driver's; the one-core capacity column is 1 / (CPU time per request).";
 
 /// One measured step.
 #[derive(Debug, Clone)]
 pub struct ExtProcPoint {
+    pub server: Server,
     pub phases: Phases,
     pub concurrency: usize,
     pub routed: usize,
@@ -367,31 +396,43 @@ pub async fn run(bin: &Binaries, p: &ExtProcPerf) -> Result<Vec<ExtProcPoint>, S
     let backends = StaticBackends::start(p.backends, Arc::from(SMALL_METRICS)).await?;
     let bodies = grouped_bodies(p.body_size, 64);
     let mut points = Vec::new();
-    for &phases in &p.phases {
+    for (server, phases) in p
+        .servers
+        .iter()
+        .flat_map(|&s| p.phases.iter().map(move |&ph| (s, ph)))
+    {
         let dir = tempfile::tempdir()?;
-        let mut extra = vec!["--fallback-endpoints".to_owned(), "0".to_owned()];
-        if phases == Phases::Lean {
-            extra.extend(["--response-processing".to_owned(), "minimal".to_owned()]);
-        }
-        let (mut epp, addrs) = start_scraped_epp(bin, &backends.addrs, &extra, dir.path()).await?;
+        let (mut proc, addr) = match server {
+            Server::Epp => {
+                let mut extra = vec!["--fallback-endpoints".to_owned(), "0".to_owned()];
+                if phases == Phases::Lean {
+                    extra.extend(["--response-processing".to_owned(), "minimal".to_owned()]);
+                }
+                let (p, addrs) =
+                    start_scraped_epp(bin, &backends.addrs, &extra, dir.path()).await?;
+                (p, addrs.ext_proc)
+            }
+            Server::Noop => super::noop::spawn(bin, &backends.addrs, dir.path()).await?,
+        };
         if pinned && let Some((picker, _)) = &p.pin {
-            pin(epp.pid(), picker);
+            pin(proc.pid(), picker);
         }
-        let clients = connect(addrs.ext_proc, p.connections.max(1)).await?;
+        let clients = connect(addr, p.connections.max(1)).await?;
         let scripts: Arc<Vec<Script>> =
             Arc::new(bodies.iter().map(|b| script(b, phases)).collect());
         for &conc in &p.concurrency {
             step(&clients, &scripts, conc, p.warmup, p.max_step).await;
-            let before = ProcStats::read(epp.pid());
+            let before = ProcStats::read(proc.pid());
             let (r, first_error) =
                 step(&clients, &scripts, conc, p.requests_per_step, p.max_step).await;
-            let after = ProcStats::read(epp.pid());
+            let after = ProcStats::read(proc.pid());
             let cpu = match (before, after) {
                 (Some(b), Some(a)) => a.cpu_seconds - b.cpu_seconds,
                 _ => f64::NAN,
             };
             let n = r.latencies_ms.len();
             let point = ExtProcPoint {
+                server,
                 phases,
                 concurrency: conc,
                 routed: n,
@@ -408,7 +449,8 @@ pub async fn run(bin: &Binaries, p: &ExtProcPerf) -> Result<Vec<ExtProcPoint>, S
                 picker_peak_rss_mb: after.map_or(f64::NAN, |a| a.peak_rss_kb as f64 / 1024.0),
             };
             eprintln!(
-                "extproc {:<4} c{:<4} {:>7.0} routed/s p50 {:.3} ms p99 {:.3} ms picker core {:>4.0}% {:>6.1} us/req errors {}{}",
+                "extproc {:<4} {:<4} c{:<4} {:>7.0} routed/s p50 {:.3} ms p99 {:.3} ms picker core {:>4.0}% {:>6.1} us/req errors {}{}",
+                server.name(),
                 phases.name(),
                 conc,
                 point.throughput,
@@ -424,7 +466,7 @@ pub async fn run(bin: &Binaries, p: &ExtProcPerf) -> Result<Vec<ExtProcPoint>, S
             );
             points.push(point);
         }
-        epp.check_running()?;
+        proc.check_running()?;
     }
     Ok(points)
 }
@@ -461,12 +503,13 @@ pub fn markdown(points: &[ExtProcPoint], p: &ExtProcPerf) -> String {
             None => "unpinned".to_owned(),
         }
     );
-    s.push_str("| phases | concurrency | routed (errors) | routed req/s | p50 to destination | p99 | picker core busy | picker CPU per request | one-core capacity (1 / CPU per request) | picker peak RSS |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| server | phases | concurrency | routed (errors) | routed req/s | p50 to destination | p99 | picker core busy | picker CPU per request | one-core capacity (1 / CPU per request) | picker peak RSS |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
     for pt in points {
         let _ = writeln!(
             s,
-            "| {} | {} | {} ({}) | {:.0} | {:.3} ms | {:.3} ms | {:.0}% | {:.1} µs | {:.0} req/s | {:.0} MiB |",
+            "| {} | {} | {} | {} ({}) | {:.0} | {:.3} ms | {:.3} ms | {:.0}% | {:.1} µs | {:.0} req/s | {:.0} MiB |",
+            pt.server.name(),
             pt.phases.name(),
             pt.concurrency,
             pt.routed,
@@ -512,6 +555,7 @@ mod tests {
     #[test]
     fn capacity_is_the_inverse_of_cpu_per_request() {
         let p = ExtProcPoint {
+            server: Server::Epp,
             phases: Phases::Lean,
             concurrency: 1,
             routed: 10,

@@ -16,7 +16,7 @@
 //! the ext_proc servers their CPU time per 1,000 requests (from
 //! /proc/<pid>/stat) and peak RSS (VmHWM).
 
-use std::{fmt::Write as _, net::SocketAddr, process::Command, sync::Arc, time::Duration};
+use std::{fmt::Write as _, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 
@@ -161,22 +161,7 @@ async fn start_path(
             opts.client_routes = true;
         }
         GatewayPath::Noop | GatewayPath::NoopLean => {
-            let noop = bin.epp.with_file_name("noop-extproc");
-            let mut cmd = Command::new(noop);
-            cmd.args(["--port", "0", "--endpoints"]).arg(
-                backends
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(","),
-            );
-            let mut p = Proc::spawn(cmd, "noop-extproc", dir.join("noop.log"))?;
-            let line = p.wait_for_line("listening on").await?;
-            let addr: SocketAddr = line
-                .rsplit(' ')
-                .next()
-                .and_then(|a| a.trim().parse().ok())
-                .ok_or_else(|| StackError::Sim(format!("noop-extproc said {line:?}")))?;
+            let (p, addr) = super::noop::spawn(bin, backends, dir).await?;
             opts.epp_port = addr.port();
             server = Some(p);
         }

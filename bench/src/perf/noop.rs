@@ -36,6 +36,33 @@ use epp::extproc::{
 use futures_util::Stream;
 use tonic::{Status, Streaming};
 
+use crate::stack::{Binaries, Proc, StackError};
+
+/// Starts the `noop-extproc` binary beside `bin.epp` on an ephemeral port,
+/// routing round robin over `endpoints`; returns it and its address.
+pub async fn spawn(
+    bin: &Binaries,
+    endpoints: &[std::net::SocketAddr],
+    dir: &std::path::Path,
+) -> Result<(Proc, std::net::SocketAddr), StackError> {
+    let mut cmd = std::process::Command::new(bin.epp.with_file_name("noop-extproc"));
+    cmd.args(["--port", "0", "--endpoints"]).arg(
+        endpoints
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    let mut p = Proc::spawn(cmd, "noop-extproc", dir.join("noop.log"))?;
+    let line = p.wait_for_line("listening on").await?;
+    let addr = line
+        .rsplit(' ')
+        .next()
+        .and_then(|a| a.trim().parse().ok())
+        .ok_or_else(|| StackError::Sim(format!("noop-extproc said {line:?}")))?;
+    Ok((p, addr))
+}
+
 /// The no-op service. Clones share the round-robin counter.
 #[derive(Debug, Clone)]
 pub struct NoopExtProc {
