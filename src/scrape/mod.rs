@@ -14,7 +14,9 @@
 //!   the interval from the store's epoch): the runtime wakes once per round
 //!   and handles the whole burst, instead of waking for each endpoint at a
 //!   different moment, which costs more CPU in thread wake-ups than the
-//!   scrapes themselves;
+//!   scrapes themselves; for the same reason the sockets are polled on those
+//!   shared timer ticks rather than registered for readiness (see
+//!   `client`), so a late answer does not wake the thread on its own;
 //! - a supervisor follows the store's change notifications, starting tasks for
 //!   new endpoints and aborting those of departed ones;
 //! - failures are counted per endpoint (the scheduler stops picking endpoints
