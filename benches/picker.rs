@@ -68,8 +68,48 @@ fn filled_index(endpoints: u16, total: usize) -> (PrefixIndex, Vec<u64>, Vec<(u1
     (idx, query, cands)
 }
 
+/// Spreads sequential ids over the 64-bit space as real block hashes are
+/// (splitmix64's finaliser): the index's map uses the hash as its own key
+/// hash, so sequential ids would sit in neighbouring buckets.
+fn scramble(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// 1 M scrambled blocks as 4,096 prompts of 256 blocks over `endpoints`
+/// endpoints; returns the prompts so a benchmark can query a different one
+/// each time, as the picker does, instead of one that stays in cache.
+fn cold_index(endpoints: u16) -> (PrefixIndex, Vec<Vec<u64>>, Vec<(u16, u64)>) {
+    let idx = PrefixIndex::new();
+    let prompts: Vec<Vec<u64>> = (0..4096u64)
+        .map(|p| (0..256u64).map(|b| scramble(p * 256 + b + 1)).collect())
+        .collect();
+    for (i, hashes) in prompts.iter().enumerate() {
+        let slot = (i % usize::from(endpoints)) as u16;
+        idx.record(slot, u64::from(slot) + 1, u32::MAX, hashes);
+    }
+    let cands = (0..endpoints).map(|s| (s, u64::from(s) + 1)).collect();
+    (idx, prompts, cands)
+}
+
 fn bench_index(c: &mut Criterion) {
     let mut g = c.benchmark_group("prefix_index");
+    for endpoints in [8u16, 64] {
+        let (idx, prompts, cands) = cold_index(endpoints);
+        let mut out = Vec::new();
+        let mut next = 0usize;
+        g.bench_function(
+            BenchmarkId::new("match_256_blocks_cold_1M_indexed", endpoints),
+            |b| {
+                b.iter(|| {
+                    next = (next + 1) % prompts.len();
+                    idx.longest_matches(&prompts[next], &cands, &mut out);
+                    black_box(out[next % out.len()])
+                })
+            },
+        );
+    }
     for endpoints in [64u16, 256, 1024] {
         let (idx, query, cands) = filled_index(endpoints, 1_000_000);
         let mut out = Vec::new();

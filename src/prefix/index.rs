@@ -45,6 +45,10 @@ use crate::endpoints::EndpointSet;
 
 const NIL: u32 = u32::MAX;
 
+/// Most hash-map probes issued ahead of the match walk (see
+/// `longest_matches`).
+const PROBE_BATCH: usize = 16;
+
 /// Slots below this also have a bit in [`Holders::mask`].
 const MASK_SLOTS: u16 = 31;
 /// The mask bit that stands for every slot from [`MASK_SLOTS`] up.
@@ -180,43 +184,59 @@ impl PrefixIndex {
             let mut alive = !HIGH_HOLDER;
             let mut high_alive = true;
             let mut depth = 0u32;
-            for hash in hashes {
-                let Some(h) = inner.heads.get(hash) else {
-                    break;
-                };
-                let still = alive & h.mask;
-                let mut dropped = alive & !still;
-                while dropped != 0 {
-                    low_len[dropped.trailing_zeros() as usize] = depth;
-                    dropped &= dropped - 1;
+            // Probes run ahead of the walk in batches (1, 2, 4, then
+            // PROBE_BATCH blocks): probes of one batch do not depend on each
+            // other, so their cache misses overlap instead of queueing one
+            // after the other, which was most of a match's time with real
+            // (scattered) hashes. A probe past where the walk stops is
+            // wasted, never wrong; growing batches keep that waste small for
+            // short matches, and a prompt nobody holds costs one probe.
+            let mut found = [None::<Holders>; PROBE_BATCH];
+            let mut start = 0;
+            'walk: while start < hashes.len() {
+                let end = (start + (start + 1).min(PROBE_BATCH)).min(hashes.len());
+                for (f, hash) in found.iter_mut().zip(&hashes[start..end]) {
+                    *f = inner.heads.get(hash).copied();
                 }
-                alive = still;
-                if high_alive {
-                    high_alive = false;
-                    let mut n = if h.mask & HIGH_HOLDER != 0 {
-                        h.first
-                    } else {
-                        NIL
+                for h in &found[..end - start] {
+                    let Some(h) = h else {
+                        break 'walk;
                     };
-                    while n != NIL {
-                        let node = &inner.nodes[n as usize];
-                        if node.slot >= MASK_SLOTS {
-                            let len = &mut high_len[usize::from(node.slot)];
-                            if *len == depth {
-                                *len = depth + 1;
-                                high_alive = true;
-                                if depth == 0 {
-                                    touched.push(node.slot);
+                    let still = alive & h.mask;
+                    let mut dropped = alive & !still;
+                    while dropped != 0 {
+                        low_len[dropped.trailing_zeros() as usize] = depth;
+                        dropped &= dropped - 1;
+                    }
+                    alive = still;
+                    if high_alive {
+                        high_alive = false;
+                        let mut n = if h.mask & HIGH_HOLDER != 0 {
+                            h.first
+                        } else {
+                            NIL
+                        };
+                        while n != NIL {
+                            let node = &inner.nodes[n as usize];
+                            if node.slot >= MASK_SLOTS {
+                                let len = &mut high_len[usize::from(node.slot)];
+                                if *len == depth {
+                                    *len = depth + 1;
+                                    high_alive = true;
+                                    if depth == 0 {
+                                        touched.push(node.slot);
+                                    }
                                 }
                             }
+                            n = node.next_holder;
                         }
-                        n = node.next_holder;
+                    }
+                    depth += 1;
+                    if alive == 0 && !high_alive {
+                        break 'walk;
                     }
                 }
-                depth += 1;
-                if alive == 0 && !high_alive {
-                    break;
-                }
+                start = end;
             }
             while alive != 0 {
                 low_len[alive.trailing_zeros() as usize] = depth;
