@@ -10,7 +10,7 @@
 /// Message builders; public so the bench's no-op ext_proc server sends the
 /// very same message shapes as the picker.
 pub mod envoy;
-pub mod route;
+mod route;
 mod stream;
 
 use std::{

@@ -404,10 +404,7 @@ pub async fn run(bin: &Binaries, p: &ExtProcPerf) -> Result<Vec<ExtProcPoint>, S
         let dir = tempfile::tempdir()?;
         let (mut proc, addr) = match server {
             Server::Epp => {
-                let mut extra = vec!["--fallback-endpoints".to_owned(), "0".to_owned()];
-                if phases == Phases::Lean {
-                    extra.extend(["--response-processing".to_owned(), "minimal".to_owned()]);
-                }
+                let extra = super::epp_perf_args(phases == Phases::Lean);
                 let (p, addrs) =
                     start_scraped_epp(bin, &backends.addrs, &extra, dir.path()).await?;
                 (p, addrs.ext_proc)

@@ -166,10 +166,7 @@ async fn start_path(
             server = Some(p);
         }
         GatewayPath::Epp | GatewayPath::EppLean | GatewayPath::EppBufferedLean => {
-            let mut extra = vec!["--fallback-endpoints".to_owned(), "0".to_owned()];
-            if path.lean() {
-                extra.extend(["--response-processing".to_owned(), "minimal".to_owned()]);
-            }
+            let extra = super::epp_perf_args(path.lean());
             let (p, addrs) = start_scraped_epp(bin, backends, &extra, dir).await?;
             opts.epp_port = addrs.ext_proc.port();
             if path == GatewayPath::EppBufferedLean {

@@ -26,6 +26,17 @@ pub mod scrape;
 use crate::sim::SimConfig;
 
 /// The simulator's default flags (as `vllm-sim` with no arguments).
+/// The picker's flags in every overhead measurement: no fallback endpoints
+/// (the destination header names one), and with `lean` only the response
+/// phases routing needs.
+pub fn epp_perf_args(lean: bool) -> Vec<String> {
+    let mut args = vec!["--fallback-endpoints".to_owned(), "0".to_owned()];
+    if lean {
+        args.extend(["--response-processing".to_owned(), "minimal".to_owned()]);
+    }
+    args
+}
+
 pub fn default_sim_config() -> SimConfig {
     flag_defaults()
 }

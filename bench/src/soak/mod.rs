@@ -292,29 +292,20 @@ pub async fn run(bin: &Binaries, cfg: &SoakConfig) -> Result<SoakRun, SoakError>
     let samples = sampler.await.unwrap_or_default();
 
     let epp_peak_rss_kb = ProcStats::read(epp.pid()).map_or(0, |s| s.peak_rss_kb);
-    let stats = get_text(
-        &client,
-        &format!("http://{admin}/stats?filter=^cluster\\.pool\\."),
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap_or_default();
+    // Read once at the end; a page that cannot be fetched counts as empty.
+    let fetch = |url: String| {
+        let client = &client;
+        async move {
+            get_text(client, &url, Duration::from_secs(5))
+                .await
+                .unwrap_or_default()
+        }
+    };
+    let stats = fetch(format!("http://{admin}/stats?filter=^cluster\\.pool\\.")).await;
     let envoy_stats = envoy_counters(&stats);
-    let clusters = get_text(
-        &client,
-        &format!("http://{admin}/clusters"),
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap_or_default();
+    let clusters = fetch(format!("http://{admin}/clusters")).await;
     let envoy_connect_failures = host_counter(&clusters, "pool", "cx_connect_fail");
-    let metrics = get_text(
-        &client,
-        &format!("http://{}/metrics", eaddrs.metrics),
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap_or_default();
+    let metrics = fetch(format!("http://{}/metrics", eaddrs.metrics)).await;
     let metric = |name: &str| {
         metrics
             .lines()
