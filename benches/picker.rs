@@ -109,6 +109,47 @@ fn bench_index(c: &mut Criterion) {
                 })
             },
         );
+        // Each query shares a leading run of 1 to 255 blocks with one
+        // indexed prompt, then diverges, as requests sharing a system prompt
+        // do: the endpoint's match ends mid-prompt.
+        let mut rng = fastrand::Rng::with_seed(11);
+        let diverging: Vec<Vec<u64>> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let shared = rng.usize(1..256);
+                let fresh =
+                    (shared..256).map(|b| scramble(((i as u64) << 32) | b as u64 | 1 << 60));
+                p[..shared].iter().copied().chain(fresh).collect()
+            })
+            .collect();
+        g.bench_function(
+            BenchmarkId::new("match_diverging_256_blocks_cold_1M_indexed", endpoints),
+            |b| {
+                b.iter(|| {
+                    next = (next + 1) % diverging.len();
+                    idx.longest_matches(&diverging[next], &cands, &mut out);
+                    black_box(out[next % out.len()])
+                })
+            },
+        );
+    }
+    // Recording a prompt its endpoint already holds (a cache hit, the
+    // common case): every block is looked up and moved to the LRU front.
+    {
+        let endpoints = 8u16;
+        let (idx, prompts, _) = cold_index(endpoints);
+        let mut next = 0usize;
+        g.bench_function(
+            BenchmarkId::new("record_256_held_blocks_cold_1M_indexed", endpoints),
+            |b| {
+                b.iter(|| {
+                    next = (next + 1) % prompts.len();
+                    let slot = (next % usize::from(endpoints)) as u16;
+                    idx.record(slot, u64::from(slot) + 1, u32::MAX, &prompts[next]);
+                })
+            },
+        );
     }
     for endpoints in [64u16, 256, 1024] {
         let (idx, query, cands) = filled_index(endpoints, 1_000_000);

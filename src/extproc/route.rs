@@ -6,10 +6,15 @@
 //! one HTTP request, so both buffers are created afresh for each: a 16 KiB
 //! request body grew the inbound buffer (a `realloc` copying what had arrived
 //! so far), and echoing that body back in FULL_DUPLEX_STREAMED mode grew the
-//! outbound one again. Starting both at [`CODEC_BUFFER`] took the `realloc`
-//! copies from 4.8% to 2.8% of the picker's profile with 16 KiB bodies
-//! (bench/results/perf.md, section 4a); a larger body still grows the buffer
-//! once, to its announced length.
+//! outbound one again. Starting both at 32 KiB took the `realloc` copies
+//! from 4.8% to 2.8% of the picker's profile with 16 KiB bodies
+//! (bench/results/perf.md, section 4a).
+//!
+//! The inbound buffer is twice that ([`INBOUND_BUFFER`]) because tonic
+//! reserves a message's announced length on top of what the buffer already
+//! holds: with a 16 KiB body, the first 16 KiB HTTP/2 frame is buffered when
+//! the length is read, so a 32 KiB buffer still grew once per request (the
+//! remaining 2.8%). A larger body still grows it once, to what it needs.
 //!
 //! Invariants kept from the generated route: any other path answers gRPC
 //! `UNIMPLEMENTED`; the message size limit applies both ways; no
@@ -34,24 +39,28 @@ use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
 use super::SERVICE_NAME;
 
-/// Initial size of each stream's inbound and outbound codec buffer.
+/// Initial size of each stream's outbound codec buffer.
 ///
 /// Memory is taken only as it is written, and a stream's buffers live as
 /// long as its HTTP request, so this costs nothing for small requests.
-const CODEC_BUFFER: usize = 32 << 10;
+const OUTBOUND_BUFFER: usize = 32 << 10;
+
+/// Initial size of each stream's inbound codec buffer (see the module
+/// header for why it is larger).
+const INBOUND_BUFFER: usize = 64 << 10;
 
 /// The full method path Envoy calls.
 const PROCESS_PATH: &str = "/envoy.service.ext_proc.v3.ExternalProcessor/Process";
 
-/// Prost encoding with [`CODEC_BUFFER`]-sized buffers.
+/// Prost encoding with buffers sized for request bodies.
 #[derive(Debug, Clone, Copy)]
 struct SizedCodec;
 
 impl SizedCodec {
-    fn settings() -> BufferSettings {
-        // Yield an encoded chunk once it reaches this size, as tonic's
-        // default does, so one stream cannot build an unbounded write.
-        BufferSettings::new(CODEC_BUFFER, CODEC_BUFFER)
+    /// `size` is also where the encoder yields a chunk, as tonic's default
+    /// does, so one stream cannot build an unbounded write.
+    fn settings(size: usize) -> BufferSettings {
+        BufferSettings::new(size, size)
     }
 }
 
@@ -62,11 +71,15 @@ impl Codec for SizedCodec {
     type Decoder = ProstDecoder<ProcessingRequest>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ProstCodec::<ProcessingResponse, ProcessingRequest>::raw_encoder(Self::settings())
+        ProstCodec::<ProcessingResponse, ProcessingRequest>::raw_encoder(Self::settings(
+            OUTBOUND_BUFFER,
+        ))
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstCodec::<ProcessingResponse, ProcessingRequest>::raw_decoder(Self::settings())
+        ProstCodec::<ProcessingResponse, ProcessingRequest>::raw_decoder(Self::settings(
+            INBOUND_BUFFER,
+        ))
     }
 }
 

@@ -12,16 +12,29 @@
 //! - per endpoint slot, a doubly linked LRU list through its nodes, bounded by
 //!   the endpoint's KV-cache size in blocks (what the server itself can keep).
 //!
-//! Matching walks the request's block hashes in order; an endpoint's match
-//! grows only while it held every earlier block, and the walk stops at the
-//! first block nobody still matching holds. Endpoints in slots 0 to 30 (every
-//! pool of up to 31 endpoints) are followed with the masks alone: one map
-//! lookup and a few bit operations per block, no node visited. Higher slots
-//! walk the holder chain of each block while one of them still matches, so
-//! their cost is the number of (block, holder) pairs along the matched
-//! prefix. Walking chains for every endpoint was a tenth of the picker's CPU
-//! with 8 endpoints holding the same 256-block prefix: each node is a cache
-//! miss in a slab of megabytes.
+//! Block hashes are chained (each identifies its whole prefix, see
+//! `hash.rs`), and recording touches a prompt's blocks from the last to the
+//! first. So whenever an endpoint holds block `d + 1` of a query, it
+//! recorded a prompt with the same first `d + 1` blocks, touched block `d`
+//! later than block `d + 1`, and the LRU evicts block `d` after block
+//! `d + 1`: what an endpoint holds along any query is a leading run, and the
+//! holders of block `d + 1` are a subset of those of block `d`. Matching
+//! relies on this and never walks the whole query:
+//! - block 0 gives the endpoints that match at all, the last block those
+//!   that match the whole query (the two lookups are issued together);
+//! - the others' boundaries are found by bisection. One probe splits the
+//!   endpoints still searched into those holding that block (boundary
+//!   after it) and the rest (boundary before it), so a query costs two
+//!   lookups plus about log2(blocks) per distinct boundary, instead of one
+//!   per matched block (with 256-block prompts that was a tenth of the
+//!   picker's CPU in the gateway benchmark).
+//!
+//! Endpoints in slots 0 to 30 (every pool of up to 31 endpoints) are split
+//! with the masks alone: one map lookup and a few bit operations per probe,
+//! no node visited. Higher slots are split by walking the probed block's
+//! holder chain, once per probe that still has a high slot to place. A query
+//! that breaks the chaining rule (or a 64-bit hash collision) gets a wrong
+//! length, never a panic.
 //!
 //! Recording inserts a request's blocks for the chosen endpoint from the last
 //! block to the first, so the leading blocks are the most recently used and
@@ -44,10 +57,6 @@ use parking_lot::RwLock;
 use crate::endpoints::EndpointSet;
 
 const NIL: u32 = u32::MAX;
-
-/// Most hash-map probes issued ahead of the match walk (see
-/// `longest_matches`).
-const PROBE_BATCH: usize = 16;
 
 /// Slots below this also have a bit in [`Holders::mask`].
 const MASK_SLOTS: u16 = 31;
@@ -146,10 +155,121 @@ impl Default for PrefixIndex {
 }
 
 thread_local! {
-    /// Per-thread scratch for matching: match length by slot for slots from
-    /// MASK_SLOTS up (all zero between calls) and the slots touched, so
-    /// resetting costs only what was used.
-    static MATCH_SCRATCH: RefCell<(Vec<u32>, Vec<u16>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// Per-thread scratch for matching, so a match allocates nothing once
+    /// warmed up.
+    static MATCH_SCRATCH: RefCell<MatchScratch> = const { RefCell::new(MatchScratch::new()) };
+}
+
+/// Reusable buffers of [`PrefixIndex::longest_matches`].
+struct MatchScratch {
+    /// Match length by slot for slots from [`MASK_SLOTS`] up; all zero
+    /// between calls.
+    high_len: Vec<u32>,
+    /// Slots whose `high_len` was written, so resetting costs only what was
+    /// used.
+    touched: Vec<u16>,
+    /// High slots still being searched, partitioned in place by the search.
+    high: Vec<u16>,
+    /// Per slot, the number of the last probe whose block it held.
+    seen: Vec<u32>,
+    probe: u32,
+}
+
+impl MatchScratch {
+    const fn new() -> Self {
+        Self {
+            high_len: Vec::new(),
+            touched: Vec::new(),
+            high: Vec::new(),
+            seen: Vec::new(),
+            probe: 0,
+        }
+    }
+}
+
+/// One match in progress: the boundary search of the module header.
+struct Search<'a> {
+    inner: &'a Inner,
+    hashes: &'a [u64],
+    low_len: [u32; MASK_SLOTS as usize],
+    high_len: &'a mut [u32],
+    touched: &'a mut Vec<u16>,
+    seen: &'a mut [u32],
+    probe: &'a mut u32,
+}
+
+impl Search<'_> {
+    fn holders(&self, block: usize) -> Option<Holders> {
+        self.inner.heads.get(&self.hashes[block]).copied()
+    }
+
+    /// Which of the endpoints `low` (mask) and `high` (slots) hold the block
+    /// whose holders are `held`: returns the low ones as a mask and moves the
+    /// high ones to the front of `high`, returning how many there are.
+    fn split(&mut self, held: Option<Holders>, low: u32, high: &mut [u16]) -> (u32, usize) {
+        let Some(held) = held else {
+            return (0, 0);
+        };
+        let low_held = low & held.mask;
+        if high.is_empty() || held.mask & HIGH_HOLDER == 0 {
+            return (low_held, 0);
+        }
+        *self.probe = self.probe.wrapping_add(1);
+        if *self.probe == 0 {
+            self.seen.fill(0);
+            *self.probe = 1;
+        }
+        let mut n = held.first;
+        while n != NIL {
+            let node = &self.inner.nodes[n as usize];
+            if node.slot >= MASK_SLOTS
+                && let Some(seen) = self.seen.get_mut(usize::from(node.slot))
+            {
+                *seen = *self.probe;
+            }
+            n = node.next_holder;
+        }
+        let mut front = 0;
+        for i in 0..high.len() {
+            if self.seen[usize::from(high[i])] == *self.probe {
+                high.swap(front, i);
+                front += 1;
+            }
+        }
+        (low_held, front)
+    }
+
+    /// Gives every endpoint of `low` and `high` a match of `len` blocks.
+    fn settle(&mut self, len: u32, mut low: u32, high: &[u16]) {
+        while low != 0 {
+            self.low_len[low.trailing_zeros() as usize] = len;
+            low &= low - 1;
+        }
+        for &slot in high {
+            self.high_len[usize::from(slot)] = len;
+            self.touched.push(slot);
+        }
+    }
+
+    /// Finds the match length of every endpoint in `low` and `high`, given
+    /// that each of them holds block `lo` and none holds block `hi` (`hi`
+    /// may be one past the last block): bisection, one probe per step,
+    /// shared by every endpoint whose boundary lies on the same side.
+    fn bisect(&mut self, lo: usize, hi: usize, low: u32, high: &mut [u16]) {
+        if low == 0 && high.is_empty() {
+            return;
+        }
+        if hi - lo <= 1 {
+            self.settle(u32::try_from(hi).unwrap_or(u32::MAX), low, high);
+            return;
+        }
+        let mid = lo + (hi - lo) / 2;
+        let held = self.holders(mid);
+        let (low_held, n) = self.split(held, low, high);
+        let (high_held, high_not) = high.split_at_mut(n);
+        self.bisect(mid, hi, low_held, high_held);
+        self.bisect(lo, mid, low & !low_held, high_not);
+    }
 }
 
 impl PrefixIndex {
@@ -164,84 +284,77 @@ impl PrefixIndex {
 
     /// For each candidate `(slot, uid)`, writes to `out` (same order) how many
     /// leading blocks of `hashes` that endpoint holds.
+    ///
+    /// `hashes` must be chained, as everything recorded must be (see the
+    /// module header); otherwise a result is some length up to
+    /// `hashes.len()`, never a panic.
     pub fn longest_matches(&self, hashes: &[u64], candidates: &[(u16, u64)], out: &mut Vec<u32>) {
         out.clear();
         out.resize(candidates.len(), 0);
-        if hashes.is_empty() || candidates.is_empty() {
+        let Some(last) = hashes.len().checked_sub(1) else {
+            return;
+        };
+        if candidates.is_empty() {
             return;
         }
         let inner = self.inner.read();
         MATCH_SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
-            let (high_len, touched) = &mut *scratch;
+            let MatchScratch {
+                high_len,
+                touched,
+                high,
+                seen,
+                probe,
+            } = &mut *scratch;
             if high_len.len() < inner.slots.len() {
                 high_len.resize(inner.slots.len(), 0);
+                seen.resize(inner.slots.len(), 0);
             }
             touched.clear();
-            // Slots below MASK_SLOTS: still matching as bits, match length
-            // written when a slot drops out.
-            let mut low_len = [0u32; MASK_SLOTS as usize];
-            let mut alive = !HIGH_HOLDER;
-            let mut high_alive = true;
-            let mut depth = 0u32;
-            // Probes run ahead of the walk in batches (1, 2, 4, then
-            // PROBE_BATCH blocks): probes of one batch do not depend on each
-            // other, so their cache misses overlap instead of queueing one
-            // after the other, which was most of a match's time with real
-            // (scattered) hashes. A probe past where the walk stops is
-            // wasted, never wrong; growing batches keep that waste small for
-            // short matches, and a prompt nobody holds costs one probe.
-            let mut found = [None::<Holders>; PROBE_BATCH];
-            let mut start = 0;
-            'walk: while start < hashes.len() {
-                let end = (start + (start + 1).min(PROBE_BATCH)).min(hashes.len());
-                for (f, hash) in found.iter_mut().zip(&hashes[start..end]) {
-                    *f = inner.heads.get(hash).copied();
+            high.clear();
+            let mut search = Search {
+                inner: &inner,
+                hashes,
+                low_len: [0; MASK_SLOTS as usize],
+                high_len,
+                touched,
+                seen,
+                probe,
+            };
+            // The first and last blocks are looked up together so that
+            // their cache misses overlap; a prompt held whole by its
+            // holders needs no other probe.
+            let first = search.holders(0);
+            let end = search.holders(last);
+            if let Some(first) = first {
+                let mut n = if first.mask & HIGH_HOLDER != 0 {
+                    first.first
+                } else {
+                    NIL
+                };
+                while n != NIL {
+                    let node = &inner.nodes[n as usize];
+                    if node.slot >= MASK_SLOTS {
+                        high.push(node.slot);
+                    }
+                    n = node.next_holder;
                 }
-                for h in &found[..end - start] {
-                    let Some(h) = h else {
-                        break 'walk;
-                    };
-                    let still = alive & h.mask;
-                    let mut dropped = alive & !still;
-                    while dropped != 0 {
-                        low_len[dropped.trailing_zeros() as usize] = depth;
-                        dropped &= dropped - 1;
-                    }
-                    alive = still;
-                    if high_alive {
-                        high_alive = false;
-                        let mut n = if h.mask & HIGH_HOLDER != 0 {
-                            h.first
-                        } else {
-                            NIL
-                        };
-                        while n != NIL {
-                            let node = &inner.nodes[n as usize];
-                            if node.slot >= MASK_SLOTS {
-                                let len = &mut high_len[usize::from(node.slot)];
-                                if *len == depth {
-                                    *len = depth + 1;
-                                    high_alive = true;
-                                    if depth == 0 {
-                                        touched.push(node.slot);
-                                    }
-                                }
-                            }
-                            n = node.next_holder;
-                        }
-                    }
-                    depth += 1;
-                    if alive == 0 && !high_alive {
-                        break 'walk;
-                    }
-                }
-                start = end;
+                let low = first.mask & !HIGH_HOLDER;
+                let (low_whole, k) = if last == 0 {
+                    (low, high.len())
+                } else {
+                    search.split(end, low, high)
+                };
+                let (high_whole, high_part) = high.split_at_mut(k);
+                search.settle(
+                    u32::try_from(hashes.len()).unwrap_or(u32::MAX),
+                    low_whole,
+                    high_whole,
+                );
+                search.bisect(0, last, low & !low_whole, high_part);
             }
-            while alive != 0 {
-                low_len[alive.trailing_zeros() as usize] = depth;
-                alive &= alive - 1;
-            }
+            let low_len = search.low_len;
             for (o, &(slot, uid)) in out.iter_mut().zip(candidates) {
                 let s = usize::from(slot);
                 if inner.slots.get(s).is_some_and(|l| l.owner == uid) {
@@ -268,10 +381,26 @@ impl PrefixIndex {
         inner.claim(slot, uid);
         let s = usize::from(slot);
         inner.slots[s].capacity = capacity;
+        // A held block is found without a map lookup when it sits just
+        // before the previous block in the LRU, as the blocks of a prompt
+        // recorded before do (they are touched together, last to first).
+        // Map lookups were cache misses that each waited for the one before:
+        // re-recording a held 256-block prompt in a 1 M-block index took
+        // 40 µs (benches/picker.rs, record_256_held_blocks_cold_1M_indexed).
+        let mut hint = NIL;
         for &hash in hashes.iter().rev() {
-            match inner.find(hash, slot) {
-                Some(n) => inner.touch(slot, n),
-                None => inner.insert(hash, slot),
+            match inner
+                .node_at(hint, hash, slot)
+                .or_else(|| inner.find(hash, slot))
+            {
+                Some(n) => {
+                    hint = inner.nodes[n as usize].lru_prev;
+                    inner.touch(slot, n);
+                }
+                None => {
+                    inner.insert(hash, slot);
+                    hint = NIL;
+                }
             }
         }
         while inner.slots[s].len > capacity {
@@ -349,6 +478,13 @@ impl Inner {
             n = next;
         }
         self.slots[s] = SlotLru::EMPTY;
+    }
+
+    /// `n` if it is the node of `(hash, slot)`. `n` must be NIL or a live
+    /// node: the check is what makes a guessed node safe to use.
+    fn node_at(&self, n: u32, hash: u64, slot: u16) -> Option<u32> {
+        let node = self.nodes.get(n as usize)?;
+        (node.hash == hash && node.slot == slot).then_some(n)
     }
 
     fn find(&self, hash: u64, slot: u16) -> Option<u32> {
@@ -559,37 +695,49 @@ mod tests {
             .collect()
     }
 
-    /// Masks and chains together give exactly the per-endpoint definition,
-    /// for low and high slots, through evictions, slot reuse and blocks
-    /// recorded with gaps (which chained hashes never produce, but the index
-    /// must not depend on that).
+    /// Chained hashes of a prompt made of `tokens`, as `hash.rs` makes them:
+    /// each hash depends on every token before it.
+    fn chained(tokens: &[u64]) -> Vec<u64> {
+        let mut h = 0x5eed_u64;
+        tokens
+            .iter()
+            .map(|&t| {
+                h = (h ^ t).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29) ^ 0xa5a5;
+                h
+            })
+            .collect()
+    }
+
+    /// Masks, chains and the bisection together give exactly the per-endpoint
+    /// definition, for low and high slots, through evictions, slot reuse and
+    /// prompts that share a leading run of blocks and then diverge.
     #[test]
     fn matching_agrees_with_the_definition_under_random_churn() {
-        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = move |n: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % n
+        let mut rng = fastrand::Rng::with_seed(0x9e37_79b9);
+        // Prompts of one template share tokens up to a random point, then
+        // differ, as requests with a common system prompt do.
+        let prompt = |rng: &mut fastrand::Rng, max_len: usize| {
+            let template = rng.u64(0..6);
+            let len = rng.usize(1..=max_len);
+            let shared = rng.usize(0..=len);
+            let tokens: Vec<u64> = (0..len)
+                .map(|i| if i < shared { template } else { rng.u64(0..3) })
+                .collect();
+            chained(&tokens)
         };
         let idx = PrefixIndex::new();
         let mut uids = [1u64; 40];
-        let chain =
-            |group: u64, len: u64| -> Vec<u64> { (0..len).map(|i| group * 1000 + i).collect() };
-        for round in 0..4000 {
-            let slot = next(40) as u16;
-            if next(100) == 0 {
+        for round in 0..6000 {
+            let slot = rng.u16(0..40);
+            if rng.u32(0..100) == 0 {
                 uids[usize::from(slot)] += 1; // a new pod in that slot
             }
-            let mut hashes = chain(next(6), 1 + next(40));
-            if next(10) == 0 {
-                hashes.remove(next(hashes.len() as u64) as usize);
-            }
-            idx.record(slot, uids[usize::from(slot)], 30 + next(60) as u32, &hashes);
-            if round % 7 == 0 {
-                let query = chain(next(6), 1 + next(50));
+            let hashes = prompt(&mut rng, 40);
+            idx.record(slot, uids[usize::from(slot)], rng.u32(30..90), &hashes);
+            if round % 5 == 0 {
+                let query = prompt(&mut rng, 50);
                 let cands: Vec<(u16, u64)> = (0..40u16)
-                    .map(|s| (s, uids[usize::from(s)] + u64::from(next(20) == 0)))
+                    .map(|s| (s, uids[usize::from(s)] + u64::from(rng.u32(0..20) == 0)))
                     .collect();
                 assert_eq!(
                     matches(&idx, &query, &cands),
@@ -606,16 +754,28 @@ mod tests {
         let idx = PrefixIndex::new();
         idx.record(0, 10, 100, &[1, 2, 3]);
         idx.record(1, 11, 100, &[1, 2]);
-        idx.record(2, 12, 100, &[2, 3]); // no block 0: matches nothing
+        idx.record(2, 12, 100, &[9, 10]); // another prompt: matches nothing
         let m = matches(&idx, &[1, 2, 3, 4], &[(0, 10), (1, 11), (2, 12), (3, 13)]);
         assert_eq!(m, vec![3, 2, 0, 0]);
+        assert_eq!(matches(&idx, &[1], &[(0, 10), (2, 12)]), vec![1, 0]);
+        assert_eq!(matches(&idx, &[1, 2, 3], &[(0, 10), (1, 11)]), vec![3, 2]);
     }
 
+    /// Every boundary from 1 to the whole query, for low and high slots at
+    /// once: each slot holds a different leading run of one prompt.
     #[test]
-    fn gap_stops_the_run() {
+    fn every_boundary_is_found() {
         let idx = PrefixIndex::new();
-        idx.record(0, 10, 100, &[1, 3]);
-        assert_eq!(matches(&idx, &[1, 2, 3], &[(0, 10)]), vec![1]);
+        let hashes = chained(&[7; 64]);
+        let slots: Vec<u16> = (0..40).collect();
+        for &slot in &slots {
+            let held = 1 + usize::from(slot) * 63 / 39;
+            idx.record(slot, 100 + u64::from(slot), 1000, &hashes[..held]);
+        }
+        let cands: Vec<(u16, u64)> = slots.iter().map(|&s| (s, 100 + u64::from(s))).collect();
+        let want: Vec<u32> = slots.iter().map(|&s| 1 + u32::from(s) * 63 / 39).collect();
+        assert_eq!(matches(&idx, &hashes, &cands), want);
+        assert_eq!(reference(&idx, &hashes, &cands), want);
     }
 
     #[test]
@@ -697,9 +857,10 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(7);
         for _ in 0..2000 {
             let slot = rng.u16(0..4);
-            let len = rng.usize(1..6);
-            let start = rng.u64(0..6);
-            let hashes: Vec<u64> = (start..start + len as u64).collect();
+            // Prefixes of three chains (hash 10c + i is block i of chain c),
+            // so the hashes are chained as the index requires.
+            let chain = rng.u64(0..3);
+            let hashes: Vec<u64> = (0..rng.u64(1..6)).map(|i| chain * 10 + i).collect();
             idx.record(slot, 100 + u64::from(slot), 8, &hashes);
             let lru = &mut model[usize::from(slot)];
             for h in hashes.iter().rev() {
@@ -707,7 +868,8 @@ mod tests {
                 lru.insert(0, *h);
             }
             lru.truncate(8);
-            let q: Vec<u64> = (rng.u64(0..6)..8).collect();
+            let chain = rng.u64(0..3);
+            let q: Vec<u64> = (0..rng.u64(1..9)).map(|i| chain * 10 + i).collect();
             let cands: Vec<(u16, u64)> = (0..4).map(|s| (s, 100 + u64::from(s))).collect();
             let got = matches(&idx, &q, &cands);
             for s in 0..4 {
