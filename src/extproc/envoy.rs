@@ -254,22 +254,30 @@ pub fn streamed_chunk(request: bool, body: Vec<u8>, end_of_stream: bool) -> Resp
 
 /// Pushes `body` as streamed chunks of at most [`MAX_CHUNK`] bytes; the last
 /// one carries `end_of_stream`. An empty body still sends one (empty) chunk
-/// so the end of stream is signalled. Avoids copying when one chunk suffices.
+/// so the end of stream is signalled. The first chunk keeps `body`'s own
+/// allocation, so only what follows it is copied (nothing when one chunk
+/// suffices).
 pub fn push_streamed(
     out: &mut Vec<ProcessingResponse>,
     request: bool,
-    body: Vec<u8>,
+    mut body: Vec<u8>,
     end_of_stream: bool,
 ) {
     if body.len() <= MAX_CHUNK {
         out.push(response(streamed_chunk(request, body, end_of_stream)));
         return;
     }
-    let n = body.len().div_ceil(MAX_CHUNK);
-    for (i, chunk) in body.chunks(MAX_CHUNK).enumerate() {
+    let rest: Vec<Vec<u8>> = body[MAX_CHUNK..]
+        .chunks(MAX_CHUNK)
+        .map(<[u8]>::to_vec)
+        .collect();
+    body.truncate(MAX_CHUNK);
+    out.push(response(streamed_chunk(request, body, false)));
+    let n = rest.len();
+    for (i, chunk) in rest.into_iter().enumerate() {
         out.push(response(streamed_chunk(
             request,
-            chunk.to_vec(),
+            chunk,
             end_of_stream && i + 1 == n,
         )));
     }
@@ -423,10 +431,24 @@ mod tests {
 
     #[test]
     fn chunks_are_bounded_and_only_the_last_ends_the_stream() {
-        let mut out = Vec::new();
-        push_streamed(&mut out, true, vec![7u8; MAX_CHUNK * 2 + 5], true);
-        let chunks: Vec<(usize, bool)> = out
-            .iter()
+        let body: Vec<u8> = (0..MAX_CHUNK * 2 + 5).map(|i| (i % 251) as u8).collect();
+        for end_of_stream in [true, false] {
+            let mut out = Vec::new();
+            push_streamed(&mut out, true, body.clone(), end_of_stream);
+            let chunks = streamed_chunks(&out);
+            let sizes: Vec<(usize, bool)> = chunks.iter().map(|(b, e)| (b.len(), *e)).collect();
+            assert_eq!(
+                sizes,
+                vec![(MAX_CHUNK, false), (MAX_CHUNK, false), (5, end_of_stream)]
+            );
+            let joined: Vec<u8> = chunks.iter().flat_map(|(b, _)| b.iter().copied()).collect();
+            assert_eq!(joined, body, "chunks in order, nothing lost");
+        }
+    }
+
+    /// Body and end-of-stream flag of each streamed request-body response.
+    fn streamed_chunks(out: &[ProcessingResponse]) -> Vec<(Vec<u8>, bool)> {
+        out.iter()
             .map(|r| match &r.response {
                 Some(Response::RequestBody(b)) => match &b
                     .response
@@ -437,16 +459,12 @@ mod tests {
                     .unwrap()
                     .mutation
                 {
-                    Some(Mutation::StreamedResponse(s)) => (s.body.len(), s.end_of_stream),
+                    Some(Mutation::StreamedResponse(s)) => (s.body.clone(), s.end_of_stream),
                     _ => panic!("not streamed"),
                 },
                 _ => panic!("not a request body response"),
             })
-            .collect();
-        assert_eq!(
-            chunks,
-            vec![(MAX_CHUNK, false), (MAX_CHUNK, false), (5, true)]
-        );
+            .collect()
     }
 
     #[test]
