@@ -232,7 +232,7 @@ impl Search<'_> {
         }
         let mut front = 0;
         for i in 0..high.len() {
-            if self.seen[usize::from(high[i])] == *self.probe {
+            if self.seen.get(usize::from(high[i])) == Some(&*self.probe) {
                 high.swap(front, i);
                 front += 1;
             }
@@ -247,8 +247,10 @@ impl Search<'_> {
             low &= low - 1;
         }
         for &slot in high {
-            self.high_len[usize::from(slot)] = len;
-            self.touched.push(slot);
+            if let Some(l) = self.high_len.get_mut(usize::from(slot)) {
+                *l = len;
+                self.touched.push(slot);
+            }
         }
     }
 
