@@ -220,15 +220,12 @@ impl Search<'_> {
             self.seen.fill(0);
             *self.probe = 1;
         }
-        let mut n = held.first;
-        while n != NIL {
-            let node = &self.inner.nodes[n as usize];
+        for (_, node) in self.inner.holder_chain(held.first) {
             if node.slot >= MASK_SLOTS
                 && let Some(seen) = self.seen.get_mut(usize::from(node.slot))
             {
                 *seen = *self.probe;
             }
-            n = node.next_holder;
         }
         let mut front = 0;
         for i in 0..high.len() {
@@ -331,17 +328,13 @@ impl PrefixIndex {
             let first = search.holders(0);
             let end = search.holders(last);
             if let Some(first) = first {
-                let mut n = if first.mask & HIGH_HOLDER != 0 {
-                    first.first
-                } else {
-                    NIL
-                };
-                while n != NIL {
-                    let node = &inner.nodes[n as usize];
-                    if node.slot >= MASK_SLOTS {
-                        high.push(node.slot);
-                    }
-                    n = node.next_holder;
+                if first.mask & HIGH_HOLDER != 0 {
+                    high.extend(
+                        inner
+                            .holder_chain(first.first)
+                            .map(|(_, node)| node.slot)
+                            .filter(|&slot| slot >= MASK_SLOTS),
+                    );
                 }
                 let low = first.mask & !HIGH_HOLDER;
                 let (low_whole, k) = if last == 0 {
@@ -496,15 +489,21 @@ impl Inner {
         if h.mask & holder_bit(slot) == 0 {
             return None;
         }
-        let mut n = h.first;
-        while n != NIL {
-            let node = &self.nodes[n as usize];
-            if node.slot == slot {
-                return Some(n);
-            }
+        self.holder_chain(h.first)
+            .find(|(_, node)| node.slot == slot)
+            .map(|(n, _)| n)
+    }
+
+    /// Every holder's node of one block, from the first node of its chain,
+    /// with the node's address.
+    fn holder_chain(&self, first: u32) -> impl Iterator<Item = (u32, &Node)> + '_ {
+        let mut n = first;
+        std::iter::from_fn(move || {
+            let node = self.nodes.get(n as usize)?;
+            let at = n;
             n = node.next_holder;
-        }
-        None
+            Some((at, node))
+        })
     }
 
     fn alloc(&mut self, node: Node) -> u32 {
@@ -635,14 +634,11 @@ impl Inner {
         if slot >= MASK_SLOTS {
             // The high bit stands for every high slot: keep it while another
             // one still holds the block.
-            let mut m = first;
-            while m != NIL {
-                let node = &self.nodes[m as usize];
-                if node.slot >= MASK_SLOTS {
-                    mask |= HIGH_HOLDER;
-                    break;
-                }
-                m = node.next_holder;
+            if self
+                .holder_chain(first)
+                .any(|(_, node)| node.slot >= MASK_SLOTS)
+            {
+                mask |= HIGH_HOLDER;
             }
         }
         self.heads.insert(hash, Holders { first, mask });
@@ -674,15 +670,8 @@ mod tests {
     fn reference(idx: &PrefixIndex, hashes: &[u64], cands: &[(u16, u64)]) -> Vec<u32> {
         let inner = idx.inner.read();
         let holds = |hash: u64, slot: u16| {
-            let mut n = inner.heads.get(&hash).map_or(NIL, |h| h.first);
-            while n != NIL {
-                let node = &inner.nodes[n as usize];
-                if node.slot == slot {
-                    return true;
-                }
-                n = node.next_holder;
-            }
-            false
+            let first = inner.heads.get(&hash).map_or(NIL, |h| h.first);
+            inner.holder_chain(first).any(|(_, node)| node.slot == slot)
         };
         cands
             .iter()
