@@ -12,7 +12,7 @@ use epp::{
     config::{DEFAULT_CONFIG, GIE_DEFAULT_CONFIG},
     endpoints::EndpointStore,
     prefix::{BlockHasher, PrefixIndex, chain_seed},
-    request::{ApiKind, Prompt, parse},
+    request::{ApiKind, Prompt, parse, parse_cutting},
     scheduling::{Purpose, RequestFacts, Scheduler},
     scrape::{EngineMapping, extract},
 };
@@ -250,6 +250,37 @@ fn bench_parse(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("openai_chat", format!("{kib}KiB")), |b| {
             b.iter(|| black_box(parse(&chat, ApiKind::ChatCompletions).map(|r| r.prompt.len())))
         });
+        // Real chat text has line breaks and non-ASCII, escaped in JSON.
+        let lines: String = prompt_text(1, 1, kib << 10)
+            .split("; ")
+            .map(|l| format!("{l};\n\u{e9} "))
+            .collect();
+        let escaped = serde_json::json!({"model": "m", "messages": [
+            {"role": "user", "content": lines}]})
+        .to_string()
+        .into_bytes();
+        g.bench_function(
+            BenchmarkId::new("openai_chat_escaped", format!("{kib}KiB")),
+            |b| {
+                b.iter(|| {
+                    black_box(parse(&escaped, ApiKind::ChatCompletions).map(|r| r.prompt.len()))
+                })
+            },
+        );
+        // The same with every string left to serde_json, as before the
+        // skeleton parse: the comparison within one run.
+        for (name, body, api) in [
+            ("openai_completions_serde_only", &body, ApiKind::Completions),
+            (
+                "openai_chat_escaped_serde_only",
+                &escaped,
+                ApiKind::ChatCompletions,
+            ),
+        ] {
+            g.bench_function(BenchmarkId::new(name, format!("{kib}KiB")), |b| {
+                b.iter(|| black_box(parse_cutting(body, api, usize::MAX).map(|r| r.prompt.len())))
+            });
+        }
     }
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/metrics");
     for page in [

@@ -7,11 +7,12 @@
 //! request the picker does not change is forwarded byte for byte.
 
 mod openai;
+mod skeleton;
 mod usage;
 
 use std::{borrow::Cow, ops::Range};
 
-pub use openai::parse;
+pub use openai::{parse, parse_cutting};
 pub use usage::{SseUsageScanner, Usage, parse_json_usage};
 
 /// The API a request path names. Decides which fields carry the prompt.

@@ -1,9 +1,11 @@
-//! One-pass, borrowing parser for OpenAI request bodies.
+//! Borrowing parser for OpenAI request bodies.
 //!
-//! serde visits the body once. Strings without escapes are borrowed from the
-//! body; fields routing does not need are skipped (still validated as JSON,
-//! with serde_json's nesting limit of 128 levels). The `model` value is read
-//! as a raw slice so its byte range is known for an in-place rewrite.
+//! One scan checks nesting and decodes long strings (`request::skeleton`);
+//! serde then visits the rest of the body once. Strings without escapes are
+//! borrowed from the body; fields routing does not need are skipped (still
+//! validated as JSON, with serde_json's nesting limit of 128 levels). The
+//! `model` value is read as a raw slice so its byte range is known for an
+//! in-place rewrite.
 //!
 //! Prompt text per API, in the order the model server's cache sees it:
 //! - completions: `prompt` (a string, or each element of an array);
@@ -22,7 +24,10 @@ use serde::{
 };
 use serde_json::value::RawValue;
 
-use super::{ApiKind, InferenceRequest, ParseError, Prompt};
+use super::{
+    ApiKind, InferenceRequest, ParseError, Prompt,
+    skeleton::{self, BodyMap, LONG_STRING, Skeleton},
+};
 
 /// Separators between chat pieces. Static, so they cost no allocation.
 const ROLE_END: &str = "\n";
@@ -33,6 +38,18 @@ const MESSAGE_END: &str = "\n\n";
 /// [`ApiKind::Other`] bodies are not interpreted at all: such requests are
 /// routed by load, and their body may be anything.
 pub fn parse(body: &[u8], api: ApiKind) -> Result<InferenceRequest<'_>, ParseError> {
+    parse_cutting(body, api, LONG_STRING)
+}
+
+/// [`parse`], with strings of at least `min_cut` bytes decoded outside serde
+/// (see `request::skeleton`); `usize::MAX` leaves every string to serde.
+/// Public only so that tests and fuzzing can check that both ways agree.
+#[doc(hidden)]
+pub fn parse_cutting(
+    body: &[u8],
+    api: ApiKind,
+    min_cut: usize,
+) -> Result<InferenceRequest<'_>, ParseError> {
     if api == ApiKind::Other {
         return Ok(InferenceRequest {
             api,
@@ -51,30 +68,48 @@ pub fn parse(body: &[u8], api: ApiKind) -> Result<InferenceRequest<'_>, ParseErr
             Err(e) => classify(e),
         });
     }
-    if nesting_exceeds(body, MAX_DEPTH) {
-        return Err(ParseError::TooDeep);
+    let long = skeleton::scan(body, MAX_DEPTH, min_cut)?;
+    let skeleton = Skeleton::new(body, &long);
+    if skeleton.is_verbatim() {
+        return parse_skeleton(skeleton, api);
     }
-    let raw: RawBody<'_> = serde_json::from_slice(body).map_err(classify)?;
+    // serde's messages name a line and column, which only the body itself
+    // gets right; bad bodies are rare enough to parse twice.
+    parse_skeleton(skeleton, api).or_else(|_| parse_skeleton(Skeleton::verbatim(body), api))
+}
+
+/// Deepest nesting of arrays and objects accepted anywhere in a body.
+/// serde_json enforces its own limit (128) on what it deserializes, but not
+/// on values it skips, so a body is checked as a whole first.
+pub const MAX_DEPTH: usize = 64;
+
+/// serde parses the skeleton; every string it yields is resolved to the body
+/// before any check on it, so an emptied string is never taken for empty.
+fn parse_skeleton(
+    skeleton: Skeleton<'_>,
+    api: ApiKind,
+) -> Result<InferenceRequest<'_>, ParseError> {
+    let (text, mut map) = skeleton.into_parts();
+    let raw: RawBody<'_> = serde_json::from_slice(&text).map_err(classify)?;
 
     let model_raw = raw.model.ok_or(ParseError::MissingModel)?;
-    let model = json_str(model_raw).ok_or(ParseError::InvalidModel)?;
+    let model = map.text(json_str(model_raw).ok_or(ParseError::InvalidModel)?)?;
     if model.is_empty() {
         return Err(ParseError::InvalidModel);
     }
-    let start = model_raw.get().as_ptr() as usize - body.as_ptr() as usize;
-    let model_span = start..start + model_raw.get().len();
+    let start = model_raw.get().as_ptr() as usize - text.as_ptr() as usize;
+    let model_span = map.span(start..start + model_raw.get().len());
 
     let mut prompt = Prompt::default();
     match api {
         ApiKind::Completions => {
             let p = raw.prompt.ok_or(ParseError::MissingField("prompt"))?;
-            if p.is_empty() {
+            if !p.append_to(&mut prompt, &mut map)? {
                 return Err(ParseError::InvalidField {
                     field: "prompt",
                     expected: "must be a non-empty string or array",
                 });
             }
-            p.append_to(&mut prompt);
         }
         ApiKind::ChatCompletions => {
             let messages = raw.messages.ok_or(ParseError::MissingField("messages"))?;
@@ -85,10 +120,10 @@ pub fn parse(body: &[u8], api: ApiKind) -> Result<InferenceRequest<'_>, ParseErr
                 });
             }
             for m in messages.0 {
-                prompt.push(m.role);
+                prompt.push(map.text(m.role)?);
                 prompt.push(ROLE_END);
                 for piece in m.pieces {
-                    prompt.push(piece);
+                    prompt.push(piece.resolve(&mut map)?);
                 }
                 prompt.push(MESSAGE_END);
             }
@@ -96,20 +131,20 @@ pub fn parse(body: &[u8], api: ApiKind) -> Result<InferenceRequest<'_>, ParseErr
         ApiKind::Responses => {
             let input = raw.input.ok_or(ParseError::MissingField("input"))?;
             if let Some(instructions) = raw.instructions {
-                instructions.append_to(&mut prompt);
+                instructions.append_to(&mut prompt, &mut map)?;
                 prompt.push(MESSAGE_END);
             }
-            input.append_to(&mut prompt);
+            input.append_to(&mut prompt, &mut map)?;
         }
         ApiKind::Embeddings => {
             raw.input
                 .ok_or(ParseError::MissingField("input"))?
-                .append_to(&mut prompt);
+                .append_to(&mut prompt, &mut map)?;
         }
         ApiKind::Conversations => {
             raw.items
                 .ok_or(ParseError::MissingField("items"))?
-                .append_to(&mut prompt);
+                .append_to(&mut prompt, &mut map)?;
         }
         ApiKind::Other => {}
     }
@@ -123,52 +158,9 @@ pub fn parse(body: &[u8], api: ApiKind) -> Result<InferenceRequest<'_>, ParseErr
             .stream_options
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
-        cache_salt: raw.cache_salt,
+        cache_salt: raw.cache_salt.map(|s| map.text(s.0)).transpose()?,
         prompt,
     })
-}
-
-/// Deepest nesting of arrays and objects accepted anywhere in a body.
-/// serde_json enforces its own limit (128) on what it deserializes, but not
-/// on values it skips, so a body is checked as a whole first.
-pub const MAX_DEPTH: usize = 64;
-
-/// True if arrays/objects nest deeper than `limit`. Strings are skipped with
-/// memchr, so the cost is dominated by the few structural bytes.
-fn nesting_exceeds(body: &[u8], limit: usize) -> bool {
-    let mut depth = 0usize;
-    let mut i = 0;
-    while i < body.len() {
-        match body[i] {
-            b'"' => {
-                // Skip to the closing quote, stepping over escapes.
-                i += 1;
-                loop {
-                    // `i` can pass the end when the body ends in a backslash.
-                    let rest = body.get(i..).unwrap_or_default();
-                    match memchr::memchr2(b'"', b'\\', rest) {
-                        Some(off) if body[i + off] == b'\\' => i += off + 2,
-                        Some(off) => {
-                            i += off + 1;
-                            break;
-                        }
-                        None => return false, // unterminated: the parser reports it
-                    }
-                }
-                continue;
-            }
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > limit {
-                    return true;
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-        i += 1;
-    }
-    false
 }
 
 fn classify(e: serde_json::Error) -> ParseError {
@@ -213,7 +205,7 @@ struct RawBody<'a> {
     #[serde(default)]
     stream_options: Option<StreamOptions>,
     #[serde(borrow, default)]
-    cache_salt: Option<Cow<'a, str>>,
+    cache_salt: Option<BorrowedStr<'a>>,
 }
 
 #[derive(Deserialize)]
@@ -229,22 +221,28 @@ enum TextOrRaw<'a> {
     Seq(Vec<Cow<'a, str>>),
 }
 
-impl<'a> TextOrRaw<'a> {
-    fn is_empty(&self) -> bool {
+impl TextOrRaw<'_> {
+    /// Appends the text, resolved to the body, to `prompt`. False if there
+    /// was none: an empty string or an empty array.
+    fn append_to<'b>(
+        self,
+        prompt: &mut Prompt<'b>,
+        map: &mut BodyMap<'b>,
+    ) -> Result<bool, ParseError> {
         match self {
-            Self::Text(t) => t.is_empty(),
-            Self::Seq(s) => s.is_empty(),
-        }
-    }
-
-    fn append_to(self, prompt: &mut Prompt<'a>) {
-        match self {
-            Self::Text(t) => prompt.push(t),
+            Self::Text(t) => {
+                let t = map.text(t)?;
+                let some = !t.is_empty();
+                prompt.push(t);
+                Ok(some)
+            }
             Self::Seq(items) => {
+                let some = !items.is_empty();
                 for item in items {
-                    prompt.push(item);
+                    prompt.push(map.text(item)?);
                     prompt.push(ROLE_END);
                 }
+                Ok(some)
             }
         }
     }
@@ -284,7 +282,24 @@ struct Messages<'a>(Vec<Message<'a>>);
 /// One chat message reduced to the pieces that identify it.
 struct Message<'a> {
     role: Cow<'a, str>,
-    pieces: Vec<Cow<'a, str>>,
+    pieces: Vec<Piece<'a>>,
+}
+
+/// Part of a message's text as serde found it. Content parts are judged only
+/// once their strings are resolved, since in a skeleton a part's `type` may
+/// be an emptied string.
+enum Piece<'a> {
+    Text(Cow<'a, str>),
+    Part(&'a RawValue),
+}
+
+impl Piece<'_> {
+    fn resolve<'b>(self, map: &mut BodyMap<'b>) -> Result<Cow<'b, str>, ParseError> {
+        match self {
+            Self::Text(t) => map.text(t),
+            Self::Part(raw) => part_text(raw, map),
+        }
+    }
 }
 
 impl<'de: 'a, 'a> Deserialize<'de> for Messages<'a> {
@@ -319,14 +334,14 @@ impl<'de: 'a, 'a> Deserialize<'de> for Message<'a> {
                 let mut role = None;
                 let mut content = Vec::new();
                 let mut extra = Vec::new();
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-                    match key.as_ref() {
+                while let Some(key) = map.next_key::<BorrowedStr<'de>>()? {
+                    match key.0.as_ref() {
                         "role" => role = Some(map.next_value::<BorrowedStr<'de>>()?.0),
                         "content" => content = map.next_value::<Content<'de>>()?.0,
                         _ => {
                             let raw = map.next_value::<&'de RawValue>()?;
                             if raw.get() != "null" {
-                                extra.push(Cow::Borrowed(raw.get()));
+                                extra.push(Piece::Text(Cow::Borrowed(raw.get())));
                             }
                         }
                     }
@@ -343,7 +358,10 @@ impl<'de: 'a, 'a> Deserialize<'de> for Message<'a> {
     }
 }
 
-/// A string that borrows when it can.
+/// A string that borrows when it can. Every string read from a skeleton
+/// must be read this way (or as `&str`/`RawValue`): serde's own
+/// `Option<Cow<str>>` always copies, and a copied `""` could not be told
+/// apart from an emptied long string.
 struct BorrowedStr<'a>(Cow<'a, str>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for BorrowedStr<'a> {
@@ -371,7 +389,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for BorrowedStr<'a> {
 /// Message content: a string, null, or an array of parts. Text parts
 /// contribute their text; other parts (images, audio) their JSON, so two
 /// different images never look like the same prefix.
-struct Content<'a>(Vec<Cow<'a, str>>);
+struct Content<'a>(Vec<Piece<'a>>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for Content<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -388,18 +406,18 @@ impl<'de: 'a, 'a> Deserialize<'de> for Content<'a> {
                 Ok(Content(Vec::new()))
             }
             fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Content(vec![Cow::Borrowed(v)]))
+                Ok(Content(vec![Piece::Text(Cow::Borrowed(v))]))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Content(vec![Cow::Owned(v.to_owned())]))
+                Ok(Content(vec![Piece::Text(Cow::Owned(v.to_owned()))]))
             }
             fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
-                Ok(Content(vec![Cow::Owned(v)]))
+                Ok(Content(vec![Piece::Text(Cow::Owned(v))]))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
                 let mut parts = Vec::with_capacity(seq.size_hint().unwrap_or(1));
                 while let Some(raw) = seq.next_element::<&'de RawValue>()? {
-                    parts.push(part_text(raw));
+                    parts.push(Piece::Part(raw));
                 }
                 Ok(Content(parts))
             }
@@ -409,21 +427,25 @@ impl<'de: 'a, 'a> Deserialize<'de> for Content<'a> {
 }
 
 /// The text of a `{"type":"text","text":...}` part, else the part's JSON.
-fn part_text(raw: &RawValue) -> Cow<'_, str> {
+fn part_text<'b>(raw: &RawValue, map: &mut BodyMap<'b>) -> Result<Cow<'b, str>, ParseError> {
     #[derive(Deserialize)]
     struct TextPart<'a> {
         #[serde(borrow, rename = "type")]
-        kind: Cow<'a, str>,
+        kind: BorrowedStr<'a>,
         #[serde(borrow, default)]
-        text: Option<Cow<'a, str>>,
+        text: Option<BorrowedStr<'a>>,
     }
-    match serde_json::from_str::<TextPart<'_>>(raw.get()) {
-        Ok(TextPart {
-            kind,
-            text: Some(text),
-        }) if kind == "text" || kind == "input_text" => text,
-        _ => Cow::Borrowed(raw.get()),
+    if let Ok(TextPart {
+        kind,
+        text: Some(text),
+    }) = serde_json::from_str::<TextPart<'_>>(raw.get())
+    {
+        let kind = map.text(kind.0)?;
+        if kind == "text" || kind == "input_text" {
+            return map.text(text.0);
+        }
     }
+    map.text(Cow::Borrowed(raw.get()))
 }
 
 #[cfg(test)]
@@ -586,16 +608,196 @@ mod tests {
     }
 
     #[test]
-    fn nesting_scan_skips_strings() {
-        assert!(!nesting_exceeds(br#"{"a":"[[[[[[[[[[","b":"\\\"[[["}"#, 2));
-        assert!(nesting_exceeds(br#"{"a":[[1]]}"#, 2));
-        assert!(!nesting_exceeds(br#"{"a":[[1]]}"#, 3));
+    fn nesting_limit_is_inclusive() {
         let ok = format!(
             r#"{{"model":"m","prompt":"x","t":{}1{}}}"#,
             "[".repeat(MAX_DEPTH - 1),
             "]".repeat(MAX_DEPTH - 1)
         );
         assert!(parse(ok.as_bytes(), ApiKind::Completions).is_ok());
+        let deep = format!(
+            r#"{{"model":"m","prompt":"x","t":{}1{}}}"#,
+            "[".repeat(MAX_DEPTH),
+            "]".repeat(MAX_DEPTH)
+        );
+        assert_eq!(
+            parse(deep.as_bytes(), ApiKind::Completions).unwrap_err(),
+            ParseError::TooDeep
+        );
+    }
+
+    /// A JSON string literal: mostly valid text of any length around the
+    /// cut threshold, sometimes with an escape serde refuses.
+    fn random_string(rng: &mut fastrand::Rng) -> String {
+        let valid = rng.u8(0..50) > 0;
+        let mut content = crate::request::skeleton::tests::random_content(rng, valid);
+        if rng.bool() {
+            let n = rng.usize(0..600);
+            const FILL: &[u8] = br"abc def\n ";
+            content.extend(FILL.iter().cycle().take(n));
+        }
+        format!("\"{}\"", String::from_utf8_lossy(&content))
+    }
+
+    fn random_value(rng: &mut fastrand::Rng, depth: usize) -> String {
+        match rng.u8(0..if depth > 3 { 4 } else { 8 }) {
+            0 | 1 => random_string(rng),
+            2 => rng.i32(..).to_string(),
+            3 => ["null", "true", "false"][rng.usize(0..3)].to_owned(),
+            4 | 5 => random_array(rng, depth + 1),
+            6 => format!(r#"{{"type":"text","text":{}}}"#, random_string(rng)),
+            _ => {
+                let fields: Vec<String> = (0..rng.usize(0..4))
+                    .map(|_| {
+                        let key = ["role", "content", "text", "type", "tool_calls"]
+                            .get(rng.usize(0..7))
+                            .map_or_else(|| random_string(rng), |k| format!("\"{k}\""));
+                        format!("{key}:{}", random_value(rng, depth + 1))
+                    })
+                    .collect();
+                format!("{{{}}}", fields.join(","))
+            }
+        }
+    }
+
+    fn random_array(rng: &mut fastrand::Rng, depth: usize) -> String {
+        let items: Vec<String> = (0..rng.usize(0..4))
+            .map(|_| random_value(rng, depth))
+            .collect();
+        format!("[{}]", items.join(","))
+    }
+
+    /// A body with the fields the parser reads, each maybe of a wrong type,
+    /// in any order, sometimes twice, then maybe damaged.
+    fn random_body(rng: &mut fastrand::Rng) -> Vec<u8> {
+        let keys = [
+            "model",
+            "prompt",
+            "messages",
+            "input",
+            "instructions",
+            "items",
+            "stream",
+            "stream_options",
+            "cache_salt",
+            "max_tokens",
+        ];
+        let mut order = keys.to_vec();
+        rng.shuffle(&mut order);
+        // Each field usually once, "model" almost always, now and then a
+        // duplicate (which serde refuses).
+        order.retain(|&k| rng.u8(0..20) < if k == "model" { 19 } else { 12 });
+        if rng.u8(0..20) == 0 {
+            order.push(keys[rng.usize(0..keys.len())]);
+        }
+        let mut fields = Vec::new();
+        for key in order {
+            let value = match key {
+                // Each field of the right type nine times in ten.
+                _ if rng.u8(0..10) == 0 => random_value(rng, 0),
+                "model" | "cache_salt" => random_string(rng),
+                "prompt" | "input" | "instructions" | "items" if rng.bool() => random_string(rng),
+                "prompt" | "input" | "instructions" | "items" => random_array(rng, 1),
+                "messages" => {
+                    let msgs: Vec<String> = (0..rng.usize(0..4))
+                        .map(|_| {
+                            let content = match rng.u8(0..10) {
+                                0 => "null".to_owned(),
+                                1..5 => random_string(rng),
+                                _ => random_array(rng, 1),
+                            };
+                            format!(
+                                r#"{{"role":{},"content":{content},"x":{}}}"#,
+                                random_string(rng),
+                                random_value(rng, 2)
+                            )
+                        })
+                        .collect();
+                    format!("[{}]", msgs.join(","))
+                }
+                "stream" => ["true", "false"][rng.usize(0..2)].to_owned(),
+                "stream_options" => r#"{"include_usage":true}"#.to_owned(),
+                _ => random_value(rng, 0),
+            };
+            fields.push(format!("\"{key}\":{value}"));
+        }
+        let mut body = format!("{{{}}}", fields.join(",")).into_bytes();
+        if rng.u8(0..6) == 0 && !body.is_empty() {
+            let at = rng.usize(0..body.len());
+            match rng.u8(0..3) {
+                0 => body.truncate(at),
+                1 => body[at] = rng.u8(..),
+                _ => body.insert(at, [b'"', b'\\', b'[', b'}', b','][rng.usize(0..5)]),
+            }
+        }
+        body
+    }
+
+    /// Everything a caller can observe of a parse.
+    fn observed(r: Result<InferenceRequest<'_>, ParseError>) -> String {
+        match r {
+            Ok(r) => format!(
+                "model={:?} span={:?} stream={} usage={} salt={:?} prompt={:?}",
+                r.model,
+                r.model_span,
+                r.stream,
+                r.include_usage,
+                r.cache_salt,
+                r.prompt.pieces().collect::<Vec<_>>()
+            ),
+            Err(e) => format!("error {e:?}"),
+        }
+    }
+
+    #[test]
+    fn cutting_long_strings_changes_nothing_observable() {
+        let apis = [
+            ApiKind::Completions,
+            ApiKind::ChatCompletions,
+            ApiKind::Responses,
+            ApiKind::Embeddings,
+            ApiKind::Conversations,
+        ];
+        let mut rng = fastrand::Rng::with_seed(0xc0ffee);
+        let mut parsed = 0;
+        for _ in 0..1_000 {
+            let body = random_body(&mut rng);
+            let mut any = false;
+            for api in apis {
+                let whole = observed(parse_cutting(&body, api, usize::MAX));
+                any |= whole.starts_with("model=");
+                for min_cut in [0, 1, 8, LONG_STRING] {
+                    let cut = observed(parse_cutting(&body, api, min_cut));
+                    assert_eq!(
+                        cut,
+                        whole,
+                        "min_cut {min_cut}, {api:?}: {}",
+                        String::from_utf8_lossy(&body)
+                    );
+                }
+            }
+            parsed += usize::from(any);
+        }
+        // The comparison means little unless many bodies parse.
+        assert!(parsed > 300, "only {parsed} of 1,000 bodies parsed");
+    }
+
+    #[test]
+    fn a_long_prompt_is_decoded_outside_serde_and_still_borrowed() {
+        let long = "lorem ipsum ".repeat(100);
+        let body = format!(r#"{{"model":"m","prompt":"{long}"}}"#);
+        let r = parse(body.as_bytes(), ApiKind::Completions).unwrap();
+        let piece = r.prompt.pieces().next().unwrap();
+        assert_eq!(piece, long.as_bytes());
+        // Borrowed from the body itself, not from a copy.
+        let at = (piece.as_ptr() as usize).wrapping_sub(body.as_ptr() as usize);
+        assert_eq!(
+            body.as_bytes().get(at..at + piece.len()),
+            Some(long.as_bytes())
+        );
+        let escaped = format!(r#"{{"model":"m","prompt":"{long}\n\u00e9"}}"#);
+        let r = parse(escaped.as_bytes(), ApiKind::Completions).unwrap();
+        assert_eq!(text(&r.prompt), format!("{long}\né"));
     }
 
     #[test]
