@@ -6,8 +6,9 @@
 //! Data path: `discovery` (file or Kubernetes) -> `endpoints` (the store)
 //! <- `scrape` (each endpoint's Prometheus metrics).
 //! Around them: `telemetry` (our /metrics, logs), `admin` (gRPC health,
-//! admin API, TLS), `config` (flags and the scheduler config file), and
-//! `server`, which wires everything together.
+//! admin API, TLS), `config` (flags and the scheduler config file), `text`
+//! (byte scanning shared by the two parsers), and `server`, which wires
+//! everything together.
 
 pub mod admin;
 pub mod config;
@@ -22,3 +23,4 @@ pub mod scrape;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
+pub mod text;

@@ -9,7 +9,7 @@
 //! and values only for lines that match. It allocates nothing.
 
 use super::engines::{EngineMapping, MetricSpec, Signals};
-use crate::endpoints::MetricsSample;
+use crate::{endpoints::MetricsSample, text::closing_quote};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
@@ -255,7 +255,7 @@ impl<'a> Sample<'a> {
             if after.first() != Some(&b'"') {
                 return None;
             }
-            let end = quoted_end(after)?;
+            let end = closing_quote(after, 1)?;
             let v = &after[1..end];
             if k == key {
                 return Some(v);
@@ -290,26 +290,12 @@ fn label_block_end(s: &[u8]) -> Option<usize> {
     let mut i = 1;
     while i < s.len() {
         match s[i] {
-            b'"' => i += quoted_end(&s[i..])? + 1,
+            b'"' => i = closing_quote(s, i + 1)? + 1,
             b'}' => return Some(i),
             _ => i += 1,
         }
     }
     None
-}
-
-/// Index of the quote closing a string that starts at `s[0] == '"'`.
-fn quoted_end(s: &[u8]) -> Option<usize> {
-    let mut i = 1;
-    loop {
-        // `i` can pass the end when the line ends in a backslash.
-        let off = memchr::memchr2(b'"', b'\\', s.get(i..)?)?;
-        if s[i + off] == b'\\' {
-            i += off + 2;
-        } else {
-            return Some(i + off);
-        }
-    }
 }
 
 fn parse_value(v: &[u8]) -> Option<f64> {
