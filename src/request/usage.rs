@@ -118,17 +118,13 @@ impl SseUsageScanner {
         };
         let data = data.strip_prefix(b" ").unwrap_or(data);
         // Cheap pre-check: most chunks are token deltas without usage.
-        if memfind(data, b"\"usage\"").is_none() {
+        if memchr::memmem::find(data, b"\"usage\"").is_none() {
             return;
         }
         if let Some(u) = parse_json_usage(data) {
             self.usage = Some(u);
         }
     }
-}
-
-fn memfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 #[cfg(test)]
