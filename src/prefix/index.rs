@@ -26,9 +26,9 @@
 //!   endpoints still searched into those holding that block (boundary
 //!   after it) and the rest (boundary before it), so a query costs two
 //!   lookups plus about log2(blocks) per distinct boundary, instead of one
-//!   per matched block. With 16 KiB prompts those lookups were 6% of the
-//!   picker's CPU (direct ext_proc benchmark); a 256-block match in a cold
-//!   1 M-block index took 10 µs, now 0.1 to 1.5 µs (benches/picker.rs).
+//!   per matched block. In a large index each lookup is a cache miss, so
+//!   the number of lookups is what a match costs (benches/picker.rs, the
+//!   `*_cold_1M_indexed` benches; figures in bench/results/perf.md).
 //!
 //! Endpoints in slots 0 to 30 (every pool of up to 31 endpoints) are split
 //! with the masks alone: one map lookup and a few bit operations per probe,
@@ -380,10 +380,10 @@ impl PrefixIndex {
         // A held block is found without a map lookup when it sits just
         // before the previous block in the LRU, as the blocks of a prompt
         // recorded before do (they are touched together, last to first).
-        // Map lookups were cache misses that each waited for the one before:
-        // re-recording a held 256-block prompt in a 1 M-block index took
-        // 40 µs, now 2 µs (benches/picker.rs,
-        // record_256_held_blocks_cold_1M_indexed).
+        // Map lookups are cache misses that each wait for the one before, so
+        // going through the map would cost a miss per held block
+        // (benches/picker.rs, record_256_held_blocks_cold_1M_indexed;
+        // figures in bench/results/perf.md).
         let mut hint = NIL;
         for &hash in hashes.iter().rev() {
             match inner

@@ -1,10 +1,11 @@
 //! The body serde parses, with its long strings taken out.
 //!
 //! serde_json checks a string's bytes eight at a time for a quote, a
-//! backslash or a control byte, then validates their UTF-8: about 5 GB/s,
-//! which made a 220 KiB prompt cost ~45 µs, most of a parse. memchr finds
-//! quotes and backslashes 32 bytes at a time and simdutf8 validates several
-//! times faster than `str::from_utf8`, so long strings are handled here:
+//! backslash or a control byte, then validates their UTF-8; with a long
+//! prompt that is most of a parse. memchr finds quotes and backslashes 32
+//! bytes at a time and simdutf8 validates several times faster than
+//! `str::from_utf8`, so long strings are handled here (the `parse/openai_*`
+//! benches against their `_serde_only` twins; figures in bench/results/perf.md):
 //!
 //! 1. [`scan`] walks the body once, stepping over string contents with
 //!    memchr. It checks the nesting depth (serde limits only what it

@@ -298,7 +298,7 @@ pub struct ScrapeSettings {
     pub engines: HashMap<String, EngineMapping>,
     /// Ask servers for only the metric names the mapping reads (the `name[]`
     /// query parameter of Python's prometheus_client, which vLLM and SGLang
-    /// use): a page of a few hundred bytes instead of ~50 KB.
+    /// use): a page with only those samples, a small fraction of the full one.
     pub name_filter: bool,
 }
 
