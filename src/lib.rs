@@ -1,14 +1,16 @@
 //! Endpoint picker (EPP) for the Gateway API Inference Extension.
 //!
-//! Request path: `extproc` (Envoy's ext_proc stream) -> `request` (parse the
-//! OpenAI body) -> `scheduling` (filters, scorers, picker over an endpoint
-//! snapshot, with the `prefix` index) -> back to `extproc`.
+//! Request path: `extproc` (Envoy's ext_proc stream) -> `director` (parse
+//! the OpenAI body with `request`, schedule with `scheduling` over an
+//! endpoint snapshot and the `prefix` index) -> back to `extproc` with a
+//! destination and a request ticket that lives until the response ends.
 //! Data path: `discovery` (file or Kubernetes) -> `endpoints` (the store)
 //! <- `scrape` (each endpoint's Prometheus metrics).
-//! Around them: `telemetry` (our /metrics, logs), `admin` (gRPC health,
-//! admin API, TLS), `config` (flags and the scheduler config file), `text`
-//! (byte scanning shared by the two parsers), and `server`, which wires
-//! everything together.
+//! Around them: `telemetry` (our metrics registry and request-path metrics,
+//! the /metrics server, logs), `admin` (gRPC health, admin API), `listener`
+//! (binding, accepting, TLS), `config` (flags and the scheduler config
+//! file), `text` (byte scanning shared by the parsers), and `server`, which
+//! wires everything together.
 
 pub mod admin;
 pub mod config;
@@ -16,6 +18,7 @@ pub mod director;
 pub mod discovery;
 pub mod endpoints;
 pub mod extproc;
+pub mod listener;
 pub mod prefix;
 pub mod request;
 pub mod scheduling;

@@ -59,7 +59,7 @@ use epp::{
     },
     prefix::PrefixIndex,
     scheduling::{SchedulerOptions, build_scheduler},
-    telemetry::Metrics,
+    telemetry::RequestMetrics,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -189,7 +189,7 @@ fn world() -> &'static World {
         })
         .collect();
         store.replace(specs).expect("three endpoints fit");
-        let metrics = Arc::new(Metrics::new("fuzz").expect("metric families register"));
+        let metrics = Arc::new(RequestMetrics::standalone().expect("metric families register"));
         let director = |text: &str| {
             let cfg = EndpointPickerConfig::parse(text).expect("fixture config parses");
             let scheduler = build_scheduler(

@@ -1,9 +1,9 @@
-//! The plaintext admin port (gRPC health, the Admin API, reflection) and the
-//! TLS setup of the ext_proc port.
+//! The plaintext admin port: gRPC health (what the kubelet and the gateway
+//! probe), the `epp.admin.v1.Admin` API (what the picker sees, and why it
+//! would route a request where it would) and gRPC reflection.
 
 pub mod health;
 mod service;
-pub mod tls;
 
 pub use service::AdminService;
 

@@ -12,7 +12,6 @@ use super::pb::{
 use crate::{
     director::{Director, RouteInput},
     endpoints::ENGINE_LABEL,
-    scheduling::Purpose,
 };
 
 #[derive(Debug, Clone)]
@@ -90,8 +89,9 @@ impl Admin for AdminService {
             model_rewrite: header("x-gateway-model-name-rewrite"),
             test_selection: header("test-epp-endpoint-selection"),
             subset: (!req.subset.is_empty()).then_some(req.subset.as_slice()),
+            ..RouteInput::default()
         };
-        let resp = match self.director.route(&input, Purpose::Explain) {
+        let resp = match self.director.explain(&input) {
             Ok(routed) => {
                 let d = &routed.decision;
                 ExplainResponse {

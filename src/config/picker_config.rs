@@ -137,7 +137,7 @@ fn default_weight() -> f64 {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         path: String,
         source: std::io::Error,

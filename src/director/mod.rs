@@ -4,20 +4,32 @@
 //!
 //! parse the body -> resolve the target model (header, then config rule) ->
 //! resolve the objective's priority -> schedule on the current endpoint
-//! snapshot -> splice the new model name into the body if it changed.
+//! snapshot -> splice the new model name into the body if it changed ->
+//! hand back the destination and a [`RequestTicket`] that owns the request
+//! until it finishes.
 //! Bodiless requests and paths that are not inference APIs are routed by load
 //! alone.
+//!
+//! The director is the protocol layer's only door to scheduling: it counts
+//! the request-path metrics, logs each decision (with every candidate's
+//! scores at debug level), and answers in terms the protocol needs
+//! (a destination, a body, an HTTP status), never in scores.
+
+mod ticket;
 
 use std::{collections::HashMap, sync::Arc, time::Instant};
 
 use arc_swap::ArcSwap;
+use tracing::Level;
+
+pub use ticket::RequestTicket;
 
 use crate::{
     config::{EndpointPickerConfig, ModelRewriteSpec},
     endpoints::EndpointStore,
     request::{self, ApiKind, ParseError},
-    scheduling::{Decision, Purpose, RequestFacts, ScheduleError, Scheduler},
-    telemetry::Metrics,
+    scheduling::{BYTES_PER_TOKEN, Decision, Purpose, RequestFacts, ScheduleError, Scheduler},
+    telemetry::{RequestMetrics, logging::Clip},
 };
 
 /// What the protocol layer knows about a request.
@@ -34,20 +46,32 @@ pub struct RouteInput<'a> {
     pub test_selection: Option<&'a str>,
     /// The gateway's subset hint.
     pub subset: Option<&'a [String]>,
+    /// `x-request-id`, for log lines.
+    pub request_id: &'a str,
+    /// When the request's headers arrived (now when `None`): the request's
+    /// duration counts from there.
+    pub arrived: Option<Instant>,
 }
 
-/// A routed request.
+/// A routed request: where it goes, the body to forward when it had to
+/// change, and the ticket the protocol layer keeps until the request ends.
 #[derive(Debug)]
 pub struct Routed {
-    pub decision: Decision,
-    pub api: ApiKind,
-    /// The model the client asked for ("" when the body was not parsed).
-    pub model: String,
-    /// The model the request is sent as.
-    pub target_model: String,
+    /// `ip:port[,ip:port...]`, the pick first, then its fallbacks.
+    pub destination: String,
     /// The body to forward when it had to change (model rewrite).
     pub new_body: Option<Vec<u8>>,
-    pub stream: bool,
+    pub ticket: RequestTicket,
+}
+
+/// How a request would be routed, and why (Admin.Explain).
+#[derive(Debug)]
+pub struct Explained {
+    pub decision: Decision,
+    /// The model the client asked for ("" when the body was not parsed).
+    pub model: String,
+    /// The model the request would be sent as.
+    pub target_model: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -56,20 +80,34 @@ pub enum RouteError {
     Parse(#[from] ParseError),
     #[error(transparent)]
     Schedule(#[from] ScheduleError),
+    #[error("request body exceeds the limit of {0} bytes")]
+    BodyTooLarge(usize),
 }
 
 impl RouteError {
     pub fn http_status(&self) -> u16 {
         match self {
             Self::Parse(_) => 400,
+            Self::BodyTooLarge(_) => 413,
             Self::Schedule(e) => e.http_status(),
         }
     }
 
+    /// A stable machine-readable code for the error body and metrics.
     pub fn code(&self) -> &'static str {
         match self {
             Self::Parse(e) => e.code(),
+            Self::BodyTooLarge(_) => "request_too_large",
             Self::Schedule(e) => e.code(),
+        }
+    }
+
+    /// The OpenAI error `type` for the error body.
+    pub fn error_type(&self) -> &'static str {
+        match self.http_status() {
+            400 | 413 => "invalid_request_error",
+            429 => "rate_limit_error",
+            _ => "service_unavailable",
         }
     }
 }
@@ -128,7 +166,15 @@ pub struct Director {
     objectives: ArcSwap<HashMap<String, i32>>,
     static_objectives: HashMap<String, i32>,
     rewrites: Rewrites,
-    metrics: Arc<Metrics>,
+    metrics: Arc<RequestMetrics>,
+}
+
+/// A scheduled request before it becomes a [`Routed`] or an [`Explained`].
+struct Plan {
+    decision: Decision,
+    model: String,
+    target_model: String,
+    new_body: Option<Vec<u8>>,
 }
 
 impl Director {
@@ -136,7 +182,7 @@ impl Director {
         store: Arc<EndpointStore>,
         scheduler: Scheduler,
         cfg: &EndpointPickerConfig,
-        metrics: Arc<Metrics>,
+        metrics: Arc<RequestMetrics>,
     ) -> Self {
         let static_objectives: HashMap<String, i32> = cfg
             .objectives
@@ -161,10 +207,6 @@ impl Director {
         &self.scheduler
     }
 
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
     /// Priority of an objective; 0 when unknown (GIE's default).
     pub fn objective_priority(&self, name: &str) -> i32 {
         self.objectives.load().get(name).copied().unwrap_or(0)
@@ -178,59 +220,119 @@ impl Director {
         self.objectives.store(Arc::new(merged));
     }
 
-    /// Routes one request. With [`Purpose::Explain`] nothing is recorded and
-    /// no metric is counted.
-    pub fn route(&self, input: &RouteInput<'_>, purpose: Purpose) -> Result<Routed, RouteError> {
+    /// Routes one request: the pick's blocks are recorded in the prefix
+    /// index, the request is counted, and the returned ticket holds its
+    /// in-flight accounting until it is dropped.
+    pub fn route(&self, input: &RouteInput<'_>) -> Result<Routed, RouteError> {
         let started = Instant::now();
-        let result = self.route_inner(input, purpose);
-        if purpose != Purpose::Explain {
-            let m = &self.metrics;
-            m.scheduler_duration
-                .observe(started.elapsed().as_secs_f64());
-            m.scheduler_attempts
-                .with_label_values(&[if result.is_ok() { "success" } else { "failure" }])
-                .inc();
-            match &result {
-                Ok(r) => {
-                    let model = m.model_label(&r.model);
-                    let target = m.model_label(&r.target_model);
-                    m.request_total.with_label_values(&[model, target]).inc();
-                    if let Some(body) = input.body {
-                        m.request_sizes
-                            .with_label_values(&[model, target])
-                            .observe(body.len() as f64);
-                    }
-                    let d = &r.decision;
-                    if d.prompt_blocks > 0 {
-                        m.prefix_hit_ratio
-                            .observe(f64::from(d.matched_blocks) / f64::from(d.prompt_blocks));
-                        m.prefix_hit_bytes.observe(f64::from(
-                            d.matched_blocks * d.block_tokens * crate::scheduling::BYTES_PER_TOKEN,
-                        ));
-                    }
-                }
-                Err(e) => {
-                    m.request_error_total
-                        .with_label_values(&["", "", e.code()])
-                        .inc();
-                }
+        // The per-candidate explanation costs allocations; only build it
+        // when it will be logged.
+        let purpose = if tracing::enabled!(Level::DEBUG) {
+            Purpose::RouteExplained
+        } else {
+            Purpose::Route
+        };
+        let result = self.plan(input, purpose).and_then(|plan| {
+            if plan.decision.endpoints.is_empty() {
+                Err(ScheduleError::EmptyPool.into())
+            } else {
+                Ok(plan)
             }
+        });
+        let m = &self.metrics;
+        m.scheduler_duration
+            .observe(started.elapsed().as_secs_f64());
+        m.scheduler_attempts
+            .with_label_values(&[if result.is_ok() { "success" } else { "failure" }])
+            .inc();
+        let plan = match result {
+            Ok(plan) => plan,
+            Err(e) => return Err(self.rejected(input, e)),
+        };
+        let Plan {
+            decision,
+            model,
+            target_model,
+            new_body,
+        } = plan;
+        let model_label = m.model_label(&model);
+        let target_label = m.model_label(&target_model);
+        m.request_total
+            .with_label_values(&[model_label, target_label])
+            .inc();
+        if let Some(body) = input.body {
+            m.request_sizes
+                .with_label_values(&[model_label, target_label])
+                .observe(body.len() as f64);
         }
-        result
+        let d = &decision;
+        if d.prompt_blocks > 0 {
+            m.prefix_hit_ratio
+                .observe(f64::from(d.matched_blocks) / f64::from(d.prompt_blocks));
+            m.prefix_hit_bytes.observe(f64::from(
+                d.matched_blocks * d.block_tokens * BYTES_PER_TOKEN,
+            ));
+        }
+        let destination = d.destination();
+        if let Some(ex) = &d.explanation {
+            tracing::debug!(request_id = %Clip(input.request_id), path = %Clip(input.path),
+                model = %Clip(&model), target_model = %Clip(&target_model),
+                destination = %destination, prompt_blocks = d.prompt_blocks,
+                matched_blocks = d.matched_blocks, scores = %ex, "request routed");
+        }
+        // Not empty: checked above.
+        let guard = d.endpoints[0].begin_request(d.prefill_tokens);
+        let ticket = RequestTicket::new(
+            Arc::clone(&self.metrics),
+            guard,
+            model,
+            target_model,
+            input.arrived.unwrap_or(started),
+        );
+        Ok(Routed {
+            destination,
+            new_body,
+            ticket,
+        })
     }
 
-    fn route_inner(&self, input: &RouteInput<'_>, purpose: Purpose) -> Result<Routed, RouteError> {
+    /// How `input` would be routed and why, without recording or counting
+    /// anything (Admin.Explain).
+    pub fn explain(&self, input: &RouteInput<'_>) -> Result<Explained, RouteError> {
+        let plan = self.plan(input, Purpose::Explain)?;
+        Ok(Explained {
+            decision: plan.decision,
+            model: plan.model,
+            target_model: plan.target_model,
+        })
+    }
+
+    /// A request refused before it was routed because its body is larger
+    /// than the protocol layer buffers: counted like every refusal.
+    pub fn body_too_large(&self, input: &RouteInput<'_>, limit: usize) -> RouteError {
+        self.rejected(input, RouteError::BodyTooLarge(limit))
+    }
+
+    fn rejected(&self, input: &RouteInput<'_>, e: RouteError) -> RouteError {
+        self.metrics
+            .request_error_total
+            .with_label_values(&["", "", e.code()])
+            .inc();
+        tracing::debug!(request_id = %Clip(input.request_id), path = %Clip(input.path),
+            status = e.http_status(), error = %Clip(&e.to_string()), "request rejected");
+        e
+    }
+
+    fn plan(&self, input: &RouteInput<'_>, purpose: Purpose) -> Result<Plan, RouteError> {
         let snapshot = self.store.snapshot();
         let api = ApiKind::from_path(input.path);
         let Some(body) = input.body.filter(|_| api != ApiKind::Other) else {
             let decision = self.scheduler.schedule_bodiless(&snapshot, input.subset)?;
-            return Ok(Routed {
+            return Ok(Plan {
                 decision,
-                api,
                 model: String::new(),
                 target_model: String::new(),
                 new_body: None,
-                stream: false,
             });
         };
         let req = request::parse(body, api)?;
@@ -252,13 +354,11 @@ impl Director {
             (Some(span), true) => Some(request::rewrite_model(body, span.clone(), target)),
             _ => None,
         };
-        Ok(Routed {
+        Ok(Plan {
             target_model: target.to_owned(),
             model: req.model.into_owned(),
             decision,
-            api,
             new_body,
-            stream: req.stream,
         })
     }
 }
@@ -289,7 +389,12 @@ mod tests {
             Arc::new(PrefixIndex::new()),
         )
         .unwrap();
-        Director::new(store, scheduler, &cfg, Arc::new(Metrics::new("p").unwrap()))
+        Director::new(
+            store,
+            scheduler,
+            &cfg,
+            Arc::new(RequestMetrics::standalone().unwrap()),
+        )
     }
 
     fn input<'a>(path: &'a str, body: &'a [u8]) -> RouteInput<'a> {
@@ -304,24 +409,47 @@ mod tests {
     fn routes_and_keeps_the_body_when_nothing_changes() {
         let d = director(crate::config::DEFAULT_CONFIG);
         let r = d
-            .route(
-                &input("/v1/completions", br#"{"model":"m","prompt":"hi"}"#),
-                Purpose::Route,
-            )
+            .route(&input("/v1/completions", br#"{"model":"m","prompt":"hi"}"#))
             .unwrap();
-        assert_eq!(r.decision.endpoints.len(), 2);
+        assert_eq!(r.destination.split(',').count(), 2, "{}", r.destination);
         assert!(r.new_body.is_none());
-        assert_eq!((r.model.as_str(), r.target_model.as_str()), ("m", "m"));
+        assert!(!r.ticket.rewrites_response());
+        let picked = d
+            .store()
+            .snapshot()
+            .endpoints()
+            .iter()
+            .find(|e| *e.host_port == *r.ticket.picked())
+            .cloned()
+            .unwrap();
+        assert_eq!(picked.in_flight(), 1, "the ticket holds the request");
+        drop(r);
+        assert_eq!(picked.in_flight(), 0, "dropping the ticket releases it");
+    }
+
+    #[test]
+    fn explaining_records_nothing() {
+        let d = director(crate::config::DEFAULT_CONFIG);
+        let x = d
+            .explain(&input("/v1/completions", br#"{"model":"m","prompt":"hi"}"#))
+            .unwrap();
+        assert_eq!(x.decision.endpoints.len(), 2);
+        assert!(x.decision.explanation.is_some());
+        assert_eq!((x.model.as_str(), x.target_model.as_str()), ("m", "m"));
+        let snapshot = d.store().snapshot();
+        assert!(snapshot.endpoints().iter().all(|e| e.in_flight() == 0));
+        assert_eq!(
+            d.metrics.request_total.with_label_values(&["m", "m"]).get(),
+            0
+        );
     }
 
     #[test]
     fn header_rewrite_wins_over_config_rule() {
         let d = director("modelRewrites:\n- model: m\n  targets:\n  - model: from-config\n");
         let body = br#"{"model":"m","prompt":"hi"}"#;
-        let r = d
-            .route(&input("/v1/completions", body), Purpose::Route)
-            .unwrap();
-        assert_eq!(r.target_model, "from-config");
+        let r = d.route(&input("/v1/completions", body)).unwrap();
+        assert!(r.ticket.rewrites_response());
         assert_eq!(
             r.new_body.as_deref(),
             Some(&br#"{"model":"from-config","prompt":"hi"}"#[..])
@@ -331,8 +459,8 @@ mod tests {
             ..input("/v1/completions", body)
         };
         assert_eq!(
-            d.route(&i, Purpose::Route).unwrap().target_model,
-            "from-header"
+            d.route(&i).unwrap().new_body.as_deref(),
+            Some(&br#"{"model":"from-header","prompt":"hi"}"#[..])
         );
     }
 
@@ -346,35 +474,38 @@ mod tests {
     #[test]
     fn errors_map_to_statuses() {
         let d = director(crate::config::DEFAULT_CONFIG);
-        let e = d
-            .route(&input("/v1/completions", b"{"), Purpose::Route)
-            .unwrap_err();
+        let e = d.route(&input("/v1/completions", b"{")).unwrap_err();
         assert_eq!((e.http_status(), e.code()), (400, "invalid_json"));
         let subset = vec!["10.0.0.1:1".to_owned()];
         let i = RouteInput {
             subset: Some(&subset),
             ..input("/v1/completions", br#"{"model":"m","prompt":"x"}"#)
         };
-        assert_eq!(d.route(&i, Purpose::Route).unwrap_err().http_status(), 503);
+        assert_eq!(d.route(&i).unwrap_err().http_status(), 503);
+        let e = d.body_too_large(&i, 10);
+        assert_eq!((e.http_status(), e.code()), (413, "request_too_large"));
+        assert_eq!(
+            d.metrics
+                .request_error_total
+                .with_label_values(&["", "", "request_too_large"])
+                .get(),
+            1
+        );
     }
 
     #[test]
     fn bodiless_and_other_paths_route_by_load() {
         let d = director(crate::config::DEFAULT_CONFIG);
         let r = d
-            .route(
-                &RouteInput {
-                    path: "/v1/models",
-                    ..RouteInput::default()
-                },
-                Purpose::Route,
-            )
-            .unwrap();
-        assert_eq!(r.api, ApiKind::Other);
-        let r = d
-            .route(&input("/tokenize", b"not json"), Purpose::Route)
+            .explain(&RouteInput {
+                path: "/v1/models",
+                ..RouteInput::default()
+            })
             .unwrap();
         assert!(r.model.is_empty());
+        let r = d.explain(&input("/tokenize", b"not json")).unwrap();
+        assert!(r.model.is_empty());
+        assert_eq!(r.decision.endpoints.len(), 2);
     }
 
     #[test]

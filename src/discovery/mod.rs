@@ -9,6 +9,8 @@
 
 pub mod file;
 pub mod kube;
+mod metrics;
 
 pub use file::{FileDiscovery, FileError, parse_endpoints};
 pub use kube::{KubeDiscovery, KubeDiscoveryError, KubeDiscoveryOptions};
+pub use metrics::{DiscoveryMetrics, DiscoverySource};

@@ -17,6 +17,7 @@
 //!   by `uid`, so stale cache entries can never be attributed to a newcomer.
 
 mod metrics;
+mod pool_metrics;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -33,6 +34,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 pub use metrics::{EndpointMetrics, MetricsSample};
+pub use pool_metrics::PoolMetrics;
 
 /// The pod label that names the model-server engine, as in GIE.
 pub const ENGINE_LABEL: &str = "inference.networking.k8s.io/engine-type";

@@ -56,14 +56,12 @@ use envoy_types::pb::envoy::{
         HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, processing_request::Request,
     },
 };
-use tracing::Level;
 
 use super::envoy::{self, DESTINATION, LB_NAMESPACE};
 use crate::{
-    director::{Director, RouteInput, Routed},
-    endpoints::InFlightGuard,
-    request::{ApiKind, SseUsageScanner, Usage, parse_json_usage},
-    scheduling::Purpose,
+    director::{Director, RequestTicket, RouteError, RouteInput, Routed},
+    request::ApiKind,
+    telemetry::logging::Clip,
 };
 
 /// Most a request body buffer is sized to before its bytes arrive (from
@@ -81,9 +79,6 @@ pub struct StreamSettings {
     /// Honour the gateway's subset hint.
     pub honour_subset_hint: bool,
 }
-
-/// Non-streaming response bodies kept for usage parsing, at most.
-const MAX_USAGE_BODY: usize = 4 << 20;
 
 const FULL_DUPLEX: i32 = BodySendMode::FullDuplexStreamed as i32;
 const NONE: i32 = BodySendMode::None as i32;
@@ -119,44 +114,13 @@ enum RequestPhase {
     Rejected,
 }
 
-/// A request that was routed and is in flight.
-#[derive(Debug)]
-struct Active {
-    guard: InFlightGuard,
-    model: String,
-    target_model: String,
-    /// (`"model":"<target>"` pattern, replacement) pairs for responses.
-    rename: Vec<(Vec<u8>, Vec<u8>)>,
-    director: Arc<Director>,
-}
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        let m = self.director.metrics();
-        m.running_requests
-            .with_label_values(&[m.model_label(&self.model)])
-            .dec();
-    }
-}
-
-#[derive(Debug, Default)]
-struct ResponseState {
-    status: u16,
-    sse: bool,
-    first_byte: bool,
-    bytes: u64,
-    scanner: SseUsageScanner,
-    json: Vec<u8>,
-    json_overflow: bool,
-    done: bool,
-}
-
 /// State of one ext_proc stream.
 #[derive(Debug)]
 pub struct ExtProcStream {
     director: Arc<Director>,
     settings: Arc<StreamSettings>,
-    started: Instant,
+    /// When the stream (the request's headers) arrived.
+    arrived: Instant,
     request_mode: i32,
     response_mode: i32,
     phase: RequestPhase,
@@ -178,8 +142,10 @@ pub struct ExtProcStream {
     /// The request ended at its headers: no body message may follow, not
     /// even the repeated final chunk tolerated after a body.
     bodiless: bool,
-    active: Option<Active>,
-    response: ResponseState,
+    /// The routed request, until its response ends.
+    ticket: Option<RequestTicket>,
+    /// The response direction ended; nothing more may arrive on it.
+    response_done: bool,
     observability_only: bool,
 }
 
@@ -188,7 +154,7 @@ impl ExtProcStream {
         Self {
             director,
             settings,
-            started: Instant::now(),
+            arrived: Instant::now(),
             request_mode: FULL_DUPLEX,
             response_mode: FULL_DUPLEX,
             phase: RequestPhase::Headers,
@@ -203,8 +169,8 @@ impl ExtProcStream {
             declared_len: 0,
             request_body_done: false,
             bodiless: false,
-            active: None,
-            response: ResponseState::default(),
+            ticket: None,
+            response_done: false,
             observability_only: false,
         }
     }
@@ -225,10 +191,10 @@ impl ExtProcStream {
             out.truncate(start);
             // Ends the request now rather than whenever the transport drops
             // the stream.
-            self.active = None;
+            self.ticket = None;
             self.body = Vec::new();
             self.phase = RequestPhase::Rejected;
-            self.response.done = true;
+            self.response_done = true;
         } else if self.observability_only {
             // Envoy ignores answers in observability mode; do not send any.
             out.truncate(start);
@@ -270,10 +236,10 @@ impl ExtProcStream {
         // filter even when the request never reached it. They are answered
         // like any response; nothing was routed, so nothing is accounted.
         // A request cannot start once its response is over, though.
-        if self.response.done && matches!(request, Request::RequestHeaders(_)) {
+        if self.response_done && matches!(request, Request::RequestHeaders(_)) {
             return Err(ProtocolError::AfterResponseEnd(what));
         }
-        if !is_request && self.response.done {
+        if !is_request && self.response_done {
             return match request {
                 // A final chunk repeated, as Envoy can do on the request
                 // side (envoyproxy/envoy#46237): harmless, so tolerated.
@@ -453,6 +419,32 @@ impl ExtProcStream {
         self.route(Some(body), trailers_follow, out);
     }
 
+    /// What the director needs to know about this request.
+    fn route_input<'a>(&'a self, body: Option<&'a [u8]>) -> RouteInput<'a> {
+        RouteInput {
+            path: &self.path,
+            body,
+            objective: self.objective.as_deref(),
+            model_rewrite: self.model_rewrite.as_deref(),
+            test_selection: self.test_selection.as_deref(),
+            subset: self.subset.as_deref(),
+            request_id: &self.request_id,
+            arrived: Some(self.arrived),
+        }
+    }
+
+    /// Answers with an OpenAI-style error; Envoy ends the request.
+    fn reject(&mut self, e: &RouteError, out: &mut Vec<ProcessingResponse>) {
+        out.push(envoy::immediate_error(
+            e.http_status(),
+            &e.to_string(),
+            e.error_type(),
+            e.code(),
+        ));
+        self.phase = RequestPhase::Rejected;
+        self.body = Vec::new();
+    }
+
     /// Routes the request and answers with the destination, or rejects it.
     fn route(
         &mut self,
@@ -460,81 +452,16 @@ impl ExtProcStream {
         trailers_follow: bool,
         out: &mut Vec<ProcessingResponse>,
     ) {
-        let director = Arc::clone(&self.director);
-        let input = RouteInput {
-            path: &self.path,
-            body: body.as_deref(),
-            objective: self.objective.as_deref(),
-            model_rewrite: self.model_rewrite.as_deref(),
-            test_selection: self.test_selection.as_deref(),
-            subset: self.subset.as_deref(),
-        };
-        let purpose = if tracing::enabled!(Level::DEBUG) {
-            Purpose::RouteExplained
-        } else {
-            Purpose::Route
-        };
-        let routed = match director.route(&input, purpose) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::debug!(request_id = %Clip(&self.request_id), path = %Clip(&self.path), status = e.http_status(), error = %Clip(&e.to_string()), "request rejected");
-                let error_type = match e.http_status() {
-                    400 => "invalid_request_error",
-                    429 => "rate_limit_error",
-                    _ => "service_unavailable",
-                };
-                out.push(envoy::immediate_error(
-                    e.http_status(),
-                    &e.to_string(),
-                    error_type,
-                    e.code(),
-                ));
-                self.phase = RequestPhase::Rejected;
-                return;
-            }
-        };
+        let routed = self.director.route(&self.route_input(body.as_deref()));
         let Routed {
-            decision,
-            model,
-            target_model,
+            destination,
             new_body,
-            ..
-        } = routed;
-        let destination = decision.destination();
-        if let Some(ex) = &decision.explanation {
-            tracing::debug!(request_id = %Clip(&self.request_id), path = %Clip(&self.path), model = %Clip(&model),
-                target_model = %Clip(&target_model), destination = %destination,
-                prompt_blocks = decision.prompt_blocks, matched_blocks = decision.matched_blocks,
-                scores = %ex, "request routed");
-        }
-        let Some(pick) = decision.endpoints.first() else {
-            out.push(envoy::immediate_error(
-                503,
-                "no ready endpoint",
-                "service_unavailable",
-                "no_ready_endpoint",
-            ));
-            self.phase = RequestPhase::Rejected;
-            return;
+            ticket,
+        } = match routed {
+            Ok(r) => r,
+            Err(e) => return self.reject(&e, out),
         };
-        let guard = pick.begin_request(decision.prefill_tokens);
-        let metrics = director.metrics();
-        metrics
-            .running_requests
-            .with_label_values(&[metrics.model_label(&model)])
-            .inc();
-        let rename = if !model.is_empty() && target_model != model {
-            rename_patterns(&target_model, &model)
-        } else {
-            Vec::new()
-        };
-        self.active = Some(Active {
-            guard,
-            model,
-            target_model,
-            rename,
-            director: Arc::clone(&director),
-        });
+        self.ticket = Some(ticket);
         self.phase = RequestPhase::Routed;
 
         let mut set: Vec<HeaderValueOption> =
@@ -597,7 +524,10 @@ impl ExtProcStream {
     fn add_mode_override(&mut self, resp: &mut ProcessingResponse) {
         let wants_body = self.settings.always_want_response_body
             || self.model_rewrite.is_some()
-            || self.active.as_ref().is_some_and(|a| !a.rename.is_empty());
+            || self
+                .ticket
+                .as_ref()
+                .is_some_and(RequestTicket::rewrites_response);
         if wants_body && self.response_mode == NONE && self.request_mode != FULL_DUPLEX {
             resp.mode_override = Some(envoy::stream_response_body());
             self.response_mode = FULL_DUPLEX;
@@ -605,20 +535,10 @@ impl ExtProcStream {
     }
 
     fn reject_too_large(&mut self, out: &mut Vec<ProcessingResponse>) {
-        let max = self.settings.max_request_body;
-        out.push(envoy::immediate_error(
-            413,
-            &format!("request body exceeds the limit of {max} bytes"),
-            "invalid_request_error",
-            "request_too_large",
-        ));
-        self.director
-            .metrics()
-            .request_error_total
-            .with_label_values(&["", "", "request_too_large"])
-            .inc();
-        self.phase = RequestPhase::Rejected;
-        self.body = Vec::new();
+        let e = self
+            .director
+            .body_too_large(&self.route_input(None), self.settings.max_request_body);
+        self.reject(&e, out);
     }
 
     fn response_headers(
@@ -629,11 +549,14 @@ impl ExtProcStream {
         out: &mut Vec<ProcessingResponse>,
     ) {
         let map = h.headers.as_ref();
-        self.response.status = envoy::header(map, ":status")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        self.response.sse =
-            envoy::header(map, "content-type").is_some_and(|ct| ct.contains("text/event-stream"));
+        if let Some(ticket) = &mut self.ticket {
+            let status = envoy::header(map, ":status")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            let sse = envoy::header(map, "content-type")
+                .is_some_and(|ct| ct.contains("text/event-stream"));
+            ticket.on_response_headers(status, sse);
+        }
         // The protocol's metadata key; Envoy's own upstream.address attribute
         // when the gateway does not set it.
         let served = envoy::served_endpoint(md.as_ref())
@@ -647,8 +570,8 @@ impl ExtProcStream {
                 served.as_bytes(),
             ));
         }
-        if let (Some(served), Some(active)) = (served, &self.active) {
-            let picked = &*active.guard.endpoint().host_port;
+        if let (Some(served), Some(ticket)) = (served, &self.ticket) {
+            let picked = ticket.picked();
             if served != picked {
                 tracing::debug!(request_id = %Clip(&self.request_id), picked, served = %Clip(served), "gateway served another endpoint (fallback or retry)");
             }
@@ -664,27 +587,9 @@ impl ExtProcStream {
     }
 
     fn response_body(&mut self, b: HttpBody, out: &mut Vec<ProcessingResponse>) {
-        if let Some(active) = &mut self.active
-            && !self.response.first_byte
-        {
-            self.response.first_byte = true;
-            active.guard.prefill_done();
-        }
-        let r = &mut self.response;
-        r.bytes += b.body.len() as u64;
-        if r.sse {
-            r.scanner.feed(&b.body);
-        } else if !r.json_overflow {
-            if r.json.len() + b.body.len() <= MAX_USAGE_BODY {
-                r.json.extend_from_slice(&b.body);
-            } else {
-                r.json_overflow = true;
-                r.json = Vec::new();
-            }
-        }
-        let (body, renamed) = match &self.active {
-            Some(a) if !a.rename.is_empty() => rename_model(b.body, &a.rename),
-            _ => (b.body, false),
+        let (body, renamed) = match &mut self.ticket {
+            Some(ticket) => ticket.on_response_chunk(b.body),
+            None => (b.body, false),
         };
         match self.response_mode {
             FULL_DUPLEX => envoy::push_streamed(out, false, body, b.end_of_stream),
@@ -710,117 +615,17 @@ impl ExtProcStream {
         }
     }
 
-    /// The response finished: record what it tells and release the request.
+    /// The response finished: the ticket records what it showed and
+    /// releases the request.
     fn complete_response(&mut self) {
-        if self.response.done {
+        if self.response_done {
             return;
         }
-        self.response.done = true;
-        let Some(active) = self.active.take() else {
-            return;
-        };
-        let m = self.director.metrics();
-        let model = m.model_label(&active.model);
-        let target = m.model_label(&active.target_model);
-        let labels = [model, target];
-        m.request_duration
-            .with_label_values(&labels)
-            .observe(self.started.elapsed().as_secs_f64());
-        m.response_sizes
-            .with_label_values(&labels)
-            .observe(self.response.bytes as f64);
-        if self.response.status >= 500 {
-            m.request_error_total
-                .with_label_values(&[model, target, "model_server_error"])
-                .inc();
+        self.response_done = true;
+        if let Some(ticket) = self.ticket.take() {
+            ticket.finish();
         }
-        let usage: Option<Usage> = if self.response.sse {
-            self.response.scanner.usage()
-        } else if !self.response.json.is_empty() {
-            parse_json_usage(&self.response.json)
-        } else {
-            None
-        };
-        if let Some(u) = usage {
-            m.input_tokens
-                .with_label_values(&labels)
-                .observe(u.prompt_tokens as f64);
-            m.output_tokens
-                .with_label_values(&labels)
-                .observe(u.completion_tokens as f64);
-            m.cached_tokens
-                .with_label_values(&labels)
-                .observe(u.cached_tokens as f64);
-        }
-        self.response.json = Vec::new();
-        drop(active);
     }
-}
-
-/// Client-controlled text (path, request id, model, parse errors quoting the
-/// body) as it goes into a log line: at most [`Clip::MAX`] bytes, cut on a
-/// character boundary, with the full length noted, so a client cannot make
-/// one debug line copy kilobytes (or, for a model name, megabytes) of its
-/// own text into the log.
-struct Clip<'a>(&'a str);
-
-impl Clip<'_> {
-    const MAX: usize = 128;
-}
-
-impl std::fmt::Display for Clip<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.0.len() <= Self::MAX {
-            return f.write_str(self.0);
-        }
-        let mut end = Self::MAX;
-        while !self.0.is_char_boundary(end) {
-            end -= 1;
-        }
-        write!(f, "{}...({} bytes)", &self.0[..end], self.0.len())
-    }
-}
-
-/// Patterns that restore the client's model name in responses, with and
-/// without a space after the colon (both are common JSON encodings).
-fn rename_patterns(target: &str, client: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let enc = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| format!("\"{s}\""));
-    let (t, c) = (enc(target), enc(client));
-    vec![
-        (
-            format!("\"model\":{t}").into_bytes(),
-            format!("\"model\":{c}").into_bytes(),
-        ),
-        (
-            format!("\"model\": {t}").into_bytes(),
-            format!("\"model\": {c}").into_bytes(),
-        ),
-    ]
-}
-
-/// Replaces every pattern occurrence; returns the input untouched (no copy)
-/// when nothing matches.
-fn rename_model(body: Vec<u8>, patterns: &[(Vec<u8>, Vec<u8>)]) -> (Vec<u8>, bool) {
-    let finder = |hay: &[u8], needle: &[u8]| memchr::memmem::find(hay, needle);
-    if !patterns
-        .iter()
-        .any(|(from, _)| finder(&body, from).is_some())
-    {
-        return (body, false);
-    }
-    let mut out = body;
-    for (from, to) in patterns {
-        let mut result = Vec::with_capacity(out.len());
-        let mut rest = &out[..];
-        while let Some(i) = finder(rest, from) {
-            result.extend_from_slice(&rest[..i]);
-            result.extend_from_slice(to);
-            rest = &rest[i + from.len()..];
-        }
-        result.extend_from_slice(rest);
-        out = result;
-    }
-    (out, true)
 }
 
 #[cfg(test)]

@@ -26,26 +26,32 @@ use rustls::{
     sign::CertifiedKey,
 };
 use tokio::{
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     sync::{mpsc, watch},
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
-use crate::telemetry::log_limit::{ACCEPT_ERROR_LOG_INTERVAL, LogLimiter, accept_failed};
+use super::Listener;
+use crate::telemetry::logging::chain;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: String,
         source: std::io::Error,
     },
-    #[error("{path}: {message}")]
-    Pem { path: String, message: String },
-    #[error("certificate generation failed: {0}")]
-    Generate(String),
-    #[error("unusable key: {0}")]
-    Key(String),
+    #[error("{path}: no usable PEM")]
+    Pem {
+        path: String,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{path}: no certificate found")]
+    NoCertificate { path: String },
+    #[error("certificate generation failed")]
+    Generate(#[source] rcgen::Error),
+    #[error("unusable key")]
+    Key(#[source] rustls::Error),
 }
 
 /// A certificate resolver whose key pair can be swapped at runtime.
@@ -68,21 +74,20 @@ impl ResolvesServerCert for ReloadableCert {
 fn certified_key(cert_pem: &[u8], key_pem: &[u8], origin: &str) -> Result<CertifiedKey, TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::Pem {
+        .map_err(|source| TlsError::Pem {
             path: origin.to_owned(),
-            message: e.to_string(),
+            source,
         })?;
     if certs.is_empty() {
-        return Err(TlsError::Pem {
+        return Err(TlsError::NoCertificate {
             path: origin.to_owned(),
-            message: "no certificate found".into(),
         });
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Pem {
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|source| TlsError::Pem {
         path: origin.to_owned(),
-        message: e.to_string(),
+        source,
     })?;
-    let signing = any_supported_type(&key).map_err(|e| TlsError::Key(e.to_string()))?;
+    let signing = any_supported_type(&key).map_err(TlsError::Key)?;
     Ok(CertifiedKey::new(certs, signing))
 }
 
@@ -93,7 +98,7 @@ pub fn self_signed() -> Result<CertifiedKey, TlsError> {
         "epp".to_owned(),
         "127.0.0.1".to_owned(),
     ])
-    .map_err(|e| TlsError::Generate(e.to_string()))?;
+    .map_err(TlsError::Generate)?;
     certified_key(
         ck.cert.pem().as_bytes(),
         ck.signing_key.serialize_pem().as_bytes(),
@@ -135,7 +140,7 @@ impl TlsSetup {
         let mut config =
             ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()
-                .map_err(|e| TlsError::Key(e.to_string()))?
+                .map_err(TlsError::Key)?
                 .with_no_client_auth()
                 .with_cert_resolver(resolver.clone());
         config.alpn_protocols = vec![b"h2".to_vec()];
@@ -154,26 +159,18 @@ impl TlsSetup {
     /// client never blocks others) and yields the TLS streams.
     pub fn incoming(
         &self,
-        listener: TcpListener,
+        mut listener: Listener,
         mut shutdown: watch::Receiver<bool>,
-    ) -> mpsc::Receiver<Result<TlsStream<TcpStream>, std::io::Error>> {
+    ) -> TlsIncoming {
         let (tx, rx) = mpsc::channel(128);
         let acceptor = self.acceptor.clone();
         tokio::spawn(async move {
             loop {
                 let stream = tokio::select! {
-                    accepted = listener.accept() => match accepted {
-                        Ok((s, _)) => s,
-                        Err(e) => {
-                            static LIMIT: LogLimiter = LogLimiter::new(ACCEPT_ERROR_LOG_INTERVAL);
-                            accept_failed(&LIMIT, "ext_proc", &e).await;
-                            continue;
-                        }
-                    },
+                    s = listener.accept() => s,
                     _ = crate::shutdown::requested(&mut shutdown) => return,
                     _ = tx.closed() => return,
                 };
-                let _ = stream.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
@@ -189,7 +186,7 @@ impl TlsSetup {
                 });
             }
         });
-        rx
+        TlsIncoming(rx)
     }
 
     /// Re-reads `dir` every `interval` and swaps the certificate when the
@@ -217,10 +214,24 @@ impl TlsSetup {
                     tracing::info!(dir = %dir.display(), "TLS certificate reloaded");
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "TLS certificate reload failed; keeping the current one")
+                    tracing::warn!(error = %chain(&e), "TLS certificate reload failed; keeping the current one")
                 }
             }
         }
+    }
+}
+
+/// Completed TLS handshakes, as a stream for tonic's `serve_with_incoming`.
+pub struct TlsIncoming(mpsc::Receiver<Result<TlsStream<TcpStream>, std::io::Error>>);
+
+impl futures_util::Stream for TlsIncoming {
+    type Item = Result<TlsStream<TcpStream>, std::io::Error>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
     }
 }
 

@@ -7,6 +7,8 @@
 
 mod hash;
 mod index;
+mod metrics;
 
 pub use hash::{BlockHasher, chain_seed};
 pub use index::PrefixIndex;
+pub use metrics::IndexMetrics;

@@ -1,17 +1,20 @@
 //! Turns an OpenAI-style request body into one [`InferenceRequest`]: the
 //! model, the prompt text the prefix cache sees, and the few options routing
-//! and accounting need. Also reads token usage back out of responses.
+//! and accounting need. Also the way back: token usage read out of responses,
+//! and a rewritten model name restored in them.
 //!
 //! Parsing borrows from the body wherever it can: the body is kept as received
 //! and only the `model` value may be spliced when a rewrite applies, so a
 //! request the picker does not change is forwarded byte for byte.
 
+mod model_name;
 mod openai;
 mod skeleton;
 mod usage;
 
 use std::{borrow::Cow, ops::Range};
 
+pub use model_name::{ResponseRename, rewrite_model};
 pub use openai::{parse, parse_cutting};
 pub use usage::{SseUsageScanner, Usage, parse_json_usage};
 
@@ -143,17 +146,6 @@ impl ParseError {
     }
 }
 
-/// Replaces the `model` value of `body` with `new_model` (JSON-encoded),
-/// leaving every other byte as it was.
-pub fn rewrite_model(body: &[u8], span: Range<usize>, new_model: &str) -> Vec<u8> {
-    let encoded = serde_json::to_string(new_model).unwrap_or_else(|_| format!("\"{new_model}\""));
-    let mut out = Vec::with_capacity(body.len() + encoded.len());
-    out.extend_from_slice(&body[..span.start]);
-    out.extend_from_slice(encoded.as_bytes());
-    out.extend_from_slice(&body[span.end..]);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,13 +165,5 @@ mod tests {
         assert_eq!(ApiKind::from_path("/v1/embeddings"), ApiKind::Embeddings);
         assert_eq!(ApiKind::from_path("/v1/models"), ApiKind::Other);
         assert_eq!(ApiKind::from_path(""), ApiKind::Other);
-    }
-
-    #[test]
-    fn rewrite_model_splices_only_the_value() {
-        let body = br#"{"model": "a", "prompt":"x"}"#;
-        let req = parse(body, ApiKind::Completions).unwrap();
-        let out = rewrite_model(body, req.model_span.clone().unwrap(), "b\"c");
-        assert_eq!(out, br#"{"model": "b\"c", "prompt":"x"}"#.to_vec());
     }
 }

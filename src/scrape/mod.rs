@@ -24,6 +24,7 @@
 
 mod client;
 pub mod engines;
+mod metrics;
 mod parse;
 
 use std::{
@@ -41,6 +42,7 @@ use tokio::{sync::watch, task::JoinHandle};
 use client::MetricsClient;
 
 pub use engines::{EngineMapping, MetricSpec, ScrapeSettings, SettingsError, Signals};
+pub use metrics::ScrapeMetrics;
 pub use parse::{ParseError, extract, extract_signals};
 
 use crate::endpoints::{Endpoint, EndpointStore, MetricsSample};
@@ -69,7 +71,7 @@ pub enum ScrapeError {
     Parse(#[from] ParseError),
 }
 
-/// Counters read by the telemetry module.
+/// Counters the scraper keeps, exported by [`ScrapeMetrics`].
 #[derive(Debug, Default)]
 pub struct ScrapeStats {
     pub scrapes: AtomicU64,

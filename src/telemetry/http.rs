@@ -2,42 +2,40 @@
 //! Served without authentication so the install needs no cluster-scoped RBAC;
 //! restrict it with a NetworkPolicy where that matters.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::convert::Infallible;
 
 use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
-use tokio::{net::TcpListener, sync::watch};
+use prometheus::Registry;
+use tokio::{net::TcpStream, sync::watch};
 
-use super::{
-    Metrics,
-    log_limit::{ACCEPT_ERROR_LOG_INTERVAL, LogLimiter, accept_failed},
-};
-
-/// Serves `/metrics` on `listener` until `shutdown` turns true.
-pub async fn serve_metrics(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
+/// Serves `/metrics` on the connections `incoming` yields until `shutdown`
+/// turns true. Accepting is the caller's (`listener::Listener`, which
+/// handles accept failures the same way for every server).
+pub async fn serve_metrics<S>(
+    mut incoming: S,
+    metrics: Registry,
     mut shutdown: watch::Receiver<bool>,
-) {
+) where
+    S: Stream<Item = Result<TcpStream, std::io::Error>> + Unpin,
+{
     loop {
-        let (stream, _peer): (_, SocketAddr) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    static LIMIT: LogLimiter = LogLimiter::new(ACCEPT_ERROR_LOG_INTERVAL);
-                    accept_failed(&LIMIT, "metrics", &e).await;
-                    continue;
-                }
+        let stream = tokio::select! {
+            s = incoming.next() => match s {
+                Some(Ok(s)) => s,
+                Some(Err(_)) => continue,
+                None => return,
             },
             _ = crate::shutdown::requested(&mut shutdown) => return,
         };
-        let metrics = Arc::clone(&metrics);
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
-                let metrics = Arc::clone(&metrics);
+                let metrics = metrics.clone();
                 async move { Ok::<_, Infallible>(respond(&req, &metrics)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
@@ -47,12 +45,12 @@ pub async fn serve_metrics(
     }
 }
 
-fn respond(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
+fn respond(req: &Request<Incoming>, metrics: &Registry) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => (
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            Bytes::from(metrics.render()),
+            Bytes::from(super::render(metrics)),
         ),
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
         _ => (

@@ -1,33 +1,17 @@
 //! Rate limiting for log lines that someone outside can cause at will.
 //!
 //! A warning that fires once per failed accept is fine while failures are
-//! rare, but a client that exhausts the process's file descriptors makes
-//! every accept fail at once, and the log would grow as fast as the loop
-//! spins. Such call sites log at most once per interval and report how many
-//! occurrences they left out.
+//! rare, but one that a client can trigger in a loop (exhausting the file
+//! descriptors makes every accept fail at once) would grow the log as fast as
+//! the loop spins. Such call sites
+//! log at most once per interval and report how many occurrences they left
+//! out.
 
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-/// Pause after a failed accept, so running out of file descriptors does not
-/// turn an accept loop into a busy loop.
-pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-/// At most one accept-failure warning per listener in this interval.
-pub const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
-
-/// What an accept loop does when `accept` fails: out of file descriptors,
-/// every accept fails at once, so it logs the condition (at most once per
-/// [`ACCEPT_ERROR_LOG_INTERVAL`] per `limit`, one `static` per listener)
-/// rather than each attempt, and backs off instead of spinning.
-pub async fn accept_failed(limit: &LogLimiter, listener: &str, error: &std::io::Error) {
-    if let Some(suppressed) = limit.allow(Instant::now()) {
-        tracing::warn!(listener, %error, suppressed, "accept failed");
-    }
-    tokio::time::sleep(ACCEPT_BACKOFF).await;
-}
-
-/// One limiter per log call site, usually a `static`.
+/// One limiter per log call site (a `static`, or a field of what logs).
 #[derive(Debug)]
 pub struct LogLimiter {
     every: Duration,

@@ -1,4 +1,7 @@
-//! Telemetry: the picker's Prometheus metrics, their HTTP endpoint, and logs.
+//! Telemetry: the picker's Prometheus registry and request-path metrics,
+//! their HTTP endpoint, and logs. A leaf: it knows nothing of discovery,
+//! scraping or scheduling; those subsystems export their own metrics through
+//! [`ComputedMetrics`].
 
 mod http;
 pub mod log_limit;
@@ -6,4 +9,7 @@ pub mod logging;
 mod metrics;
 
 pub use http::serve_metrics;
-pub use metrics::{BoundedLabels, MAX_MODEL_LABELS, Metrics, OVERFLOW_LABEL, TelemetryError};
+pub use metrics::{
+    BoundedLabels, Computed, ComputedMetrics, MAX_MODEL_LABELS, OVERFLOW_LABEL, RequestMetrics,
+    TelemetryError, register, register_build_info, render, size_buckets, sync_counter,
+};

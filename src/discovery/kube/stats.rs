@@ -1,5 +1,5 @@
-//! Health of the Kubernetes watches, as counters the telemetry module reads
-//! (the same pattern as `scrape::ScrapeStats`) and as transition logs.
+//! Health of the Kubernetes watches, as counters `discovery::DiscoveryMetrics`
+//! exports (the same pattern as `scrape::ScrapeStats`) and as transition logs.
 //!
 //! Each watched resource is in one of three states: not yet contacted,
 //! healthy, or failing. Errors are counted every time, but logged at `warn`
@@ -74,8 +74,8 @@ impl WatchedResource {
 const HEALTHY: u8 = 1;
 const FAILING: u8 = 2;
 
-/// Counters and gauges of Kubernetes discovery, read by the telemetry module
-/// at render time.
+/// Counters and gauges of Kubernetes discovery, exported by
+/// `discovery::DiscoveryMetrics` at render time.
 #[derive(Debug, Default)]
 pub struct DiscoveryStats {
     errors: [AtomicU64; 4],

@@ -22,10 +22,15 @@ use crate::{
     endpoints::{EndpointStore, MetricsSample, testing::store_with},
     prefix::PrefixIndex,
     scheduling::{SchedulerOptions, build_scheduler},
-    telemetry::Metrics,
+    telemetry::{RequestMetrics, render},
 };
 
-fn director_with(store: Arc<EndpointStore>, cfg: &str) -> Arc<Director> {
+/// A director whose request metrics are registered in `registry`.
+fn director_with(
+    store: Arc<EndpointStore>,
+    cfg: &str,
+    registry: &prometheus::Registry,
+) -> Arc<Director> {
     let cfg = EndpointPickerConfig::parse(cfg).unwrap();
     let scheduler = build_scheduler(
         &cfg,
@@ -42,7 +47,7 @@ fn director_with(store: Arc<EndpointStore>, cfg: &str) -> Arc<Director> {
         store,
         scheduler,
         &cfg,
-        Arc::new(Metrics::new("p").unwrap()),
+        Arc::new(RequestMetrics::new(registry).unwrap()),
     ))
 }
 
@@ -57,6 +62,7 @@ fn settings() -> StreamSettings {
 
 struct Harness {
     store: Arc<EndpointStore>,
+    registry: prometheus::Registry,
     stream: ExtProcStream,
 }
 
@@ -67,8 +73,14 @@ impl Harness {
 
     fn with_config(settings: StreamSettings, cfg: &str) -> Self {
         let store = Arc::new(store_with(&[8001, 8002], &[MetricsSample::default(); 2]));
-        let stream = ExtProcStream::new(director_with(Arc::clone(&store), cfg), Arc::new(settings));
-        Self { store, stream }
+        let registry = prometheus::Registry::new();
+        let director = director_with(Arc::clone(&store), cfg, &registry);
+        let stream = ExtProcStream::new(director, Arc::new(settings));
+        Self {
+            store,
+            registry,
+            stream,
+        }
     }
 
     fn send(&mut self, msg: ProcessingRequest) -> Vec<ProcessingResponse> {
@@ -426,7 +438,7 @@ fn sse_chunks_pass_through_immediately_and_release_at_the_end() {
     let out = h.send(msg(resp_body(last, true)));
     assert!(streamed(&out[0]).1);
     assert_eq!(h.in_flight(), 0);
-    let text = h.stream.director.metrics().render();
+    let text = render(&h.registry);
     assert!(text.contains("inference_objective_prompt_cached_tokens_sum{model_name=\"m\",target_model_name=\"m\"} 16"), "{text}");
 }
 
@@ -582,7 +594,11 @@ fn observability_mode_sends_nothing() {
 fn empty_pool_is_503() {
     let store = Arc::new(EndpointStore::new(Duration::from_secs(1)));
     let mut s = ExtProcStream::new(
-        director_with(store, crate::config::DEFAULT_CONFIG),
+        director_with(
+            store,
+            crate::config::DEFAULT_CONFIG,
+            &prometheus::Registry::new(),
+        ),
         Arc::new(settings()),
     );
     let mut out = Vec::new();
@@ -595,17 +611,6 @@ fn empty_pool_is_503() {
     )
     .unwrap();
     assert_eq!(immediate_status(&out[0]).0, 503);
-}
-
-#[test]
-fn rename_model_replaces_every_occurrence_and_skips_copies_otherwise() {
-    let p = rename_patterns("t", "c");
-    let (out, changed) = rename_model(br#"{"model":"t"} {"model": "t"}"#.to_vec(), &p);
-    assert!(changed);
-    assert_eq!(out, br#"{"model":"c"} {"model": "c"}"#.to_vec());
-    let (out, changed) = rename_model(b"nothing".to_vec(), &p);
-    assert!(!changed);
-    assert_eq!(out, b"nothing".to_vec());
 }
 
 #[test]
@@ -930,12 +935,4 @@ fn tolerated_repeats_get_no_answer_and_no_error() {
         h.send(msg(Request::RequestTrailers(HttpTrailers::default())))
             .is_empty()
     );
-}
-
-#[test]
-fn client_text_in_log_lines_is_clipped_on_a_char_boundary() {
-    assert_eq!(Clip("short").to_string(), "short");
-    let long = format!("{}é{}", "a".repeat(127), "b".repeat(5000));
-    let shown = Clip(&long).to_string();
-    assert_eq!(shown, format!("{}...(5129 bytes)", "a".repeat(127)));
 }

@@ -1,0 +1,172 @@
+//! One routed request, from "routed" to "finished".
+//!
+//! The director hands every routed request to the protocol layer as a
+//! [`RequestTicket`]. The ticket is the single owner of what the request
+//! holds and counts while it runs: the picked endpoint's in-flight and
+//! prefill-backlog accounting, the `inference_objective_running_requests`
+//! gauge, the model labels its metrics carry, and the rename that restores
+//! the client's model name in responses. The protocol layer reports what it
+//! sees (response headers, each response chunk, the end) and the ticket turns
+//! that into accounting and metrics.
+//!
+//! Invariant: whatever the ticket took is given back exactly once, when it
+//! is dropped, on every path: a finished response, an error, a client that
+//! went away, a stream ended for a protocol violation. Only [`finish`]
+//! records the response's metrics; a ticket dropped without it counts as
+//! running no longer, and nothing else.
+//!
+//! [`finish`]: RequestTicket::finish
+
+use std::{sync::Arc, time::Instant};
+
+use crate::{
+    endpoints::InFlightGuard,
+    request::{ResponseRename, SseUsageScanner, Usage, parse_json_usage},
+    telemetry::RequestMetrics,
+};
+
+/// Non-streaming response bodies kept for usage parsing, at most.
+const MAX_USAGE_BODY: usize = 4 << 20;
+
+#[derive(Debug)]
+pub struct RequestTicket {
+    metrics: Arc<RequestMetrics>,
+    guard: InFlightGuard,
+    model: String,
+    target_model: String,
+    rename: Option<ResponseRename>,
+    /// When the request's headers arrived: durations count from there.
+    arrived: Instant,
+    response: ResponseTally,
+}
+
+/// What the response showed so far.
+#[derive(Debug, Default)]
+struct ResponseTally {
+    status: u16,
+    sse: bool,
+    first_byte: bool,
+    bytes: u64,
+    scanner: SseUsageScanner,
+    json: Vec<u8>,
+    json_overflow: bool,
+}
+
+impl RequestTicket {
+    pub(super) fn new(
+        metrics: Arc<RequestMetrics>,
+        guard: InFlightGuard,
+        model: String,
+        target_model: String,
+        arrived: Instant,
+    ) -> Self {
+        metrics
+            .running_requests
+            .with_label_values(&[metrics.model_label(&model)])
+            .inc();
+        Self {
+            rename: ResponseRename::new(&target_model, &model),
+            metrics,
+            guard,
+            model,
+            target_model,
+            arrived,
+            response: ResponseTally::default(),
+        }
+    }
+
+    /// The endpoint the request was routed to, `ip:port`.
+    pub fn picked(&self) -> &str {
+        &self.guard.endpoint().host_port
+    }
+
+    /// Whether response bodies must pass through the picker to be correct
+    /// (the model name was rewritten and must be restored), as opposed to
+    /// only being counted.
+    pub fn rewrites_response(&self) -> bool {
+        self.rename.is_some()
+    }
+
+    /// The response headers arrived.
+    pub fn on_response_headers(&mut self, status: u16, event_stream: bool) {
+        self.response.status = status;
+        self.response.sse = event_stream;
+    }
+
+    /// Accounts one response body chunk and returns it as it must be
+    /// forwarded, with whether it changed. The first chunk is the first
+    /// byte: the prompt has been prefilled, so it stops counting against the
+    /// endpoint's prefill backlog.
+    pub fn on_response_chunk(&mut self, chunk: Vec<u8>) -> (Vec<u8>, bool) {
+        let r = &mut self.response;
+        if !r.first_byte {
+            r.first_byte = true;
+            self.guard.prefill_done();
+        }
+        r.bytes += chunk.len() as u64;
+        if r.sse {
+            r.scanner.feed(&chunk);
+        } else if !r.json_overflow {
+            if r.json.len() + chunk.len() <= MAX_USAGE_BODY {
+                r.json.extend_from_slice(&chunk);
+            } else {
+                r.json_overflow = true;
+                r.json = Vec::new();
+            }
+        }
+        match &self.rename {
+            Some(rename) => rename.apply(chunk),
+            None => (chunk, false),
+        }
+    }
+
+    /// The response ended: records its duration, size, status and token
+    /// usage, then releases the request.
+    pub fn finish(self) {
+        let m = &*self.metrics;
+        let labels = [
+            m.model_label(&self.model),
+            m.model_label(&self.target_model),
+        ];
+        let r = &self.response;
+        m.request_duration
+            .with_label_values(&labels)
+            .observe(self.arrived.elapsed().as_secs_f64());
+        m.response_sizes
+            .with_label_values(&labels)
+            .observe(r.bytes as f64);
+        if r.status >= 500 {
+            m.request_error_total
+                .with_label_values(&[labels[0], labels[1], "model_server_error"])
+                .inc();
+        }
+        let usage: Option<Usage> = if r.sse {
+            r.scanner.usage()
+        } else if !r.json.is_empty() {
+            parse_json_usage(&r.json)
+        } else {
+            None
+        };
+        if let Some(u) = usage {
+            m.input_tokens
+                .with_label_values(&labels)
+                .observe(u.prompt_tokens as f64);
+            m.output_tokens
+                .with_label_values(&labels)
+                .observe(u.completion_tokens as f64);
+            m.cached_tokens
+                .with_label_values(&labels)
+                .observe(u.cached_tokens as f64);
+        }
+    }
+}
+
+impl Drop for RequestTicket {
+    fn drop(&mut self) {
+        let m = &self.metrics;
+        m.running_requests
+            .with_label_values(&[m.model_label(&self.model)])
+            .dec();
+        // The in-flight guard releases the endpoint's accounting as it drops.
+    }
+}
