@@ -363,20 +363,23 @@ impl Director {
     }
 }
 
+/// A director over a given store, for tests here and in the protocol layer.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use std::time::Duration;
 
     use super::*;
     use crate::{
-        config::EndpointPickerConfig,
-        endpoints::{MetricsSample, testing::store_with},
         prefix::PrefixIndex,
         scheduling::{SchedulerOptions, build_scheduler},
     };
 
-    fn director(cfg: &str) -> Director {
-        let store = Arc::new(store_with(&[1, 2], &[MetricsSample::default(); 2]));
+    /// `cfg` is config-file text; the request metrics register in `registry`.
+    pub(crate) fn director(
+        store: Arc<EndpointStore>,
+        cfg: &str,
+        registry: &prometheus::Registry,
+    ) -> Director {
         let cfg = EndpointPickerConfig::parse(cfg).unwrap();
         let scheduler = build_scheduler(
             &cfg,
@@ -393,8 +396,19 @@ mod tests {
             store,
             scheduler,
             &cfg,
-            Arc::new(RequestMetrics::standalone().unwrap()),
+            Arc::new(RequestMetrics::new(registry).unwrap()),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoints::{MetricsSample, testing::store_with};
+
+    fn director(cfg: &str) -> Director {
+        let store = Arc::new(store_with(&[1, 2], &[MetricsSample::default(); 2]));
+        testing::director(store, cfg, &prometheus::Registry::new())
     }
 
     fn input<'a>(path: &'a str, body: &'a [u8]) -> RouteInput<'a> {

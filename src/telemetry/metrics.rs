@@ -10,8 +10,8 @@
 //! Everything else is exported by the subsystem that owns the state, as a
 //! [`Computed`] collector registered when the server is wired: pool gauges
 //! (`endpoints`), scrape counters (`scrape`), the prefix index size
-//! (`prefix`), discovery and leadership (`discovery`). So this module, and
-//! the request path that uses it, depends on none of them.
+//! (`prefix`), the endpoint sources and leadership. So this module, and the
+//! request path that uses it, depends on none of those subsystems.
 //!
 //! Label values that come from clients (model names) are bounded: after
 //! [`MAX_MODEL_LABELS`] distinct names, further ones are reported as
@@ -127,8 +127,8 @@ pub fn register_build_info(registry: &Registry) -> Result<(), TelemetryError> {
 }
 
 /// Metrics whose values live elsewhere (atomics of the scraper, the
-/// endpoint store, discovery) and are copied into Prometheus types only when
-/// /metrics is rendered.
+/// endpoint store, the Kubernetes watches) and are copied into Prometheus
+/// types only when /metrics is rendered.
 pub trait ComputedMetrics: Send + Sync + 'static {
     /// The Prometheus metrics, each already holding its values' shape.
     fn metrics(&self) -> Vec<&dyn Collector>;

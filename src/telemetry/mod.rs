@@ -1,7 +1,7 @@
 //! Telemetry: the picker's Prometheus registry and request-path metrics,
-//! their HTTP endpoint, and logs. A leaf: it knows nothing of discovery,
-//! scraping or scheduling; those subsystems export their own metrics through
-//! [`ComputedMetrics`].
+//! their HTTP endpoint, and logs. A leaf: it knows nothing of the subsystems
+//! that find endpoints, scrape them or schedule requests; they export their
+//! own metrics through [`ComputedMetrics`].
 
 mod http;
 pub mod log_limit;

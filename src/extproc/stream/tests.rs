@@ -18,11 +18,9 @@ use crate::extproc::envoy::{
     gateway_message as msg,
 };
 use crate::{
-    config::EndpointPickerConfig,
+    director::testing,
     endpoints::{EndpointStore, MetricsSample, testing::store_with},
-    prefix::PrefixIndex,
-    scheduling::{SchedulerOptions, build_scheduler},
-    telemetry::{RequestMetrics, render},
+    telemetry::render,
 };
 
 /// A director whose request metrics are registered in `registry`.
@@ -31,24 +29,7 @@ fn director_with(
     cfg: &str,
     registry: &prometheus::Registry,
 ) -> Arc<Director> {
-    let cfg = EndpointPickerConfig::parse(cfg).unwrap();
-    let scheduler = build_scheduler(
-        &cfg,
-        &SchedulerOptions {
-            fallback_endpoints: 1,
-            max_scrape_failures: 3,
-            staleness: Duration::from_secs(2),
-            epoch: store.epoch(),
-        },
-        Arc::new(PrefixIndex::new()),
-    )
-    .unwrap();
-    Arc::new(Director::new(
-        store,
-        scheduler,
-        &cfg,
-        Arc::new(RequestMetrics::new(registry).unwrap()),
-    ))
+    Arc::new(testing::director(store, cfg, registry))
 }
 
 fn settings() -> StreamSettings {
