@@ -255,6 +255,33 @@ fn startup_errors_are_clear() {
         err.contains("no-such-scorer") && err.contains("known types"),
         "{err}"
     );
+    // Each cause once: the step that failed, then the reason.
+    assert_eq!(err.matches("known types").count(), 1, "{err}");
+    assert!(err.contains("scheduler config"), "{err}");
+
+    // A cause with a cause of its own: every level, once each.
+    let out = Command::new(env!("CARGO_BIN_EXE_epp"))
+        .args(["--secure-serving", "--cert-path"])
+        .arg(dir.path().join("missing"))
+        .args([
+            "--endpoints-file",
+            "/dev/null",
+            "--grpc-port",
+            "0",
+            "--grpc-health-port",
+            "0",
+            "--metrics-port",
+            "0",
+        ])
+        .env("RUST_BACKTRACE", "0")
+        .env("RUST_LIB_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for cause in ["TLS", "cannot read", "No such file or directory"] {
+        assert_eq!(err.matches(cause).count(), 1, "{cause:?} once in\n{err}");
+    }
 
     let out = Command::new(env!("CARGO_BIN_EXE_epp"))
         .args([
