@@ -5,6 +5,10 @@
 //! which criterion's mean does not show. `cargo bench --bench picker --
 //! decision` runs only what matches "decision".
 
+// Test code: a failed unwrap is a failed test (clippy.toml allows it in
+// #[test] functions; this extends it to the helpers).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::hint::black_box;
 
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};

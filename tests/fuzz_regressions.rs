@@ -3,6 +3,10 @@
 //! after the target and the artifact's hash); each also has a minimal
 //! hand-reduced form here. See docs/reliability.md, "Fuzzing".
 
+// Test code: a failed unwrap is a failed test (clippy.toml allows it in
+// #[test] functions; this extends it to the helpers).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 // Shared with the e2e binary, whose re-exports this one does not all use.
 #[allow(unused_imports)]
 #[path = "common/mod.rs"]

@@ -253,7 +253,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for TextOrRaw<'a> {
         struct V;
         impl<'de> Visitor<'de> for V {
             type Value = TextOrRaw<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a string or an array")
             }
             fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
@@ -307,7 +307,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Messages<'a> {
         struct V;
         impl<'de> Visitor<'de> for V {
             type Value = Messages<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("an array of messages")
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
@@ -327,7 +327,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Message<'a> {
         struct V;
         impl<'de> Visitor<'de> for V {
             type Value = Message<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a message object with a string `role`")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
@@ -369,7 +369,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for BorrowedStr<'a> {
         struct V;
         impl<'de> Visitor<'de> for V {
             type Value = BorrowedStr<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a string")
             }
             fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
@@ -396,7 +396,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Content<'a> {
         struct V;
         impl<'de> Visitor<'de> for V {
             type Value = Content<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a string, null or an array of content parts")
             }
             fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {

@@ -479,10 +479,10 @@ mod tests {
 
     /// A metrics server that answers each request with `answer(target)`
     /// and records every request target, in order.
-    async fn serve_by_target(answer: Answer) -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    async fn serve_by_target(answer: Answer) -> (SocketAddr, Arc<parking_lot::Mutex<Vec<String>>>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let targets = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let targets = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let seen = Arc::clone(&targets);
         tokio::spawn(async move {
             while let Ok((mut sock, _)) = listener.accept().await {
@@ -502,7 +502,7 @@ mod tests {
                         req.drain(..end + 4);
                         let target = head.split(' ').nth(1).unwrap_or("").to_owned();
                         let (status, page) = answer(&target);
-                        seen.lock().unwrap().push(target);
+                        seen.lock().push(target);
                         let resp = format!(
                             "HTTP/1.1 {status} X\r\ncontent-length: {}\r\n\r\n{page}",
                             page.len()
@@ -601,7 +601,7 @@ mod tests {
         .await;
         assert_eq!(scrape_n(addr, true, 4).await, expected_full());
         let want = format!("/metrics?{}", vllm_filter());
-        assert_eq!(*targets.lock().unwrap(), vec![want; 4]);
+        assert_eq!(*targets.lock(), vec![want; 4]);
     }
 
     #[tokio::test]
@@ -636,7 +636,7 @@ mod tests {
         for (case, answer) in servers {
             let (addr, targets) = serve_by_target(answer).await;
             assert_eq!(scrape_n(addr, true, 3).await, expected_full(), "{case}");
-            let t = targets.lock().unwrap().clone();
+            let t = targets.lock().clone();
             assert_eq!(
                 t.len(),
                 4,
@@ -661,7 +661,7 @@ mod tests {
             let err = s.scrape(Duration::from_secs(5), "e").await;
             assert!(matches!(err, Err(ScrapeError::Status(500))), "{err:?}");
         }
-        let t = targets.lock().unwrap().clone();
+        let t = targets.lock().clone();
         assert_eq!(t.len(), 3, "{t:?}");
         assert!(t.iter().all(|t| t.contains("name%5B%5D=")), "{t:?}");
         assert_eq!(s.filter, Filter::Unverified);
@@ -677,7 +677,7 @@ mod tests {
         .await;
         let s = scrape_n(addr, true, 4).await;
         assert_eq!((s.waiting, s.kv_usage, s.block_size), (1, 0.25, 0));
-        let t = targets.lock().unwrap().clone();
+        let t = targets.lock().clone();
         assert_eq!(t.len(), 5, "{t:?}");
         assert_eq!(t[1], "/metrics", "the one check against the full page");
         assert!(
@@ -692,7 +692,7 @@ mod tests {
     async fn with_the_filter_off_the_plain_path_is_scraped() {
         let (addr, targets) = serve_by_target(|_| (200, FULL_PAGE.to_owned())).await;
         assert_eq!(scrape_n(addr, false, 3).await, expected_full());
-        assert_eq!(*targets.lock().unwrap(), vec!["/metrics"; 3]);
+        assert_eq!(*targets.lock(), vec!["/metrics"; 3]);
     }
 
     #[tokio::test]

@@ -2,6 +2,10 @@
 //! by scripts/setup-tools.sh) in front of the real `epp` binary and fake
 //! model servers, all on 127.0.0.1.
 
+// Test code: a failed unwrap is a failed test (clippy.toml allows it in
+// #[test] functions; this extends it to the helpers).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "../common/mod.rs"]
 mod common;
 

@@ -9,6 +9,10 @@
 //! Every wait is bounded (in virtual time, which a stuck test burns through
 //! at once), so a failing test fails within seconds.
 
+// Test code: a failed unwrap is a failed test (clippy.toml allows it in
+// #[test] functions; this extends it to the helpers).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod discovery;
 mod fake;
 mod faults;
