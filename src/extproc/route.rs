@@ -6,15 +6,14 @@
 //! one HTTP request, so both buffers are created afresh for each: a 16 KiB
 //! request body grew the inbound buffer (a `realloc` copying what had arrived
 //! so far), and echoing that body back in FULL_DUPLEX_STREAMED mode grew the
-//! outbound one again. Starting both at 32 KiB took the `realloc` copies
-//! from 4.8% to 2.8% of the picker's profile with 16 KiB bodies
-//! (bench/results/perf.md, section 4a).
+//! outbound one again. Starting both at 32 KiB avoids most of those
+//! `realloc` copies (measured in bench/results/perf.md).
 //!
 //! The inbound buffer is twice that ([`INBOUND_BUFFER`]) because tonic
 //! reserves a message's announced length on top of what the buffer already
 //! holds: with a 16 KiB body, the first 16 KiB HTTP/2 frame is buffered when
-//! the length is read, so a 32 KiB buffer still grew once per request (the
-//! remaining 2.8%). A larger body still grows it once, to what it needs.
+//! the length is read, so a 32 KiB buffer still grew once per request. A
+//! larger body still grows it once, to what it needs.
 //!
 //! Invariants kept from the generated route: any other path answers gRPC
 //! `UNIMPLEMENTED`; the message size limit applies both ways; no

@@ -7,9 +7,9 @@
 //!   (no connection task, reused buffers), reconnected on error, so
 //!   steady-state scraping allocates nothing;
 //! - the request asks for only the metric names the endpoint's mapping reads
-//!   (`?name[]=...`, see [`name_filter_query`]): a vLLM page shrinks from
-//!   ~50 KB to ~1.5 KB, which is less to copy through the kernel, to parse,
-//!   and for the model server to render;
+//!   (`?name[]=...`, see [`name_filter_query`]): a vLLM page shrinks to a
+//!   small fraction of its size, which is less to copy through the kernel,
+//!   to parse, and for the model server to render;
 //! - every endpoint's ticks are aligned on the same instants (multiples of
 //!   the interval from the store's epoch): the runtime wakes once per round
 //!   and handles the whole burst, instead of waking for each endpoint at a
