@@ -156,8 +156,17 @@ impl Scorer for LoadAwareScorer {
 ///      + uncached x uncached_weight    this prompt minus the blocks it caches
 ///      + decode  x in_flight           the running batch slows every step
 ///      + foreign x untracked           requests the scrape sees that we did not route
-///      + uncached x kv_pressure        KV cache nearly full: evictions, preemption
+///      + (uncached + kv_request) x kv_pressure
+///                                      KV cache nearly full: evictions, preemption
 /// ```
+///
+/// `kv_pressure` rises from 0 at `kv_high_watermark` to 1 when the cache is
+/// full. Every request pays it, not only long prompts: a short prompt with a
+/// long completion needs cache blocks too, and an endpoint out of blocks
+/// preempts running requests (recomputing them later) or evicts cached
+/// prefixes. `kv_request` is what one more request is assumed to cost there,
+/// in prompt tokens. Below the watermark the term is zero, so prefix
+/// affinity is untouched by moderate cache usage.
 ///
 /// and scores `1 - (cost - min) / (max - min)`, so alone with the max-score
 /// picker it routes to the cheapest endpoint. A cached endpoint wins while the
@@ -189,6 +198,10 @@ pub struct PrefillCostScorer {
     /// KV-cache usage above which the pressure term starts.
     #[serde(default = "default_kv_high")]
     pub kv_high_watermark: f64,
+    /// Token-equivalent cost of one more request on an endpoint whose KV
+    /// cache is full (scaled down linearly to zero at the watermark).
+    #[serde(default = "default_kv_request_tokens")]
+    pub kv_request_tokens: f64,
 }
 
 fn default_uncached_weight() -> f64 {
@@ -207,6 +220,10 @@ fn default_kv_high() -> f64 {
     0.9
 }
 
+fn default_kv_request_tokens() -> f64 {
+    2048.0
+}
+
 impl Default for PrefillCostScorer {
     fn default() -> Self {
         Self {
@@ -215,6 +232,7 @@ impl Default for PrefillCostScorer {
             decode_tokens_per_request: default_decode_tokens(),
             foreign_tokens_per_request: default_foreign_tokens(),
             kv_high_watermark: default_kv_high(),
+            kv_request_tokens: default_kv_request_tokens(),
         }
     }
 }
@@ -229,6 +247,8 @@ impl fmt::Debug for PrefillCostScorer {
                 "foreign_tokens_per_request",
                 &self.foreign_tokens_per_request,
             )
+            .field("kv_high_watermark", &self.kv_high_watermark)
+            .field("kv_request_tokens", &self.kv_request_tokens)
             .finish()
     }
 }
@@ -255,7 +275,7 @@ impl PrefillCostScorer {
             + self.uncached_weight * uncached
             + self.decode_tokens_per_request * f64::from(c.in_flight)
             + self.foreign_tokens_per_request * untracked
-            + uncached * pressure
+            + (uncached + self.kv_request_tokens) * pressure
     }
 }
 

@@ -152,6 +152,58 @@ fn prefill_cost_spills_a_hot_prefix_when_its_endpoint_is_busy() {
     assert!(!Arc::ptr_eq(&d.endpoints[0], &hot));
 }
 
+fn kv(usage: f64) -> MetricsSample {
+    MetricsSample {
+        kv_usage: usage,
+        ..idle()
+    }
+}
+
+/// Short prompts have nothing uncached worth counting, yet an endpoint about
+/// to run out of KV cache must still be avoided: the request needs blocks
+/// for its completion, and a full cache preempts running requests.
+#[test]
+fn prefill_cost_steers_even_short_prompts_away_from_a_full_kv_cache() {
+    let store = store_with(&[1, 2, 3], &[kv(0.95), kv(0.95), kv(0.05)]);
+    let s = scheduler(crate::config::DEFAULT_CONFIG, 0, &store);
+    let free = Arc::clone(&store.snapshot().endpoints()[2]);
+    // Concurrent, so the free endpoint's own in-flight count grows.
+    let mut held = Vec::new();
+    for i in 0..20 {
+        let mut p = Prompt::default();
+        p.push(format!("k{i}"));
+        let d = s
+            .schedule(&facts(&p), &store.snapshot(), Purpose::Route)
+            .unwrap();
+        assert!(Arc::ptr_eq(&d.endpoints[0], &free), "request {i}");
+        held.push(d.endpoints[0].begin_request(d.prefill_tokens));
+    }
+}
+
+/// Moderate cache usage is no reason to leave a cached prefix.
+#[test]
+fn prefill_cost_keeps_prefix_affinity_under_moderate_kv_usage() {
+    let store = store_with(&[1, 2, 3], &[idle(), idle(), idle()]);
+    let s = scheduler(crate::config::DEFAULT_CONFIG, 0, &store);
+    let p = prompt(LONG);
+    let hot = Arc::clone(
+        &s.schedule(&facts(&p), &store.snapshot(), Purpose::Route)
+            .unwrap()
+            .endpoints[0],
+    );
+    let now = std::time::Instant::now();
+    for e in store.snapshot().endpoints() {
+        let usage = if Arc::ptr_eq(e, &hot) { 0.7 } else { 0.05 };
+        e.record_scrape(&kv(usage), now, store.epoch());
+    }
+    for _ in 0..10 {
+        let d = s
+            .schedule(&facts(&p), &store.snapshot(), Purpose::Route)
+            .unwrap();
+        assert!(Arc::ptr_eq(&d.endpoints[0], &hot));
+    }
+}
+
 /// A conversation's next turn, sent right after the previous one finished,
 /// must not count that finished request (which the last scrape still shows
 /// running) as someone else's load and leave its cache for it; a request the

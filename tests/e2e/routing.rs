@@ -87,6 +87,67 @@ async fn prefers_the_endpoint_with_more_free_kv_cache() {
     assert_eq!(counts.get("b1"), Some(&10), "{counts:?}");
 }
 
+/// The default config, as a new user runs it: two endpoints about to run
+/// out of KV cache and one nearly empty, idle queues, a burst of short
+/// completions. Nearly all must go to the free endpoint, although the
+/// prompts are too short to have anything to cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_cache_pressure_steers_short_requests_with_the_default_config() {
+    let stack = Stack::start(3, &[]).await;
+    stack.backend("b0").set_load(0, 0.95);
+    stack.backend("b1").set_load(0, 0.95);
+    stack.backend("b2").set_load(0, 0.05);
+    wait_for_mean_kv(&stack, 0.65).await;
+    let replies = futures_util::future::join_all((0..20).map(|i| {
+        let stack = &stack;
+        async move { stack.completion(&format!("k{i}")).await }
+    }))
+    .await;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for r in &replies {
+        assert_eq!(r.status, 200, "{}", r.text());
+        *counts.entry(r.backend().to_owned()).or_default() += 1;
+    }
+    let free = counts.get("b2").copied().unwrap_or(0);
+    assert!(free >= 18, "at least 90% to the free endpoint: {counts:?}");
+}
+
+/// The counterpart: moderate KV usage on the endpoint that holds a prompt's
+/// prefix does not push the prompt's next requests elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_affinity_holds_under_moderate_kv_usage_with_the_default_config() {
+    let stack = Stack::start(3, &[]).await;
+    let system = "You are a meticulous assistant who cites sources. ".repeat(40);
+    let first = stack.completion(&format!("{system} question 0")).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let owner = first.backend().to_owned();
+    for b in &stack.backends {
+        b.set_load(0, if b.name == owner { 0.7 } else { 0.05 });
+    }
+    wait_for_mean_kv(&stack, 0.8 / 3.0).await;
+    let counts = spread(&stack, 10, |i| format!("{system} question {}", i + 1)).await;
+    assert_eq!(counts.get(&owner), Some(&10), "{counts:?}");
+}
+
+/// Waits until the picker's scrapes show the pool's mean KV usage at `mean`.
+async fn wait_for_mean_kv(stack: &Stack, mean: f64) {
+    let addr = stack.epp.metrics;
+    let prefix = "inference_pool_average_kv_cache_utilization{name=\"default\"} ";
+    eventually(
+        &format!("mean KV usage {mean}"),
+        Duration::from_secs(10),
+        || async move {
+            http::get(addr, "/metrics").await.is_ok_and(|r| {
+                r.text()
+                    .lines()
+                    .filter_map(|l| l.strip_prefix(prefix))
+                    .any(|v| v.parse::<f64>().is_ok_and(|v| (v - mean).abs() < 1e-9))
+            })
+        },
+    )
+    .await;
+}
+
 async fn wait_for_metric(stack: &Stack, line: &str) {
     let addr = stack.epp.metrics;
     eventually(line, Duration::from_secs(10), || async move {
