@@ -104,6 +104,19 @@ fn parse_skeleton(
     match api {
         ApiKind::Completions => {
             let p = raw.prompt.ok_or(ParseError::MissingField("prompt"))?;
+            if let TextOrRaw::Seq {
+                token_like: false, ..
+            } = p
+            {
+                // Objects, booleans or nulls: no model server accepts them
+                // as a prompt, so refuse here rather than route a request
+                // that can only fail (the Responses API's `input`, where
+                // objects are valid, shares the type but not this check).
+                return Err(ParseError::InvalidField {
+                    field: "prompt",
+                    expected: "must be a string, an array of strings, or token ids",
+                });
+            }
             if !p.append_to(&mut prompt, &mut map)? {
                 return Err(ParseError::InvalidField {
                     field: "prompt",
@@ -218,7 +231,27 @@ struct StreamOptions {
 /// elements (token ids, objects) count as their JSON text.
 enum TextOrRaw<'a> {
     Text(Cow<'a, str>),
-    Seq(Vec<Cow<'a, str>>),
+    Seq {
+        items: Vec<Cow<'a, str>>,
+        /// Every element is a string, a number or an array of numbers (a
+        /// completions prompt: text, token ids, or lists of token ids).
+        token_like: bool,
+    },
+}
+
+/// A string, a number, or an array holding only numbers (and arrays of them).
+fn is_token_like(raw: &RawValue) -> bool {
+    let v = raw.get().as_bytes();
+    match v.first() {
+        Some(b'"' | b'-' | b'0'..=b'9') => true,
+        Some(b'[') => v.iter().all(|b| {
+            matches!(
+                b,
+                b'0'..=b'9' | b'-' | b',' | b'[' | b']' | b' ' | b'\t' | b'\r' | b'\n'
+            )
+        }),
+        _ => false,
+    }
 }
 
 impl TextOrRaw<'_> {
@@ -236,7 +269,7 @@ impl TextOrRaw<'_> {
                 prompt.push(t);
                 Ok(some)
             }
-            Self::Seq(items) => {
+            Self::Seq { items, .. } => {
                 let some = !items.is_empty();
                 for item in items {
                     prompt.push(map.text(item)?);
@@ -267,10 +300,12 @@ impl<'de: 'a, 'a> Deserialize<'de> for TextOrRaw<'a> {
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
                 let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(1));
+                let mut token_like = true;
                 while let Some(raw) = seq.next_element::<&'de RawValue>()? {
+                    token_like &= is_token_like(raw);
                     items.push(json_str(raw).unwrap_or(Cow::Borrowed(raw.get())));
                 }
-                Ok(TextOrRaw::Seq(items))
+                Ok(TextOrRaw::Seq { items, token_like })
             }
         }
         d.deserialize_any(V)
@@ -487,6 +522,37 @@ mod tests {
         assert_eq!(text(&r.prompt), "a\nb\n");
         let r = parse(br#"{"model":"m","prompt":[1,2,3]}"#, ApiKind::Completions).unwrap();
         assert_eq!(text(&r.prompt), "1\n2\n3\n");
+        let r = parse(
+            br#"{"model":"m","prompt":[[1, 2],[-3]]}"#,
+            ApiKind::Completions,
+        )
+        .unwrap();
+        assert_eq!(text(&r.prompt), "[1, 2]\n[-3]\n");
+        // A string that looks like an object is text.
+        parse(br#"{"model":"m","prompt":["{}"]}"#, ApiKind::Completions).unwrap();
+    }
+
+    #[test]
+    fn completions_prompt_arrays_refuse_objects_and_other_values() {
+        for prompt in [
+            r#"["text", {}]"#,
+            r#"[{"text":"a"}]"#,
+            "[true]",
+            "[null]",
+            r#"[[1, {"a":1}]]"#,
+            r#"[["a"]]"#,
+        ] {
+            let body = format!(r#"{{"model":"m","prompt":{prompt}}}"#);
+            let e = parse(body.as_bytes(), ApiKind::Completions).unwrap_err();
+            assert_eq!(e.code(), "invalid_prompt", "{prompt}");
+        }
+        // The Responses API's input may hold objects.
+        let r = parse(
+            br#"{"model":"m","input":["text", {"role":"user","content":"hi"}]}"#,
+            ApiKind::Responses,
+        )
+        .unwrap();
+        assert!(text(&r.prompt).contains("hi"));
     }
 
     #[test]

@@ -224,6 +224,12 @@ async fn malformed_bodies_get_openai_style_400s_in_both_body_modes() {
             "invalid_request",
         ),
         (
+            "a completions prompt array holding an object",
+            "/v1/completions",
+            br#"{"model":"m","prompt":["text", {}]}"#.to_vec(),
+            "invalid_prompt",
+        ),
+        (
             "messages as an object",
             "/v1/chat/completions",
             br#"{"model":"m","messages":{"role":"user","content":"hi"}}"#.to_vec(),
