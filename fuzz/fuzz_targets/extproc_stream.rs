@@ -162,6 +162,7 @@ schedulingProfiles:
 modelRewrites:
 - model: "*"
   targets: [{model: rewritten, weight: 1}]
+trustedHeaders: [x-gateway-model-name-rewrite, test-epp-endpoint-selection]
 "#;
 
 struct World {

@@ -10,6 +10,7 @@ use super::pb::{
     ListEndpointsRequest, ListEndpointsResponse, admin_server::Admin,
 };
 use crate::{
+    config::{MODEL_REWRITE_HEADER, TEST_SELECTION_HEADER},
     director::{Director, RouteInput},
     endpoints::ENGINE_LABEL,
 };
@@ -86,8 +87,8 @@ impl Admin for AdminService {
             path,
             body: (!req.body.is_empty()).then_some(req.body.as_slice()),
             objective: header("x-gateway-inference-objective"),
-            model_rewrite: header("x-gateway-model-name-rewrite"),
-            test_selection: header("test-epp-endpoint-selection"),
+            model_rewrite: header(MODEL_REWRITE_HEADER),
+            test_selection: header(TEST_SELECTION_HEADER),
             subset: (!req.subset.is_empty()).then_some(req.subset.as_slice()),
             ..RouteInput::default()
         };

@@ -6,6 +6,6 @@ mod picker_config;
 pub use flags::{Flags, LogFormat, ResponseProcessing, parse_bytes, parse_duration};
 pub use picker_config::{
     ACCEPTED_API_VERSIONS, ConfigError, DEFAULT_CONFIG, EndpointPickerConfig, GIE_DEFAULT_CONFIG,
-    ModelRewriteSpec, ObjectiveSpec, PluginRef, PluginSpec, ProfilePluginRef, ProfileSpec,
-    RewriteTarget,
+    MODEL_REWRITE_HEADER, ModelRewriteSpec, ObjectiveSpec, PluginRef, PluginSpec, ProfilePluginRef,
+    ProfileSpec, RewriteTarget, TEST_SELECTION_HEADER, TRUSTABLE_HEADERS,
 };

@@ -5,14 +5,26 @@
 //! entries into filters, scorers and pickers is the scheduler's business
 //! (`scheduling::registry`), and data-layer plugins are read by the scraper.
 //!
-//! Two additions of ours, both optional top-level lists that GIE configs do
+//! Three additions of ours, optional top-level lists that GIE configs do
 //! not contain: `objectives` (priority per `x-gateway-inference-objective`
-//! name, the file-based stand-in for InferenceObjective objects) and
-//! `modelRewrites` (rewrite the requested model, like InferenceModelRewrite).
+//! name, the file-based stand-in for InferenceObjective objects),
+//! `modelRewrites` (rewrite the requested model, like InferenceModelRewrite)
+//! and `trustedHeaders` (request headers a client may use to change routing;
+//! none by default, see [`TRUSTABLE_HEADERS`]).
 
 use std::path::Path;
 
 use serde::Deserialize;
+
+/// Request headers that change routing when the config trusts them:
+/// `x-gateway-model-name-rewrite` overrides the model (and the configured
+/// rewrites), `test-epp-endpoint-selection` names the endpoint outright
+/// (GIE's conformance tests, with `header-based-testing-filter`). Whoever can
+/// send a request can set them, so honouring them is a deployment's choice,
+/// never a default.
+pub const TRUSTABLE_HEADERS: &[&str] = &[MODEL_REWRITE_HEADER, TEST_SELECTION_HEADER];
+pub const MODEL_REWRITE_HEADER: &str = "x-gateway-model-name-rewrite";
+pub const TEST_SELECTION_HEADER: &str = "test-epp-endpoint-selection";
 
 /// API groups accepted in `apiVersion` (GIE's, and llm-d's newer one).
 pub const ACCEPTED_API_VERSIONS: &[&str] = &[
@@ -61,6 +73,9 @@ pub struct EndpointPickerConfig {
     pub objectives: Vec<ObjectiveSpec>,
     #[serde(default)]
     pub model_rewrites: Vec<ModelRewriteSpec>,
+    /// Names from [`TRUSTABLE_HEADERS`].
+    #[serde(default)]
+    pub trusted_headers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -176,6 +191,27 @@ impl EndpointPickerConfig {
                 )));
             }
         }
+        for h in &cfg.trusted_headers {
+            if !TRUSTABLE_HEADERS.iter().any(|t| t.eq_ignore_ascii_case(h)) {
+                return Err(ConfigError::Invalid(format!(
+                    "trustedHeaders: {h:?} is not a header the picker can trust (known: {})",
+                    TRUSTABLE_HEADERS.join(", ")
+                )));
+            }
+        }
+        if cfg
+            .plugins
+            .iter()
+            .any(|p| p.plugin_type == "header-based-testing-filter")
+            && !cfg.trusts(TEST_SELECTION_HEADER)
+        {
+            // Without the header the filter keeps no endpoint: every
+            // request would fail. Say why at startup instead.
+            return Err(ConfigError::Invalid(format!(
+                "header-based-testing-filter routes by the client's {TEST_SELECTION_HEADER} header; \
+                 add `trustedHeaders: [{TEST_SELECTION_HEADER}]` to allow it (for conformance tests only)"
+            )));
+        }
         for o in &cfg.model_rewrites {
             if o.targets.is_empty() {
                 return Err(ConfigError::Invalid(format!(
@@ -194,6 +230,13 @@ impl EndpointPickerConfig {
             }
         }
         Ok(cfg)
+    }
+
+    /// Whether requests may set `header` (one of [`TRUSTABLE_HEADERS`]).
+    pub fn trusts(&self, header: &str) -> bool {
+        self.trusted_headers
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(header))
     }
 
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -227,6 +270,22 @@ impl EndpointPickerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trusted_headers_are_none_by_default_and_checked() {
+        let cfg = EndpointPickerConfig::builtin().unwrap();
+        assert!(TRUSTABLE_HEADERS.iter().all(|h| !cfg.trusts(h)));
+        let cfg =
+            EndpointPickerConfig::parse("trustedHeaders: [X-Gateway-Model-Name-Rewrite]").unwrap();
+        assert!(cfg.trusts(MODEL_REWRITE_HEADER));
+        assert!(!cfg.trusts(TEST_SELECTION_HEADER));
+        let e = EndpointPickerConfig::parse("trustedHeaders: [x-gateway-destination-endpoint]")
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("not a header the picker can trust"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn builtin_configs_parse() {

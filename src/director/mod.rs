@@ -25,7 +25,7 @@ use tracing::Level;
 pub use ticket::RequestTicket;
 
 use crate::{
-    config::{EndpointPickerConfig, ModelRewriteSpec},
+    config::{EndpointPickerConfig, MODEL_REWRITE_HEADER, ModelRewriteSpec, TEST_SELECTION_HEADER},
     endpoints::EndpointStore,
     request::{self, ApiKind, ParseError},
     scheduling::{BYTES_PER_TOKEN, Decision, Purpose, RequestFacts, ScheduleError, Scheduler},
@@ -40,9 +40,11 @@ pub struct RouteInput<'a> {
     pub body: Option<&'a [u8]>,
     /// `x-gateway-inference-objective`
     pub objective: Option<&'a str>,
-    /// `x-gateway-model-name-rewrite`
+    /// `x-gateway-model-name-rewrite`, as the client sent it (honoured only
+    /// when the config trusts it).
     pub model_rewrite: Option<&'a str>,
-    /// `test-epp-endpoint-selection`
+    /// `test-epp-endpoint-selection`, as the client sent it (honoured only
+    /// when the config trusts it).
     pub test_selection: Option<&'a str>,
     /// The gateway's subset hint.
     pub subset: Option<&'a [String]>,
@@ -166,6 +168,9 @@ pub struct Director {
     objectives: ArcSwap<HashMap<String, i32>>,
     static_objectives: HashMap<String, i32>,
     rewrites: Rewrites,
+    /// Whether the client's routing headers are honoured (`trustedHeaders`).
+    trust_model_rewrite: bool,
+    trust_test_selection: bool,
     metrics: Arc<RequestMetrics>,
 }
 
@@ -195,6 +200,8 @@ impl Director {
             objectives: ArcSwap::from_pointee(static_objectives.clone()),
             static_objectives,
             rewrites: Rewrites::new(&cfg.model_rewrites),
+            trust_model_rewrite: cfg.trusts(MODEL_REWRITE_HEADER),
+            trust_test_selection: cfg.trusts(TEST_SELECTION_HEADER),
             metrics,
         }
     }
@@ -205,6 +212,13 @@ impl Director {
 
     pub fn scheduler(&self) -> &Scheduler {
         &self.scheduler
+    }
+
+    /// Whether a request's `x-gateway-model-name-rewrite` is honoured: the
+    /// protocol layer then asks for response bodies up front, since the
+    /// rewritten name must be restored in them.
+    pub fn trusts_model_rewrite_header(&self) -> bool {
+        self.trust_model_rewrite
     }
 
     /// Priority of an objective; 0 when unknown (GIE's default).
@@ -338,7 +352,7 @@ impl Director {
         let req = request::parse(body, api)?;
         let target: &str = input
             .model_rewrite
-            .filter(|m| !m.is_empty())
+            .filter(|m| self.trust_model_rewrite && !m.is_empty())
             .or_else(|| self.rewrites.target(&req.model))
             .unwrap_or(&req.model);
         let facts = RequestFacts {
@@ -347,7 +361,7 @@ impl Director {
             cache_salt: req.cache_salt.as_deref(),
             priority: input.objective.map_or(0, |o| self.objective_priority(o)),
             subset: input.subset,
-            test_selection: input.test_selection,
+            test_selection: input.test_selection.filter(|_| self.trust_test_selection),
         };
         let decision = self.scheduler.schedule(&facts, &snapshot, purpose)?;
         let new_body = match (&req.model_span, target != req.model) {
@@ -459,23 +473,52 @@ mod tests {
     }
 
     #[test]
-    fn header_rewrite_wins_over_config_rule() {
-        let d = director("modelRewrites:\n- model: m\n  targets:\n  - model: from-config\n");
+    fn a_trusted_header_rewrite_wins_over_the_config_rule() {
+        let rule = "modelRewrites:\n- model: m\n  targets:\n  - model: from-config\n";
+        let trusting = format!("{rule}trustedHeaders: [x-gateway-model-name-rewrite]\n");
         let body = br#"{"model":"m","prompt":"hi"}"#;
-        let r = d.route(&input("/v1/completions", body)).unwrap();
-        assert!(r.ticket.rewrites_response());
-        assert_eq!(
-            r.new_body.as_deref(),
-            Some(&br#"{"model":"from-config","prompt":"hi"}"#[..])
-        );
-        let i = RouteInput {
+        let with_header = RouteInput {
             model_rewrite: Some("from-header"),
             ..input("/v1/completions", body)
         };
-        assert_eq!(
-            d.route(&i).unwrap().new_body.as_deref(),
-            Some(&br#"{"model":"from-header","prompt":"hi"}"#[..])
-        );
+        for (cfg, header_wins) in [(rule.to_owned(), false), (trusting, true)] {
+            let d = director(&cfg);
+            let r = d.route(&input("/v1/completions", body)).unwrap();
+            assert!(r.ticket.rewrites_response());
+            assert_eq!(
+                r.new_body.as_deref(),
+                Some(&br#"{"model":"from-config","prompt":"hi"}"#[..])
+            );
+            let want: &[u8] = if header_wins {
+                br#"{"model":"from-header","prompt":"hi"}"#
+            } else {
+                br#"{"model":"from-config","prompt":"hi"}"#
+            };
+            assert_eq!(
+                d.route(&with_header).unwrap().new_body.as_deref(),
+                Some(want)
+            );
+            assert_eq!(d.trusts_model_rewrite_header(), header_wins);
+        }
+    }
+
+    #[test]
+    fn a_trusted_test_selection_header_names_the_endpoint() {
+        let cfg = "plugins:\n- type: header-based-testing-filter\n- type: queue-scorer\n\
+                   trustedHeaders: [test-epp-endpoint-selection]\n";
+        let d = director(cfg);
+        let body = br#"{"model":"m","prompt":"hi"}"#;
+        for named in d.store().snapshot().endpoints() {
+            let named = named.host_port.to_string();
+            let i = RouteInput {
+                test_selection: Some(&named),
+                ..input("/v1/completions", body)
+            };
+            for _ in 0..10 {
+                let x = d.explain(&i).unwrap();
+                assert_eq!(*x.decision.endpoints[0].host_port, named);
+            }
+        }
     }
 
     #[test]

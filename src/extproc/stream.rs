@@ -59,6 +59,7 @@ use envoy_types::pb::envoy::{
 
 use super::envoy::{self, DESTINATION, LB_NAMESPACE};
 use crate::{
+    config::{MODEL_REWRITE_HEADER, TEST_SELECTION_HEADER},
     director::{Director, RequestTicket, RouteError, RouteInput, Routed},
     request::ApiKind,
     telemetry::logging::Clip,
@@ -276,8 +277,8 @@ impl ExtProcStream {
         self.path = envoy::header(map, ":path").unwrap_or("/").to_owned();
         self.request_id = envoy::header(map, "x-request-id").unwrap_or("").to_owned();
         self.objective = envoy::header(map, "x-gateway-inference-objective").map(str::to_owned);
-        self.model_rewrite = envoy::header(map, "x-gateway-model-name-rewrite").map(str::to_owned);
-        self.test_selection = envoy::header(map, "test-epp-endpoint-selection").map(str::to_owned);
+        self.model_rewrite = envoy::header(map, MODEL_REWRITE_HEADER).map(str::to_owned);
+        self.test_selection = envoy::header(map, TEST_SELECTION_HEADER).map(str::to_owned);
         self.forbidden_present = envoy::client_routing_headers(map);
         if self.settings.honour_subset_hint {
             self.subset = envoy::subset_hint(md.as_ref());
@@ -523,7 +524,7 @@ impl ExtProcStream {
     /// effect would answer chunks in the wrong shape.
     fn add_mode_override(&mut self, resp: &mut ProcessingResponse) {
         let wants_body = self.settings.always_want_response_body
-            || self.model_rewrite.is_some()
+            || (self.model_rewrite.is_some() && self.director.trusts_model_rewrite_header())
             || self
                 .ticket
                 .as_ref()

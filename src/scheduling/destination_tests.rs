@@ -21,7 +21,7 @@ const CONFIGS: &[&str] = &[
     "plugins:\n- type: queue-scorer\n- type: random-picker\n",
     "plugins:\n- type: kv-cache-utilization-scorer\n- type: weighted-random-picker\n",
     "plugins:\n- type: prefix-cache-scorer\n- type: round-robin-picker\n",
-    "plugins:\n- type: header-based-testing-filter\n- type: queue-scorer\n",
+    "plugins:\n- type: header-based-testing-filter\n- type: queue-scorer\ntrustedHeaders: [test-epp-endpoint-selection]\n",
     "plugins:\n- type: prefix-cache-affinity-filter\n- type: prefix-cache-scorer\n- type: utilization-detector\n- type: load-aware-scorer\n",
 ];
 

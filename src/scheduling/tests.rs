@@ -362,7 +362,7 @@ fn sheddable_requests_get_429_only_when_the_pool_is_saturated() {
 
 #[test]
 fn header_based_testing_filter() {
-    let cfg = "plugins:\n- type: header-based-testing-filter\n- type: queue-scorer\n";
+    let cfg = "plugins:\n- type: header-based-testing-filter\n- type: queue-scorer\ntrustedHeaders: [test-epp-endpoint-selection]\n";
     let store = store_with(&[1, 2, 3], &[idle(), idle(), idle()]);
     let s = scheduler(cfg, 0, &store);
     let p = prompt("x");

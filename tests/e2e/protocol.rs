@@ -203,7 +203,7 @@ async fn a_spoofed_destination_header_is_ignored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buffered_body_mode_works_end_to_end() {
-    let stack = Stack::start_with(2, &[], |o| o.body_mode = BodyMode::Buffered).await;
+    let stack = Stack::start_with(2, &TRUST_REWRITE, |o| o.body_mode = BodyMode::Buffered).await;
     let body = serde_json::json!({"model": "m", "prompt": "buffered ".repeat(2000)});
     let r = post_json(stack.envoy.listen, "/v1/completions", &body)
         .await
@@ -247,9 +247,35 @@ async fn buffered_body_mode_works_end_to_end() {
     assert_eq!(sent["model"], "served-name");
 }
 
+/// Picker flags whose config lets clients rewrite the model by header.
+const TRUST_REWRITE: [&str; 2] = [
+    "--config-text",
+    "trustedHeaders: [x-gateway-model-name-rewrite]",
+];
+
+/// By default a client's rewrite header is ignored: the model server gets
+/// the model the body names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_model_rewrite_header_is_ignored_unless_trusted() {
+    let stack = Stack::start(1, &[]).await;
+    let r = http::request(
+        stack.envoy.listen,
+        "POST",
+        "/v1/completions",
+        &[("x-gateway-model-name-rewrite", "served-name")],
+        Some(br#"{"model":"alias","prompt":"hi"}"#.to_vec()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sent: serde_json::Value =
+        serde_json::from_slice(&stack.backend(r.backend()).state.last_body.lock()).unwrap();
+    assert_eq!(sent["model"], "alias");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_rewrite_in_full_duplex_mode() {
-    let stack = Stack::start(1, &[]).await;
+    let stack = Stack::start(1, &TRUST_REWRITE).await;
     let r = http::request(
         stack.envoy.listen,
         "POST",
@@ -325,7 +351,9 @@ async fn response_bodies_only_when_needed_saves_messages() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_needed_response_body_is_requested_from_a_lean_gateway() {
     // Model rewrite needs the response body to restore the client's name.
-    let stack = Stack::start_with(1, &["--response-processing", "minimal"], |o| {
+    let mut args = vec!["--response-processing", "minimal"];
+    args.extend(TRUST_REWRITE);
+    let stack = Stack::start_with(1, &args, |o| {
         o.body_mode = BodyMode::Buffered;
         o.response_bodies = false;
     })

@@ -32,6 +32,9 @@ fn director_with(
     Arc::new(testing::director(store, cfg, registry))
 }
 
+/// A config that lets clients rewrite the model by header.
+const TRUST_REWRITE: &str = "trustedHeaders: [x-gateway-model-name-rewrite]";
+
 fn settings() -> StreamSettings {
     StreamSettings {
         max_request_body: 1 << 20,
@@ -350,7 +353,7 @@ fn subset_hint_from_metadata() {
 
 #[test]
 fn model_rewrite_changes_body_and_restores_the_name_in_responses() {
-    let mut h = Harness::new(settings());
+    let mut h = Harness::with_config(settings(), TRUST_REWRITE);
     h.send(msg(Request::RequestHeaders(headers(
         &[
             (":path", "/v1/completions"),
@@ -518,19 +521,24 @@ fn response_bodies_are_requested_when_the_gateway_sends_none() {
         Request::RequestHeaders(post("/v1/completions")),
     ));
     assert!(out[0].mode_override.is_none());
+    let rewrite = || {
+        first_with_modes(
+            Buffered,
+            NoBody,
+            Request::RequestHeaders(headers(
+                &[
+                    (":path", "/v1/completions"),
+                    ("x-gateway-model-name-rewrite", "x"),
+                ],
+                false,
+            )),
+        )
+    };
+    let mut h = Harness::with_config(minimal.clone(), TRUST_REWRITE);
+    assert!(h.send(rewrite())[0].mode_override.is_some());
+    // An untrusted rewrite header changes nothing, so needs no body.
     let mut h = Harness::new(minimal);
-    let out = h.send(first_with_modes(
-        Buffered,
-        NoBody,
-        Request::RequestHeaders(headers(
-            &[
-                (":path", "/v1/completions"),
-                ("x-gateway-model-name-rewrite", "x"),
-            ],
-            false,
-        )),
-    ));
-    assert!(out[0].mode_override.is_some());
+    assert!(h.send(rewrite())[0].mode_override.is_none());
 
     // Envoy ignores overrides when request bodies are full-duplex: none sent.
     let mut h = Harness::new(settings());
