@@ -41,7 +41,7 @@ use tokio::{sync::watch, task::JoinHandle};
 use client::MetricsClient;
 
 pub use engines::{EngineMapping, MetricSpec, ScrapeSettings, SettingsError, Signals};
-pub use parse::{ParseError, extract, extract_signals};
+pub use parse::{ParseError, Sample, Samples, extract, extract_signals, samples};
 
 use crate::endpoints::{Endpoint, EndpointStore, MetricsSample};
 
