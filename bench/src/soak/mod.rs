@@ -307,10 +307,9 @@ pub async fn run(bin: &Binaries, cfg: &SoakConfig) -> Result<SoakRun, SoakError>
     let envoy_connect_failures = host_counter(&clusters, "pool", "cx_connect_fail");
     let metrics = fetch(format!("http://{}/metrics", eaddrs.metrics)).await;
     let metric = |name: &str| {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.trim().parse::<f64>().ok())
+        crate::prom::sum(&metrics, name)
+            .ok()
+            .flatten()
             .unwrap_or(f64::NAN)
     };
     let epp_scrapes = (
