@@ -15,7 +15,12 @@
 //! processes that are killed when the [`Stack`] is dropped. Each stack starts
 //! from cold pods, so policies compared one after another see the same
 //! workload on the same fresh caches.
+//!
+//! [`args`] turns the stack flags of `local` and `compare` into
+//! [`StackOptions`]; [`cli`] is the `local` subcommand.
 
+pub mod args;
+pub mod cli;
 pub mod envoy;
 
 use std::{
@@ -63,6 +68,8 @@ pub enum StackError {
     },
     #[error("simulated pods: {0}")]
     Sim(String),
+    #[error("--sim-arg values must be vllm-sim flags")]
+    SimArgs(#[source] clap::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error(
