@@ -187,10 +187,112 @@ async fn http_errors_look_like_vllm() {
     )
     .await
     .unwrap();
-    let scrape = epp_bench::prom::parse(&metrics).expect("valid exposition");
-    assert_eq!(scrape.sum("vllm:request_success_total"), Some(1.0));
-    assert_eq!(scrape.sum("vllm:num_requests_running"), Some(0.0));
+    let sum = |name| epp_bench::prom::sum(&metrics, name).expect("well-formed page");
+    assert_eq!(sum("vllm:request_success_total"), Some(1.0));
+    assert_eq!(sum("vllm:num_requests_running"), Some(0.0));
     fleet.shutdown().await;
+}
+
+/// What `promtool check metrics` objects to in `page`, beyond the one thing
+/// the simulator does on purpose: vLLM's metric names contain a colon
+/// (`vllm:num_requests_waiting`), and the picker, dashboards and recording
+/// rules look them up by those names, so promtool's naming lint ("metric
+/// names should not contain ':'", exit status 3) is tolerated for `vllm:`
+/// names. Anything else is returned: a parse error (status 1, "error while
+/// linting: ...") or any other lint (missing help, counter suffixes, units).
+fn promtool_objections(page: &str) -> Vec<String> {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let path = epp_bench::stack::tool("promtool");
+    let mut child = Command::new(&path)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (scripts/setup-tools.sh installs it)",
+                path.display()
+            )
+        });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(page.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tolerated =
+        |l: &str| l.starts_with("vllm:") && l.ends_with(" metric names should not contain ':'");
+    match out.status.code() {
+        Some(0) => Vec::new(),
+        Some(3) => text
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !tolerated(l))
+            .map(str::to_owned)
+            .collect(),
+        code => vec![format!("exit status {code:?}: {text}")],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_page_passes_promtool() {
+    let (fleet, url) = fleet(1).await;
+    let client = epp_bench::load::client::http_client(2);
+    // Observations in every histogram.
+    for prompt in ["one", "two"] {
+        let req = http::Request::post(format!("{url}/v1/completions"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(format!(
+                r#"{{"prompt":"{prompt}","max_tokens":3}}"#
+            ))))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+    }
+    let get = |query: String| {
+        let client = &client;
+        let url = format!("{url}/metrics{query}");
+        async move {
+            epp_bench::load::runner::get_text(client, &url, std::time::Duration::from_secs(5))
+                .await
+                .unwrap()
+        }
+    };
+    let full = get(String::new()).await;
+    let filter = epp::scrape::name_filter_query(&epp::scrape::EngineMapping::vllm());
+    let filtered = get(format!("?{filter}")).await;
+    fleet.shutdown().await;
+    assert_eq!(full.matches("# TYPE ").count(), 12, "{full}");
+    assert_eq!(filtered.matches("# TYPE ").count(), 4, "{filtered}");
+    for page in [&full, &filtered] {
+        assert_eq!(promtool_objections(page), Vec::<String>::new(), "{page}");
+    }
+    // The check can fail: an unterminated label set, and a family without
+    // its help text.
+    let broken = full.replacen("\"} ", "\" ", 1);
+    assert!(
+        promtool_objections(&broken)
+            .iter()
+            .any(|p| p.contains("parsing error")),
+        "{broken}"
+    );
+    let no_help: String = full
+        .lines()
+        .filter(|l| !l.starts_with("# HELP vllm:num_requests_waiting "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(
+        promtool_objections(&no_help),
+        ["vllm:num_requests_waiting no help text"]
+    );
 }
 
 /// The soak's code path, shrunk: 12 s at 30 req/s through the real Envoy

@@ -43,7 +43,7 @@ use client::MetricsClient;
 
 pub use engines::{EngineMapping, MetricSpec, ScrapeSettings, SettingsError, Signals};
 pub use metrics::ScrapeMetrics;
-pub use parse::{ParseError, extract, extract_signals};
+pub use parse::{ParseError, Sample, Samples, extract, extract_signals, samples};
 
 use crate::endpoints::{Endpoint, EndpointStore, MetricsSample};
 

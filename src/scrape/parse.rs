@@ -7,6 +7,10 @@
 //! builds a model of the page: it walks lines with memchr, compares each
 //! line's metric name with the handful of wanted names, and parses labels
 //! and values only for lines that match. It allocates nothing.
+//!
+//! The same line walker and sample parser are public as [`samples`], for
+//! readers that want every sample rather than a mapping's signals (the
+//! benchmark tools), so the workspace has one reading of the format.
 
 use super::engines::{EngineMapping, MetricSpec, Signals};
 use crate::{endpoints::MetricsSample, text::closing_quote};
@@ -56,22 +60,14 @@ pub fn extract_signals(
     let mut num_blocks = Acc::default();
 
     for line in Lines(page) {
-        let first = match line.first() {
-            Some(&b) => b,
-            None => continue,
-        };
-        if first == b'#' || first == b' ' || first == b'\t' {
+        let Some(name_end) = name_end(line) else {
             continue;
-        }
-        let name_end = memchr::memchr2(b'{', b' ', line).unwrap_or(line.len());
+        };
         let name = &line[..name_end];
         if !mapping.wants(name) {
             continue;
         }
-        let sample = Sample::parse(line, name_end).ok_or_else(|| ParseError::Malformed {
-            name: String::from_utf8_lossy(name).into_owned(),
-            line: String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned(),
-        })?;
+        let sample = Sample::parse(line, name_end).ok_or_else(|| malformed(line, name_end))?;
         if let Some(spec) = &mapping.queued
             && spec.matches(name, &sample)
         {
@@ -212,10 +208,62 @@ impl<'a> Iterator for Lines<'a> {
     }
 }
 
-/// One sample line: its raw label block (without braces) and value.
-pub(super) struct Sample<'a> {
+/// Where the metric name of a sample line ends, or `None` for a line that
+/// carries no sample (blank, a comment, or indented).
+fn name_end(line: &[u8]) -> Option<usize> {
+    match line.first()? {
+        b'#' | b' ' | b'\t' => None,
+        _ => Some(memchr::memchr2(b'{', b' ', line).unwrap_or(line.len())),
+    }
+}
+
+fn malformed(line: &[u8], name_end: usize) -> ParseError {
+    ParseError::Malformed {
+        name: String::from_utf8_lossy(&line[..name_end]).into_owned(),
+        line: String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned(),
+    }
+}
+
+/// Every sample of `page`, in page order, for readers that want more than a
+/// mapping's signals (the benchmark's load generator reads the pods'
+/// counters with it). It walks lines and parses samples exactly as
+/// [`extract`] does, so both read a page the same way, and it allocates
+/// nothing: each [`Sample`] borrows from the page.
+///
+/// Blank, comment and indented lines are skipped, as [`extract`] skips
+/// them. Unlike [`extract`], which only looks at the lines it wants, every
+/// other line must be a sample (`name[{labels}] value [timestamp]`): a line
+/// that is not yields an error in its place and iteration goes on, so a
+/// caller summing counters cannot under-count without knowing.
+pub fn samples(page: &[u8]) -> Samples<'_> {
+    Samples(Lines(page))
+}
+
+/// The iterator [`samples`] returns.
+pub struct Samples<'a>(Lines<'a>);
+
+impl<'a> Iterator for Samples<'a> {
+    type Item = Result<Sample<'a>, ParseError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        for line in self.0.by_ref() {
+            let Some(name_end) = name_end(line) else {
+                continue;
+            };
+            let sample = Sample::parse(line, name_end).filter(|_| name_end > 0);
+            return Some(sample.ok_or_else(|| malformed(line, name_end)));
+        }
+        None
+    }
+}
+
+/// One sample line, borrowed from the page: metric name, raw label block
+/// (without braces) and value. A trailing timestamp is ignored.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample<'a> {
+    name: &'a [u8],
     labels: &'a [u8],
-    pub value: f64,
+    value: f64,
 }
 
 impl<'a> Sample<'a> {
@@ -233,16 +281,34 @@ impl<'a> Sample<'a> {
             .position(|b| *b == b' ' || *b == b'\t')
             .unwrap_or(rest.len());
         let value = parse_value(&rest[..value_end])?;
-        Some(Self { labels, value })
+        Some(Self {
+            name: &line[..name_end],
+            labels,
+            value,
+        })
     }
 
-    /// Whether the label block contains `key="value"` exactly.
-    pub(super) fn has_label(&self, key: &[u8], value: &[u8]) -> bool {
+    /// The metric name as written: a histogram's or summary's series keep
+    /// their `_bucket`, `_sum` or `_count` suffix.
+    pub fn name(&self) -> &'a [u8] {
+        self.name
+    }
+
+    /// The sample's value (`NaN` and the infinities included).
+    pub fn value(&self) -> f64 {
+        self.value
+    }
+
+    /// Whether the label block contains `key="value"` exactly (`value` as
+    /// written on the page, escapes included).
+    pub fn has_label(&self, key: &[u8], value: &[u8]) -> bool {
         self.label(key).is_some_and(|v| v == value)
     }
 
-    /// The raw (still escaped) value of a label.
-    fn label(&self, key: &[u8]) -> Option<&'a [u8]> {
+    /// The value of label `key` as written on the page: escapes (`\"`,
+    /// `\\`, `\n`) are left in, which keeps the lookup allocation-free and
+    /// does not matter for the numbers and identifiers labels usually hold.
+    pub fn label(&self, key: &[u8]) -> Option<&'a [u8]> {
         let mut rest = self.labels;
         loop {
             rest = trim_start(rest);
@@ -439,6 +505,71 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.running, 2);
+    }
+
+    #[test]
+    fn samples_borrow_name_labels_and_value_of_every_sample_line() {
+        let page = b"# HELP c_total Things.\n# TYPE c_total counter\nc_total{a=\"x\\\"y\",b=\"\"} 2.0\n\n  indented 9\nc_total{b=\"q\", a=\"z\"} 3 1700000000\r\nup 1\nh_bucket{le=\"+Inf\"} +Inf\n";
+        type Read<'a> = (&'a [u8], Option<&'a [u8]>, f64);
+        let got: Vec<Read<'_>> = samples(page)
+            .map(|s| {
+                let s = s.unwrap();
+                (s.name(), s.label(b"a"), s.value())
+            })
+            .collect();
+        let want: Vec<Read<'_>> = vec![
+            (b"c_total", Some(b"x\\\"y"), 2.0),
+            (b"c_total", Some(b"z"), 3.0),
+            (b"up", None, 1.0),
+            (b"h_bucket", None, f64::INFINITY),
+        ];
+        assert_eq!(got, want);
+        let inf = samples(page).last().unwrap().unwrap();
+        assert!(inf.has_label(b"le", b"+Inf"));
+        assert!(!inf.has_label(b"le", b"Inf"));
+    }
+
+    #[test]
+    fn samples_report_each_malformed_line_and_go_on() {
+        let page = b"a 1\nb{x=\"1\" 2\nc abc\n{x=\"1\"} 3\nd 4\n";
+        let items: Vec<_> = samples(page).collect();
+        assert_eq!(items.len(), 5);
+        assert!(
+            matches!(&items[1], Err(ParseError::Malformed { name, .. }) if name == "b"),
+            "unterminated label block"
+        );
+        assert!(items[2].is_err(), "not a number");
+        assert!(items[3].is_err(), "no metric name");
+        assert_eq!(items[4].as_ref().map(Sample::value).ok(), Some(4.0));
+    }
+
+    #[test]
+    fn samples_read_a_real_page_line_for_line() {
+        let page = fixture("vllm-metrics-inferstack.txt");
+        let sample_lines = Lines(&page)
+            .filter(|l| !l.is_empty() && !l.starts_with(b"#"))
+            .count();
+        let all: Vec<Sample<'_>> = samples(&page).map(Result::unwrap).collect();
+        assert_eq!(all.len(), sample_lines);
+        let info = all
+            .iter()
+            .find(|s| s.name() == b"vllm:cache_config_info")
+            .unwrap();
+        assert_eq!(info.label(b"num_gpu_blocks"), Some(&b"20184"[..]));
+        let hits: Vec<f64> = all
+            .iter()
+            .filter(|s| s.name() == b"vllm:prefix_cache_hits_total")
+            .map(Sample::value)
+            .collect();
+        assert_eq!(hits, [432.0]);
+        // The signal lines the picker reads are among them, with the labels
+        // its matchers look at.
+        let waiting = all
+            .iter()
+            .find(|s| s.name() == b"vllm:num_requests_waiting")
+            .unwrap();
+        assert!(waiting.has_label(b"engine", b"0"));
+        assert_eq!(waiting.value(), 0.0);
     }
 
     #[test]

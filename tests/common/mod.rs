@@ -21,13 +21,11 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A tool installed by `scripts/setup-tools.sh` (envoy, kubectl, promtool).
-/// `EPP_TOOLS_DIR` overrides the directory.
+/// A tool installed by `scripts/setup-tools.sh` (envoy, kubectl, promtool),
+/// found where the bench's stack finds it (`EPP_TOOLS_DIR` overrides the
+/// directory).
 pub fn tool(name: &str) -> PathBuf {
-    let dir = std::env::var_os("EPP_TOOLS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".tools/bin"));
-    let path = dir.join(name);
+    let path = epp_bench::stack::tool(name);
     assert!(
         path.exists(),
         "{} not found: run scripts/setup-tools.sh first (it installs envoy, kubectl and promtool into .tools/bin)",

@@ -61,6 +61,19 @@ pub struct CommonArgs {
     pub json: Option<PathBuf>,
 }
 
+impl CommonArgs {
+    /// Aims the workload at a stack that `compare` or `local` started: its
+    /// gateway, its pods' metrics for the hit rate, and `label` for the
+    /// report. Those commands save the results themselves, so no `--json`.
+    pub fn point_at(&mut self, gateway: &str, pods: &[String], label: &str) {
+        self.target = gateway.to_owned();
+        self.pod_metrics = pods.to_vec();
+        self.sim_pods = None;
+        self.label = Some(label.to_owned());
+        self.json = None;
+    }
+}
+
 /// Closed loop (`--concurrency`) or open loop (`--rate`).
 #[derive(Debug, Clone, Args)]
 pub struct PaceArgs {

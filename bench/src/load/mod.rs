@@ -10,8 +10,12 @@
 //! of `vllm:prefix_cache_hits_total` over `vllm:prefix_cache_queries_total`
 //! summed over the pods, scraped right before and right after the phase (so
 //! the pods must serve nothing else meanwhile).
+//!
+//! [`args`] holds the workloads' flags, shared by the workload subcommands
+//! ([`cli`]), `compare`, `local` and the tests.
 
 pub mod args;
+pub mod cli;
 pub mod client;
 pub mod result;
 pub mod run;
@@ -31,4 +35,12 @@ pub enum LoadError {
     Scrape { url: String, msg: String },
     #[error("undecodable response: {0}")]
     Decode(String),
+    #[error("serializing the result")]
+    Serialize(#[source] serde_json::Error),
+    #[error("writing {}", path.display())]
+    Write {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }

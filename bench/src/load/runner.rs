@@ -162,15 +162,16 @@ pub async fn scrape_fleet(client: &HttpClient, pods: &PodSet) -> Result<FleetCou
                 url: url.clone(),
                 msg,
             })?;
-        let scrape = prom::parse(&text).map_err(|e| LoadError::Scrape {
-            url: url.clone(),
-            msg: e.to_string(),
-        })?;
-        let get = |name: &str| {
-            scrape.sum(name).ok_or_else(|| LoadError::Scrape {
+        let get = |name: &str| match prom::sum(&text, name) {
+            Ok(Some(v)) => Ok(v),
+            Ok(None) => Err(LoadError::Scrape {
                 url: url.clone(),
                 msg: format!("no {name}"),
-            })
+            }),
+            Err(e) => Err(LoadError::Scrape {
+                url: url.clone(),
+                msg: e.to_string(),
+            }),
         };
         total.hits += get("vllm:prefix_cache_hits_total")?;
         total.queries += get("vllm:prefix_cache_queries_total")?;

@@ -1,13 +1,15 @@
 //! In-process measurements of the picker's library: what a decision costs
-//! as pools and prompts grow, and what the prefix index costs in memory.
-//! Also the fixtures the criterion micro-benchmarks (benches/picker.rs) use,
-//! so both measure the same thing.
+//! as pools and prompts grow, and what the prefix index costs in memory,
+//! each with the markdown its `perf` subcommand prints. Also the fixtures
+//! the criterion micro-benchmarks (benches/picker.rs) use, so both measure
+//! the same thing.
 
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
     hint::black_box,
     net::IpAddr,
+    path::Path,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -20,7 +22,8 @@ use epp::{
     scheduling::{Purpose, RequestFacts, Scheduler, SchedulerOptions, build_scheduler},
 };
 
-use super::proc_stats::ProcStats;
+use super::{PerfError, proc_stats::ProcStats};
+use crate::report::charts::line_chart;
 
 /// Deterministic prompt text of `bytes` bytes. Prompts of one `group` share
 /// everything but their last 64 bytes, like requests sharing a system prompt.
@@ -160,6 +163,103 @@ pub fn decision_times(
     })
 }
 
+/// Decision times (default config) for every pool size x prompt size, as a
+/// markdown table and two charts written into `out`, which the table links
+/// as `perf/<chart>` (perf.md sits beside that directory).
+pub fn decisions_report(
+    endpoints: &[usize],
+    prompts: &[usize],
+    samples: usize,
+    out: &Path,
+) -> Result<String, PerfError> {
+    let config = epp::config::DEFAULT_CONFIG;
+    let mut grid = Vec::new();
+    for &e in endpoints {
+        for &p in prompts {
+            let t = decision_times(config, e, p, samples).map_err(PerfError::Decisions)?;
+            eprintln!(
+                "decision: {e} endpoints, {p} B prompt: p50 {:.1} us p99 {:.1} us",
+                t.p50_us, t.p99_us
+            );
+            grid.push(t);
+        }
+    }
+    std::fs::create_dir_all(out).map_err(|source| PerfError::Io {
+        action: "creating",
+        path: out.to_path_buf(),
+        source,
+    })?;
+    let kib = |b: usize| format!("{} KiB", b / 1024);
+    let p99 = |e: usize, p: usize| {
+        grid.iter()
+            .find(|t| t.endpoints == e && t.prompt_bytes == p)
+            .map_or(f64::NAN, |t| t.p99_us)
+    };
+    let ends: Vec<String> = endpoints.iter().map(|e| e.to_string()).collect();
+    let by_prompt: Vec<(String, Vec<f64>)> = prompts
+        .iter()
+        .map(|&p| {
+            (
+                format!("{} prompt", kib(p)),
+                endpoints.iter().map(|&e| p99(e, p)).collect(),
+            )
+        })
+        .collect();
+    let c1 = out.join("decision-vs-endpoints.png");
+    line_chart(
+        &c1,
+        "Decision time p99 (us) vs endpoints",
+        "p99 (us)",
+        &ends,
+        &by_prompt,
+    )?;
+    let sizes: Vec<String> = prompts.iter().map(|&p| kib(p)).collect();
+    let by_pool: Vec<(String, Vec<f64>)> = endpoints
+        .iter()
+        .map(|&e| {
+            (
+                format!("{e} endpoints"),
+                prompts.iter().map(|&p| p99(e, p)).collect(),
+            )
+        })
+        .collect();
+    let c2 = out.join("decision-vs-prompt.png");
+    line_chart(
+        &c2,
+        "Decision time p99 (us) vs prompt length",
+        "p99 (us)",
+        &sizes,
+        &by_pool,
+    )?;
+    let mut md = String::new();
+    let _ = writeln!(md, "| endpoints | prompt | p50 | p90 | p99 | max |");
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    for t in &grid {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs |",
+            t.endpoints,
+            kib(t.prompt_bytes),
+            t.p50_us,
+            t.p90_us,
+            t.p99_us,
+            t.max_us
+        );
+    }
+    let file = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let _ = writeln!(
+        md,
+        "\n![decision time vs endpoints](perf/{})\n![decision time vs prompt length](perf/{})",
+        file(&c1),
+        file(&c2)
+    );
+    Ok(md)
+}
+
 /// Memory of the prefix index holding `blocks` blocks over `endpoints`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct IndexMemory {
@@ -200,4 +300,12 @@ pub fn index_memory(blocks: usize, endpoints: u16) -> IndexMemory {
     };
     black_box(&idx);
     out
+}
+
+/// The index memory as a one-row markdown table.
+pub fn index_markdown(m: &IndexMemory) -> String {
+    format!(
+        "| blocks | endpoints | bytes per block (index accounting) | RSS growth per block | process RSS after |\n|---|---|---|---|---|\n| {} | {} | {:.1} B | {:.1} B | {:.1} MiB |\n",
+        m.blocks, m.endpoints, m.bytes_per_block, m.rss_bytes_per_block, m.rss_mb_after
+    )
 }

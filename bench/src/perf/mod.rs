@@ -11,9 +11,13 @@
 //!   directly (no Envoy, no HTTP load generator);
 //! - [`noop`]: the no-op ext_proc server itself.
 //!
-//! `epp-bench perf all` runs everything and writes bench/results/perf.md.
+//! `epp-bench perf <measurement>` ([`cli`]) runs one of them and prints its
+//! markdown; `epp-bench perf all` ([`all`]) runs everything and writes
+//! bench/results/perf.md.
 
+pub mod all;
 pub mod backend;
+pub mod cli;
 pub mod driver;
 pub mod extproc;
 pub mod footprint;
@@ -23,9 +27,35 @@ pub mod proc_stats;
 pub mod scale;
 pub mod scrape;
 
-use crate::sim::SimConfig;
+use std::path::PathBuf;
 
-/// The simulator's default flags (as `vllm-sim` with no arguments).
+use crate::{report::ReportError, sim::SimConfig, stack::StackError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PerfError {
+    #[error(transparent)]
+    Stack(#[from] StackError),
+    #[error(transparent)]
+    Report(#[from] ReportError),
+    #[error("unknown path {0}")]
+    UnknownPath(String),
+    #[error("unknown phases {0}")]
+    UnknownPhases(String),
+    #[error("unknown server {0}")]
+    UnknownServer(String),
+    #[error("--pin {0}: expected PICKER_CPUS/DRIVER_CPUS")]
+    Pin(String),
+    #[error("timing decisions: {0}")]
+    Decisions(String),
+    #[error("{action} {}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// The picker's flags in every overhead measurement: no fallback endpoints
 /// (the destination header names one), and with `lean` only the response
 /// phases routing needs.
@@ -37,6 +67,7 @@ pub fn epp_perf_args(lean: bool) -> Vec<String> {
     args
 }
 
+/// The simulator's default flags (as `vllm-sim` with no arguments).
 pub fn default_sim_config() -> SimConfig {
     flag_defaults()
 }

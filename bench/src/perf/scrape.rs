@@ -51,11 +51,9 @@ pub struct ScrapeResult {
     pub rss_mb: Vec<(f64, f64)>,
 }
 
+/// A counter of the picker's own page; 0 when the page does not have it.
 fn counter(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    crate::prom::sum(text, name).ok().flatten().unwrap_or(0.0)
 }
 
 pub async fn run(bin: &Binaries, p: &ScrapePerf) -> Result<ScrapeResult, StackError> {

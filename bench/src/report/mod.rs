@@ -7,8 +7,13 @@
 //!   (one per policy label) as a markdown table plus PNG charts in a results
 //!   directory, with the command lines that produced them, so every figure in
 //!   bench/results/ can be regenerated.
+//!
+//! [`cli`] is the `report` subcommand; [`provenance`] is what every results
+//! file records about how it was made.
 
 pub mod charts;
+pub mod cli;
+pub mod provenance;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -114,6 +119,19 @@ pub fn phase_table(run: &BenchRun) -> String {
         );
     }
     out
+}
+
+/// The phase's requests per pod (`sim-0=12 sim-1=4`), `None` when the
+/// responses named no pod.
+pub fn pod_requests(phase: &PhaseResult) -> Option<String> {
+    (!phase.pod_requests.is_empty()).then(|| {
+        phase
+            .pod_requests
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    })
 }
 
 /// The comparison table of several policies on one workload.

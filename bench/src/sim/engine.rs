@@ -3,10 +3,12 @@
 //! [`crate::sim`] module header).
 //!
 //! All shared state sits behind one `parking_lot::Mutex` taken only for short,
-//! non-awaiting sections (submit, admit, release, scrape). The running count is
-//! mirrored in an atomic so the per-token load factor needs no lock. A request
-//! is represented by a [`Ticket`]; its `Drop` releases whatever the request
-//! still holds, which is how client disconnects are handled.
+//! non-awaiting sections (submit, admit, release, reading the gauges). The
+//! running count is mirrored in an atomic so the per-token load factor needs
+//! no lock, and the `/metrics` counters are atomics of their own, so a page
+//! is encoded outside the lock. A request is represented by a [`Ticket`];
+//! its `Drop` releases whatever the request still holds, which is how client
+//! disconnects are handled.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -66,7 +68,6 @@ struct PodState {
     next_id: u64,
     prefill_free_at: Instant,
     rng: fastrand::Rng,
-    metrics: PodMetrics,
 }
 
 pub struct Pod {
@@ -76,6 +77,7 @@ pub struct Pod {
     cfg: Arc<SimConfig>,
     running: AtomicUsize,
     state: Mutex<PodState>,
+    metrics: PodMetrics,
 }
 
 /// Gaussian multiplier `1 + jitter * z`, clamped to [0.3, 1.7] like the
@@ -92,8 +94,15 @@ pub fn jittered(base: Duration, jitter: f64, rng: &mut fastrand::Rng) -> Duratio
 }
 
 impl Pod {
-    pub fn new(index: usize, name: String, port: u16, cfg: Arc<SimConfig>) -> Self {
+    pub fn new(
+        index: usize,
+        name: String,
+        port: u16,
+        cfg: Arc<SimConfig>,
+    ) -> Result<Self, SimError> {
         let seed = cfg.seed.wrapping_add(index as u64);
+        let metrics = PodMetrics::new(&cfg.model, cfg.block_size, cfg.kv_blocks)
+            .map_err(SimError::Metrics)?;
         let state = PodState {
             kv: KvCache::new(cfg.kv_blocks),
             waiting: VecDeque::new(),
@@ -101,16 +110,16 @@ impl Pod {
             next_id: 0,
             prefill_free_at: Instant::now(),
             rng: fastrand::Rng::with_seed(seed),
-            metrics: PodMetrics::default(),
         };
-        Self {
+        Ok(Self {
             index,
             name,
             port,
             cfg,
             running: AtomicUsize::new(0),
             state: Mutex::new(state),
-        }
+            metrics,
+        })
     }
 
     pub fn config(&self) -> &SimConfig {
@@ -200,11 +209,8 @@ impl Pod {
         let first_token_at = start + prefill;
         st.prefill_free_at = first_token_at;
 
-        let m = &mut st.metrics;
-        m.prefix_queries += req.prompt_tokens as u64;
-        m.prefix_hits += cached_tokens as u64;
-        m.prompt_tokens += req.prompt_tokens as u64;
-        m.queue_time.observe((now - arrival).as_secs_f64());
+        self.metrics
+            .admitted(req.prompt_tokens, cached_tokens, now - arrival);
         Some(Admission {
             arrival,
             admitted_at: now,
@@ -248,37 +254,34 @@ impl Pod {
         };
         st.kv.release(alloc);
         self.running.store(st.allocs.len(), Ordering::Relaxed);
-        let m = &mut st.metrics;
         match outcome {
             Outcome::Finished {
                 ttft,
                 e2e,
                 generated,
-            } => {
-                m.finished[1] += 1;
-                m.generation_tokens += generated as u64;
-                m.ttft.observe(ttft.as_secs_f64());
-                m.e2e.observe(e2e.as_secs_f64());
-            }
-            Outcome::Aborted { generated } => {
-                m.finished[2] += 1;
-                m.generation_tokens += generated as u64;
-            }
+            } => self.metrics.finished(ttft, e2e, generated),
+            Outcome::Aborted { generated } => self.metrics.aborted(generated),
         }
         self.drain_queue(&mut st);
     }
 
-    /// Snapshot for `/metrics`.
-    pub fn scrape(&self) -> (PodMetrics, Gauges) {
+    /// The engine's state as the gauges report it.
+    pub fn gauges(&self) -> Gauges {
         let st = self.state.lock();
-        let g = Gauges {
+        Gauges {
             running: st.allocs.len(),
             waiting: st.waiting.len(),
             kv_usage: st.kv.used_blocks() as f64 / st.kv.capacity() as f64,
-            block_size: self.cfg.block_size,
-            num_gpu_blocks: self.cfg.kv_blocks,
-        };
-        (st.metrics.clone(), g)
+        }
+    }
+
+    /// The `/metrics` page, restricted to `names` when given (see
+    /// [`PodMetrics::render`]). The engine's lock is held only to read the
+    /// gauges, not while the page is encoded.
+    pub fn metrics_page(&self, names: Option<&[String]>) -> Result<String, SimError> {
+        self.metrics
+            .render(self.gauges(), names)
+            .map_err(SimError::Metrics)
     }
 }
 
@@ -396,7 +399,26 @@ mod tests {
     }
 
     fn pod(c: SimConfig) -> Arc<Pod> {
-        Arc::new(Pod::new(0, "sim-0".into(), 0, Arc::new(c)))
+        Arc::new(Pod::new(0, "sim-0".into(), 0, Arc::new(c)).unwrap())
+    }
+
+    /// Sum of the samples named `name` on the pod's page.
+    fn counter(p: &Pod, name: &str) -> f64 {
+        let page = p.metrics_page(None).unwrap();
+        crate::prom::sum(&page, name).unwrap().unwrap()
+    }
+
+    /// `vllm:request_success_total` for one finish reason.
+    fn finished(p: &Pod, reason: &str) -> f64 {
+        let page = p.metrics_page(None).unwrap();
+        epp::scrape::samples(page.as_bytes())
+            .map(Result::unwrap)
+            .find(|s| {
+                s.name() == b"vllm:request_success_total"
+                    && s.has_label(b"finished_reason", reason.as_bytes())
+            })
+            .map(|s| s.value())
+            .unwrap()
     }
 
     fn req(text: &str, max_tokens: usize) -> Prepared {
@@ -432,11 +454,11 @@ mod tests {
         // The block holding the last token is recomputed: 4 of 5 blocks hit.
         assert_eq!(b.cached_tokens, 16);
         assert_eq!(b.first_token_at - b.arrival, Duration::from_millis(14));
-        let (m, g) = p.scrape();
-        assert_eq!(m.prefix_queries, 40);
-        assert_eq!(m.prefix_hits, 16);
-        assert_eq!(m.finished[1], 2);
-        assert_eq!(m.generation_tokens, 6);
+        assert_eq!(counter(&p, "vllm:prefix_cache_queries_total"), 40.0);
+        assert_eq!(counter(&p, "vllm:prefix_cache_hits_total"), 16.0);
+        assert_eq!(finished(&p, "length"), 2.0);
+        assert_eq!(counter(&p, "vllm:generation_tokens_total"), 6.0);
+        let g = p.gauges();
         assert_eq!(g.running, 0);
         assert_eq!(g.kv_usage, 0.0);
     }
@@ -451,7 +473,7 @@ mod tests {
         let b = p.submit(req("bbbb", 2)).unwrap();
         let c = p.submit(req("cccc", 2)).unwrap();
         assert!(matches!(p.submit(req("dddd", 2)), Err(SimError::QueueFull)));
-        assert_eq!(p.scrape().1.waiting, 2);
+        assert_eq!(p.gauges().waiting, 2);
         let hb = tokio::spawn(run(b, 2));
         let hc = tokio::spawn(run(c, 2));
         let adm_a = a.first_token().await.unwrap();
@@ -467,7 +489,7 @@ mod tests {
             adm_b.first_token_at - adm_b.arrival,
             (end_a - adm_a.arrival) + Duration::from_millis(14)
         );
-        assert_eq!(p.scrape().0.finished[1], 3);
+        assert_eq!(finished(&p, "length"), 3.0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -489,15 +511,17 @@ mod tests {
         });
         let a = p.submit(req("aaaabbbb", 16)).unwrap();
         let mut b = p.submit(req("ccccdddd", 16)).unwrap();
-        assert_eq!(p.scrape().1.running, 1);
-        assert_eq!(p.scrape().1.waiting, 1, "no blocks although a slot is free");
-        assert_eq!(p.scrape().1.kv_usage, 6.0 / 8.0);
+        let g = p.gauges();
+        assert_eq!(g.running, 1);
+        assert_eq!(g.waiting, 1, "no blocks although a slot is free");
+        assert_eq!(g.kv_usage, 6.0 / 8.0);
+        assert_eq!(counter(&p, "vllm:num_requests_waiting"), 1.0);
         drop(a); // client went away
         let adm = b.first_token().await.unwrap();
         assert_eq!(adm.cached_tokens, 0);
-        assert_eq!(p.scrape().0.finished[2], 1, "counted as aborted");
+        assert_eq!(finished(&p, "abort"), 1.0, "counted as aborted");
         drop(b);
-        let (_, g) = p.scrape();
+        let g = p.gauges();
         assert_eq!((g.running, g.waiting, g.kv_usage), (0, 0, 0.0));
     }
 

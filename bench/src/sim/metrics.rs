@@ -1,9 +1,27 @@
-//! vLLM's metric names, types, labels and histogram buckets (vLLM v1,
-//! `vllm/v1/metrics/loggers.py`), so scrapers written for vLLM (the EPP's
-//! metrics collector, dashboards) read the simulator unchanged. Counters are
-//! declared with their `_total` name, as Python's client writes them.
+//! A simulated pod's `/metrics` page: vLLM's metric names, types, labels,
+//! help texts and histogram buckets (vLLM v1, `vllm/v1/metrics/loggers.py`),
+//! so scrapers written for vLLM (the EPP's metrics collector, dashboards)
+//! read the simulator unchanged.
+//!
+//! Each pod has its own `prometheus` [`Registry`], encoded by the crate's
+//! text encoder, so the page is well-formed by construction rather than by a
+//! hand-written writer. The engine counts into the counters and histograms
+//! as requests are admitted and finish; the gauges describe the engine's
+//! state, which only the engine knows, so they are set from a [`Gauges`]
+//! snapshot when the page is rendered. Counters are registered under their
+//! `_total` names, which is how Python's client writes them and how the
+//! picker and dashboards look them up.
+//!
+//! A `name[]` query (see [`crate::prom::requested_names`]) drops whole
+//! families from the gathered registry before encoding, which is cheaper
+//! than rendering the page and cutting it down.
 
-use crate::prom::{Histogram, escape_label, header, sample};
+use std::time::Duration;
+
+use prometheus::{
+    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder, core::Collector,
+};
 
 pub const TTFT_BUCKETS: [f64; 22] = [
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -16,172 +34,234 @@ pub const E2E_BUCKETS: [f64; 21] = [
 
 /// Finish reasons vLLM reports; the simulator produces `length` (it always
 /// generates max_tokens) and `abort` (client went away after admission).
+/// All three are exported from the start, as vLLM does, so a rate over
+/// `stop` is 0 rather than absent.
 pub const FINISH_REASONS: [&str; 3] = ["stop", "length", "abort"];
-
-#[derive(Debug, Clone)]
-pub struct PodMetrics {
-    pub prefix_queries: u64,
-    pub prefix_hits: u64,
-    pub prompt_tokens: u64,
-    pub generation_tokens: u64,
-    /// Indexed like [`FINISH_REASONS`].
-    pub finished: [u64; 3],
-    pub ttft: Histogram,
-    pub e2e: Histogram,
-    pub queue_time: Histogram,
-}
-
-impl Default for PodMetrics {
-    fn default() -> Self {
-        Self {
-            prefix_queries: 0,
-            prefix_hits: 0,
-            prompt_tokens: 0,
-            generation_tokens: 0,
-            finished: [0; 3],
-            ttft: Histogram::new(&TTFT_BUCKETS),
-            e2e: Histogram::new(&E2E_BUCKETS),
-            queue_time: Histogram::new(&E2E_BUCKETS),
-        }
-    }
-}
+const LENGTH: usize = 1;
+const ABORT: usize = 2;
 
 /// Point-in-time engine state for the gauges.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Gauges {
     pub running: usize,
     pub waiting: usize,
     pub kv_usage: f64,
-    pub block_size: usize,
-    pub num_gpu_blocks: usize,
 }
 
-/// Renders the whole `/metrics` body.
-pub fn render(model: &str, m: &PodMetrics, g: &Gauges) -> String {
-    let base = format!("engine=\"0\",model_name=\"{}\"", escape_label(model));
-    let mut out = String::with_capacity(8 * 1024);
-    let gauge = |out: &mut String, name: &str, help: &str, v: f64| {
-        header(out, name, help, "gauge");
-        sample(out, name, &base, v);
-    };
-    let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-        header(out, name, help, "counter");
-        sample(out, name, &base, v as f64);
-    };
-    gauge(
-        &mut out,
-        "vllm:num_requests_running",
-        "Number of requests in model execution batches.",
-        g.running as f64,
-    );
-    gauge(
-        &mut out,
-        "vllm:num_requests_waiting",
-        "Number of requests waiting to be processed.",
-        g.waiting as f64,
-    );
-    gauge(
-        &mut out,
-        "vllm:kv_cache_usage_perc",
-        "KV-cache usage. 1 means 100 percent usage.",
-        g.kv_usage,
-    );
-    header(
-        &mut out,
-        "vllm:cache_config_info",
-        "Information of the LLMEngine CacheConfig",
-        "gauge",
-    );
-    sample(
-        &mut out,
-        "vllm:cache_config_info",
-        &format!(
-            "block_size=\"{}\",enable_prefix_caching=\"True\",engine=\"0\",num_gpu_blocks=\"{}\"",
-            g.block_size, g.num_gpu_blocks
-        ),
-        1.0,
-    );
-    counter(
-        &mut out,
-        "vllm:prefix_cache_queries_total",
-        "Prefix cache queries, in terms of number of queried tokens.",
-        m.prefix_queries,
-    );
-    counter(
-        &mut out,
-        "vllm:prefix_cache_hits_total",
-        "Prefix cache hits, in terms of number of cached tokens.",
-        m.prefix_hits,
-    );
-    counter(
-        &mut out,
-        "vllm:prompt_tokens_total",
-        "Number of prefill tokens processed.",
-        m.prompt_tokens,
-    );
-    counter(
-        &mut out,
-        "vllm:generation_tokens_total",
-        "Number of generation tokens processed.",
-        m.generation_tokens,
-    );
-    header(
-        &mut out,
-        "vllm:request_success_total",
-        "Count of successfully processed requests.",
-        "counter",
-    );
-    for (reason, n) in FINISH_REASONS.iter().zip(m.finished) {
-        sample(
-            &mut out,
-            "vllm:request_success_total",
-            &format!("{base},finished_reason=\"{reason}\""),
-            n as f64,
-        );
+/// One pod's metrics. The handles share their values with the registry, so
+/// counting needs no lock and rendering reads the current values.
+#[derive(Debug)]
+pub struct PodMetrics {
+    registry: Registry,
+    running: IntGauge,
+    waiting: IntGauge,
+    kv_usage: Gauge,
+    prefix_queries: IntCounter,
+    prefix_hits: IntCounter,
+    prompt_tokens: IntCounter,
+    generation_tokens: IntCounter,
+    /// Indexed like [`FINISH_REASONS`].
+    finished: [IntCounter; 3],
+    ttft: Histogram,
+    e2e: Histogram,
+    queue_time: Histogram,
+}
+
+fn register<C: Collector + Clone + 'static>(r: &Registry, c: C) -> prometheus::Result<C> {
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+impl PodMetrics {
+    /// The metrics of a pod serving `model` with `num_gpu_blocks` KV blocks
+    /// of `block_size` tokens (both exported as `vllm:cache_config_info`
+    /// labels, where the picker reads them).
+    pub fn new(model: &str, block_size: usize, num_gpu_blocks: usize) -> prometheus::Result<Self> {
+        let r = Registry::new();
+        let opts = |name: &str, help: &str| {
+            Opts::new(name, help)
+                .const_label("engine", "0")
+                .const_label("model_name", model)
+        };
+        let hist = |name: &str, help: &str, buckets: &[f64]| {
+            Histogram::with_opts(
+                HistogramOpts::new(name, help)
+                    .const_label("engine", "0")
+                    .const_label("model_name", model)
+                    .buckets(buckets.to_vec()),
+            )
+        };
+        let info = Opts::new(
+            "vllm:cache_config_info",
+            "Information of the LLMEngine CacheConfig",
+        )
+        .const_label("block_size", block_size.to_string())
+        .const_label("enable_prefix_caching", "True")
+        .const_label("engine", "0")
+        .const_label("num_gpu_blocks", num_gpu_blocks.to_string());
+        register(&r, IntGauge::with_opts(info)?)?.set(1);
+        let finished = register(
+            &r,
+            IntCounterVec::new(
+                opts(
+                    "vllm:request_success_total",
+                    "Count of successfully processed requests.",
+                ),
+                &["finished_reason"],
+            )?,
+        )?;
+        let reason = |r: &str| finished.get_metric_with_label_values(&[r]);
+        Ok(Self {
+            running: register(
+                &r,
+                IntGauge::with_opts(opts(
+                    "vllm:num_requests_running",
+                    "Number of requests in model execution batches.",
+                ))?,
+            )?,
+            waiting: register(
+                &r,
+                IntGauge::with_opts(opts(
+                    "vllm:num_requests_waiting",
+                    "Number of requests waiting to be processed.",
+                ))?,
+            )?,
+            kv_usage: register(
+                &r,
+                Gauge::with_opts(opts(
+                    "vllm:kv_cache_usage_perc",
+                    "KV-cache usage. 1 means 100 percent usage.",
+                ))?,
+            )?,
+            prefix_queries: register(
+                &r,
+                IntCounter::with_opts(opts(
+                    "vllm:prefix_cache_queries_total",
+                    "Prefix cache queries, in terms of number of queried tokens.",
+                ))?,
+            )?,
+            prefix_hits: register(
+                &r,
+                IntCounter::with_opts(opts(
+                    "vllm:prefix_cache_hits_total",
+                    "Prefix cache hits, in terms of number of cached tokens.",
+                ))?,
+            )?,
+            prompt_tokens: register(
+                &r,
+                IntCounter::with_opts(opts(
+                    "vllm:prompt_tokens_total",
+                    "Number of prefill tokens processed.",
+                ))?,
+            )?,
+            generation_tokens: register(
+                &r,
+                IntCounter::with_opts(opts(
+                    "vllm:generation_tokens_total",
+                    "Number of generation tokens processed.",
+                ))?,
+            )?,
+            finished: [
+                reason(FINISH_REASONS[0])?,
+                reason(FINISH_REASONS[1])?,
+                reason(FINISH_REASONS[2])?,
+            ],
+            ttft: register(
+                &r,
+                hist(
+                    "vllm:time_to_first_token_seconds",
+                    "Histogram of time to first token in seconds.",
+                    &TTFT_BUCKETS,
+                )?,
+            )?,
+            e2e: register(
+                &r,
+                hist(
+                    "vllm:e2e_request_latency_seconds",
+                    "Histogram of e2e request latency in seconds.",
+                    &E2E_BUCKETS,
+                )?,
+            )?,
+            queue_time: register(
+                &r,
+                hist(
+                    "vllm:request_queue_time_seconds",
+                    "Histogram of time spent in WAITING phase for request.",
+                    &E2E_BUCKETS,
+                )?,
+            )?,
+            registry: r,
+        })
     }
-    m.ttft.write(
-        &mut out,
-        "vllm:time_to_first_token_seconds",
-        "Histogram of time to first token in seconds.",
-        &base,
-    );
-    m.e2e.write(
-        &mut out,
-        "vllm:e2e_request_latency_seconds",
-        "Histogram of e2e request latency in seconds.",
-        &base,
-    );
-    m.queue_time.write(
-        &mut out,
-        "vllm:request_queue_time_seconds",
-        "Histogram of time spent in WAITING phase for request.",
-        &base,
-    );
-    out
+
+    /// A request was admitted after `queued` in the waiting queue; its
+    /// prompt of `prompt_tokens` found `cached_tokens` in the prefix cache.
+    pub fn admitted(&self, prompt_tokens: usize, cached_tokens: usize, queued: Duration) {
+        self.prefix_queries.inc_by(prompt_tokens as u64);
+        self.prefix_hits.inc_by(cached_tokens as u64);
+        self.prompt_tokens.inc_by(prompt_tokens as u64);
+        self.queue_time.observe(queued.as_secs_f64());
+    }
+
+    /// A request generated all its tokens.
+    pub fn finished(&self, ttft: Duration, e2e: Duration, generated: usize) {
+        self.finished[LENGTH].inc();
+        self.generation_tokens.inc_by(generated as u64);
+        self.ttft.observe(ttft.as_secs_f64());
+        self.e2e.observe(e2e.as_secs_f64());
+    }
+
+    /// An admitted request's client went away after `generated` tokens.
+    pub fn aborted(&self, generated: usize) {
+        self.finished[ABORT].inc();
+        self.generation_tokens.inc_by(generated as u64);
+    }
+
+    /// The text exposition with the gauges set to `g`; with `names`, only
+    /// the families that have one of those sample names.
+    pub fn render(&self, g: Gauges, names: Option<&[String]>) -> prometheus::Result<String> {
+        self.running
+            .set(i64::try_from(g.running).unwrap_or(i64::MAX));
+        self.waiting
+            .set(i64::try_from(g.waiting).unwrap_or(i64::MAX));
+        self.kv_usage.set(g.kv_usage);
+        let mut families = self.registry.gather();
+        if let Some(names) = names {
+            families.retain(|f| crate::prom::family_requested(f, names));
+        }
+        let mut out = String::with_capacity(if names.is_some() { 1024 } else { 8 * 1024 });
+        TextEncoder::new().encode_utf8(&families, &mut out)?;
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::prom;
+
+    fn sum(page: &str, name: &str) -> f64 {
+        crate::prom::sum(page, name)
+            .unwrap()
+            .unwrap_or_else(|| panic!("no {name} on\n{page}"))
+    }
 
     /// What the server sends for the picker's `name[]` filter: the same
     /// signals in a fraction of the page.
     #[test]
     fn the_name_filtered_page_carries_the_picker_signals() {
+        let m = PodMetrics::new("m", 16, 4096).unwrap();
         let g = Gauges {
             running: 3,
             waiting: 2,
             kv_usage: 0.5,
-            block_size: 16,
-            num_gpu_blocks: 4096,
         };
-        let text = render("m", &PodMetrics::default(), &g);
+        let text = m.render(g, None).unwrap();
         let vllm = epp::scrape::EngineMapping::vllm();
         let q = epp::scrape::name_filter_query(&vllm);
-        let names = prom::requested_names(Some(&q)).unwrap();
-        let small = prom::restrict(&text, &names);
-        prom::parse(&small).unwrap();
+        let names = crate::prom::requested_names(Some(&q)).unwrap();
+        let small = m.render(g, Some(&names)).unwrap();
+        // waiting, running, KV usage and cache_config_info: HELP, TYPE, one
+        // sample each (the deprecated gpu_cache_usage_perc is not exported).
         assert_eq!(small.lines().count(), 12, "{small}");
         assert!(
             small.len() * 10 < text.len(),
@@ -192,54 +272,138 @@ mod tests {
         let full = epp::scrape::extract(text.as_bytes(), &vllm).unwrap();
         assert_eq!(epp::scrape::extract(small.as_bytes(), &vllm).unwrap(), full);
         assert_eq!((full.waiting, full.running, full.num_blocks), (2, 3, 4096));
+        assert_eq!(full.kv_usage, 0.5);
+        let (_, found) = epp::scrape::extract_signals(small.as_bytes(), &vllm).unwrap();
+        assert_eq!(
+            found,
+            vllm.signals(),
+            "every signal is on the filtered page"
+        );
     }
 
     #[test]
-    fn renders_parseable_vllm_metrics() {
-        let mut m = PodMetrics {
-            prefix_queries: 100,
-            prefix_hits: 48,
-            finished: [0, 3, 1],
-            ..PodMetrics::default()
+    fn a_filter_keeps_a_histogram_for_any_of_its_series() {
+        let m = PodMetrics::new("m", 16, 4096).unwrap();
+        let g = Gauges {
+            running: 0,
+            waiting: 0,
+            kv_usage: 0.0,
         };
-        m.ttft.observe(0.03);
-        m.ttft.observe(0.7);
-        m.e2e.observe(0.45);
+        let only = |names: &[&str]| {
+            let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+            m.render(g, Some(&names)).unwrap()
+        };
+        let page = only(&["vllm:time_to_first_token_seconds_count", "nope"]);
+        assert!(page.starts_with("# HELP vllm:time_to_first_token_seconds "));
+        assert_eq!(
+            page.lines()
+                .filter(|l| l.starts_with("# TYPE"))
+                .collect::<Vec<_>>(),
+            ["# TYPE vllm:time_to_first_token_seconds histogram"]
+        );
+        assert_eq!(
+            only(&["vllm:time_to_first_token_seconds"]),
+            "",
+            "a histogram's own name is none of its sample names"
+        );
+        assert_eq!(only(&["nope"]), "");
+    }
+
+    #[test]
+    fn renders_vllm_names_labels_and_counts() {
+        let m = PodMetrics::new("Qwen/Qwen2.5-3B-Instruct", 16, 8192).unwrap();
+        m.admitted(60, 28, Duration::from_millis(5));
+        m.admitted(40, 20, Duration::ZERO);
+        m.finished(Duration::from_millis(30), Duration::from_millis(450), 8);
+        m.finished(Duration::from_millis(700), Duration::from_secs(2), 8);
+        m.aborted(3);
         let g = Gauges {
             running: 2,
             waiting: 1,
             kv_usage: 0.25,
-            block_size: 16,
-            num_gpu_blocks: 8192,
         };
-        let text = render("Qwen/Qwen2.5-3B-Instruct", &m, &g);
-        let p = prom::parse(&text).unwrap();
-        let one = |n: &str| p.sum(n).unwrap();
-        assert_eq!(one("vllm:num_requests_running"), 2.0);
-        assert_eq!(one("vllm:num_requests_waiting"), 1.0);
-        assert_eq!(one("vllm:kv_cache_usage_perc"), 0.25);
-        assert_eq!(one("vllm:prefix_cache_queries_total"), 100.0);
-        assert_eq!(one("vllm:prefix_cache_hits_total"), 48.0);
-        assert_eq!(one("vllm:request_success_total"), 4.0);
-        assert_eq!(one("vllm:time_to_first_token_seconds_count"), 2.0);
-        assert_eq!(one("vllm:e2e_request_latency_seconds_count"), 1.0);
-        assert_eq!(p.types["vllm:prefix_cache_hits_total"], "counter");
-        assert_eq!(p.types["vllm:time_to_first_token_seconds"], "histogram");
-        let info = p
-            .samples
-            .iter()
-            .find(|s| s.name == "vllm:cache_config_info")
-            .unwrap();
-        assert_eq!(info.label("block_size"), Some("16"));
-        assert_eq!(info.label("num_gpu_blocks"), Some("8192"));
-        assert!(
-            p.samples
+        let text = m.render(g, None).unwrap();
+        assert_eq!(sum(&text, "vllm:num_requests_running"), 2.0);
+        assert_eq!(sum(&text, "vllm:num_requests_waiting"), 1.0);
+        assert_eq!(sum(&text, "vllm:kv_cache_usage_perc"), 0.25);
+        assert_eq!(sum(&text, "vllm:prefix_cache_queries_total"), 100.0);
+        assert_eq!(sum(&text, "vllm:prefix_cache_hits_total"), 48.0);
+        assert_eq!(sum(&text, "vllm:prompt_tokens_total"), 100.0);
+        assert_eq!(sum(&text, "vllm:generation_tokens_total"), 19.0);
+        assert_eq!(sum(&text, "vllm:request_success_total"), 3.0);
+        assert_eq!(sum(&text, "vllm:time_to_first_token_seconds_count"), 2.0);
+        assert_eq!(sum(&text, "vllm:e2e_request_latency_seconds_count"), 2.0);
+        assert_eq!(sum(&text, "vllm:request_queue_time_seconds_count"), 2.0);
+        assert!((sum(&text, "vllm:e2e_request_latency_seconds_sum") - 2.45).abs() < 1e-9);
+        for (name, kind) in [
+            ("vllm:prefix_cache_hits_total", "counter"),
+            ("vllm:request_success_total", "counter"),
+            ("vllm:num_requests_running", "gauge"),
+            ("vllm:cache_config_info", "gauge"),
+            ("vllm:time_to_first_token_seconds", "histogram"),
+            ("vllm:e2e_request_latency_seconds", "histogram"),
+            ("vllm:request_queue_time_seconds", "histogram"),
+        ] {
+            assert!(
+                text.contains(&format!("\n# TYPE {name} {kind}\n")),
+                "{name} {kind}"
+            );
+        }
+        let samples: Vec<_> = epp::scrape::samples(text.as_bytes())
+            .map(Result::unwrap)
+            .collect();
+        let by_reason = |reason: &str| {
+            samples
                 .iter()
-                .filter(|s| s.name.starts_with("vllm:num_requests"))
-                .all(
-                    |s| s.label("model_name") == Some("Qwen/Qwen2.5-3B-Instruct")
-                        && s.label("engine") == Some("0")
-                )
+                .find(|s| {
+                    s.name() == b"vllm:request_success_total"
+                        && s.has_label(b"finished_reason", reason.as_bytes())
+                })
+                .map(|s| s.value())
+        };
+        assert_eq!(
+            FINISH_REASONS.map(by_reason),
+            [Some(0.0), Some(2.0), Some(1.0)]
         );
+        let info = samples
+            .iter()
+            .find(|s| s.name() == b"vllm:cache_config_info")
+            .unwrap();
+        assert_eq!(info.label(b"block_size"), Some(&b"16"[..]));
+        assert_eq!(info.label(b"num_gpu_blocks"), Some(&b"8192"[..]));
+        assert!(info.has_label(b"enable_prefix_caching", b"True"));
+        assert_eq!(info.value(), 1.0);
+        for s in samples
+            .iter()
+            .filter(|s| s.name() != b"vllm:cache_config_info")
+        {
+            assert!(
+                s.has_label(b"model_name", b"Qwen/Qwen2.5-3B-Instruct")
+                    && s.has_label(b"engine", b"0"),
+                "{:?}",
+                String::from_utf8_lossy(s.name())
+            );
+        }
+        // Every bound is a bucket; `le` is inclusive and buckets cumulative.
+        let ttft: Vec<(f64, f64)> = samples
+            .iter()
+            .filter(|s| s.name() == b"vllm:time_to_first_token_seconds_bucket")
+            .map(|s| {
+                let le = std::str::from_utf8(s.label(b"le").unwrap()).unwrap();
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().unwrap()
+                };
+                (le, s.value())
+            })
+            .collect();
+        assert_eq!(ttft.len(), TTFT_BUCKETS.len() + 1);
+        assert!(ttft.iter().zip(TTFT_BUCKETS).all(|((le, _), b)| *le == b));
+        let count_upto = |bound: f64| ttft.iter().find(|(le, _)| *le == bound).unwrap().1;
+        assert_eq!(count_upto(0.02), 0.0);
+        assert_eq!(count_upto(0.04), 1.0);
+        assert_eq!(count_upto(0.75), 2.0);
+        assert_eq!(count_upto(f64::INFINITY), 2.0);
     }
 }

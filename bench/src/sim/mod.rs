@@ -77,4 +77,6 @@ pub enum SimError {
     QueueFull,
     #[error("the pod dropped a queued request")]
     LostInQueue,
+    #[error("the pod's metrics registry")]
+    Metrics(#[source] prometheus::Error),
 }

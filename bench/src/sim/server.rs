@@ -32,7 +32,6 @@ use super::api::{self, ApiError, Endpoint, ResponseMeta, Usage};
 use super::config::SimConfig;
 use super::engine::{Pod, Prepared, Ticket};
 use super::kv::block_hashes;
-use super::metrics;
 
 pub type RespBody = UnsyncBoxBody<Bytes, Infallible>;
 
@@ -115,17 +114,25 @@ async fn handle(
         (&Method::GET, "/health", _) => ctx.respond(StatusCode::OK, "application/json", full("")),
         (&Method::GET, "/v1/models", _) => models(&ctx),
         (&Method::GET, "/metrics", _) => {
-            let (m, g) = ctx.pod.scrape();
-            let mut text = metrics::render(&ctx.pod.config().model, &m, &g);
             // `name[]` filters like vLLM's prometheus_client does.
-            if let Some(names) = crate::prom::requested_names(req.uri().query()) {
-                text = crate::prom::restrict(&text, &names);
+            let names = crate::prom::requested_names(req.uri().query());
+            match ctx.pod.metrics_page(names.as_deref()) {
+                Ok(text) => ctx.respond(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    full(text),
+                ),
+                Err(e) => {
+                    let cause = std::error::Error::source(&e)
+                        .map(|s| format!(": {s}"))
+                        .unwrap_or_default();
+                    ctx.respond(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "text/plain; charset=utf-8",
+                        full(format!("{e}{cause}")),
+                    )
+                }
             }
-            ctx.respond(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                full(text),
-            )
         }
         (_, "/health" | "/v1/models" | "/metrics", _) | (_, _, Some(_)) => ctx.json(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -421,7 +428,7 @@ pub async fn spawn_fleet(cfg: SimConfig) -> Result<SimFleet, SimError> {
             name.clone(),
             addr.port(),
             Arc::clone(&cfg),
-        ));
+        )?);
         let pod_header = HeaderValue::from_str(&name).map_err(|_| {
             SimError::Config(format!("pod name {name:?} is not a valid header value"))
         })?;

@@ -7,15 +7,15 @@
 //! pod crashes survived (the gateway retries onto the picker's fallbacks,
 //! the picker stops picking the dead pod and picks it again once it is
 //! back), which requests are lost and why, and does the picker's memory stay
-//! flat. `epp-bench soak` runs it; [`report`] writes soak.csv, soak.png and
-//! README.md.
+//! flat. `epp-bench soak` ([`cli`]) runs it; [`report`] writes soak.csv,
+//! soak.png and README.md.
 //!
 //! Bounded: the request count is rate x duration, nothing is sent after the
 //! duration, each request has a timeout, at most `max_inflight` are in
 //! flight, and kills are only scheduled while the pod can come back and
 //! serve again before the end.
 
-pub mod args;
+pub mod cli;
 pub mod load;
 pub mod pods;
 pub mod report;
@@ -307,10 +307,9 @@ pub async fn run(bin: &Binaries, cfg: &SoakConfig) -> Result<SoakRun, SoakError>
     let envoy_connect_failures = host_counter(&clusters, "pool", "cx_connect_fail");
     let metrics = fetch(format!("http://{}/metrics", eaddrs.metrics)).await;
     let metric = |name: &str| {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.trim().parse::<f64>().ok())
+        crate::prom::sum(&metrics, name)
+            .ok()
+            .flatten()
             .unwrap_or(f64::NAN)
     };
     let epp_scrapes = (

@@ -15,7 +15,12 @@
 //! processes that are killed when the [`Stack`] is dropped. Each stack starts
 //! from cold pods, so policies compared one after another see the same
 //! workload on the same fresh caches.
+//!
+//! [`args`] turns the stack flags of `local` and `compare` into
+//! [`StackOptions`]; [`cli`] is the `local` subcommand.
 
+pub mod args;
+pub mod cli;
 pub mod envoy;
 
 use std::{
@@ -63,6 +68,8 @@ pub enum StackError {
     },
     #[error("simulated pods: {0}")]
     Sim(String),
+    #[error("--sim-arg values must be vllm-sim flags")]
+    SimArgs(#[source] clap::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error(
@@ -85,10 +92,7 @@ impl Binaries {
     /// `epp` next to the running executable (or `$EPP_BIN`), Envoy from
     /// `scripts/setup-tools.sh` (`.tools/bin`, or `$EPP_TOOLS_DIR`).
     pub fn locate() -> Result<Self, StackError> {
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
+        let repo = repo_root();
         let epp = match std::env::var_os("EPP_BIN") {
             Some(p) => PathBuf::from(p),
             None => {
@@ -106,10 +110,7 @@ impl Binaries {
     }
 
     pub fn with_epp(epp: PathBuf, repo: PathBuf) -> Result<Self, StackError> {
-        let tools = std::env::var_os("EPP_TOOLS_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo.join(".tools/bin"));
-        let envoy = tools.join("envoy");
+        let envoy = tool_in(&repo, "envoy");
         if !epp.exists() {
             return Err(StackError::Missing {
                 what: "epp",
@@ -131,6 +132,26 @@ impl Binaries {
             repo,
         })
     }
+}
+
+/// Where `scripts/setup-tools.sh` installs tool `name` (envoy, kubectl,
+/// promtool) in this repository: `.tools/bin`, or `$EPP_TOOLS_DIR`. The
+/// path may not exist yet.
+pub fn tool(name: &str) -> PathBuf {
+    tool_in(&repo_root(), name)
+}
+
+/// The repository this crate was built from.
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn tool_in(repo: &Path, name: &str) -> PathBuf {
+    std::env::var_os("EPP_TOOLS_DIR")
+        .map_or_else(|| repo.join(".tools/bin"), PathBuf::from)
+        .join(name)
 }
 
 /// What sits between the load generator and the pods.
@@ -555,16 +576,9 @@ pub async fn wait_scraped(
             p.check_running()?;
         }
         if let Ok(text) = get_text(client, &url, Duration::from_secs(2)).await {
-            let scrapes = text
-                .lines()
-                .find_map(|l| l.strip_prefix("epp_metrics_scrapes_total "))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .unwrap_or(0.0);
-            let failures = text
-                .lines()
-                .find_map(|l| l.strip_prefix("epp_metrics_scrape_failures_total "))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .unwrap_or(0.0);
+            let count = |name| crate::prom::sum(&text, name).ok().flatten().unwrap_or(0.0);
+            let scrapes = count("epp_metrics_scrapes_total");
+            let failures = count("epp_metrics_scrape_failures_total");
             if scrapes - failures >= 2.0 * pods as f64 {
                 return Ok(());
             }

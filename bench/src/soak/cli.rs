@@ -1,9 +1,14 @@
-//! `epp-bench soak` flags. The defaults are the recorded run
-//! (bench/results/soak): 10 minutes, 40 req/s, 4 pods, a kill every 90 s.
+//! `epp-bench soak`: its flags, whose defaults are the recorded run
+//! (bench/results/soak: 10 minutes, 40 req/s, 4 pods, a kill every 90 s),
+//! and the command that runs the soak and writes its results directory.
 
 use std::{path::PathBuf, time::Duration};
 
-use super::{SoakConfig, Workload};
+use super::{SoakConfig, SoakError, Workload};
+use crate::{
+    report::{ReportError, provenance::machine_line},
+    stack::Binaries,
+};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SoakArgs {
@@ -109,6 +114,33 @@ impl SoakArgs {
             log_dir: self.log_dir.clone(),
         }
     }
+}
+
+pub async fn run(a: &SoakArgs, command: &str) -> Result<(), SoakError> {
+    let bin = Binaries::locate()?;
+    let cfg = a.config(&bin.epp);
+    eprintln!(
+        "soak: {} s at {} req/s, {} pods, kills at {:?}",
+        cfg.duration.as_secs(),
+        cfg.rate,
+        cfg.pods,
+        cfg.kill_times()
+    );
+    let run = super::run(&bin, &cfg).await?;
+    let summary = super::report::summarize(&run);
+    let files = super::report::write(&a.out, &run, &summary, command, &machine_line())?;
+    let readme = std::fs::read_to_string(&files.readme).map_err(|source| ReportError::Io {
+        path: files.readme.clone(),
+        source,
+    })?;
+    println!("{readme}");
+    eprintln!(
+        "wrote {}, {} and {}",
+        files.readme.display(),
+        files.csv.display(),
+        files.png.display()
+    );
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,185 @@
+//! `epp-bench compare`: routing policies compared on one workload. Each
+//! policy gets a fresh local stack, so every policy meets the workload with
+//! cold pods and empty caches; the run is saved as `OUT/<policy>.json` and
+//! all of them become one report (markdown and charts), as `epp-bench
+//! report` would write it from those files.
+
+use std::path::{Path, PathBuf};
+
+use clap::Subcommand;
+
+use crate::{
+    load::{
+        self, BenchRun, LoadError,
+        args::{LongPromptArgs, MultiTurnArgs, SeedArgs, SharedPrefixArgs},
+    },
+    report::{self, ReportError},
+    stack::{Binaries, Router, Stack, StackError, args::StackArgs},
+};
+
+#[derive(Debug, Subcommand)]
+pub enum CompareWorkload {
+    Seed {
+        #[command(flatten)]
+        args: SeedArgs,
+        #[command(flatten)]
+        compare: CompareArgs,
+    },
+    SharedPrefix {
+        #[command(flatten)]
+        args: SharedPrefixArgs,
+        #[command(flatten)]
+        compare: CompareArgs,
+    },
+    LongPrompt {
+        #[command(flatten)]
+        args: LongPromptArgs,
+        #[command(flatten)]
+        compare: CompareArgs,
+    },
+    MultiTurn {
+        #[command(flatten)]
+        args: MultiTurnArgs,
+        #[command(flatten)]
+        compare: CompareArgs,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CompareArgs {
+    #[command(flatten)]
+    pub stack: StackArgs,
+    /// Routing policies, in order: epp-default, gie-default, any bench/configs/<name>,
+    /// a config file path, envoy-rr (Envoy round robin, no picker) or direct (pod 0, no gateway).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "epp-default,gie-default,prefix-only,queue-only,random,round-robin,envoy-rr"
+    )]
+    pub policies: Vec<String>,
+    /// Directory for the markdown report, charts and per-policy JSON.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Report title (default: the workload).
+    #[arg(long)]
+    pub title: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompareError {
+    #[error(transparent)]
+    Stack(#[from] StackError),
+    #[error("starting the stack for {policy}")]
+    Start {
+        policy: String,
+        #[source]
+        source: StackError,
+    },
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Report(#[from] ReportError),
+    #[error("serializing the result of {policy}")]
+    Serialize {
+        policy: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{action} {}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl CompareWorkload {
+    fn compare_args(&self) -> &CompareArgs {
+        match self {
+            Self::Seed { compare, .. }
+            | Self::SharedPrefix { compare, .. }
+            | Self::LongPrompt { compare, .. }
+            | Self::MultiTurn { compare, .. } => compare,
+        }
+    }
+
+    /// Runs the workload through `stack`, labelled `policy`.
+    async fn run_through(
+        &self,
+        stack: &Stack,
+        policy: &str,
+        command: &str,
+    ) -> Result<BenchRun, LoadError> {
+        let (gateway, pods) = (stack.gateway.as_str(), stack.pod_urls.as_slice());
+        match self {
+            Self::Seed { args, .. } => {
+                let mut a = args.clone();
+                a.common.point_at(gateway, pods, policy);
+                load::run_seed(&a, command).await
+            }
+            Self::SharedPrefix { args, .. } => {
+                let mut a = args.clone();
+                a.common.point_at(gateway, pods, policy);
+                load::run_shared_prefix(&a, command).await
+            }
+            Self::LongPrompt { args, .. } => {
+                let mut a = args.clone();
+                a.common.point_at(gateway, pods, policy);
+                load::run_long_prompt(&a, command).await
+            }
+            Self::MultiTurn { args, .. } => {
+                let mut a = args.clone();
+                a.common.point_at(gateway, pods, policy);
+                load::run_multi_turn(&a, command).await
+            }
+        }
+    }
+}
+
+pub async fn run(workload: CompareWorkload, command: &str) -> Result<(), CompareError> {
+    let bin = Binaries::locate()?;
+    let compare = workload.compare_args();
+    std::fs::create_dir_all(&compare.out).map_err(|source| CompareError::Io {
+        action: "creating",
+        path: compare.out.clone(),
+        source,
+    })?;
+    let mut runs = Vec::new();
+    for policy in &compare.policies {
+        let router = Router::policy(policy, &bin.repo)?;
+        let opts = compare.stack.options(router)?;
+        let stack = Stack::start(&bin, &opts)
+            .await
+            .map_err(|source| CompareError::Start {
+                policy: policy.clone(),
+                source,
+            })?;
+        eprintln!("{policy}: stack up at {}", stack.gateway);
+        let run = workload.run_through(&stack, policy, command).await?;
+        stack.stop().await;
+        print!("{}", report::phase_table(&run));
+        let path = compare.out.join(format!("{}.json", file_name(policy)));
+        let json =
+            serde_json::to_string_pretty(&run).map_err(|source| CompareError::Serialize {
+                policy: policy.clone(),
+                source,
+            })?;
+        std::fs::write(&path, json).map_err(|source| CompareError::Io {
+            action: "writing",
+            path: path.clone(),
+            source,
+        })?;
+        runs.push((policy.clone(), run));
+    }
+    report::cli::write_and_print(&compare.out, compare.title.clone(), command, &runs)?;
+    Ok(())
+}
+
+/// A policy given as a config path is saved under the file's stem.
+fn file_name(policy: &str) -> String {
+    Path::new(policy)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| policy.to_owned())
+}
