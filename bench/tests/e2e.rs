@@ -2,6 +2,10 @@
 //! generator's library entry points. Timings are shrunk so this takes well
 //! under a few seconds.
 
+// Test code: a failed unwrap is a failed test (clippy.toml allows it in
+// #[test] functions; this extends it to the helpers).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use clap::Parser;
 use epp_bench::load::args::{MultiTurnArgs, SharedPrefixArgs};
 use epp_bench::load::{run_multi_turn, run_shared_prefix};
