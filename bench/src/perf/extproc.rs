@@ -247,7 +247,7 @@ fn script(body: &Bytes, phases: Phases) -> Script {
 /// Why one request failed.
 #[derive(Debug, thiserror::Error)]
 enum ExchangeError {
-    #[error("grpc: {0}")]
+    #[error("gRPC")]
     Grpc(#[from] tonic::Status),
     #[error("the stream ended early")]
     Ended,

@@ -22,12 +22,12 @@ use crate::load::{BenchRun, PhaseResult};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: not a bench result: {source}")]
+    #[error("{path}: not a bench result")]
     Json {
         path: PathBuf,
         source: serde_json::Error,

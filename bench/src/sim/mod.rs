@@ -66,7 +66,7 @@ pub use server::{SimFleet, SimPodHandle, spawn_fleet};
 /// (turned into HTTP errors by the server).
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
-    #[error("binding {addr}: {source}")]
+    #[error("binding {addr}")]
     Bind {
         addr: String,
         source: std::io::Error,

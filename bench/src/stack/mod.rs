@@ -49,7 +49,7 @@ pub enum StackError {
         path: String,
         hint: &'static str,
     },
-    #[error("starting {what}: {source}")]
+    #[error("starting {what}")]
     Spawn {
         what: &'static str,
         source: std::io::Error,
@@ -70,7 +70,7 @@ pub enum StackError {
     Sim(String),
     #[error("--sim-arg values must be vllm-sim flags")]
     SimArgs(#[source] clap::Error),
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error(
         "unknown policy {0:?}: use a name from bench/configs, epp-default, gie-default, envoy-rr, direct, or a config file path"
