@@ -32,15 +32,17 @@
 //!   means "a complete view". A pool missing at start keeps the picker
 //!   unready (as GIE's `PoolHasSynced`); a pool deleted later publishes an
 //!   empty set (requests get 503) and the picker keeps running.
-//! - A watcher relist (`Init`..`InitDone`) is buffered and swapped in whole:
-//!   during a relist, or while the API server is unreachable, the last known
-//!   endpoints stay published. Errors never clear endpoints.
+//! - A watcher relist (`Init`..`InitDone`) is buffered and swapped in whole
+//!   (module `mirror`): during a relist, or while the API server is
+//!   unreachable, the last known endpoints stay published. Errors never
+//!   clear endpoints.
 //! - An InferencePool whose spec is invalid keeps the last valid spec (the
 //!   same rule as a bad endpoints file).
 //! - Errors are counted per resource and logged once per failure streak (see
 //!   [`DiscoveryStats`]).
 
 mod leader;
+mod mirror;
 mod model;
 mod objectives;
 mod stats;

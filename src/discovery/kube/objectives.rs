@@ -21,9 +21,9 @@ use tokio::sync::watch;
 
 use super::{
     ObjectiveSink,
+    mirror::Mirror,
     model::{Objective, objective_resource, parse_objective},
     stats::{DiscoveryStats, WatchedResource},
-    watch::Mirror,
 };
 
 /// Why the objective watch stopped.
