@@ -41,7 +41,7 @@ use crate::{
         FileDiscovery,
         kube::{
             self as kube_discovery, DiscoveryStats, KubeDiscovery, KubeDiscoveryError,
-            KubeDiscoveryOptions, LeaderElectionConfig, LeaderElector, Target,
+            KubeDiscoveryOptions, LeaderElectionConfig, LeaderElector, Target, TargetSettings,
         },
     },
     endpoints::EndpointStore,
@@ -97,6 +97,16 @@ pub fn load_config(flags: &Flags) -> Result<EndpointPickerConfig, ConfigError> {
         (Some(path), _) => EndpointPickerConfig::load(path),
         (None, Some(text)) => EndpointPickerConfig::parse(text),
         (None, None) => EndpointPickerConfig::builtin(),
+    }
+}
+
+/// Kubernetes discovery's settings, from the flags.
+fn target_settings(flags: &Flags) -> TargetSettings {
+    TargetSettings {
+        pool_name: flags.pool_name.clone(),
+        pool_group: flags.pool_group.clone(),
+        endpoint_selector: flags.endpoint_selector.clone(),
+        endpoint_target_ports: flags.endpoint_target_ports.clone(),
     }
 }
 
@@ -189,7 +199,7 @@ pub async fn run(
 
     // Discovery and leader election.
     let discovery_error = |e: KubeDiscoveryError| ServerError::Discovery(e.to_string());
-    let kube_target = Target::from_flags(&flags).map_err(discovery_error)?;
+    let kube_target = Target::from_settings(&target_settings(&flags)).map_err(discovery_error)?;
     let kube = if (flags.endpoints_file.is_none() && kube_target.is_some())
         || flags.ha_enable_leader_election
     {

@@ -7,7 +7,7 @@
 //! One task owns all state and selects over two kube-runtime watchers (each
 //! with `default_backoff()`):
 //! - the InferencePool, by name (`fieldSelector=metadata.name=<pool>`), in
-//!   pool mode; in selector mode the "pool" is fixed by the flags;
+//!   pool mode; in selector mode the "pool" is fixed by [`TargetSettings`];
 //! - the Pods of the namespace: all of them in pool mode, so a selector change
 //!   takes effect at once without a new list; only the selected ones
 //!   (server-side `labelSelector`) in selector mode.
@@ -59,8 +59,6 @@ pub use model::{
 pub use stats::{DiscoveryStats, Observe, ObserveLayer, WatchedResource};
 pub use watch::KubeDiscovery;
 
-use crate::config::Flags;
-
 /// Errors of Kubernetes discovery and leader election.
 #[derive(Debug, thiserror::Error)]
 pub enum KubeDiscoveryError {
@@ -99,12 +97,29 @@ pub enum Target {
     Selector(PoolSpec),
 }
 
+/// What discovery needs to choose its [`Target`]: its own settings, so this
+/// module does not depend on the command line. Each field carries one
+/// flag's value as given, unvalidated; the error messages of
+/// [`Target::from_settings`] name those flags, since that is what a user
+/// has to fix.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TargetSettings {
+    /// `--pool-name`: the InferencePool to watch.
+    pub pool_name: Option<String>,
+    /// `--pool-group`: the API group of that InferencePool.
+    pub pool_group: String,
+    /// `--endpoint-selector`: standalone mode, a pod label selector.
+    pub endpoint_selector: Option<String>,
+    /// `--endpoint-target-ports`: standalone mode, the pods' ports.
+    pub endpoint_target_ports: Vec<u16>,
+}
+
 impl Target {
-    /// The target the flags select: `None` when neither `--pool-name` nor
-    /// `--endpoint-selector` is given, an error when both are, or when the
+    /// The target the settings select: `None` when neither a pool name nor
+    /// an endpoint selector is given, an error when both are, or when the
     /// selector lacks target ports.
-    pub fn from_flags(flags: &Flags) -> Result<Option<Self>, KubeDiscoveryError> {
-        match (&flags.pool_name, &flags.endpoint_selector) {
+    pub fn from_settings(settings: &TargetSettings) -> Result<Option<Self>, KubeDiscoveryError> {
+        match (&settings.pool_name, &settings.endpoint_selector) {
             (Some(_), Some(_)) => Err(KubeDiscoveryError::Config(
                 "give either --pool-name or --endpoint-selector, not both".into(),
             )),
@@ -114,18 +129,18 @@ impl Target {
                 }
                 Ok(Some(Self::Pool {
                     name: name.clone(),
-                    group: flags.pool_group.clone(),
+                    group: settings.pool_group.clone(),
                 }))
             }
             (None, Some(selector)) => {
-                if flags.endpoint_target_ports.is_empty() {
+                if settings.endpoint_target_ports.is_empty() {
                     return Err(KubeDiscoveryError::Config(
                         "--endpoint-selector needs --endpoint-target-ports".into(),
                     ));
                 }
                 let spec = PoolSpec::new(
                     parse_selector(selector)?,
-                    flags.endpoint_target_ports.clone(),
+                    settings.endpoint_target_ports.clone(),
                     AppProtocol::Http,
                 )
                 .map_err(|e| KubeDiscoveryError::Config(format!("--endpoint-target-ports: {e}")))?;
@@ -194,39 +209,52 @@ pub async fn client(stats: &Arc<DiscoveryStats>) -> Result<kube::Client, KubeDis
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
 
-    fn target(args: &[&str]) -> Result<Option<Target>, KubeDiscoveryError> {
-        let mut all = vec!["epp"];
-        all.extend_from_slice(args);
-        Target::from_flags(&Flags::try_parse_from(all).unwrap())
+    /// Settings as the flags give them when only `set` is passed.
+    fn settings(set: impl FnOnce(&mut TargetSettings)) -> TargetSettings {
+        let mut s = TargetSettings {
+            pool_group: POOL_GROUP_V1.into(),
+            ..TargetSettings::default()
+        };
+        set(&mut s);
+        s
+    }
+
+    fn target(set: impl FnOnce(&mut TargetSettings)) -> Result<Option<Target>, KubeDiscoveryError> {
+        Target::from_settings(&settings(set))
     }
 
     #[test]
     fn exactly_one_target() {
-        assert!(target(&[]).unwrap().is_none());
+        assert!(target(|_| {}).unwrap().is_none());
         assert_eq!(
-            target(&["--pool-name", "p"]).unwrap(),
+            target(|s| s.pool_name = Some("p".into())).unwrap(),
             Some(Target::Pool {
                 name: "p".into(),
                 group: POOL_GROUP_V1.into()
             })
         );
-        let err = target(&["--pool-name", "p", "--endpoint-selector", "a=b"]).unwrap_err();
+        let err = target(|s| s.pool_name = Some(" ".into())).unwrap_err();
+        assert!(err.to_string().contains("empty"), "{err}");
+        let err = target(|s| {
+            s.pool_name = Some("p".into());
+            s.endpoint_selector = Some("a=b".into());
+        })
+        .unwrap_err();
         assert!(err.to_string().contains("not both"), "{err}");
-        let err = target(&["--endpoint-selector", "a=b"]).unwrap_err();
+        let err = target(|s| s.endpoint_selector = Some("a=b".into())).unwrap_err();
         assert!(err.to_string().contains("--endpoint-target-ports"), "{err}");
-        let err =
-            target(&["--endpoint-selector", "a", "--endpoint-target-ports", "1"]).unwrap_err();
+        let err = target(|s| {
+            s.endpoint_selector = Some("a".into());
+            s.endpoint_target_ports = vec![1];
+        })
+        .unwrap_err();
         assert!(err.to_string().contains("key=value"), "{err}");
-        let Some(Target::Selector(spec)) = target(&[
-            "--endpoint-selector",
-            "app=vllm",
-            "--endpoint-target-ports",
-            "8000,8001",
-        ])
+        let Some(Target::Selector(spec)) = target(|s| {
+            s.endpoint_selector = Some("app=vllm".into());
+            s.endpoint_target_ports = vec![8000, 8001];
+        })
         .unwrap() else {
             panic!("selector target expected");
         };
