@@ -34,3 +34,49 @@ pub fn init(verbosity: u8, format: LogFormat) {
         LogFormat::Text => builder.try_init(),
     };
 }
+
+/// Displays an error with its causes, "msg: cause: cause", for log fields.
+/// An error either shows its cause in its message or exposes it as
+/// `source()`, never both, so `%e` alone would drop the causes of the
+/// latter kind; this walks them.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
+/// `e` and its causes, for `error = %chain(&e)`.
+pub fn chain<'a>(e: &'a (dyn std::error::Error + 'static)) -> ErrorChain<'a> {
+    ErrorChain(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("outer")]
+        Wrapped(#[source] Middle),
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("middle")]
+    struct Middle(#[source] std::io::Error);
+
+    #[test]
+    fn chain_joins_every_cause() {
+        let e = Outer::Wrapped(Middle(std::io::Error::other("root")));
+        assert_eq!(chain(&e).to_string(), "outer: middle: root");
+        assert_eq!(chain(&std::io::Error::other("alone")).to_string(), "alone");
+    }
+}
