@@ -198,7 +198,9 @@ pub async fn run(
     let (leader_tx, leader_rx) = watch::channel(!flags.ha_enable_leader_election);
 
     // Discovery and leader election.
-    let discovery_error = |e: KubeDiscoveryError| ServerError::Discovery(e.to_string());
+    let discovery_error = |e: KubeDiscoveryError| {
+        ServerError::Discovery(crate::telemetry::logging::chain(&e).to_string())
+    };
     let kube_target = Target::from_settings(&target_settings(&flags)).map_err(discovery_error)?;
     let kube = if (flags.endpoints_file.is_none() && kube_target.is_some())
         || flags.ha_enable_leader_election

@@ -60,20 +60,32 @@ pub use stats::{DiscoveryStats, Observe, ObserveLayer, WatchedResource};
 pub use watch::KubeDiscovery;
 
 /// Errors of Kubernetes discovery and leader election.
+///
+/// A variant either shows its cause in its message or exposes it as
+/// `source()`, never both, so that a printed chain (`anyhow`, or
+/// [`crate::telemetry::logging::chain`] in logs) names each cause once.
+/// The `String` variants carry our own messages, not flattened errors.
 #[derive(Debug, thiserror::Error)]
 pub enum KubeDiscoveryError {
-    /// The flags do not describe one discovery source.
+    /// The settings do not describe one discovery source.
     #[error("{0}")]
     Config(String),
     #[error("invalid --endpoint-selector: {0}")]
     InvalidSelector(String),
+    /// `--endpoint-target-ports` fails the pool spec's checks (the source).
+    #[error("invalid --endpoint-target-ports")]
+    InvalidTargetPorts(#[source] Box<KubeDiscoveryError>),
     #[error("invalid InferencePool: {0}")]
     InvalidPool(String),
+    /// An InferencePool spec that does not have the shape of either API
+    /// version.
+    #[error("malformed InferencePool spec")]
+    MalformedPool(#[source] serde_json::Error),
     #[error("invalid InferenceObjective {0}")]
     InvalidObjective(String),
-    #[error("Kubernetes client: {0}")]
+    #[error("Kubernetes client")]
     Kube(#[from] kube::Error),
-    #[error("Kubernetes watch: {0}")]
+    #[error("Kubernetes watch")]
     Watch(#[from] kube::runtime::watcher::Error),
     /// A kube watcher stream ended; they are infinite by construction, so
     /// this is a bug, reported rather than spun on.
@@ -143,7 +155,7 @@ impl Target {
                     settings.endpoint_target_ports.clone(),
                     AppProtocol::Http,
                 )
-                .map_err(|e| KubeDiscoveryError::Config(format!("--endpoint-target-ports: {e}")))?;
+                .map_err(|e| KubeDiscoveryError::InvalidTargetPorts(Box::new(e)))?;
                 Ok(Some(Self::Selector(spec)))
             }
             (None, None) => Ok(None),
@@ -210,6 +222,7 @@ pub async fn client(stats: &Arc<DiscoveryStats>) -> Result<kube::Client, KubeDis
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::logging::chain;
 
     /// Settings as the flags give them when only `set` is passed.
     fn settings(set: impl FnOnce(&mut TargetSettings)) -> TargetSettings {
@@ -236,21 +249,34 @@ mod tests {
             })
         );
         let err = target(|s| s.pool_name = Some(" ".into())).unwrap_err();
-        assert!(err.to_string().contains("empty"), "{err}");
+        assert!(chain(&err).to_string().contains("empty"), "{err}");
         let err = target(|s| {
             s.pool_name = Some("p".into());
             s.endpoint_selector = Some("a=b".into());
         })
         .unwrap_err();
-        assert!(err.to_string().contains("not both"), "{err}");
+        assert!(chain(&err).to_string().contains("not both"), "{err}");
         let err = target(|s| s.endpoint_selector = Some("a=b".into())).unwrap_err();
-        assert!(err.to_string().contains("--endpoint-target-ports"), "{err}");
+        assert!(
+            chain(&err).to_string().contains("--endpoint-target-ports"),
+            "{err}"
+        );
         let err = target(|s| {
             s.endpoint_selector = Some("a".into());
             s.endpoint_target_ports = vec![1];
         })
         .unwrap_err();
-        assert!(err.to_string().contains("key=value"), "{err}");
+        assert!(chain(&err).to_string().contains("key=value"), "{err}");
+        let err = target(|s| {
+            s.endpoint_selector = Some("a=b".into());
+            s.endpoint_target_ports = vec![8000, 8000];
+        })
+        .unwrap_err();
+        let text = chain(&err).to_string();
+        assert!(
+            text.starts_with("invalid --endpoint-target-ports: ") && text.contains("listed twice"),
+            "{text}"
+        );
         let Some(Target::Selector(spec)) = target(|s| {
             s.endpoint_selector = Some("app=vllm".into());
             s.endpoint_target_ports = vec![8000, 8001];

@@ -21,7 +21,10 @@ use super::{
     objectives,
     stats::{DiscoveryStats, WatchedResource},
 };
-use crate::endpoints::{EndpointSpec, EndpointStore};
+use crate::{
+    endpoints::{EndpointSpec, EndpointStore},
+    telemetry::logging::chain,
+};
 
 type EventStream<K> = BoxStream<'static, Result<Event<K>, watcher::Error>>;
 
@@ -279,7 +282,7 @@ impl PoolTracker {
         match parse_pool(obj) {
             Ok(spec) => Some(spec),
             Err(e) => {
-                tracing::error!(pool = ?self.name, error = %e,
+                tracing::error!(pool = ?self.name, error = %chain(&e),
                     "InferencePool is invalid; keeping the last valid spec");
                 self.spec.clone()
             }
