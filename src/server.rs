@@ -36,7 +36,7 @@ use crate::{
         DiscoveryMetrics, DiscoverySource, FileDiscovery,
         kube::{
             self as kube_discovery, DiscoveryStats, KubeDiscovery, KubeDiscoveryError,
-            KubeDiscoveryOptions, LeaderElectionConfig, LeaderElector, Target,
+            KubeDiscoveryOptions, LeaderElectionConfig, LeaderElector, Target, TargetSettings,
         },
     },
     endpoints::{EndpointStore, PoolMetrics},
@@ -104,6 +104,16 @@ pub fn load_config(flags: &Flags) -> Result<EndpointPickerConfig, ConfigError> {
         (Some(path), _) => EndpointPickerConfig::load(path),
         (None, Some(text)) => EndpointPickerConfig::parse(text),
         (None, None) => EndpointPickerConfig::builtin(),
+    }
+}
+
+/// Kubernetes discovery's settings, from the flags.
+fn target_settings(flags: &Flags) -> TargetSettings {
+    TargetSettings {
+        pool_name: flags.pool_name.clone(),
+        pool_group: flags.pool_group.clone(),
+        endpoint_selector: flags.endpoint_selector.clone(),
+        endpoint_target_ports: flags.endpoint_target_ports.clone(),
     }
 }
 
@@ -272,7 +282,7 @@ async fn start_discovery(
     core: &Core,
     stop: &watch::Receiver<bool>,
 ) -> Result<Option<Kube>, ServerError> {
-    let target = Target::from_flags(flags)?;
+    let target = Target::from_settings(&target_settings(flags))?;
     let kube = if (flags.endpoints_file.is_none() && target.is_some())
         || flags.ha_enable_leader_election
     {

@@ -342,6 +342,11 @@ mod tests {
     }
 
     #[test]
+    fn pool_group_defaults_to_the_v1_api() {
+        assert_eq!(parse(&[]).pool_group, crate::discovery::kube::POOL_GROUP_V1);
+    }
+
+    #[test]
     fn target_ports_are_comma_separated() {
         assert_eq!(
             parse(&["--endpoint-target-ports", "8000,8001"]).endpoint_target_ports,

@@ -28,19 +28,30 @@ use std::{
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::endpoints::{EndpointSpec, EndpointStore};
+use crate::{
+    endpoints::{EndpointSpec, EndpointStore},
+    telemetry::logging::chain,
+};
 
 /// Largest endpoints file accepted.
 const MAX_FILE_BYTES: u64 = 4 << 20;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// Why an endpoints file was not applied. As for every error here, a
+/// variant either shows its cause in its message or exposes it as
+/// `source()`, never both, so a printed chain names each cause once; the
+/// `message` strings are our own, not flattened errors.
+#[derive(Debug, thiserror::Error)]
 pub enum FileError {
-    #[error("cannot read {path}: {message}")]
-    Read { path: String, message: String },
+    #[error("cannot read {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path} is larger than {MAX_FILE_BYTES} bytes")]
     TooLarge { path: String },
-    #[error("invalid endpoints file: {0}")]
-    Syntax(String),
+    #[error("invalid endpoints file")]
+    Syntax(#[source] yaml_serde::Error),
     #[error("endpoint {index}: {message}")]
     Invalid { index: usize, message: String },
 }
@@ -98,7 +109,7 @@ pub fn parse_endpoints(text: &str) -> Result<Vec<EndpointSpec>, FileError> {
             endpoints: Vec::new(),
         }
     } else {
-        yaml_serde::from_str(text).map_err(|e| FileError::Syntax(e.to_string()))?
+        yaml_serde::from_str(text).map_err(FileError::Syntax)?
     };
     let mut names = HashSet::new();
     let mut out = Vec::with_capacity(file.endpoints.len());
@@ -155,7 +166,7 @@ impl FileDiscovery {
             Ok(c) => c,
             Err(e) => {
                 if last.as_deref() != Some(b"\0unreadable") {
-                    tracing::error!(error = %e, "endpoints file unreadable; keeping the last good endpoints");
+                    tracing::error!(error = %chain(&e), "endpoints file unreadable; keeping the last good endpoints");
                     *last = Some(b"\0unreadable".to_vec());
                 }
                 return;
@@ -188,7 +199,7 @@ impl FileDiscovery {
                 }
             }
             Err(e) => {
-                tracing::error!(path = %self.path.display(), error = %e, "endpoints file invalid; keeping the last good endpoints");
+                tracing::error!(path = %self.path.display(), error = %chain(&e), "endpoints file invalid; keeping the last good endpoints");
             }
         }
         *last = Some(content);
@@ -198,19 +209,16 @@ impl FileDiscovery {
         let path = self.path.display().to_string();
         let meta = tokio::fs::metadata(&self.path)
             .await
-            .map_err(|e| FileError::Read {
+            .map_err(|source| FileError::Read {
                 path: path.clone(),
-                message: e.to_string(),
+                source,
             })?;
         if meta.len() > MAX_FILE_BYTES {
             return Err(FileError::TooLarge { path });
         }
         tokio::fs::read(&self.path)
             .await
-            .map_err(|e| FileError::Read {
-                path,
-                message: e.to_string(),
-            })
+            .map_err(|source| FileError::Read { path, source })
     }
 
     /// Runs until `shutdown` turns true.
@@ -277,7 +285,7 @@ mod tests {
             ),
             ("endpoints: [", "invalid"),
         ] {
-            let err = parse_endpoints(text).unwrap_err().to_string();
+            let err = chain(&parse_endpoints(text).unwrap_err()).to_string();
             assert!(err.contains(needle), "{text:?}: {err}");
         }
     }

@@ -64,21 +64,30 @@ impl std::fmt::Display for Clip<'_> {
 /// Error types here either show their cause in their message or expose it as
 /// `source()`, never both, so `anyhow` prints each cause once at the
 /// binary's edge; a log line that printed only `Display` would lose the
-/// causes, hence this.
+/// causes, hence this. Some dependencies' errors (kube's) do both; a cause
+/// whose text the level above already showed is left out.
+#[derive(Debug, Clone, Copy)]
 pub struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
 
-/// See [`ErrorChain`].
+/// `e` and its causes, for `error = %chain(&e)`.
 pub fn chain<'a>(e: &'a (dyn std::error::Error + 'static)) -> ErrorChain<'a> {
     ErrorChain(e)
 }
 
 impl std::fmt::Display for ErrorChain<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
+        // Errors are logged rarely; formatting each level to compare it
+        // with the one above is affordable.
+        let mut shown = self.0.to_string();
+        f.write_str(&shown)?;
         let mut source = self.0.source();
-        while let Some(s) = source {
-            write!(f, ": {s}")?;
-            source = s.source();
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            if !shown.contains(&text) {
+                write!(f, ": {text}")?;
+            }
+            shown = text;
+            source = cause.source();
         }
         Ok(())
     }
@@ -89,13 +98,27 @@ mod tests {
     use super::*;
 
     #[derive(Debug, thiserror::Error)]
-    #[error("outer")]
-    struct Outer(#[source] std::io::Error);
+    enum Outer {
+        #[error("outer")]
+        Wrapped(#[source] Middle),
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("middle")]
+    struct Middle(#[source] std::io::Error);
+
+    /// Shows its cause in its message and exposes it too, as kube's do.
+    #[derive(Debug, thiserror::Error)]
+    #[error("client: {0}")]
+    struct Both(#[source] std::io::Error);
 
     #[test]
-    fn chain_prints_every_cause_once() {
-        let e = Outer(std::io::Error::other("root"));
-        assert_eq!(chain(&e).to_string(), "outer: root");
+    fn chain_joins_every_cause_once() {
+        let e = Outer::Wrapped(Middle(std::io::Error::other("root")));
+        assert_eq!(chain(&e).to_string(), "outer: middle: root");
+        assert_eq!(chain(&std::io::Error::other("alone")).to_string(), "alone");
+        let e = Both(std::io::Error::other("refused"));
+        assert_eq!(chain(&e).to_string(), "client: refused");
     }
 
     #[test]

@@ -37,6 +37,8 @@ use super::{
     stats::{DiscoveryStats, WatchedResource},
 };
 
+use crate::telemetry::logging::chain;
+
 /// The Lease name GIE's picker uses, so Go and Rust pickers of the same pool
 /// exclude each other during a migration.
 pub fn lease_name(namespace: &str, pool: &str) -> String {
@@ -190,7 +192,7 @@ impl LeaderElector {
                 Ok(Attempt::Conflict) => {
                     tracing::debug!(lease = %cfg.lease_name, "lease changed concurrently; retrying");
                 }
-                Err(e) => self.stats.record_error(WatchedResource::Lease, &e),
+                Err(e) => self.stats.record_error(WatchedResource::Lease, &chain(&e)),
             }
             if is_leader && last_renew.elapsed() >= cfg.renew_deadline {
                 tracing::warn!(lease = %cfg.lease_name, deadline = ?cfg.renew_deadline,
@@ -209,7 +211,7 @@ impl LeaderElector {
             match tokio::time::timeout(attempt_timeout, self.release()).await {
                 Ok(Ok(())) => tracing::info!(lease = %cfg.lease_name, "lease released"),
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "releasing the lease failed; it expires on its own")
+                    tracing::warn!(error = %chain(&e), "releasing the lease failed; it expires on its own")
                 }
                 Err(_) => tracing::warn!("releasing the lease timed out; it expires on its own"),
             }

@@ -7,7 +7,7 @@
 //! One task owns all state and selects over two kube-runtime watchers (each
 //! with `default_backoff()`):
 //! - the InferencePool, by name (`fieldSelector=metadata.name=<pool>`), in
-//!   pool mode; in selector mode the "pool" is fixed by the flags;
+//!   pool mode; in selector mode the "pool" is fixed by [`TargetSettings`];
 //! - the Pods of the namespace: all of them in pool mode, so a selector change
 //!   takes effect at once without a new list; only the selected ones
 //!   (server-side `labelSelector`) in selector mode.
@@ -32,15 +32,17 @@
 //!   means "a complete view". A pool missing at start keeps the picker
 //!   unready (as GIE's `PoolHasSynced`); a pool deleted later publishes an
 //!   empty set (requests get 503) and the picker keeps running.
-//! - A watcher relist (`Init`..`InitDone`) is buffered and swapped in whole:
-//!   during a relist, or while the API server is unreachable, the last known
-//!   endpoints stay published. Errors never clear endpoints.
+//! - A watcher relist (`Init`..`InitDone`) is buffered and swapped in whole
+//!   (module `mirror`): during a relist, or while the API server is
+//!   unreachable, the last known endpoints stay published. Errors never
+//!   clear endpoints.
 //! - An InferencePool whose spec is invalid keeps the last valid spec (the
 //!   same rule as a bad endpoints file).
 //! - Errors are counted per resource and logged once per failure streak (see
 //!   [`DiscoveryStats`]).
 
 mod leader;
+mod mirror;
 mod model;
 mod objectives;
 mod stats;
@@ -57,23 +59,33 @@ pub use model::{
 pub use stats::{DiscoveryStats, Observe, ObserveLayer, WatchedResource};
 pub use watch::KubeDiscovery;
 
-use crate::config::Flags;
-
 /// Errors of Kubernetes discovery and leader election.
+///
+/// A variant either shows its cause in its message or exposes it as
+/// `source()`, never both, so that a printed chain (`anyhow`, or
+/// [`crate::telemetry::logging::chain`] in logs) names each cause once.
+/// The `String` variants carry our own messages, not flattened errors.
 #[derive(Debug, thiserror::Error)]
 pub enum KubeDiscoveryError {
-    /// The flags do not describe one discovery source.
+    /// The settings do not describe one discovery source.
     #[error("{0}")]
     Config(String),
     #[error("invalid --endpoint-selector: {0}")]
     InvalidSelector(String),
+    /// `--endpoint-target-ports` fails the pool spec's checks (the source).
+    #[error("invalid --endpoint-target-ports")]
+    InvalidTargetPorts(#[source] Box<KubeDiscoveryError>),
     #[error("invalid InferencePool: {0}")]
     InvalidPool(String),
+    /// An InferencePool spec that does not have the shape of either API
+    /// version.
+    #[error("malformed InferencePool spec")]
+    MalformedPool(#[source] serde_json::Error),
     #[error("invalid InferenceObjective {0}")]
     InvalidObjective(String),
-    #[error("Kubernetes client: {0}")]
+    #[error("Kubernetes client")]
     Kube(#[from] kube::Error),
-    #[error("Kubernetes watch: {0}")]
+    #[error("Kubernetes watch")]
     Watch(#[from] kube::runtime::watcher::Error),
     /// A kube watcher stream ended; they are infinite by construction, so
     /// this is a bug, reported rather than spun on.
@@ -97,12 +109,29 @@ pub enum Target {
     Selector(PoolSpec),
 }
 
+/// What discovery needs to choose its [`Target`]: its own settings, so this
+/// module does not depend on the command line. Each field carries one
+/// flag's value as given, unvalidated; the error messages of
+/// [`Target::from_settings`] name those flags, since that is what a user
+/// has to fix.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TargetSettings {
+    /// `--pool-name`: the InferencePool to watch.
+    pub pool_name: Option<String>,
+    /// `--pool-group`: the API group of that InferencePool.
+    pub pool_group: String,
+    /// `--endpoint-selector`: standalone mode, a pod label selector.
+    pub endpoint_selector: Option<String>,
+    /// `--endpoint-target-ports`: standalone mode, the pods' ports.
+    pub endpoint_target_ports: Vec<u16>,
+}
+
 impl Target {
-    /// The target the flags select: `None` when neither `--pool-name` nor
-    /// `--endpoint-selector` is given, an error when both are, or when the
+    /// The target the settings select: `None` when neither a pool name nor
+    /// an endpoint selector is given, an error when both are, or when the
     /// selector lacks target ports.
-    pub fn from_flags(flags: &Flags) -> Result<Option<Self>, KubeDiscoveryError> {
-        match (&flags.pool_name, &flags.endpoint_selector) {
+    pub fn from_settings(settings: &TargetSettings) -> Result<Option<Self>, KubeDiscoveryError> {
+        match (&settings.pool_name, &settings.endpoint_selector) {
             (Some(_), Some(_)) => Err(KubeDiscoveryError::Config(
                 "give either --pool-name or --endpoint-selector, not both".into(),
             )),
@@ -112,21 +141,21 @@ impl Target {
                 }
                 Ok(Some(Self::Pool {
                     name: name.clone(),
-                    group: flags.pool_group.clone(),
+                    group: settings.pool_group.clone(),
                 }))
             }
             (None, Some(selector)) => {
-                if flags.endpoint_target_ports.is_empty() {
+                if settings.endpoint_target_ports.is_empty() {
                     return Err(KubeDiscoveryError::Config(
                         "--endpoint-selector needs --endpoint-target-ports".into(),
                     ));
                 }
                 let spec = PoolSpec::new(
                     parse_selector(selector)?,
-                    flags.endpoint_target_ports.clone(),
+                    settings.endpoint_target_ports.clone(),
                     AppProtocol::Http,
                 )
-                .map_err(|e| KubeDiscoveryError::Config(format!("--endpoint-target-ports: {e}")))?;
+                .map_err(|e| KubeDiscoveryError::InvalidTargetPorts(Box::new(e)))?;
                 Ok(Some(Self::Selector(spec)))
             }
             (None, None) => Ok(None),
@@ -192,39 +221,66 @@ pub async fn client(stats: &Arc<DiscoveryStats>) -> Result<kube::Client, KubeDis
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
+    use crate::telemetry::logging::chain;
 
-    fn target(args: &[&str]) -> Result<Option<Target>, KubeDiscoveryError> {
-        let mut all = vec!["epp"];
-        all.extend_from_slice(args);
-        Target::from_flags(&Flags::try_parse_from(all).unwrap())
+    /// Settings as the flags give them when only `set` is passed.
+    fn settings(set: impl FnOnce(&mut TargetSettings)) -> TargetSettings {
+        let mut s = TargetSettings {
+            pool_group: POOL_GROUP_V1.into(),
+            ..TargetSettings::default()
+        };
+        set(&mut s);
+        s
+    }
+
+    fn target(set: impl FnOnce(&mut TargetSettings)) -> Result<Option<Target>, KubeDiscoveryError> {
+        Target::from_settings(&settings(set))
     }
 
     #[test]
     fn exactly_one_target() {
-        assert!(target(&[]).unwrap().is_none());
+        assert!(target(|_| {}).unwrap().is_none());
         assert_eq!(
-            target(&["--pool-name", "p"]).unwrap(),
+            target(|s| s.pool_name = Some("p".into())).unwrap(),
             Some(Target::Pool {
                 name: "p".into(),
                 group: POOL_GROUP_V1.into()
             })
         );
-        let err = target(&["--pool-name", "p", "--endpoint-selector", "a=b"]).unwrap_err();
-        assert!(err.to_string().contains("not both"), "{err}");
-        let err = target(&["--endpoint-selector", "a=b"]).unwrap_err();
-        assert!(err.to_string().contains("--endpoint-target-ports"), "{err}");
-        let err =
-            target(&["--endpoint-selector", "a", "--endpoint-target-ports", "1"]).unwrap_err();
-        assert!(err.to_string().contains("key=value"), "{err}");
-        let Some(Target::Selector(spec)) = target(&[
-            "--endpoint-selector",
-            "app=vllm",
-            "--endpoint-target-ports",
-            "8000,8001",
-        ])
+        let err = target(|s| s.pool_name = Some(" ".into())).unwrap_err();
+        assert!(chain(&err).to_string().contains("empty"), "{err}");
+        let err = target(|s| {
+            s.pool_name = Some("p".into());
+            s.endpoint_selector = Some("a=b".into());
+        })
+        .unwrap_err();
+        assert!(chain(&err).to_string().contains("not both"), "{err}");
+        let err = target(|s| s.endpoint_selector = Some("a=b".into())).unwrap_err();
+        assert!(
+            chain(&err).to_string().contains("--endpoint-target-ports"),
+            "{err}"
+        );
+        let err = target(|s| {
+            s.endpoint_selector = Some("a".into());
+            s.endpoint_target_ports = vec![1];
+        })
+        .unwrap_err();
+        assert!(chain(&err).to_string().contains("key=value"), "{err}");
+        let err = target(|s| {
+            s.endpoint_selector = Some("a=b".into());
+            s.endpoint_target_ports = vec![8000, 8000];
+        })
+        .unwrap_err();
+        let text = chain(&err).to_string();
+        assert!(
+            text.starts_with("invalid --endpoint-target-ports: ") && text.contains("listed twice"),
+            "{text}"
+        );
+        let Some(Target::Selector(spec)) = target(|s| {
+            s.endpoint_selector = Some("app=vllm".into());
+            s.endpoint_target_ports = vec![8000, 8001];
+        })
         .unwrap() else {
             panic!("selector target expected");
         };

@@ -170,8 +170,8 @@ pub fn parse_pool(obj: &DynamicObject) -> Result<PoolSpec, KubeDiscoveryError> {
         .data
         .get("spec")
         .ok_or_else(|| KubeDiscoveryError::InvalidPool("no spec".into()))?;
-    let raw: RawPoolSpec = serde_json::from_value(spec.clone())
-        .map_err(|e| KubeDiscoveryError::InvalidPool(e.to_string()))?;
+    let raw: RawPoolSpec =
+        serde_json::from_value(spec.clone()).map_err(KubeDiscoveryError::MalformedPool)?;
     let selector = match raw.selector {
         Some(RawSelector::V1 { match_labels }) => match_labels,
         Some(RawSelector::Flat(labels)) => labels,
@@ -485,12 +485,12 @@ pub(crate) mod tests {
             ),
             (
                 json!({"selector": {"matchLabels": {"a": "b"}}, "targetPorts": "8000"}),
-                "invalid",
+                "malformed InferencePool spec: invalid type",
             ),
         ] {
-            let err = parse_pool(&dynamic(json!({"metadata": {"name": "p"}, "spec": spec})))
-                .unwrap_err()
-                .to_string();
+            let err =
+                parse_pool(&dynamic(json!({"metadata": {"name": "p"}, "spec": spec}))).unwrap_err();
+            let err = crate::telemetry::logging::chain(&err).to_string();
             assert!(err.contains(needle), "{spec}: {err}");
         }
         assert!(parse_pool(&dynamic(json!({"metadata": {"name": "p"}}))).is_err());

@@ -19,11 +19,13 @@ use kube::{
 };
 use tokio::sync::watch;
 
+use crate::telemetry::logging::chain;
+
 use super::{
     ObjectiveSink,
+    mirror::Mirror,
     model::{Objective, objective_resource, parse_objective},
     stats::{DiscoveryStats, WatchedResource},
-    watch::Mirror,
 };
 
 /// Why the objective watch stopped.
@@ -84,7 +86,7 @@ pub(super) async fn run(
                         |obj| match parse_objective(obj) {
                             Ok(o) => Some(o),
                             Err(e) => {
-                                tracing::warn!(error = %e, "InferenceObjective ignored");
+                                tracing::warn!(error = %chain(&e), "InferenceObjective ignored");
                                 None
                             }
                         },

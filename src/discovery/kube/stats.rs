@@ -134,6 +134,9 @@ impl DiscoveryStats {
     }
 
     /// Records a failed API call or watch; logs only the first of a streak.
+    /// `error` is shown as given: kube's errors already name their cause in
+    /// their message, ours expose it as `source()` only, so pass those as
+    /// `&chain(&e)`.
     pub(crate) fn record_error(&self, resource: WatchedResource, error: &dyn std::fmt::Display) {
         self.errors[resource.index()].fetch_add(1, Ordering::Relaxed);
         let before = self.health[resource.index()].swap(FAILING, Ordering::Relaxed);

@@ -1,11 +1,11 @@
 //! The discovery task: pool and pod watchers -> endpoint set (see the module
 //! header of `discovery::kube` for the algorithm and its invariants).
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use futures_util::{StreamExt, stream::BoxStream};
 use kube::{
-    Api, Client, Resource,
+    Api, Client,
     core::DynamicObject,
     runtime::{
         WatchStreamExt,
@@ -16,11 +16,15 @@ use tokio::{sync::watch, time::Instant};
 
 use super::{
     KubeDiscoveryError, KubeDiscoveryOptions, ObjectiveSink, Target,
+    mirror::Mirror,
     model::{Pod, PodView, PoolSpec, endpoints, parse_pool, pool_resource},
     objectives,
     stats::{DiscoveryStats, WatchedResource},
 };
-use crate::endpoints::{EndpointSpec, EndpointStore};
+use crate::{
+    endpoints::{EndpointSpec, EndpointStore},
+    telemetry::logging::chain,
+};
 
 type EventStream<K> = BoxStream<'static, Result<Event<K>, watcher::Error>>;
 
@@ -205,75 +209,6 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// A name-keyed copy of a watched collection, with relists buffered and
-/// swapped in whole so a relist never shows a partial view.
-#[derive(Debug)]
-pub(super) struct Mirror<T> {
-    pub current: HashMap<String, T>,
-    relist: Option<HashMap<String, T>>,
-    /// The first complete list has been seen.
-    pub listed: bool,
-}
-
-impl<T> Default for Mirror<T> {
-    fn default() -> Self {
-        Self {
-            current: HashMap::new(),
-            relist: None,
-            listed: false,
-        }
-    }
-}
-
-impl<T: PartialEq> Mirror<T> {
-    /// Applies one watcher event. `project` reduces an object to what is kept
-    /// (`None` drops it, as if deleted); `relevant(old, new)` says whether a
-    /// change of one object matters to the caller. Returns true when the
-    /// caller should recompute: after every completed (re)list, and on
-    /// relevant changes once listed.
-    pub fn apply<K: Resource>(
-        &mut self,
-        event: Event<K>,
-        project: impl Fn(&K) -> Option<T>,
-        relevant: impl Fn(Option<&T>, Option<&T>) -> bool,
-    ) -> bool {
-        match event {
-            Event::Init => {
-                self.relist = Some(HashMap::new());
-                false
-            }
-            Event::InitApply(obj) => {
-                let name = obj.meta().name.clone().unwrap_or_default();
-                if let (Some(relist), Some(value)) = (self.relist.as_mut(), project(&obj)) {
-                    relist.insert(name, value);
-                }
-                false
-            }
-            Event::InitDone => {
-                self.current = self.relist.take().unwrap_or_default();
-                self.listed = true;
-                true
-            }
-            Event::Apply(obj) => {
-                let name = obj.meta().name.clone().unwrap_or_default();
-                let (old, new) = match project(&obj) {
-                    Some(value) => {
-                        let old = self.current.insert(name.clone(), value);
-                        (old, self.current.get(&name))
-                    }
-                    None => (self.current.remove(&name), None),
-                };
-                self.listed && old.as_ref() != new && relevant(old.as_ref(), new)
-            }
-            Event::Delete(obj) => {
-                let name = obj.meta().name.clone().unwrap_or_default();
-                let old = self.current.remove(&name);
-                self.listed && old.is_some() && relevant(old.as_ref(), None)
-            }
-        }
-    }
-}
-
 /// The pool as discovery knows it.
 #[derive(Debug)]
 struct PoolTracker {
@@ -347,7 +282,7 @@ impl PoolTracker {
         match parse_pool(obj) {
             Ok(spec) => Some(spec),
             Err(e) => {
-                tracing::error!(pool = ?self.name, error = %e,
+                tracing::error!(pool = ?self.name, error = %chain(&e),
                     "InferencePool is invalid; keeping the last valid spec");
                 self.spec.clone()
             }
@@ -462,42 +397,6 @@ mod tests {
 
     fn always(_: Option<&PodView>, _: Option<&PodView>) -> bool {
         true
-    }
-
-    #[test]
-    fn a_relist_is_swapped_in_whole() {
-        let mut m: Mirror<PodView> = Mirror::default();
-        let project = |p: &Pod| Some(PodView::from_pod(p));
-        assert!(!m.apply(Event::Init, project, always));
-        assert!(!m.apply(
-            Event::InitApply(pod(pod_json("a", "10.0.0.1", true, json!({})))),
-            project,
-            always
-        ));
-        assert!(m.current.is_empty(), "nothing visible before InitDone");
-        assert!(m.apply(Event::<Pod>::InitDone, project, always));
-        assert_eq!(m.current.len(), 1);
-
-        m.apply(Event::<Pod>::Init, project, always);
-        m.apply(
-            Event::InitApply(pod(pod_json("b", "10.0.0.2", true, json!({})))),
-            project,
-            always,
-        );
-        assert!(
-            m.current.contains_key("a"),
-            "the old view stays during a relist"
-        );
-        m.apply(Event::<Pod>::InitDone, project, always);
-        assert!(m.current.contains_key("b") && !m.current.contains_key("a"));
-
-        let b = pod(pod_json("b", "10.0.0.2", true, json!({})));
-        assert!(
-            !m.apply(Event::Apply(b.clone()), project, always),
-            "unchanged pod"
-        );
-        assert!(m.apply(Event::Delete(b.clone()), project, always));
-        assert!(!m.apply(Event::Delete(b), project, always), "already gone");
     }
 
     #[test]
