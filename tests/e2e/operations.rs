@@ -229,43 +229,12 @@ async fn sigterm_drains_and_exits_zero() {
     assert!(epp.log().contains("shutting down"));
 }
 
-#[test]
-fn startup_errors_are_clear() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("bad.yaml");
-    std::fs::write(&cfg, "plugins:\n- type: no-such-scorer\n").unwrap();
+/// Runs the picker with `args` on free ports and the endpoints file
+/// `/dev/null`, expecting it to fail at startup; returns its stderr.
+fn startup_failure(args: &[&std::ffi::OsStr]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_epp"))
-        .args(["--config-file"])
-        .arg(&cfg)
+        .args(args)
         .args([
-            "--endpoints-file",
-            "/dev/null",
-            "--grpc-port",
-            "0",
-            "--grpc-health-port",
-            "0",
-            "--metrics-port",
-            "0",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("no-such-scorer") && err.contains("known types"),
-        "{err}"
-    );
-    // Each cause once: the step that failed, then the reason.
-    assert_eq!(err.matches("known types").count(), 1, "{err}");
-    assert!(err.contains("scheduler config"), "{err}");
-
-    // A cause with a cause of its own: every level, once each.
-    let out = Command::new(env!("CARGO_BIN_EXE_epp"))
-        .args(["--secure-serving", "--cert-path"])
-        .arg(dir.path().join("missing"))
-        .args([
-            "--endpoints-file",
-            "/dev/null",
             "--grpc-port",
             "0",
             "--grpc-health-port",
@@ -278,24 +247,44 @@ fn startup_errors_are_clear() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn startup_errors_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.yaml");
+    std::fs::write(&cfg, "plugins:\n- type: no-such-scorer\n").unwrap();
+    let os = std::ffi::OsStr::new;
+    let err = startup_failure(&[
+        os("--config-file"),
+        cfg.as_os_str(),
+        os("--endpoints-file"),
+        os("/dev/null"),
+    ]);
+    assert!(
+        err.contains("no-such-scorer") && err.contains("known types"),
+        "{err}"
+    );
+    // Each cause once: the step that failed, then the reason.
+    assert_eq!(err.matches("known types").count(), 1, "{err}");
+    assert!(err.contains("scheduler config"), "{err}");
+
+    // A cause with a cause of its own: every level, once each.
+    let missing = dir.path().join("missing");
+    let err = startup_failure(&[
+        os("--secure-serving"),
+        os("--cert-path"),
+        missing.as_os_str(),
+        os("--endpoints-file"),
+        os("/dev/null"),
+    ]);
     for cause in ["TLS", "cannot read", "No such file or directory"] {
         assert_eq!(err.matches(cause).count(), 1, "{cause:?} once in\n{err}");
     }
 
-    let out = Command::new(env!("CARGO_BIN_EXE_epp"))
-        .args([
-            "--grpc-port",
-            "0",
-            "--grpc-health-port",
-            "0",
-            "--metrics-port",
-            "0",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no discovery configured"));
+    let err = startup_failure(&[]);
+    assert!(err.contains("no discovery configured"), "{err}");
 
     let out = Command::new(env!("CARGO_BIN_EXE_epp"))
         .arg("--help")

@@ -231,7 +231,15 @@ async fn buffered_body_mode_works_end_to_end() {
         200
     );
     // A rewritten model travels as a plain body mutation in this mode.
-    let r = http::request(
+    let r = post_with_rewrite_header(&stack).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["model"], "alias", "client sees its own model name");
+    assert_eq!(model_sent(&stack, &r), "served-name");
+}
+
+/// A completion for model `alias` with a header asking for `served-name`.
+async fn post_with_rewrite_header(stack: &Stack) -> http::Reply {
+    http::request(
         stack.envoy.listen,
         "POST",
         "/v1/completions",
@@ -239,12 +247,14 @@ async fn buffered_body_mode_works_end_to_end() {
         Some(br#"{"model":"alias","prompt":"hi"}"#.to_vec()),
     )
     .await
-    .unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.json()["model"], "alias", "client sees its own model name");
+    .unwrap()
+}
+
+/// The model the backend that served `r` was sent.
+fn model_sent(stack: &Stack, r: &http::Reply) -> serde_json::Value {
     let sent: serde_json::Value =
         serde_json::from_slice(&stack.backend(r.backend()).state.last_body.lock()).unwrap();
-    assert_eq!(sent["model"], "served-name");
+    sent["model"].clone()
 }
 
 /// Picker flags whose config lets clients rewrite the model by header.
@@ -258,38 +268,18 @@ const TRUST_REWRITE: [&str; 2] = [
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_model_rewrite_header_is_ignored_unless_trusted() {
     let stack = Stack::start(1, &[]).await;
-    let r = http::request(
-        stack.envoy.listen,
-        "POST",
-        "/v1/completions",
-        &[("x-gateway-model-name-rewrite", "served-name")],
-        Some(br#"{"model":"alias","prompt":"hi"}"#.to_vec()),
-    )
-    .await
-    .unwrap();
+    let r = post_with_rewrite_header(&stack).await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let sent: serde_json::Value =
-        serde_json::from_slice(&stack.backend(r.backend()).state.last_body.lock()).unwrap();
-    assert_eq!(sent["model"], "alias");
+    assert_eq!(model_sent(&stack, &r), "alias");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_rewrite_in_full_duplex_mode() {
     let stack = Stack::start(1, &TRUST_REWRITE).await;
-    let r = http::request(
-        stack.envoy.listen,
-        "POST",
-        "/v1/completions",
-        &[("x-gateway-model-name-rewrite", "served-name")],
-        Some(br#"{"model":"alias","prompt":"hi"}"#.to_vec()),
-    )
-    .await
-    .unwrap();
+    let r = post_with_rewrite_header(&stack).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["model"], "alias");
-    let sent: serde_json::Value =
-        serde_json::from_slice(&stack.backends[0].state.last_body.lock()).unwrap();
-    assert_eq!(sent["model"], "served-name");
+    assert_eq!(model_sent(&stack, &r), "served-name");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -358,15 +348,7 @@ async fn a_needed_response_body_is_requested_from_a_lean_gateway() {
         o.response_bodies = false;
     })
     .await;
-    let r = http::request(
-        stack.envoy.listen,
-        "POST",
-        "/v1/completions",
-        &[("x-gateway-model-name-rewrite", "served-name")],
-        Some(br#"{"model":"alias","prompt":"hi"}"#.to_vec()),
-    )
-    .await
-    .unwrap();
+    let r = post_with_rewrite_header(&stack).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["model"], "alias");
 }
