@@ -30,13 +30,17 @@ use crate::{
         health::{ReadinessInputs, readiness_loop},
         pb::admin_server::AdminServer,
     },
-    config::{ConfigError, EndpointPickerConfig, Flags, ResponseProcessing},
+    config::{
+        ConfigError, EndpointPickerConfig, Flags, ModelRewriteSpec, ResponseProcessing,
+        RewriteTarget,
+    },
     director::Director,
     discovery::{
         DiscoveryMetrics, DiscoverySource, FileDiscovery,
         kube::{
             self as kube_discovery, DiscoveryStats, KubeDiscovery, KubeDiscoveryError,
-            KubeDiscoveryOptions, LeaderElectionConfig, LeaderElector, Target, TargetSettings,
+            KubeDiscoveryOptions, LeaderElectionConfig, LeaderElector, RewriteRule, Target,
+            TargetSettings,
         },
     },
     endpoints::{EndpointStore, PoolMetrics},
@@ -311,6 +315,7 @@ async fn start_discovery(
     }) = &kube
     {
         let director = Arc::clone(&core.director);
+        let rewrite_director = Arc::clone(&core.director);
         let d = KubeDiscovery::new(
             client.clone(),
             KubeDiscoveryOptions::new(flags.pool_namespace.clone(), target.clone()),
@@ -319,6 +324,9 @@ async fn start_discovery(
         )
         .with_objectives(Arc::new(move |objectives| {
             director.set_dynamic_objectives(objectives)
+        }))
+        .with_rewrites(Arc::new(move |rules| {
+            rewrite_director.set_dynamic_rewrites(&rewrite_specs(&rules))
         }));
         let stop = stop.clone();
         tokio::spawn(async move {
@@ -333,6 +341,36 @@ async fn start_discovery(
     let stats = kube.as_ref().map(|k| Arc::clone(&k.stats));
     core.register(DiscoveryMetrics::new(source, stats))?;
     Ok(kube)
+}
+
+/// InferenceModelRewrite rules as the director's rewrite entries, in the
+/// same order (one entry per named model, `*` for a rule matching any).
+fn rewrite_specs(rules: &[RewriteRule]) -> Vec<ModelRewriteSpec> {
+    let targets = |r: &RewriteRule| -> Vec<RewriteTarget> {
+        r.targets
+            .iter()
+            .map(|(model, weight)| RewriteTarget {
+                model: model.clone(),
+                weight: *weight,
+            })
+            .collect()
+    };
+    let mut specs = Vec::new();
+    for rule in rules {
+        if rule.models.is_empty() {
+            specs.push(ModelRewriteSpec {
+                model: "*".to_owned(),
+                targets: targets(rule),
+            });
+        }
+        for model in &rule.models {
+            specs.push(ModelRewriteSpec {
+                model: model.clone(),
+                targets: targets(rule),
+            });
+        }
+    }
+    specs
 }
 
 /// Readiness' leader input, and the elector's task when there is one.

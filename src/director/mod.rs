@@ -122,7 +122,19 @@ struct Rewrites {
 }
 
 impl Rewrites {
+    /// Config-file rules: a later entry for the same model replaces an
+    /// earlier one.
     fn new(specs: &[ModelRewriteSpec]) -> Self {
+        Self::build(specs, true)
+    }
+
+    /// Rules from InferenceModelRewrite objects, already in precedence
+    /// order: the first entry for a model wins.
+    fn first_wins(specs: &[ModelRewriteSpec]) -> Self {
+        Self::build(specs, false)
+    }
+
+    fn build(specs: &[ModelRewriteSpec], last_wins: bool) -> Self {
         let mut r = Self::default();
         for s in specs {
             let targets: Vec<(String, f64)> = s
@@ -131,16 +143,36 @@ impl Rewrites {
                 .map(|t| (t.model.clone(), t.weight))
                 .collect();
             if s.model == "*" || s.model.is_empty() {
-                r.any = Some(targets);
-            } else {
+                if last_wins || r.any.is_none() {
+                    r.any = Some(targets);
+                }
+            } else if last_wins || !r.exact.contains_key(&s.model) {
                 r.exact.insert(s.model.clone(), targets);
             }
         }
         r
     }
 
+    #[cfg(test)]
     fn target(&self, model: &str) -> Option<&str> {
-        let targets = self.exact.get(model).or(self.any.as_ref())?;
+        static NONE: std::sync::LazyLock<Rewrites> = std::sync::LazyLock::new(Rewrites::default);
+        self.target_with(&NONE, model)
+    }
+
+    /// Config rules first, each kind before the cluster's: an exact
+    /// config rule, an exact object rule, a config catch-all, an object
+    /// catch-all.
+    fn target_with<'a>(&'a self, dynamic: &'a Rewrites, model: &str) -> Option<&'a str> {
+        let targets = self
+            .exact
+            .get(model)
+            .or_else(|| dynamic.exact.get(model))
+            .or(self.any.as_ref())
+            .or(dynamic.any.as_ref())?;
+        Self::choose(targets)
+    }
+
+    fn choose(targets: &[(String, f64)]) -> Option<&str> {
         let total: f64 = targets.iter().map(|(_, w)| w).sum();
         if total <= 0.0 {
             // All weights zero: uniform, as GIE does.
@@ -168,6 +200,9 @@ pub struct Director {
     objectives: ArcSwap<HashMap<String, i32>>,
     static_objectives: HashMap<String, i32>,
     rewrites: Rewrites,
+    /// Rules of the pool's InferenceModelRewrite objects, replaced whole
+    /// when they change.
+    dynamic_rewrites: ArcSwap<Rewrites>,
     /// Whether the client's routing headers are honoured (`trustedHeaders`).
     trust_model_rewrite: bool,
     trust_test_selection: bool,
@@ -200,6 +235,7 @@ impl Director {
             objectives: ArcSwap::from_pointee(static_objectives.clone()),
             static_objectives,
             rewrites: Rewrites::new(&cfg.model_rewrites),
+            dynamic_rewrites: ArcSwap::from_pointee(Rewrites::default()),
             trust_model_rewrite: cfg.trusts(MODEL_REWRITE_HEADER),
             trust_test_selection: cfg.trusts(TEST_SELECTION_HEADER),
             metrics,
@@ -232,6 +268,15 @@ impl Director {
         let mut merged = dynamic;
         merged.extend(self.static_objectives.iter().map(|(k, v)| (k.clone(), *v)));
         self.objectives.store(Arc::new(merged));
+    }
+
+    /// Replaces the rewrite rules learned at runtime (Kubernetes
+    /// InferenceModelRewrite objects), in precedence order: for a model, the
+    /// first rule naming it applies, and the first catch-all (`*`) applies
+    /// to models no rule names. Config-file rules win on conflict.
+    pub fn set_dynamic_rewrites(&self, rules: &[ModelRewriteSpec]) {
+        self.dynamic_rewrites
+            .store(Arc::new(Rewrites::first_wins(rules)));
     }
 
     /// Routes one request: the pick's blocks are recorded in the prefix
@@ -350,10 +395,11 @@ impl Director {
             });
         };
         let req = request::parse(body, api)?;
+        let dynamic = self.dynamic_rewrites.load();
         let target: &str = input
             .model_rewrite
             .filter(|m| self.trust_model_rewrite && !m.is_empty())
-            .or_else(|| self.rewrites.target(&req.model))
+            .or_else(|| self.rewrites.target_with(&dynamic, &req.model))
             .unwrap_or(&req.model);
         let facts = RequestFacts {
             model: target,
@@ -563,6 +609,36 @@ mod tests {
         let r = d.explain(&input("/tokenize", b"not json")).unwrap();
         assert!(r.model.is_empty());
         assert_eq!(r.decision.endpoints.len(), 2);
+    }
+
+    #[test]
+    fn cluster_rewrites_apply_after_the_config_file() {
+        let spec = |model: &str, target: &str| ModelRewriteSpec {
+            model: model.into(),
+            targets: vec![crate::config::RewriteTarget {
+                model: target.into(),
+                weight: 1.0,
+            }],
+        };
+        let d = director("modelRewrites:\n- model: cfg\n  targets:\n  - model: from-config\n");
+        d.set_dynamic_rewrites(&[
+            spec("m", "first"),
+            spec("m", "second"),
+            spec("cfg", "from-cluster"),
+            spec("*", "any"),
+        ]);
+        let sent = |model: &str| {
+            let body = format!(r#"{{"model":"{model}","prompt":"hi"}}"#);
+            let r = d.route(&input("/v1/completions", body.as_bytes())).unwrap();
+            let out: serde_json::Value =
+                serde_json::from_slice(r.new_body.as_deref().unwrap_or(body.as_bytes())).unwrap();
+            out["model"].as_str().unwrap().to_owned()
+        };
+        assert_eq!(sent("m"), "first", "the first rule for a model wins");
+        assert_eq!(sent("cfg"), "from-config", "the config file wins");
+        assert_eq!(sent("other"), "any");
+        d.set_dynamic_rewrites(&[]);
+        assert_eq!(sent("m"), "m");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::{
 use epp::{
     discovery::kube::{
         ACTIVE_PORTS_ANNOTATION, AppProtocol, DiscoveryStats, KubeDiscovery, KubeDiscoveryOptions,
-        POOL_GROUP_V1, PoolSpec, Target, WatchedResource,
+        POOL_GROUP_V1, PoolSpec, RewriteRule, Target, WatchedResource,
     },
     endpoints::EndpointStore,
 };
@@ -18,7 +18,10 @@ use tokio::{sync::watch, task::JoinHandle, time::Instant};
 
 use crate::{
     WAIT,
-    fake::{self, FakeApi, NS, OBJECTIVES, PODS, POOLS},
+    fake::{
+        self, FakeApi, LLMD_OBJECTIVES_V1, LLMD_OBJECTIVES_V1ALPHA2, LLMD_REWRITES_V1,
+        LLMD_REWRITES_V1ALPHA2, NS, OBJECTIVES, PODS, POOLS, REWRITES,
+    },
     pod, poll_until, pool, wait_endpoints, wait_store,
 };
 
@@ -29,6 +32,7 @@ pub(crate) struct Running {
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
     objectives: watch::Receiver<Option<HashMap<String, i32>>>,
+    rewrites: watch::Receiver<Option<Vec<RewriteRule>>>,
 }
 
 impl Running {
@@ -54,6 +58,7 @@ pub(crate) fn start(target: Target, seed: impl FnOnce(&FakeApi)) -> Running {
     seed(&fake);
     let store = Arc::new(EndpointStore::new(Duration::from_secs(2)));
     let (objectives_tx, objectives) = watch::channel(None);
+    let (rewrites_tx, rewrites) = watch::channel(None);
     let discovery = KubeDiscovery::new(
         client,
         KubeDiscoveryOptions::new(NS, target),
@@ -62,6 +67,9 @@ pub(crate) fn start(target: Target, seed: impl FnOnce(&FakeApi)) -> Running {
     )
     .with_objectives(Arc::new(move |m| {
         objectives_tx.send_replace(Some(m));
+    }))
+    .with_rewrites(Arc::new(move |rules| {
+        rewrites_tx.send_replace(Some(rules));
     }));
     let (stop, stop_rx) = watch::channel(false);
     let task = tokio::spawn(async move {
@@ -74,6 +82,7 @@ pub(crate) fn start(target: Target, seed: impl FnOnce(&FakeApi)) -> Running {
         stop,
         task,
         objectives,
+        rewrites,
     }
 }
 
@@ -507,14 +516,15 @@ async fn a_missing_objective_crd_is_not_an_error_and_is_looked_for_again_rarely(
         f.apply(PODS, pod("a", "10.0.0.1", true, vllm()));
     });
     wait_endpoints(&r.store, &["a-rank-0@10.0.0.1:8000"]).await;
+    let gie = "x-k8s.io/v1alpha2/namespaces/ns/inferenceobjectives";
     poll_until("the objectives list", || async {
-        !r.fake.requests("inferenceobjectives").is_empty()
+        !r.fake.requests(gie).is_empty()
     })
     .await;
     let at = Instant::now();
     tokio::time::sleep(Duration::from_secs(120)).await;
     assert_eq!(
-        r.fake.requests("inferenceobjectives").len(),
+        r.fake.requests(gie).len(),
         1,
         "a missing CRD is not retried with the watcher's seconds-scale backoff"
     );
@@ -538,5 +548,165 @@ async fn a_missing_objective_crd_is_not_an_error_and_is_looked_for_again_rarely(
     r.fake.set_absent(OBJECTIVES, true);
     r.fake.drop_watches(OBJECTIVES);
     wait_objectives(&mut r.objectives, &[]).await;
+    r.stop().await;
+}
+
+/// An InferenceObjective in llm-d-router's group: `llm-d.ai/v1` names its
+/// pools in a list.
+fn llmd_objective(name: &str, pools: &[&str], priority: i32) -> serde_json::Value {
+    let refs: Vec<serde_json::Value> = pools.iter().map(|p| json!({"name": p})).collect();
+    json!({
+        "apiVersion": "llm-d.ai/v1",
+        "kind": "InferenceObjective",
+        "metadata": {"name": name},
+        "spec": {"poolRefs": refs, "priority": priority},
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn objectives_of_both_groups_are_merged_and_other_pools_ignored() {
+    let mut r = start(pool_target(), |f| {
+        f.apply(POOLS, pool("pool", vllm(), &[8000]));
+        f.apply(PODS, pod("a", "10.0.0.1", true, vllm()));
+        f.apply(OBJECTIVES, objective("gie-only", "pool", Some(1)));
+        f.apply(OBJECTIVES, objective("both", "pool", Some(1)));
+        f.apply(
+            LLMD_OBJECTIVES_V1,
+            llmd_objective("llmd", &["other", "pool"], 4),
+        );
+        f.apply(LLMD_OBJECTIVES_V1, llmd_objective("both", &["pool"], 7));
+        f.apply(LLMD_OBJECTIVES_V1, llmd_objective("foreign", &["other"], 9));
+    });
+    wait_objectives(
+        &mut r.objectives,
+        &[("gie-only", 1), ("llmd", 4), ("both", 7)],
+    )
+    .await;
+    // The llm-d object leaves: GIE's one of the same name applies again.
+    r.fake.delete(LLMD_OBJECTIVES_V1, "both");
+    wait_objectives(
+        &mut r.objectives,
+        &[("gie-only", 1), ("llmd", 4), ("both", 1)],
+    )
+    .await;
+    assert_eq!(r.stats.errors(WatchedResource::InferenceObjectives), 0);
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn llmd_v1alpha2_is_watched_where_v1_is_not_served() {
+    let mut r = start(pool_target(), |f| {
+        f.set_absent(LLMD_OBJECTIVES_V1, true);
+        f.apply(POOLS, pool("pool", vllm(), &[8000]));
+        f.apply(PODS, pod("a", "10.0.0.1", true, vllm()));
+        let mut older = objective("chat", "pool", Some(5));
+        older["apiVersion"] = json!("llm-d.ai/v1alpha2");
+        f.apply(LLMD_OBJECTIVES_V1ALPHA2, older);
+    });
+    wait_objectives(&mut r.objectives, &[("chat", 5)]).await;
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn policy_crds_installed_after_startup_are_picked_up() {
+    let mut r = start(pool_target(), |f| {
+        for key in [
+            OBJECTIVES,
+            LLMD_OBJECTIVES_V1,
+            LLMD_OBJECTIVES_V1ALPHA2,
+            REWRITES,
+            LLMD_REWRITES_V1,
+            LLMD_REWRITES_V1ALPHA2,
+        ] {
+            f.set_absent(key, true);
+        }
+        f.apply(POOLS, pool("pool", vllm(), &[8000]));
+        f.apply(PODS, pod("a", "10.0.0.1", true, vllm()));
+    });
+    wait_endpoints(&r.store, &["a-rank-0@10.0.0.1:8000"]).await;
+    poll_until("every group looked at", || async {
+        !r.fake
+            .requests("llm-d.ai/v1alpha2/namespaces/ns/inferencemodelrewrites")
+            .is_empty()
+            && !r
+                .fake
+                .requests("llm-d.ai/v1alpha2/namespaces/ns/inferenceobjectives")
+                .is_empty()
+    })
+    .await;
+    assert!(r.store.is_synced(), "readiness does not wait for them");
+    assert!(r.objectives.borrow().is_none() && r.rewrites.borrow().is_none());
+
+    r.fake.set_absent(LLMD_OBJECTIVES_V1, false);
+    r.fake.set_absent(LLMD_REWRITES_V1, false);
+    r.fake
+        .apply(LLMD_OBJECTIVES_V1, llmd_objective("late", &["pool"], 2));
+    r.fake
+        .apply(LLMD_REWRITES_V1, rewrite("late", &["m"], "m-v2"));
+    wait_objectives(&mut r.objectives, &[("late", 2)]).await;
+    wait_rewrites(&mut r.rewrites, &[(&["m"], "m-v2")]).await;
+    assert_eq!(r.stats.errors(WatchedResource::InferenceModelRewrites), 0);
+    r.stop().await;
+}
+
+/// An InferenceModelRewrite of llm-d.ai/v1 for our pool with one rule.
+fn rewrite(name: &str, models: &[&str], target: &str) -> serde_json::Value {
+    let matches: Vec<serde_json::Value> = models
+        .iter()
+        .map(|m| json!({"model": {"type": "Exact", "value": m}}))
+        .collect();
+    json!({
+        "apiVersion": "llm-d.ai/v1",
+        "kind": "InferenceModelRewrite",
+        "metadata": {"name": name},
+        "spec": {
+            "poolRefs": [{"name": "pool"}],
+            "rules": [{"matches": matches, "targets": [{"modelRewrite": target}]}],
+        },
+    })
+}
+
+async fn wait_rewrites(
+    rx: &mut watch::Receiver<Option<Vec<RewriteRule>>>,
+    want: &[(&[&str], &str)],
+) {
+    let matches = |rules: &Option<Vec<RewriteRule>>| {
+        rules.as_ref().is_some_and(|rules| {
+            rules.len() == want.len()
+                && rules.iter().zip(want).all(|(r, (models, target))| {
+                    r.models == *models && r.targets.first().map(|t| t.0.as_str()) == Some(target)
+                })
+        })
+    };
+    let got = tokio::time::timeout(WAIT, rx.wait_for(|r| matches(r)))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    assert!(
+        got,
+        "rewrites {want:?} never pushed; last {:?}",
+        *rx.borrow()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn model_rewrites_of_both_groups_apply_in_precedence_order() {
+    let mut r = start(pool_target(), |f| {
+        f.apply(POOLS, pool("pool", vllm(), &[8000]));
+        f.apply(PODS, pod("a", "10.0.0.1", true, vllm()));
+        let mut gie = rewrite("gie", &[], "catch-all");
+        gie["apiVersion"] = json!("inference.networking.x-k8s.io/v1alpha2");
+        gie["spec"] = json!({"poolRef": {"name": "pool"}, "rules": gie["spec"]["rules"].clone()});
+        gie["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+        f.apply(REWRITES, gie);
+        let mut exact = rewrite("exact", &["m"], "m-new");
+        exact["metadata"]["creationTimestamp"] = json!("2026-05-01T00:00:00Z");
+        f.apply(LLMD_REWRITES_V1, exact);
+        let mut foreign = rewrite("foreign", &["m"], "elsewhere");
+        foreign["spec"]["poolRefs"] = json!([{"name": "other"}]);
+        f.apply(LLMD_REWRITES_V1, foreign);
+    });
+    wait_rewrites(&mut r.rewrites, &[(&["m"], "m-new"), (&[], "catch-all")]).await;
+    r.fake.delete(REWRITES, "gie");
+    wait_rewrites(&mut r.rewrites, &[(&["m"], "m-new")]).await;
     r.stop().await;
 }

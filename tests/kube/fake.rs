@@ -29,6 +29,13 @@ pub const NS: &str = "ns";
 pub const PODS: &str = "pods";
 pub const POOLS: &str = "inferencepools";
 pub const OBJECTIVES: &str = "inferenceobjectives";
+pub const REWRITES: &str = "inferencemodelrewrites";
+/// llm-d.ai's kinds share their plurals with GIE's, so the fake keeps them
+/// apart by group and version (see [`route`]).
+pub const LLMD_OBJECTIVES_V1: &str = "inferenceobjectives@llm-d.ai/v1";
+pub const LLMD_OBJECTIVES_V1ALPHA2: &str = "inferenceobjectives@llm-d.ai/v1alpha2";
+pub const LLMD_REWRITES_V1: &str = "inferencemodelrewrites@llm-d.ai/v1";
+pub const LLMD_REWRITES_V1ALPHA2: &str = "inferencemodelrewrites@llm-d.ai/v1alpha2";
 pub const LEASES: &str = "leases";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,12 +198,21 @@ fn selector(q: &HashMap<String, String>) -> Selector {
     Selector { labels, name }
 }
 
-/// `(plural, name)` of `/api/v1/namespaces/ns/pods[/name]` or
-/// `/apis/g/v/namespaces/ns/plural[/name]`.
+/// `(key, name)` of `/api/v1/namespaces/ns/pods[/name]` or
+/// `/apis/g/v/namespaces/ns/plural[/name]`. The key is the plural, except
+/// in the `llm-d.ai` group, where it is `plural@llm-d.ai/version`: that
+/// group's kinds have the same plurals as GIE's, and tests serve one version
+/// and not the other.
 fn route(path: &str) -> Option<(String, Option<String>)> {
-    let mut it = path.split('/').skip_while(|s| *s != "namespaces").skip(2);
-    let plural = it.next()?.to_owned();
-    Some((plural, it.next().map(str::to_owned)))
+    let segments: Vec<&str> = path.split('/').collect();
+    let at = segments.iter().position(|s| *s == "namespaces")?;
+    let plural = (*segments.get(at + 2)?).to_owned();
+    let name = segments.get(at + 3).map(|s| (*s).to_owned());
+    let key = match segments.as_slice() {
+        ["", "apis", "llm-d.ai", version, ..] => format!("{plural}@llm-d.ai/{version}"),
+        _ => plural,
+    };
+    Some((key, name))
 }
 
 fn event_line(change: Change, obj: &Value) -> Bytes {

@@ -44,18 +44,20 @@
 mod leader;
 mod mirror;
 mod model;
-mod objectives;
+mod policy;
 mod stats;
 mod watch;
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 pub use leader::{LeaderElectionConfig, LeaderElector, default_identity, lease_name};
 pub use model::{
-    ACTIVE_PORTS_ANNOTATION, AppProtocol, LLMD_ACTIVE_PORTS_ANNOTATION, Objective, POOL_GROUP_V1,
-    Pod, PodView, PoolSpec, X_K8S_GROUP, endpoints, objective_resource, parse_objective,
-    parse_pool, parse_selector, pool_resource,
+    ACTIVE_PORTS_ANNOTATION, AppProtocol, LLMD_ACTIVE_PORTS_ANNOTATION, LLMD_GROUP, ModelRewrite,
+    Objective, POOL_GROUP_V1, Pod, PodView, PoolSpec, RewriteRule, X_K8S_GROUP, endpoints,
+    model_rewrite_resources, objective_resource, objective_resources, parse_model_rewrite,
+    parse_objective, parse_pool, parse_selector, pool_resource,
 };
+pub use policy::{ObjectiveSink, RewriteSink};
 pub use stats::{DiscoveryStats, Observe, ObserveLayer, WatchedResource};
 pub use watch::KubeDiscovery;
 
@@ -83,6 +85,8 @@ pub enum KubeDiscoveryError {
     MalformedPool(#[source] serde_json::Error),
     #[error("invalid InferenceObjective {0}")]
     InvalidObjective(String),
+    #[error("invalid InferenceModelRewrite {0}")]
+    InvalidModelRewrite(String),
     #[error("Kubernetes client")]
     Kube(#[from] kube::Error),
     #[error("Kubernetes watch")]
@@ -94,11 +98,6 @@ pub enum KubeDiscoveryError {
     #[error("timed out after {0:?}")]
     Timeout(Duration),
 }
-
-/// Receives the priorities of the InferenceObjectives of our pool (name ->
-/// priority), replacing the previous map; `Director::set_dynamic_objectives`
-/// in the server.
-pub type ObjectiveSink = Arc<dyn Fn(HashMap<String, i32>) + Send + Sync>;
 
 /// What to discover.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,8 +191,8 @@ pub struct KubeDiscoveryOptions {
     pub target: Target,
     /// Window over which a burst of changes becomes one publication.
     pub debounce: Duration,
-    /// How often to look again for the InferenceObjective CRD when it is not
-    /// installed (or not readable).
+    /// How often to look again for an InferenceObjective or
+    /// InferenceModelRewrite CRD that is not installed (or not readable).
     pub objectives_retry: Duration,
 }
 

@@ -50,15 +50,75 @@ pub fn pool_resource(group: &str) -> ApiResource {
     }
 }
 
-/// The InferenceObjective resource (only ever in the experimental group).
-pub fn objective_resource() -> ApiResource {
+/// llm-d-router's group, where InferenceObjective and InferenceModelRewrite
+/// live since the picker left GIE (v1.6).
+pub const LLMD_GROUP: &str = "llm-d.ai";
+
+fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
     ApiResource {
-        group: X_K8S_GROUP.to_owned(),
-        version: "v1alpha2".to_owned(),
-        api_version: format!("{X_K8S_GROUP}/v1alpha2"),
-        kind: "InferenceObjective".to_owned(),
-        plural: "inferenceobjectives".to_owned(),
+        group: group.to_owned(),
+        version: version.to_owned(),
+        api_version: format!("{group}/{version}"),
+        kind: kind.to_owned(),
+        plural: plural.to_owned(),
     }
+}
+
+/// The InferenceObjective resource of GIE v1.5 (experimental group).
+pub fn objective_resource() -> ApiResource {
+    resource(
+        X_K8S_GROUP,
+        "v1alpha2",
+        "InferenceObjective",
+        "inferenceobjectives",
+    )
+}
+
+/// A kind that may be served in several versions of one group: the versions
+/// to try, newest first; the first the API server serves is watched.
+#[derive(Debug, Clone)]
+pub struct VersionedResource {
+    pub kind: &'static str,
+    pub candidates: Vec<ApiResource>,
+}
+
+/// InferenceObjective in both groups: GIE v1.5's, and llm-d-router's (`v1`,
+/// falling back to `v1alpha2` on clusters with the older CRD).
+pub fn objective_resources() -> Vec<VersionedResource> {
+    let kind = "InferenceObjective";
+    let plural = "inferenceobjectives";
+    vec![
+        VersionedResource {
+            kind,
+            candidates: vec![objective_resource()],
+        },
+        VersionedResource {
+            kind,
+            candidates: vec![
+                resource(LLMD_GROUP, "v1", kind, plural),
+                resource(LLMD_GROUP, "v1alpha2", kind, plural),
+            ],
+        },
+    ]
+}
+
+/// InferenceModelRewrite in both groups, as [`objective_resources`].
+pub fn model_rewrite_resources() -> Vec<VersionedResource> {
+    let kind = "InferenceModelRewrite";
+    let plural = "inferencemodelrewrites";
+    vec![
+        VersionedResource {
+            kind,
+            candidates: vec![resource(X_K8S_GROUP, "v1alpha2", kind, plural)],
+        },
+        VersionedResource {
+            kind,
+            candidates: vec![
+                resource(LLMD_GROUP, "v1", kind, plural),
+                resource(LLMD_GROUP, "v1alpha2", kind, plural),
+            ],
+        },
+    ]
 }
 
 /// How the gateway talks to the model servers (`spec.appProtocol`). The
@@ -362,23 +422,51 @@ pub fn endpoints<'a>(
     out
 }
 
-/// What an InferenceObjective says, when it is about a pool.
+/// Most pools one object may name (`spec.poolRefs`), and most rules, match
+/// entries and targets read from one InferenceModelRewrite: the objects come
+/// from the cluster's users, and the picker's memory must stay bounded.
+const MAX_REFS: usize = 64;
+
+/// The pool names an object refers to: `spec.poolRef.name` (GIE v1.5,
+/// llm-d.ai v1alpha2) or every `spec.poolRefs[].name` (llm-d.ai v1). Refs of
+/// another kind than InferencePool are not about a pool.
+fn pool_refs(spec: &serde_json::Value) -> Option<Vec<String>> {
+    let name_of = |r: &serde_json::Value| {
+        let kind = r
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or("InferencePool");
+        (kind == "InferencePool")
+            .then(|| r.get("name").and_then(|n| n.as_str()).map(str::to_owned))
+            .flatten()
+    };
+    if let Some(refs) = spec.get("poolRefs").and_then(|r| r.as_array()) {
+        return Some(refs.iter().take(MAX_REFS).filter_map(name_of).collect());
+    }
+    let one = spec.get("poolRef")?;
+    Some(name_of(one).into_iter().collect())
+}
+
+/// What an InferenceObjective says: the pools it is about and its priority.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Objective {
-    pub pool: String,
+    pub pools: Vec<String>,
     pub priority: i32,
 }
 
-/// Reads an InferenceObjective: `spec.poolRef.name` and `spec.priority`
-/// (unset means 0, GIE's default).
+impl Objective {
+    pub fn is_for(&self, pool: &str) -> bool {
+        self.pools.iter().any(|p| p == pool)
+    }
+}
+
+/// Reads an InferenceObjective: its pool refs and `spec.priority` (unset
+/// means 0, GIE's default).
 pub fn parse_objective(obj: &DynamicObject) -> Result<Objective, KubeDiscoveryError> {
     let name = obj.metadata.name.as_deref().unwrap_or_default();
     let invalid = |m: &str| KubeDiscoveryError::InvalidObjective(format!("{name}: {m}"));
     let spec = obj.data.get("spec").ok_or_else(|| invalid("no spec"))?;
-    let pool = spec
-        .pointer("/poolRef/name")
-        .and_then(|v| v.as_str())
-        .ok_or_else(|| invalid("no spec.poolRef.name"))?;
+    let pools = pool_refs(spec).ok_or_else(|| invalid("no spec.poolRef or spec.poolRefs"))?;
     let priority = match spec.get("priority") {
         None | Some(serde_json::Value::Null) => 0,
         Some(v) => v
@@ -386,10 +474,130 @@ pub fn parse_objective(obj: &DynamicObject) -> Result<Objective, KubeDiscoveryEr
             .and_then(|p| i32::try_from(p).ok())
             .ok_or_else(|| invalid("spec.priority is not a 32-bit integer"))?,
     };
-    Ok(Objective {
-        pool: pool.to_owned(),
-        priority,
+    Ok(Objective { pools, priority })
+}
+
+/// One rule of an InferenceModelRewrite: requests for one of `models` (any
+/// model when empty) are sent as one of `targets`, chosen by weight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RewriteRule {
+    pub models: Vec<String>,
+    pub targets: Vec<(String, f64)>,
+}
+
+/// What an InferenceModelRewrite says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelRewrite {
+    pub pools: Vec<String>,
+    /// Creation time (RFC 3339), the tie-breaker between objects: the
+    /// oldest object's rule wins.
+    pub created: String,
+    pub rules: Vec<RewriteRule>,
+}
+
+impl ModelRewrite {
+    pub fn is_for(&self, pool: &str) -> bool {
+        self.pools.iter().any(|p| p == pool)
+    }
+}
+
+/// Reads an InferenceModelRewrite (`spec.poolRef`/`poolRefs`, `spec.rules[]`
+/// with `matches[].model.value` (type `Exact`, the only one defined) and
+/// `targets[].{modelRewrite, weight}`). Weights are optional, all or none;
+/// none means equal shares.
+pub fn parse_model_rewrite(obj: &DynamicObject) -> Result<ModelRewrite, KubeDiscoveryError> {
+    let name = obj.metadata.name.as_deref().unwrap_or_default();
+    let invalid = |m: String| KubeDiscoveryError::InvalidModelRewrite(format!("{name}: {m}"));
+    let spec = obj
+        .data
+        .get("spec")
+        .ok_or_else(|| invalid("no spec".into()))?;
+    let pools =
+        pool_refs(spec).ok_or_else(|| invalid("no spec.poolRef or spec.poolRefs".into()))?;
+    let rules = spec
+        .get("rules")
+        .and_then(|r| r.as_array())
+        .ok_or_else(|| invalid("no spec.rules".into()))?;
+    let mut out = Vec::with_capacity(rules.len().min(MAX_REFS));
+    for (i, rule) in rules.iter().take(MAX_REFS).enumerate() {
+        let mut models = Vec::new();
+        for m in rule
+            .get("matches")
+            .and_then(|m| m.as_array())
+            .map_or(&[][..], Vec::as_slice)
+            .iter()
+            .take(MAX_REFS)
+        {
+            let Some(model) = m.get("model") else {
+                continue;
+            };
+            let kind = model
+                .get("type")
+                .and_then(|t| t.as_str())
+                .unwrap_or("Exact");
+            if kind != "Exact" {
+                return Err(invalid(format!(
+                    "rule {i}: match type {kind:?} (only Exact)"
+                )));
+            }
+            match model.get("value").and_then(|v| v.as_str()) {
+                Some(v) if !v.is_empty() => models.push(v.to_owned()),
+                _ => return Err(invalid(format!("rule {i}: a model match without a value"))),
+            }
+        }
+        let mut targets = Vec::new();
+        for t in rule
+            .get("targets")
+            .and_then(|t| t.as_array())
+            .map_or(&[][..], Vec::as_slice)
+            .iter()
+            .take(MAX_REFS)
+        {
+            let model = t
+                .get("modelRewrite")
+                .and_then(|m| m.as_str())
+                .filter(|m| !m.is_empty())
+                .ok_or_else(|| invalid(format!("rule {i}: a target without modelRewrite")))?;
+            let weight = match t.get("weight") {
+                None | Some(serde_json::Value::Null) => 1.0,
+                Some(w) => w
+                    .as_u64()
+                    .filter(|w| (1..=1_000_000).contains(w))
+                    .ok_or_else(|| invalid(format!("rule {i}: weight must be 1..1000000")))?
+                    as f64,
+            };
+            targets.push((model.to_owned(), weight));
+        }
+        if targets.is_empty() {
+            return Err(invalid(format!("rule {i}: no targets")));
+        }
+        out.push(RewriteRule { models, targets });
+    }
+    Ok(ModelRewrite {
+        pools,
+        created: obj
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .unwrap_or_default(),
+        rules: out,
     })
+}
+
+/// The rewrite rules of `objects` that are about `pool`, in the order they
+/// apply: rules naming models before rules matching any model, then the
+/// oldest object first, then each object's rules in order (llm-d-router's
+/// precedence). A lookup takes the first rule that matches.
+pub fn rewrite_rules_for(pool: &str, objects: &[&ModelRewrite]) -> Vec<RewriteRule> {
+    let mut ours: Vec<&ModelRewrite> = objects.iter().copied().filter(|o| o.is_for(pool)).collect();
+    ours.sort_by(|a, b| a.created.cmp(&b.created));
+    let rules = || ours.iter().flat_map(|o| o.rules.iter());
+    rules()
+        .filter(|r| !r.models.is_empty())
+        .chain(rules().filter(|r| r.models.is_empty()))
+        .cloned()
+        .collect()
 }
 
 #[cfg(test)]
@@ -588,10 +796,19 @@ pub(crate) mod tests {
         assert_eq!(
             o,
             Objective {
-                pool: "pool".into(),
+                pools: vec!["pool".into()],
                 priority: -1
             }
         );
+        // llm-d.ai/v1: a list of pools.
+        let o = parse_objective(&dynamic(json!({
+            "metadata": {"name": "chat"},
+            "spec": {"priority": 3, "poolRefs": [{"name": "a"}, {"name": "b", "kind": "InferencePool"},
+                {"name": "c", "kind": "Service"}]},
+        })))
+        .unwrap();
+        assert_eq!(o.pools, vec!["a".to_owned(), "b".to_owned()]);
+        assert!(o.is_for("b") && !o.is_for("c"));
         let unset = parse_objective(&dynamic(json!({
             "metadata": {"name": "x"}, "spec": {"poolRef": {"name": "pool"}},
         })))
@@ -606,6 +823,59 @@ pub(crate) mod tests {
         );
     }
 
+    fn rewrite(name: &str, created: &str, rules: serde_json::Value) -> ModelRewrite {
+        parse_model_rewrite(&dynamic(json!({
+            "metadata": {"name": name, "creationTimestamp": created},
+            "spec": {"poolRef": {"name": "pool"}, "rules": rules},
+        })))
+        .unwrap()
+    }
+
+    #[test]
+    fn model_rewrites_parse_and_order_by_precedence() {
+        let older = rewrite(
+            "older",
+            "2026-01-01T00:00:00Z",
+            json!([
+                {"targets": [{"modelRewrite": "generic-old"}]},
+                {"matches": [{"model": {"value": "m"}}],
+                 "targets": [{"modelRewrite": "a", "weight": 3}, {"modelRewrite": "b", "weight": 1}]},
+            ]),
+        );
+        assert_eq!(
+            older.rules[1].targets,
+            vec![("a".to_owned(), 3.0), ("b".to_owned(), 1.0)]
+        );
+        let newer = rewrite(
+            "newer",
+            "2026-06-01T00:00:00Z",
+            json!([{"matches": [{"model": {"type": "Exact", "value": "m"}}],
+                    "targets": [{"modelRewrite": "new"}]}]),
+        );
+        let mut elsewhere = newer.clone();
+        elsewhere.pools = vec!["other".into()];
+        let rules = rewrite_rules_for("pool", &[&newer, &elsewhere, &older]);
+        let firsts: Vec<&str> = rules.iter().map(|r| r.targets[0].0.as_str()).collect();
+        assert_eq!(
+            firsts,
+            ["a", "new", "generic-old"],
+            "exact first, oldest first"
+        );
+
+        for bad in [
+            json!([{"targets": []}]),
+            json!([{"matches": [{"model": {"type": "Prefix", "value": "m"}}], "targets": [{"modelRewrite": "x"}]}]),
+            json!([{"targets": [{"modelRewrite": "x", "weight": 0}]}]),
+            json!([{"targets": [{"weight": 1}]}]),
+        ] {
+            let r = parse_model_rewrite(&dynamic(json!({
+                "metadata": {"name": "bad"},
+                "spec": {"poolRef": {"name": "pool"}, "rules": bad},
+            })));
+            assert!(r.is_err(), "{bad}");
+        }
+    }
+
     #[test]
     fn resources() {
         assert_eq!(
@@ -614,5 +884,12 @@ pub(crate) mod tests {
         );
         assert_eq!(pool_resource(X_K8S_GROUP).version, "v1alpha2");
         assert_eq!(objective_resource().plural, "inferenceobjectives");
+        let llmd = &objective_resources()[1].candidates;
+        assert_eq!(llmd[0].api_version, "llm-d.ai/v1");
+        assert_eq!(llmd[1].api_version, "llm-d.ai/v1alpha2");
+        assert_eq!(
+            model_rewrite_resources()[0].candidates[0].plural,
+            "inferencemodelrewrites"
+        );
     }
 }

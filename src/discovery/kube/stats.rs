@@ -31,14 +31,16 @@ pub enum WatchedResource {
     InferencePool,
     Pods,
     InferenceObjectives,
+    InferenceModelRewrites,
     Lease,
 }
 
 impl WatchedResource {
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::InferencePool,
         Self::Pods,
         Self::InferenceObjectives,
+        Self::InferenceModelRewrites,
         Self::Lease,
     ];
 
@@ -48,6 +50,7 @@ impl WatchedResource {
             Self::InferencePool => "inferencepool",
             Self::Pods => "pods",
             Self::InferenceObjectives => "inferenceobjectives",
+            Self::InferenceModelRewrites => "inferencemodelrewrites",
             Self::Lease => "lease",
         }
     }
@@ -60,6 +63,7 @@ impl WatchedResource {
             "inferencepools" => Some(Self::InferencePool),
             "pods" => Some(Self::Pods),
             "inferenceobjectives" => Some(Self::InferenceObjectives),
+            "inferencemodelrewrites" => Some(Self::InferenceModelRewrites),
             "leases" => Some(Self::Lease),
             _ => None,
         }
@@ -78,8 +82,8 @@ const FAILING: u8 = 2;
 /// `discovery::DiscoveryMetrics` at render time.
 #[derive(Debug, Default)]
 pub struct DiscoveryStats {
-    errors: [AtomicU64; 4],
-    health: [AtomicU8; 4],
+    errors: [AtomicU64; 5],
+    health: [AtomicU8; 5],
     /// Whether the InferencePool watch is part of the required set (false in
     /// standalone selector mode).
     pool_mode: AtomicBool,

@@ -15,10 +15,10 @@ use kube::{
 use tokio::{sync::watch, time::Instant};
 
 use super::{
-    KubeDiscoveryError, KubeDiscoveryOptions, ObjectiveSink, Target,
+    KubeDiscoveryError, KubeDiscoveryOptions, ObjectiveSink, RewriteSink, Target,
     mirror::Mirror,
     model::{Pod, PodView, PoolSpec, endpoints, parse_pool, pool_resource},
-    objectives,
+    policy::{self, PolicySinks, PolicyWatch},
     stats::{DiscoveryStats, WatchedResource},
 };
 use crate::{
@@ -34,14 +34,15 @@ pub struct KubeDiscovery {
     options: KubeDiscoveryOptions,
     store: Arc<EndpointStore>,
     stats: Arc<DiscoveryStats>,
-    objectives: Option<ObjectiveSink>,
+    policy: PolicySinks,
 }
 
 impl std::fmt::Debug for KubeDiscovery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KubeDiscovery")
             .field("options", &self.options)
-            .field("objectives", &self.objectives.is_some())
+            .field("objectives", &self.policy.objectives.is_some())
+            .field("rewrites", &self.policy.rewrites.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -61,39 +62,52 @@ impl KubeDiscovery {
             options,
             store,
             stats,
-            objectives: None,
+            policy: PolicySinks::default(),
         }
     }
 
     /// Also watch InferenceObjectives of the pool and hand their priorities
     /// to `sink` (pool mode only; standalone mode has no objectives, as in GIE).
     pub fn with_objectives(mut self, sink: ObjectiveSink) -> Self {
-        self.objectives = Some(sink);
+        self.policy.objectives = Some(sink);
+        self
+    }
+
+    /// Also watch InferenceModelRewrites of the pool and hand their rules to
+    /// `sink` (pool mode only).
+    pub fn with_rewrites(mut self, sink: RewriteSink) -> Self {
+        self.policy.rewrites = Some(sink);
         self
     }
 
     /// Runs until `shutdown` turns true. Returns an error only if a watcher
     /// stream ends, which kube-runtime watchers never do.
     pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<(), KubeDiscoveryError> {
-        let objectives = match (&self.options.target, &self.objectives) {
-            (Target::Pool { name, .. }, Some(sink)) => Some(objectives::run(
-                self.client.clone(),
-                self.options.namespace.clone(),
-                name.clone(),
-                Arc::clone(sink),
-                Arc::clone(&self.stats),
-                self.options.objectives_retry,
-                shutdown.clone(),
-            )),
+        let policy = match &self.options.target {
+            Target::Pool { name, .. }
+                if self.policy.objectives.is_some() || self.policy.rewrites.is_some() =>
+            {
+                Some(policy::run(
+                    PolicyWatch {
+                        client: self.client.clone(),
+                        namespace: self.options.namespace.clone(),
+                        pool: name.clone(),
+                        stats: Arc::clone(&self.stats),
+                        retry: self.options.objectives_retry,
+                    },
+                    self.policy.clone(),
+                    shutdown.clone(),
+                ))
+            }
             _ => None,
         };
         let endpoints = self.run_endpoints(shutdown);
-        match objectives {
+        match policy {
             // Both loops end on shutdown; an error of the endpoint loop is
-            // reported at once rather than when the objectives loop ends.
-            Some(objectives) => tokio::select! {
+            // reported at once rather than when the policy loops end.
+            Some(policy) => tokio::select! {
                 result = endpoints => result,
-                () = objectives => Ok(()),
+                () = policy => Ok(()),
             },
             None => endpoints.await,
         }
