@@ -1,5 +1,5 @@
 //! The Grafana dashboard only queries metrics that exist: the picker's names
-//! are checked against its source (src/telemetry/metrics.rs), vLLM's against
+//! are checked against its source (every file under src/), vLLM's against
 //! the real vLLM /metrics captures in tests/fixtures/metrics. A renamed
 //! metric otherwise shows up as an empty panel, long after the change.
 
