@@ -15,8 +15,10 @@
 mod checks;
 mod dashboard;
 mod epp;
+mod hardening;
 mod model;
 mod negative;
+mod negative_hardening;
 mod render;
 
 use std::{
@@ -35,10 +37,17 @@ fn is_gke(overlay: &str) -> bool {
     overlay.starts_with("gke")
 }
 
+/// Overlays that run one model server on purpose (the seed's shape, kept
+/// for comparison); every other install gives the picker a choice.
+fn single_server(overlay: &str) -> bool {
+    overlay.ends_with("-2x2")
+}
+
 fn ctx(overlay: &str) -> Ctx<'static> {
     Ctx {
         gke: is_gke(overlay),
         epp_flags: epp_help_flags(),
+        min_endpoints: if single_server(overlay) { 1 } else { 2 },
     }
 }
 
@@ -53,7 +62,13 @@ fn assert_clean(what: &str, found: &[Violation]) {
 }
 
 /// Overlays that must exist; any other overlay is checked too.
-const OVERLAYS: &[&str] = &["gke-tpu", "gke-tpu-internal", "kind", "kind-istio"];
+const OVERLAYS: &[&str] = &[
+    "gke-tpu",
+    "gke-tpu-2x2",
+    "gke-tpu-internal",
+    "kind",
+    "kind-istio",
+];
 
 /// Components enabled on top of an overlay, as the docs describe.
 const COMPOSITIONS: &[(&str, &[&str])] = &[
@@ -145,6 +160,26 @@ fn every_component_is_rendered_by_some_test() {
                 .map(str::to_owned),
         );
     }
+    // Components a used component includes (`components: [- ../name]`).
+    loop {
+        let before = used.len();
+        for c in used.clone() {
+            let path = manifests_dir()
+                .join("components")
+                .join(&c)
+                .join("kustomization.yaml");
+            let k = std::fs::read_to_string(path).unwrap_or_default();
+            used.extend(
+                k.lines()
+                    .filter_map(|l| l.trim().strip_prefix("- ../"))
+                    .filter(|n| !n.contains('/'))
+                    .map(str::to_owned),
+            );
+        }
+        if used.len() == before {
+            break;
+        }
+    }
     for entry in std::fs::read_dir(manifests_dir().join("components")).unwrap() {
         let name = entry.unwrap().file_name().to_string_lossy().into_owned();
         assert!(
@@ -157,8 +192,44 @@ fn every_component_is_rendered_by_some_test() {
 #[test]
 fn gke_overlays_are_the_tpu_stack_behind_a_regional_gateway() {
     let rendered = rendered_overlays();
+    // The default stack: four one-chip pods (the picker has a choice), the
+    // seed's single 2x2 pod kept as gke-tpu-2x2; the same chips either way.
+    for (overlay, topology, pods, chips) in [
+        ("gke-tpu", "1x1", 4, "1"),
+        ("gke-tpu-internal", "1x1", 4, "1"),
+        ("gke-tpu-2x2", "2x2", 1, "4"),
+    ] {
+        let objs = &rendered[overlay];
+        let server = workloads(objs)
+            .find(|w| {
+                w.containers()
+                    .iter()
+                    .any(|c| c.pointer("/resources/limits/google.com~1tpu").is_some())
+            })
+            .unwrap_or_else(|| panic!("{overlay}: no TPU workload"));
+        assert_eq!(model::replicas(&server), pods, "{overlay} replicas");
+        assert_eq!(
+            str_at(
+                server.pod_spec(),
+                "/nodeSelector/cloud.google.com~1gke-tpu-topology"
+            ),
+            Some(topology),
+            "{overlay} topology"
+        );
+        assert_eq!(
+            str_at(&server.containers()[0], "/resources/limits/google.com~1tpu"),
+            Some(chips),
+            "{overlay} chips per pod"
+        );
+        assert_eq!(
+            pods * chips.parse::<u64>().unwrap(),
+            4,
+            "{overlay}: four chips in all, so the two shapes cost the same"
+        );
+    }
     for (overlay, class) in [
         ("gke-tpu", "gke-l7-regional-external-managed"),
+        ("gke-tpu-2x2", "gke-l7-regional-external-managed"),
         ("gke-tpu-internal", "gke-l7-rilb"),
     ] {
         let objs = &rendered[overlay];

@@ -1,0 +1,255 @@
+//! Negative cases for the checks in hardening.rs (and the TPU and RBAC
+//! additions to checks.rs), on the same hand-written install as negative.rs:
+//! each mutation must be rejected by the check it targets.
+
+use crate::{
+    checks,
+    negative::{VALID, ctx, parse, rejects, run, with},
+};
+
+// ------------------------------------------------------------ TPU server
+
+#[test]
+fn rejects_a_tpu_server_that_surges_or_is_best_effort() {
+    rejects(
+        &with(
+            "strategy: {type: RollingUpdate, rollingUpdate: {maxSurge: 0, maxUnavailable: 1}}",
+            "strategy: {type: RollingUpdate}",
+        ),
+        "tpu-model-server",
+        "maxSurge None",
+    );
+    rejects(
+        &with(
+            "{google.com/tpu: \"4\", cpu: \"8\", memory: 2Gi, ephemeral-storage: 10Gi}",
+            "{google.com/tpu: \"4\"}",
+        ),
+        "tpu-model-server",
+        "requests cpu None",
+    );
+    rejects(
+        &with("memory: 2Gi, ephemeral", "memory: 512Mi, ephemeral"),
+        "tpu-model-server",
+        "requests memory",
+    );
+    rejects(
+        &with("ephemeral-storage: 10Gi}", "ephemeral-storage: 1Gi}"),
+        "tpu-model-server",
+        "requests ephemeral-storage",
+    );
+    rejects(
+        &with(", {name: tpu-metrics, containerPort: 8431}]", "]"),
+        "tpu-model-server",
+        "containerPort 8431",
+    );
+}
+
+#[test]
+fn accepts_a_one_chip_server() {
+    let objs = parse(
+        &VALID
+            .replacen("gke-tpu-topology: \"2x2\"", "gke-tpu-topology: \"1x1\"", 1)
+            .replacen("--tensor-parallel-size=4", "--tensor-parallel-size=1", 1)
+            .replace("google.com/tpu: \"4\"", "google.com/tpu: \"1\""),
+    );
+    let found = run(&objs, true);
+    assert!(found.is_empty(), "{found:#?}");
+}
+
+// -------------------------------------------------------- several pods
+
+#[test]
+fn rejects_a_pool_with_a_single_server() {
+    rejects(
+        &with("replicas: 2\n  strategy", "replicas: 1\n  strategy"),
+        "pool-has-choice",
+        "selects 1 model-server pod(s)",
+    );
+    // An install that is one server on purpose says so.
+    let one = with("replicas: 2\n  strategy", "replicas: 1\n  strategy");
+    let found = checks::run_all(
+        &one,
+        &checks::Ctx {
+            min_endpoints: 1,
+            ..ctx(true)
+        },
+    );
+    assert!(
+        found.iter().all(|v| v.check != "pool-has-choice"),
+        "{found:#?}"
+    );
+}
+
+#[test]
+fn rejects_service_links_on_the_model_server() {
+    rejects(
+        &with("      enableServiceLinks: false\n", ""),
+        "no-service-links",
+        "enableServiceLinks: false",
+    );
+}
+
+// ------------------------------------------------------------ KV events
+
+#[test]
+fn rejects_kv_events_a_subscriber_cannot_use() {
+    rejects(
+        &with(
+            "\"publisher\":\"zmq\",",
+            "\"publisher\":\"zmq\",\"buffer\":5,",
+        ),
+        "kv-events",
+        "key \"buffer\"",
+    );
+    rejects(
+        &with(
+            "\"endpoint\":\"tcp://*:5557\"",
+            "\"endpoint\":\"tcp://*:5559\"",
+        ),
+        "kv-events",
+        "named kv-events",
+    );
+    rejects(
+        &with(
+            "\"endpoint\":\"tcp://*:5557\"",
+            "\"endpoint\":\"tcp://10.0.0.1:5557\"",
+        ),
+        "kv-events",
+        "must bind tcp://*:<port>",
+    );
+    rejects(
+        &with("\"replay_endpoint\":\"tcp://*:5558\",", ""),
+        "kv-events",
+        "named kv-replay",
+    );
+    rejects(
+        &with("\"topic\":\"kv@$(POD_IP):8000@m\"", "\"topic\":\"kv\""),
+        "kv-events",
+        "topic \"kv\"",
+    );
+    rejects(
+        &with(
+            "\"enable_kv_cache_events\":true",
+            "\"enable_kv_cache_events\":false",
+        ),
+        "kv-events",
+        "enable_kv_cache_events: true",
+    );
+    rejects(
+        &with("\"publisher\":\"zmq\"", "\"publisher\":\"null\""),
+        "kv-events",
+        "publisher must be \"zmq\"",
+    );
+    rejects(
+        &with(
+            "        - {name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}\n",
+            "",
+        ),
+        "kv-events",
+        "no POD_IP env",
+    );
+    rejects(
+        &with(
+            "'{\"enable_kv_cache_events\"",
+            "'{{\"enable_kv_cache_events\"",
+        ),
+        "kv-events",
+        "is not JSON",
+    );
+    rejects(
+        &with(", --kv-events-config, '{", ", --no-kv-events, '{"),
+        "kv-events",
+        "without --kv-events-config",
+    );
+}
+
+// --------------------------------------------------------- drain budget
+
+#[test]
+fn rejects_a_drain_chain_that_cuts_streams() {
+    rejects(
+        &with(
+            "connectionDraining: {drainingTimeoutSec: 300}",
+            "connectionDraining: {drainingTimeoutSec: 60}",
+        ),
+        "drain-budget",
+        "drainingTimeoutSec 60 is below timeoutSec 300",
+    );
+    rejects(
+        &with(
+            "default: {timeoutSec: 300, connectionDraining: {drainingTimeoutSec: 300}}",
+            "default: {timeoutSec: 300}",
+        ),
+        "drain-budget",
+        "drainingTimeoutSec 0",
+    );
+    rejects(
+        &with("--shutdown-timeout=300", "--shutdown-timeout=60"),
+        "drain-budget",
+        "less than the 300 s the load balancer drains it",
+    );
+    rejects(
+        &with(
+            "      enableServiceLinks: false\n      terminationGracePeriodSeconds: 340",
+            "      enableServiceLinks: false\n      terminationGracePeriodSeconds: 130",
+        ),
+        "drain-budget",
+        "the kubelet kills it mid-drain",
+    );
+    rejects(
+        &with(
+            "      serviceAccountName: epp\n      terminationGracePeriodSeconds: 340",
+            "      serviceAccountName: epp\n      terminationGracePeriodSeconds: 130",
+        ),
+        "drain-budget",
+        "below the model servers' 340",
+    );
+}
+
+// -------------------------------------------------- disruption budgets
+
+#[test]
+fn rejects_disruption_budgets_that_stall_drains_or_are_missing() {
+    rejects(
+        &with(
+            "spec:\n  maxUnavailable: 1\n",
+            "spec:\n  maxUnavailable: 0\n",
+        ),
+        "disruption-budgets",
+        "allows no eviction",
+    );
+    rejects(
+        &with("spec:\n  maxUnavailable: 1\n", "spec:\n  minAvailable: 2\n"),
+        "disruption-budgets",
+        "allows no eviction",
+    );
+    rejects(
+        &with(
+            "  maxUnavailable: 1\n  selector: {matchLabels: {app: vllm}}",
+            "  maxUnavailable: 1\n  selector: {matchLabels: {app: vlm}}",
+        ),
+        "disruption-budgets",
+        "selects no pods",
+    );
+    rejects(
+        &with(
+            "kind: PodDisruptionBudget\nmetadata: {name: vllm, namespace: ns}",
+            "kind: PodDisruptionBudgetX\nmetadata: {name: vllm, namespace: ns}",
+        ),
+        "disruption-budgets",
+        "no PodDisruptionBudget",
+    );
+    let ha = VALID
+        .replacen("replicas: 1\n  strategy", "replicas: 2\n  strategy", 1)
+        .replacen(
+            "--shutdown-grace-period, 330s]",
+            "--shutdown-grace-period, 330s, --ha-enable-leader-election]",
+            1,
+        );
+    let pdb = "apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata: {name: epp, namespace: ns}\nspec:\n  maxUnavailable: 1\n  selector: {matchLabels: {app: epp}}";
+    rejects(
+        &parse(&format!("{ha}\n---\n{pdb}")),
+        "disruption-budgets",
+        "only the leader is Ready",
+    );
+}
