@@ -70,6 +70,7 @@ pub const ALL: &[(&str, Check)] = &[
     ("pool-has-choice", hardening::pool_has_choice),
     ("no-service-links", hardening::no_service_links),
     ("kv-events", hardening::kv_events),
+    ("epp-service-protocol", hardening::epp_service_protocol),
     ("drain-budget", hardening::drain_budget),
     ("disruption-budgets", hardening::disruption_budgets),
     (

@@ -13,8 +13,8 @@ use crate::{
     checks::{Ctx, Out, Violation, model_servers, targeting},
     epp::{arg_value, epp_containers},
     model::{
-        Obj, Workload, args, arr_at, id, match_labels, namespace, of_kind, replicas, str_at,
-        workloads,
+        Obj, Workload, args, arr_at, find, id, map_at, match_labels, namespace, of_kind, replicas,
+        str_at, workloads,
     },
 };
 
@@ -192,6 +192,64 @@ pub fn kv_events(objs: &[Obj], ctx: &Ctx<'_>) -> Vec<Violation> {
             if topic.contains("$(POD_IP)") && !pod_ip_env {
                 out.push(format!(
                     "{who} uses $(POD_IP) in the KV-events topic but has no POD_IP env from status.podIP"
+                ));
+            }
+        }
+    }
+    out.done()
+}
+
+// ----------------------------------------------------- picker's Service
+
+/// The Service port a pool's endpointPickerRef names declares the protocol
+/// the picker really serves there: HTTP2 (HTTP/2 over TLS, as GKE documents
+/// it and GIE's chart sets it on its GKE callout backend) when the picker
+/// serves TLS, kubernetes.io/h2c (cleartext HTTP/2) only with
+/// --secure-serving=false. Absent means HTTP/1.1 on GKE, which gRPC cannot
+/// use; h2c against a TLS port fails the handshake, and FailOpen then hides
+/// the picker.
+pub fn epp_service_protocol(objs: &[Obj], _: &Ctx<'_>) -> Vec<Violation> {
+    let mut out = Out::new("epp-service-protocol");
+    let epps = epp_containers(objs);
+    for pool in of_kind(objs, "InferencePool") {
+        let Some(r) = pool.pointer("/spec/endpointPickerRef") else {
+            continue;
+        };
+        let svc_name = str_at(r, "/name").unwrap_or("");
+        let port = r.pointer("/port/number").and_then(Value::as_u64);
+        let Some(svc) = find(objs, "Service", svc_name, namespace(pool)) else {
+            continue; // pool-picker-ref reports it
+        };
+        let Some(svc_port) = arr_at(svc, "/spec/ports")
+            .iter()
+            .find(|p| p.get("port").and_then(Value::as_u64) == port)
+        else {
+            continue;
+        };
+        let selector = map_at(svc, "/spec/selector").cloned().unwrap_or_default();
+        let tls: BTreeSet<bool> = epps
+            .iter()
+            .filter(|e| e.workload.selected_by(&selector))
+            .filter_map(|e| e.flags().ok())
+            .map(|f| f.secure_serving)
+            .collect();
+        let proto = str_at(svc_port, "/appProtocol");
+        for secure in tls {
+            let ok = if secure {
+                proto.is_some_and(|p| p.eq_ignore_ascii_case("http2"))
+            } else {
+                proto == Some("kubernetes.io/h2c")
+            };
+            if !ok {
+                let want = if secure {
+                    "HTTP2 (HTTP/2 over TLS: the picker serves TLS)"
+                } else {
+                    "kubernetes.io/h2c (the picker runs with --secure-serving=false)"
+                };
+                out.push(format!(
+                    "{} port {port:?} (endpointPickerRef of {}) has appProtocol {proto:?}; it must be {want}",
+                    id(svc),
+                    id(pool)
                 ));
             }
         }

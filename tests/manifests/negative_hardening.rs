@@ -163,6 +163,41 @@ fn rejects_kv_events_a_subscriber_cannot_use() {
     );
 }
 
+// ------------------------------------------------------ picker Service
+
+#[test]
+fn rejects_a_picker_service_protocol_the_picker_does_not_speak() {
+    rejects(
+        &with(
+            "targetPort: grpc, appProtocol: http2}",
+            "targetPort: grpc, appProtocol: kubernetes.io/h2c}",
+        ),
+        "epp-service-protocol",
+        "appProtocol Some(\"kubernetes.io/h2c\"); it must be HTTP2",
+    );
+    rejects(
+        &with("targetPort: grpc, appProtocol: http2}", "targetPort: grpc}"),
+        "epp-service-protocol",
+        "appProtocol None",
+    );
+    rejects(
+        &with(
+            "targetPort: grpc, appProtocol: http2}",
+            "targetPort: grpc, appProtocol: https}",
+        ),
+        "epp-service-protocol",
+        "appProtocol Some(\"https\")",
+    );
+    rejects(
+        &with(
+            "--shutdown-grace-period, 330s]",
+            "--shutdown-grace-period, 330s, --secure-serving=false]",
+        ),
+        "epp-service-protocol",
+        "must be kubernetes.io/h2c",
+    );
+}
+
 // --------------------------------------------------------- drain budget
 
 #[test]
