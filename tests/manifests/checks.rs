@@ -73,6 +73,7 @@ pub const ALL: &[(&str, Check)] = &[
     ("epp-service-protocol", hardening::epp_service_protocol),
     ("drain-budget", hardening::drain_budget),
     ("disruption-budgets", hardening::disruption_budgets),
+    ("network-policies", hardening::network_policies),
     (
         "pitfall:regional-gateway-class",
         pitfall_regional_gateway_class,

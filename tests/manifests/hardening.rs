@@ -18,6 +18,17 @@ use crate::{
     },
 };
 
+/// Google's health-check probe ranges, the sources of health checks for
+/// the regional Application Load Balancers besides their proxy-only subnet
+/// (cloud.google.com/load-balancing/docs/firewall-rules).
+pub const GCP_HEALTH_CHECK_RANGES: &[&str] = &["35.191.0.0/16", "130.211.0.0/22"];
+
+/// The namespaces Managed Service for Prometheus runs its collectors in
+/// (GKE Standard, Autopilot), and their pod label
+/// (GoogleCloudPlatform/prometheus-engine charts/operator/templates).
+pub const GMP_NAMESPACES: &[&str] = &["gmp-system", "gke-gmp-system"];
+pub const GMP_COLLECTOR_LABEL: (&str, &str) = ("app.kubernetes.io/name", "collector");
+
 /// Fields of vLLM's KVEventsConfig (vllm/config/kv_events.py).
 pub const KV_EVENTS_KEYS: &[&str] = &[
     "enable_kv_cache_events",
@@ -51,6 +62,15 @@ fn picker_workloads(objs: &[Obj]) -> Vec<Workload<'_>> {
 
 fn is_picker(w: &Workload<'_>, objs: &[Obj]) -> bool {
     picker_workloads(objs).iter().any(|p| p.obj == w.obj)
+}
+
+/// The container port (name, number) pairs of a workload.
+fn container_ports<'a>(w: &Workload<'a>) -> Vec<(Option<&'a str>, u64)> {
+    w.containers()
+        .iter()
+        .flat_map(|c| arr_at(c, "/ports"))
+        .filter_map(|p| Some((str_at(p, "/name"), p.get("containerPort")?.as_u64()?)))
+        .collect()
 }
 
 // ------------------------------------------------------------ several pods
@@ -409,6 +429,228 @@ pub fn disruption_budgets(objs: &[Obj], _: &Ctx<'_>) -> Vec<Violation> {
                 replicas(&w)
             ));
         }
+    }
+    out.done()
+}
+
+// ---------------------------------------------------- network policies
+
+fn parse_cidr(cidr: &str) -> Option<([u8; 4], u8)> {
+    let (ip, len) = cidr.split_once('/')?;
+    let octets: Vec<u8> = ip
+        .split('.')
+        .map(|o| o.parse().ok())
+        .collect::<Option<_>>()?;
+    let octets: [u8; 4] = octets.try_into().ok()?;
+    Some((octets, len.parse().ok().filter(|l| *l <= 32)?))
+}
+
+/// An RFC 1918 range of a proxy-only subnet's size (/26 minimum, /23
+/// recommended; no wider than /16).
+fn is_private_subnet(cidr: &str) -> bool {
+    let Some((o, len)) = parse_cidr(cidr) else {
+        return false;
+    };
+    let private =
+        o[0] == 10 || (o[0] == 172 && (16..32).contains(&o[1])) || (o[0] == 192 && o[1] == 168);
+    private && (16..=26).contains(&len)
+}
+
+/// The pod label sets a peer's podSelector matches (only pods of this
+/// install, same namespace, no namespaceSelector).
+fn peer_selects<'a>(peer: &Value, w: &Workload<'a>) -> bool {
+    peer.get("namespaceSelector").is_none()
+        && peer
+            .pointer("/podSelector")
+            .and_then(match_labels)
+            .is_some_and(|sel| w.selected_by(sel))
+}
+
+fn peer_is_gmp_collector(peer: &Value) -> bool {
+    let pod_ok = peer
+        .pointer("/podSelector/matchLabels")
+        .and_then(|m| m.get(GMP_COLLECTOR_LABEL.0))
+        .and_then(Value::as_str)
+        == Some(GMP_COLLECTOR_LABEL.1);
+    let ns = peer.get("namespaceSelector");
+    let names: BTreeSet<&str> = ns
+        .map(|n| {
+            let exprs = arr_at(n, "/matchExpressions").iter().filter(|e| {
+                str_at(e, "/key") == Some("kubernetes.io/metadata.name")
+                    && str_at(e, "/operator") == Some("In")
+            });
+            exprs
+                .flat_map(|e| arr_at(e, "/values"))
+                .filter_map(Value::as_str)
+                .chain(str_at(n, "/matchLabels/kubernetes.io~1metadata.name"))
+                .collect()
+        })
+        .unwrap_or_default();
+    pod_ok && !names.is_empty() && names.iter().all(|n| GMP_NAMESPACES.contains(n))
+}
+
+/// Whether a rule port entry means container port (name, number).
+fn rule_port_is(p: &Value, port: (Option<&str>, u64)) -> bool {
+    match p.get("port") {
+        Some(Value::String(s)) => Some(s.as_str()) == port.0,
+        Some(Value::Number(n)) => n.as_u64() == Some(port.1),
+        _ => false,
+    }
+}
+
+/// The peers admitted to `port` on a workload selected by `np`.
+fn peers_for<'a>(np: &'a Obj, port: (Option<&str>, u64)) -> Vec<&'a Value> {
+    arr_at(np, "/spec/ingress")
+        .iter()
+        .filter(|r| arr_at(r, "/ports").iter().any(|p| rule_port_is(p, port)))
+        .flat_map(|r| arr_at(r, "/from"))
+        .collect()
+}
+
+/// Ingress NetworkPolicies admit named callers only, on named ports:
+/// every rule lists its sources and ports; ipBlocks are Google's health-check
+/// ranges or one private range (the proxy-only subnet), the same in every
+/// policy; no rule opens a port to all namespaces. Where they select the
+/// picker: ext_proc is open to the load balancer (health ranges and the
+/// proxy range), /metrics to Managed Prometheus' collectors, and the
+/// plaintext health/admin port to no pod at all. Where they select the
+/// model servers: the serving port to the load balancer, the KV-event
+/// sockets to the picker only.
+pub fn network_policies(objs: &[Obj], _: &Ctx<'_>) -> Vec<Violation> {
+    let mut out = Out::new("network-policies");
+    let mut private_ranges: BTreeSet<&str> = BTreeSet::new();
+    let pickers = picker_workloads(objs);
+    let servers = model_servers(objs);
+    for np in of_kind(objs, "NetworkPolicy") {
+        let nid = id(np);
+        let selector = np.pointer("/spec/podSelector").and_then(match_labels);
+        let selected: Vec<Workload<'_>> = workloads(objs)
+            .filter(|w| {
+                w.namespace() == namespace(np) && selector.is_some_and(|s| w.selected_by(s))
+            })
+            .collect();
+        if selected.is_empty() {
+            out.push(format!("{nid} selects no pods of this install"));
+            continue;
+        }
+        if !arr_at(np, "/spec/policyTypes")
+            .iter()
+            .any(|t| t == "Ingress")
+        {
+            out.push(format!("{nid} does not list Ingress in policyTypes"));
+        }
+        for (i, rule) in arr_at(np, "/spec/ingress").iter().enumerate() {
+            if arr_at(rule, "/from").is_empty() {
+                out.push(format!(
+                    "{nid} ingress rule {i} has no `from`: it admits every source"
+                ));
+            }
+            let ports = arr_at(rule, "/ports");
+            if ports.is_empty() {
+                out.push(format!(
+                    "{nid} ingress rule {i} has no `ports`: it opens every port"
+                ));
+            }
+            for p in ports {
+                for w in &selected {
+                    if !container_ports(w).iter().any(|cp| rule_port_is(p, *cp)) {
+                        out.push(format!(
+                            "{nid} ingress rule {i} port {} is not a container port of {}",
+                            p.get("port").unwrap_or(&Value::Null),
+                            id(w.obj)
+                        ));
+                    }
+                }
+            }
+            for peer in arr_at(rule, "/from") {
+                if let Some(cidr) = str_at(peer, "/ipBlock/cidr") {
+                    if is_private_subnet(cidr) {
+                        private_ranges.insert(cidr);
+                    } else if !GCP_HEALTH_CHECK_RANGES.contains(&cidr) {
+                        out.push(format!(
+                            "{nid} ingress rule {i} admits {cidr}: only Google's health-check ranges {GCP_HEALTH_CHECK_RANGES:?} and the proxy-only subnet (a private /16-/26) belong here"
+                        ));
+                    }
+                }
+                if let Some(ns) = peer.get("namespaceSelector")
+                    && map_at(ns, "/matchLabels").is_none_or(|m| m.is_empty())
+                    && arr_at(ns, "/matchExpressions").is_empty()
+                {
+                    out.push(format!("{nid} ingress rule {i} admits every namespace"));
+                }
+            }
+        }
+        for w in &selected {
+            let wid = id(w.obj);
+            let port = |n: &str| {
+                container_ports(w)
+                    .into_iter()
+                    .find(|(name, _)| *name == Some(n))
+            };
+            let from_lb = |peers: &[&Value]| {
+                let cidrs: BTreeSet<&str> = peers
+                    .iter()
+                    .filter_map(|p| str_at(p, "/ipBlock/cidr"))
+                    .collect();
+                GCP_HEALTH_CHECK_RANGES.iter().all(|r| cidrs.contains(r))
+                    && cidrs.iter().any(|c| is_private_subnet(c))
+            };
+            if pickers.iter().any(|p| p.obj == w.obj) {
+                if let Some(grpc) = port("grpc")
+                    && !from_lb(&peers_for(np, grpc))
+                {
+                    out.push(format!(
+                        "{nid}: {wid}'s ext_proc port must admit the load balancer: {GCP_HEALTH_CHECK_RANGES:?} and the proxy-only subnet"
+                    ));
+                }
+                if let Some(health) = port("grpc-health")
+                    && peers_for(np, health)
+                        .iter()
+                        .any(|p| p.get("ipBlock").is_none())
+                {
+                    out.push(format!(
+                        "{nid} opens {wid}'s plaintext health/admin port to pods; only the load balancer's health checks (and the kubelet, always allowed) need it"
+                    ));
+                }
+                if let Some(metrics) = port("metrics")
+                    && !peers_for(np, metrics)
+                        .iter()
+                        .any(|p| peer_is_gmp_collector(p))
+                {
+                    out.push(format!(
+                        "{nid} does not admit Managed Prometheus' collectors ({GMP_NAMESPACES:?}, {}={}) to {wid}'s metrics port",
+                        GMP_COLLECTOR_LABEL.0, GMP_COLLECTOR_LABEL.1
+                    ));
+                }
+            }
+            if servers.iter().any(|s| s.obj == w.obj) {
+                if let Some(http) = port("http")
+                    && !from_lb(&peers_for(np, http))
+                {
+                    out.push(format!(
+                        "{nid}: {wid}'s serving port must admit the load balancer: {GCP_HEALTH_CHECK_RANGES:?} and the proxy-only subnet"
+                    ));
+                }
+                for kv in ["kv-events", "kv-replay"] {
+                    let Some(p) = port(kv) else { continue };
+                    let peers = peers_for(np, p);
+                    let only_picker = !peers.is_empty()
+                        && peers
+                            .iter()
+                            .all(|peer| pickers.iter().any(|pk| peer_selects(peer, pk)));
+                    if !only_picker {
+                        out.push(format!(
+                            "{nid} must admit the picker, and only the picker, to {wid}'s {kv} port (unauthenticated ZMQ)"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if private_ranges.len() > 1 {
+        out.push(format!(
+            "the NetworkPolicies name several proxy-only ranges {private_ranges:?}; a region and VPC have one"
+        ));
     }
     out.done()
 }

@@ -72,8 +72,12 @@ const OVERLAYS: &[&str] = &[
 
 /// Components enabled on top of an overlay, as the docs describe.
 const COMPOSITIONS: &[(&str, &[&str])] = &[
-    ("gke-tpu", &["ha", "https-listener"]),
-    ("gke-tpu-internal", &["https-listener"]),
+    ("gke-tpu", &["ha", "https-listener", "gke-network-policy"]),
+    ("gke-tpu-2x2", &["gke-network-policy"]),
+    (
+        "gke-tpu-internal",
+        &["https-listener", "gke-network-policy"],
+    ),
     ("kind", &["prometheus-operator", "ha"]),
 ];
 
@@ -133,6 +137,15 @@ fn components_compose_with_the_overlays_and_pass_every_check() {
             assert_eq!(
                 str_at(https, "/tls/certificateRefs/0/name"),
                 Some("inference-gateway-tls")
+            );
+        }
+        if components.contains(&"gke-network-policy") {
+            let policies: BTreeSet<&str> =
+                of_kind(&objs, "NetworkPolicy").map(model::name).collect();
+            assert_eq!(
+                policies,
+                BTreeSet::from(["vllm-qwen25-3b", "vllm-qwen25-3b-epp"]),
+                "gke-network-policy covers the picker and the model servers"
             );
         }
         if components.contains(&"prometheus-operator") {

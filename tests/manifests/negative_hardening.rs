@@ -4,7 +4,7 @@
 
 use crate::{
     checks,
-    negative::{VALID, ctx, parse, rejects, run, with},
+    negative::{VALID, ctx, parse, plus, rejects, run, with},
 };
 
 // ------------------------------------------------------------ TPU server
@@ -286,5 +286,131 @@ fn rejects_disruption_budgets_that_stall_drains_or_are_missing() {
         &parse(&format!("{ha}\n---\n{pdb}")),
         "disruption-budgets",
         "only the leader is Ready",
+    );
+}
+
+// ----------------------------------------------------- network policies
+
+/// The shape of components/gke-network-policy, for the fixture's labels.
+const POLICIES: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: epp, namespace: ns}
+spec:
+  podSelector: {matchLabels: {app: epp}}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{ipBlock: {cidr: 192.168.0.0/23}}, {ipBlock: {cidr: 35.191.0.0/16}}, {ipBlock: {cidr: 130.211.0.0/22}}]
+    ports: [{port: grpc, protocol: TCP}, {port: grpc-health, protocol: TCP}]
+  - from:
+    - namespaceSelector: {matchExpressions: [{key: kubernetes.io/metadata.name, operator: In, values: [gmp-system, gke-gmp-system]}]}
+      podSelector: {matchLabels: {app.kubernetes.io/name: collector}}
+    ports: [{port: metrics, protocol: TCP}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: vllm, namespace: ns}
+spec:
+  podSelector: {matchLabels: {app: vllm}}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{ipBlock: {cidr: 192.168.0.0/23}}, {ipBlock: {cidr: 35.191.0.0/16}}, {ipBlock: {cidr: 130.211.0.0/22}}]
+    ports: [{port: http, protocol: TCP}]
+  - from: [{podSelector: {matchLabels: {app: epp}}}]
+    ports: [{port: http, protocol: TCP}, {port: kv-events, protocol: TCP}, {port: kv-replay, protocol: TCP}]
+  - from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: kube-system}}}]
+    ports: [{port: tpu-metrics, protocol: TCP}]
+"#;
+
+fn with_policies(from: &str, to: &str) -> Vec<crate::model::Obj> {
+    assert!(POLICIES.contains(from), "the policies have no {from:?}");
+    plus(&POLICIES.replacen(from, to, 1))
+}
+
+#[test]
+fn accepts_the_network_policies() {
+    let found = run(&plus(POLICIES), true);
+    assert!(found.is_empty(), "{found:#?}");
+}
+
+#[test]
+fn rejects_network_policies_that_open_too_much_or_too_little() {
+    rejects(
+        &with_policies(
+            "  - from: [{podSelector: {matchLabels: {app: epp}}}]\n    ports",
+            "  - ports",
+        ),
+        "network-policies",
+        "has no `from`",
+    );
+    rejects(
+        &with_policies(
+            "    ports: [{port: tpu-metrics, protocol: TCP}]",
+            "    ports: []",
+        ),
+        "network-policies",
+        "has no `ports`",
+    );
+    rejects(
+        &with_policies(
+            "{ipBlock: {cidr: 35.191.0.0/16}}",
+            "{ipBlock: {cidr: 0.0.0.0/0}}",
+        ),
+        "network-policies",
+        "admits 0.0.0.0/0",
+    );
+    rejects(
+        &with_policies(
+            "[{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: kube-system}}}]",
+            "[{namespaceSelector: {}}]",
+        ),
+        "network-policies",
+        "admits every namespace",
+    );
+    rejects(
+        &with_policies(
+            "ports: [{port: grpc, protocol: TCP}, {port: grpc-health, protocol: TCP}]",
+            "ports: [{port: grpc, protocol: TCP}]\n  - from: [{podSelector: {}}]\n    ports: [{port: grpc-health, protocol: TCP}]",
+        ),
+        "network-policies",
+        "plaintext health/admin port to pods",
+    );
+    rejects(
+        &with_policies(
+            "{port: kv-events, protocol: TCP}, {port: kv-replay, protocol: TCP}]",
+            "{port: kv-replay, protocol: TCP}]\n  - from: [{ipBlock: {cidr: 35.191.0.0/16}}]\n    ports: [{port: kv-events, protocol: TCP}]",
+        ),
+        "network-policies",
+        "only the picker, to Deployment/vllm's kv-events",
+    );
+    rejects(
+        &with_policies(
+            "app.kubernetes.io/name: collector}}\n    ports: [{port: metrics",
+            "app.kubernetes.io/name: prometheus}}\n    ports: [{port: metrics",
+        ),
+        "network-policies",
+        "Managed Prometheus' collectors",
+    );
+    rejects(
+        &with_policies(
+            "ports: [{port: grpc, protocol: TCP}, {port: grpc-health",
+            "ports: [{port: grpcs, protocol: TCP}, {port: grpc-health",
+        ),
+        "network-policies",
+        "port \"grpcs\" is not a container port",
+    );
+    rejects(
+        &with_policies(
+            "    ports: [{port: http, protocol: TCP}]\n  - from: [{podSelector",
+            "    ports: [{port: metrics, protocol: TCP}]\n  - from: [{podSelector",
+        ),
+        "network-policies",
+        "serving port must admit the load balancer",
+    );
+    let two_ranges = POLICIES.replacen("192.168.0.0/23", "10.200.0.0/23", 1);
+    rejects(
+        &plus(&two_ranges),
+        "network-policies",
+        "several proxy-only ranges",
     );
 }
