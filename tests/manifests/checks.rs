@@ -74,6 +74,7 @@ pub const ALL: &[(&str, Check)] = &[
     ("drain-budget", hardening::drain_budget),
     ("disruption-budgets", hardening::disruption_budgets),
     ("network-policies", hardening::network_policies),
+    ("picker-tokenizer", hardening::picker_tokenizer),
     (
         "pitfall:regional-gateway-class",
         pitfall_regional_gateway_class,

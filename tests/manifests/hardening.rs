@@ -41,6 +41,9 @@ pub const KV_EVENTS_KEYS: &[&str] = &[
     "topic",
 ];
 
+/// Where the picker finds the served model's tokenizer files.
+pub const TOKENIZER_DIR: &str = "/var/lib/epp/tokenizers";
+
 /// The model a server container serves: `--model`, or the first positional
 /// argument (`vllm serve <model>`).
 pub fn served_model(c: &Value) -> Option<&str> {
@@ -651,6 +654,79 @@ pub fn network_policies(objs: &[Obj], _: &Ctx<'_>) -> Vec<Violation> {
         out.push(format!(
             "the NetworkPolicies name several proxy-only ranges {private_ranges:?}; a region and VPC have one"
         ));
+    }
+    out.done()
+}
+
+// ------------------------------------------------- picker's tokenizer
+
+/// The picker finds the served model's tokenizer files at
+/// /var/lib/epp/tokenizers/<model>/: a read-only mount of an emptyDir that
+/// an init container of the same pod fills for exactly the model the pool
+/// serves. Required on GKE (where the KV events it will be matched with are
+/// on); checked wherever mounted.
+pub fn picker_tokenizer(objs: &[Obj], ctx: &Ctx<'_>) -> Vec<Violation> {
+    let mut out = Out::new("picker-tokenizer");
+    let models: BTreeSet<&str> = model_servers(objs)
+        .iter()
+        .flat_map(|w| w.containers().iter().filter_map(served_model))
+        .collect();
+    for e in epp_containers(objs) {
+        let who = e.name();
+        let Some(mount) = arr_at(e.container, "/volumeMounts")
+            .iter()
+            .find(|m| str_at(m, "/mountPath") == Some(TOKENIZER_DIR))
+        else {
+            if ctx.gke {
+                out.push(format!(
+                    "{who} does not mount the tokenizer files at {TOKENIZER_DIR} (components/picker-tokenizer)"
+                ));
+            }
+            continue;
+        };
+        if mount.get("readOnly") != Some(&Value::Bool(true)) {
+            out.push(format!("{who} must mount {TOKENIZER_DIR} read-only"));
+        }
+        let volume = str_at(mount, "/name").unwrap_or("");
+        let spec = e.workload.pod_spec();
+        let is_empty_dir = arr_at(spec, "/volumes")
+            .iter()
+            .any(|v| str_at(v, "/name") == Some(volume) && v.get("emptyDir").is_some());
+        if !is_empty_dir {
+            out.push(format!(
+                "{who} {TOKENIZER_DIR} volume {volume:?} is not an emptyDir of the pod"
+            ));
+        }
+        let fillers: Vec<&Value> = arr_at(spec, "/initContainers")
+            .iter()
+            .filter(|c| {
+                arr_at(c, "/volumeMounts").iter().any(|m| {
+                    str_at(m, "/name") == Some(volume)
+                        && str_at(m, "/mountPath") == Some(TOKENIZER_DIR)
+                        && m.get("readOnly") != Some(&Value::Bool(true))
+                })
+            })
+            .collect();
+        if fillers.is_empty() {
+            out.push(format!(
+                "no init container of {who}'s pod writes the tokenizer files into {TOKENIZER_DIR}"
+            ));
+        }
+        for f in fillers {
+            let model = arr_at(f, "/env")
+                .iter()
+                .find(|v| str_at(v, "/name") == Some("MODEL"))
+                .and_then(|v| str_at(v, "/value"));
+            let ok = model.is_some_and(|m| {
+                models.contains(m) && !m.split('/').any(|part| part.is_empty() || part == "..")
+            });
+            if !ok {
+                out.push(format!(
+                    "{who}'s init container {:?} fetches the tokenizer of {model:?}, but the pool serves {models:?}",
+                    str_at(f, "/name").unwrap_or("?")
+                ));
+            }
+        }
     }
     out.done()
 }

@@ -79,6 +79,7 @@ const COMPOSITIONS: &[(&str, &[&str])] = &[
         &["https-listener", "gke-network-policy"],
     ),
     ("kind", &["prometheus-operator", "ha"]),
+    ("kind", &["picker-tokenizer"]),
 ];
 
 #[test]
@@ -146,6 +147,20 @@ fn components_compose_with_the_overlays_and_pass_every_check() {
                 policies,
                 BTreeSet::from(["vllm-qwen25-3b", "vllm-qwen25-3b-epp"]),
                 "gke-network-policy covers the picker and the model servers"
+            );
+        }
+        if components.contains(&"picker-tokenizer") {
+            assert!(
+                checks::run_all(
+                    &objs,
+                    &Ctx {
+                        gke: true,
+                        ..ctx(overlay)
+                    }
+                )
+                .iter()
+                .all(|v| v.check != "picker-tokenizer"),
+                "picker-tokenizer on {overlay} passes the GKE tokenizer check"
             );
         }
         if components.contains(&"prometheus-operator") {

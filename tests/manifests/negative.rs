@@ -58,6 +58,11 @@ spec:
       serviceAccountName: epp
       terminationGracePeriodSeconds: 340
       securityContext: {runAsNonRoot: true}
+      initContainers:
+      - name: fetch-tokenizer
+        image: registry.example/curl:8.0
+        env: [{name: MODEL, value: m}]
+        volumeMounts: [{name: tokenizers, mountPath: /var/lib/epp/tokenizers}]
       containers:
       - name: epp
         image: registry.example/epp:1.0
@@ -72,8 +77,12 @@ spec:
         livenessProbe: {grpc: {port: 9003, service: liveness}}
         readinessProbe: {grpc: {port: 9003, service: readiness}}
         securityContext: {readOnlyRootFilesystem: true}
-        volumeMounts: [{name: config, mountPath: /config}]
-      volumes: [{name: config, configMap: {name: epp-config}}]
+        volumeMounts:
+        - {name: config, mountPath: /config}
+        - {name: tokenizers, mountPath: /var/lib/epp/tokenizers, readOnly: true}
+      volumes:
+      - {name: config, configMap: {name: epp-config}}
+      - {name: tokenizers, emptyDir: {}}
 ---
 apiVersion: v1
 kind: Service

@@ -414,3 +414,49 @@ fn rejects_network_policies_that_open_too_much_or_too_little() {
         "several proxy-only ranges",
     );
 }
+
+// ----------------------------------------------------- picker tokenizer
+
+#[test]
+fn rejects_tokenizer_files_for_another_model_or_writable() {
+    rejects(
+        &with(
+            "env: [{name: MODEL, value: m}]",
+            "env: [{name: MODEL, value: other}]",
+        ),
+        "picker-tokenizer",
+        "fetches the tokenizer of Some(\"other\")",
+    );
+    rejects(
+        &with(
+            "mountPath: /var/lib/epp/tokenizers, readOnly: true}",
+            "mountPath: /var/lib/epp/tokenizers}",
+        ),
+        "picker-tokenizer",
+        "read-only",
+    );
+    rejects(
+        &with(
+            "        volumeMounts: [{name: tokenizers, mountPath: /var/lib/epp/tokenizers}]\n",
+            "",
+        ),
+        "picker-tokenizer",
+        "no init container",
+    );
+    rejects(
+        &with(
+            "        - {name: tokenizers, mountPath: /var/lib/epp/tokenizers, readOnly: true}\n",
+            "",
+        ),
+        "picker-tokenizer",
+        "does not mount the tokenizer files",
+    );
+    rejects(
+        &with(
+            "      - {name: tokenizers, emptyDir: {}}",
+            "      - {name: tokenizers, configMap: {name: tok}}",
+        ),
+        "picker-tokenizer",
+        "is not an emptyDir",
+    );
+}
