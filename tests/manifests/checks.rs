@@ -75,6 +75,7 @@ pub const ALL: &[(&str, Check)] = &[
     ("disruption-budgets", hardening::disruption_budgets),
     ("network-policies", hardening::network_policies),
     ("picker-tokenizer", hardening::picker_tokenizer),
+    ("objectives-resolve", hardening::objectives_resolve),
     (
         "pitfall:regional-gateway-class",
         pitfall_regional_gateway_class,
@@ -430,7 +431,7 @@ pub fn pool_selects_model_server(objs: &[Obj], _: &Ctx<'_>) -> Vec<Violation> {
 }
 
 /// The picker's Role grants what it watches: pods, its InferencePool and
-/// InferenceObjectives (get/list/watch); Lease write access only when
+/// InferenceObjectives in both groups (get/list/watch); Lease write access only when
 /// leader election is on. Bound to the picker's own ServiceAccount.
 pub fn epp_rbac(objs: &[Obj], _: &Ctx<'_>) -> Vec<Violation> {
     let mut out = Out::new("epp-rbac");
@@ -477,6 +478,8 @@ pub fn epp_rbac(objs: &[Obj], _: &Ctx<'_>) -> Vec<Violation> {
         let mut need = vec![
             ("", "pods"),
             ("inference.networking.x-k8s.io", "inferenceobjectives"),
+            // Where the API moved after GIE v1.5 (llm-d-router).
+            ("llm-d.ai", "inferenceobjectives"),
         ];
         if e.arg_value("--pool-name").is_some() {
             need.push((

@@ -13,8 +13,8 @@ use crate::{
     checks::{Ctx, Out, Violation, model_servers, targeting},
     epp::{arg_value, epp_containers},
     model::{
-        Obj, Workload, args, arr_at, find, id, map_at, match_labels, namespace, of_kind, replicas,
-        str_at, workloads,
+        Obj, Workload, args, arr_at, find, id, map_at, match_labels, name, namespace, of_kind,
+        replicas, str_at, workloads,
     },
 };
 
@@ -726,6 +726,64 @@ pub fn picker_tokenizer(objs: &[Obj], ctx: &Ctx<'_>) -> Vec<Violation> {
                     str_at(f, "/name").unwrap_or("?")
                 ));
             }
+        }
+    }
+    out.done()
+}
+
+// ------------------------------------------------------- objectives
+
+/// Every InferenceObjective names an InferencePool of the install, in the
+/// schema of its API version: inference.networking.x-k8s.io/v1alpha2 and
+/// llm-d.ai/v1alpha2 take one `spec.poolRef`, llm-d.ai/v1 a list
+/// `spec.poolRefs` (GIE v1.5 CRD; llm-d-router CRD and sample). The pool
+/// group must be inference.networking.k8s.io: llm-d.ai/v1alpha2 defaults it
+/// to llm-d.ai, which names no pool here.
+pub fn objectives_resolve(objs: &[Obj], _: &Ctx<'_>) -> Vec<Violation> {
+    let mut out = Out::new("objectives-resolve");
+    for o in of_kind(objs, "InferenceObjective") {
+        let oid = id(o);
+        let version = str_at(o, "/apiVersion").unwrap_or("");
+        let refs: Vec<&Value> = match version {
+            "inference.networking.x-k8s.io/v1alpha2" | "llm-d.ai/v1alpha2" => {
+                o.pointer("/spec/poolRef").into_iter().collect()
+            }
+            "llm-d.ai/v1" => arr_at(o, "/spec/poolRefs").iter().collect(),
+            other => {
+                out.push(format!(
+                    "{oid} has apiVersion {other:?}; known: inference.networking.x-k8s.io/v1alpha2, llm-d.ai/v1alpha2, llm-d.ai/v1"
+                ));
+                continue;
+            }
+        };
+        if refs.is_empty() {
+            let field = if version == "llm-d.ai/v1" {
+                "spec.poolRefs"
+            } else {
+                "spec.poolRef"
+            };
+            out.push(format!("{oid} ({version}) has no {field}"));
+        }
+        let default_group = if version == "llm-d.ai/v1alpha2" {
+            "llm-d.ai"
+        } else {
+            "inference.networking.k8s.io"
+        };
+        for r in refs {
+            let group = str_at(r, "/group").unwrap_or(default_group);
+            let pool_kind = str_at(r, "/kind").unwrap_or("InferencePool");
+            let pool = str_at(r, "/name").unwrap_or("");
+            let exists = of_kind(objs, "InferencePool").any(|p| {
+                name(p) == pool && namespace(p) == namespace(o) && crate::model::group(p) == group
+            });
+            if pool_kind != "InferencePool" || !exists {
+                out.push(format!(
+                    "{oid} refers to {pool_kind} {pool:?} in group {group:?}, which is not an InferencePool of this install"
+                ));
+            }
+        }
+        if o.pointer("/spec/priority").is_some_and(|p| !p.is_i64()) {
+            out.push(format!("{oid} spec.priority must be an integer"));
         }
     }
     out.done()

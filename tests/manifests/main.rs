@@ -72,14 +72,22 @@ const OVERLAYS: &[&str] = &[
 
 /// Components enabled on top of an overlay, as the docs describe.
 const COMPOSITIONS: &[(&str, &[&str])] = &[
-    ("gke-tpu", &["ha", "https-listener", "gke-network-policy"]),
-    ("gke-tpu-2x2", &["gke-network-policy"]),
+    (
+        "gke-tpu",
+        &[
+            "ha",
+            "https-listener",
+            "gke-network-policy",
+            "objectives-llm-d",
+        ],
+    ),
+    ("gke-tpu-2x2", &["gke-network-policy", "objectives-x-k8s"]),
     (
         "gke-tpu-internal",
         &["https-listener", "gke-network-policy"],
     ),
-    ("kind", &["prometheus-operator", "ha"]),
-    ("kind", &["picker-tokenizer"]),
+    ("kind", &["prometheus-operator", "ha", "objectives-x-k8s"]),
+    ("kind", &["picker-tokenizer", "objectives-llm-d"]),
 ];
 
 #[test]
@@ -148,6 +156,17 @@ fn components_compose_with_the_overlays_and_pass_every_check() {
                 BTreeSet::from(["vllm-qwen25-3b", "vllm-qwen25-3b-epp"]),
                 "gke-network-policy covers the picker and the model servers"
             );
+        }
+        for (component, version) in [
+            ("objectives-x-k8s", "inference.networking.x-k8s.io/v1alpha2"),
+            ("objectives-llm-d", "llm-d.ai/v1"),
+        ] {
+            if components.contains(&component) {
+                let n = of_kind(&objs, "InferenceObjective")
+                    .filter(|o| str_at(o, "/apiVersion") == Some(version))
+                    .count();
+                assert_eq!(n, 2, "{component} ships two {version} objectives");
+            }
         }
         if components.contains(&"picker-tokenizer") {
             assert!(

@@ -56,6 +56,18 @@ fn accepts_a_one_chip_server() {
     assert!(found.is_empty(), "{found:#?}");
 }
 
+#[test]
+fn rejects_rbac_without_the_llm_d_objectives() {
+    rejects(
+        &with(
+            "- {apiGroups: [llm-d.ai], resources: [inferenceobjectives], verbs: [get, list, watch]}\n",
+            "",
+        ),
+        "epp-rbac",
+        "llm-d.ai/inferenceobjectives",
+    );
+}
+
 // -------------------------------------------------------- several pods
 
 #[test]
@@ -458,5 +470,51 @@ fn rejects_tokenizer_files_for_another_model_or_writable() {
         ),
         "picker-tokenizer",
         "is not an emptyDir",
+    );
+}
+
+// ------------------------------------------------------------ objectives
+
+#[test]
+fn rejects_objectives_that_name_no_pool() {
+    let x_k8s = "apiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceObjective\nmetadata: {name: o, namespace: ns}\nspec:\n  priority: 1\n  poolRef: {group: inference.networking.k8s.io, name: pool}";
+    let llm_d = "apiVersion: llm-d.ai/v1\nkind: InferenceObjective\nmetadata: {name: o, namespace: ns}\nspec:\n  priority: -1\n  poolRefs: [{group: inference.networking.k8s.io, name: pool}]";
+    let found = run(&plus(&format!("{x_k8s}\n---\n{llm_d}")), true);
+    assert!(found.is_empty(), "{found:#?}");
+
+    rejects(
+        &plus(&x_k8s.replace("name: pool}", "name: nope}")),
+        "objectives-resolve",
+        "\"nope\"",
+    );
+    rejects(
+        &plus(&llm_d.replace(
+            "  poolRefs: [{group: inference.networking.k8s.io, name: pool}]",
+            "  poolRef: {name: pool}",
+        )),
+        "objectives-resolve",
+        "has no spec.poolRefs",
+    );
+    rejects(
+        &plus(
+            &llm_d
+                .replace("llm-d.ai/v1\n", "llm-d.ai/v1alpha2\n")
+                .replace(
+                    "  poolRefs: [{group: inference.networking.k8s.io, name: pool}]",
+                    "  poolRef: {name: pool}",
+                ),
+        ),
+        "objectives-resolve",
+        "in group \"llm-d.ai\"",
+    );
+    rejects(
+        &plus(&x_k8s.replace("v1alpha2", "v1alpha1")),
+        "objectives-resolve",
+        "has apiVersion",
+    );
+    rejects(
+        &plus(&x_k8s.replace("priority: 1", "priority: high")),
+        "objectives-resolve",
+        "must be an integer",
     );
 }
