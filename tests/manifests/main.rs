@@ -307,6 +307,41 @@ fn gke_overlays_are_the_tpu_stack_behind_a_regional_gateway() {
     }
 }
 
+/// docs/deploy-gke-tpu.md sets the picker image in a local overlay kept out
+/// of git (`kustomize edit set image <placeholder>=<yours>`), not by editing
+/// a tracked file: the overlays' placeholder must be replaceable from
+/// outside, and the rest of the install must come through unchanged.
+#[test]
+fn a_local_overlay_sets_the_picker_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    for overlay in ["gke-tpu", "gke-tpu-2x2", "gke-tpu-internal"] {
+        let dir = tmp.path().join(overlay);
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = render::relative(&dir, &manifests_dir().join("overlays").join(overlay));
+        // What `kustomize create --namespace inference --resources <overlay>`
+        // and `kustomize edit set image us-central1-docker.pkg.dev/PROJECT_ID/
+        // inference/epp=europe-west4-docker.pkg.dev/p/r/epp:abc123` write.
+        let k = format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: inference\nresources:\n- {}\nimages:\n- name: us-central1-docker.pkg.dev/PROJECT_ID/inference/epp\n  newName: europe-west4-docker.pkg.dev/p/r/epp\n  newTag: abc123\n",
+            target.display()
+        );
+        std::fs::write(dir.join("kustomization.yaml"), k).unwrap();
+        let objs = render::kustomize(&dir).unwrap_or_else(|e| panic!("{overlay}: {e}"));
+        let epps = epp::epp_containers(&objs);
+        assert_eq!(
+            str_at(epps[0].container, "/image"),
+            Some("europe-west4-docker.pkg.dev/p/r/epp:abc123"),
+            "{overlay}"
+        );
+        assert_eq!(
+            objs.len(),
+            rendered_overlays()[overlay].len(),
+            "{overlay}: the local overlay renders the same objects"
+        );
+        assert_clean(overlay, &checks::run_all(&objs, &ctx(overlay)));
+    }
+}
+
 #[test]
 fn the_shipped_picker_config_is_the_repo_default() {
     // kustomize cannot read config/default.yaml (above its root), so the
