@@ -17,8 +17,9 @@ use serde_json::Value;
 
 use crate::{
     epp::{EppContainer, arg_value, epp_containers},
+    hardening,
     model::{
-        Obj, Workload, args, arr_at, find, group, id, is_cluster_scoped, kind, map_at,
+        self, Obj, Workload, args, arr_at, find, group, id, is_cluster_scoped, kind, map_at,
         match_labels, name, namespace, of_kind, str_at, workloads,
     },
 };
@@ -42,6 +43,10 @@ pub struct Ctx<'a> {
     pub gke: bool,
     /// Long flags `epp --help` lists.
     pub epp_flags: &'a BTreeSet<String>,
+    /// Model-server pods each pool must select at least (replicas summed):
+    /// with fewer than two the picker has nothing to choose between. 1 only
+    /// for an install that is one server on purpose (gke-tpu-2x2).
+    pub min_endpoints: u64,
 }
 
 type Check = fn(&[Obj], &Ctx<'_>) -> Vec<Violation>;
@@ -62,6 +67,15 @@ pub const ALL: &[(&str, Check)] = &[
     ("images-pinned", images_pinned),
     ("no-committed-secrets", no_committed_secrets),
     ("tpu-model-server", tpu_model_server),
+    ("pool-has-choice", hardening::pool_has_choice),
+    ("no-service-links", hardening::no_service_links),
+    ("kv-events", hardening::kv_events),
+    ("epp-service-protocol", hardening::epp_service_protocol),
+    ("drain-budget", hardening::drain_budget),
+    ("disruption-budgets", hardening::disruption_budgets),
+    ("network-policies", hardening::network_policies),
+    ("picker-tokenizer", hardening::picker_tokenizer),
+    ("objectives-resolve", hardening::objectives_resolve),
     (
         "pitfall:regional-gateway-class",
         pitfall_regional_gateway_class,
@@ -83,27 +97,27 @@ pub fn run_all(objs: &[Obj], ctx: &Ctx<'_>) -> Vec<Violation> {
 }
 
 /// Collects violations for one check.
-struct Out {
+pub(crate) struct Out {
     check: &'static str,
     found: Vec<Violation>,
 }
 
 impl Out {
-    fn new(check: &'static str) -> Self {
+    pub(crate) fn new(check: &'static str) -> Self {
         Self {
             check,
             found: Vec::new(),
         }
     }
 
-    fn push(&mut self, msg: impl Into<String>) {
+    pub(crate) fn push(&mut self, msg: impl Into<String>) {
         self.found.push(Violation {
             check: self.check,
             msg: msg.into(),
         });
     }
 
-    fn done(self) -> Vec<Violation> {
+    pub(crate) fn done(self) -> Vec<Violation> {
         self.found
     }
 }
@@ -417,7 +431,7 @@ pub fn pool_selects_model_server(objs: &[Obj], _: &Ctx<'_>) -> Vec<Violation> {
 }
 
 /// The picker's Role grants what it watches: pods, its InferencePool and
-/// InferenceObjectives (get/list/watch); Lease write access only when
+/// InferenceObjectives in both groups (get/list/watch); Lease write access only when
 /// leader election is on. Bound to the picker's own ServiceAccount.
 pub fn epp_rbac(objs: &[Obj], _: &Ctx<'_>) -> Vec<Violation> {
     let mut out = Out::new("epp-rbac");
@@ -464,6 +478,8 @@ pub fn epp_rbac(objs: &[Obj], _: &Ctx<'_>) -> Vec<Violation> {
         let mut need = vec![
             ("", "pods"),
             ("inference.networking.x-k8s.io", "inferenceobjectives"),
+            // Where the API moved after GIE v1.5 (llm-d-router).
+            ("llm-d.ai", "inferenceobjectives"),
         ];
         if e.arg_value("--pool-name").is_some() {
             need.push((
@@ -846,7 +862,7 @@ pub fn no_committed_secrets(objs: &[Obj], _: &Ctx<'_>) -> Vec<Violation> {
 }
 
 /// The pods the InferencePools select.
-fn model_servers(objs: &[Obj]) -> Vec<Workload<'_>> {
+pub(crate) fn model_servers(objs: &[Obj]) -> Vec<Workload<'_>> {
     let selectors: Vec<_> = of_kind(objs, "InferencePool")
         .filter_map(|p| {
             Some((
@@ -864,8 +880,14 @@ fn model_servers(objs: &[Obj]) -> Vec<Workload<'_>> {
         .collect()
 }
 
-/// GKE: vLLM on one TPU v6e-4 host, with what XLA compilation and the
-/// engine need. A regression here costs a 30-minute failed rollout.
+/// TPU v6e topologies served by one VM with all its chips: 1x1
+/// (ct6e-standard-1t) and 2x2 (ct6e-standard-4t), cloud.google.com/tpu/docs/v6e
+/// "Supported configurations".
+pub const V6E_ONE_VM_TOPOLOGIES: &[&str] = &["1x1", "2x2"];
+
+/// GKE: vLLM on whole single-VM TPU v6e hosts, with what XLA compilation,
+/// the engine, the scheduler and GKE's TPU metrics need. A regression here
+/// costs a 30-minute failed rollout.
 pub fn tpu_model_server(objs: &[Obj], ctx: &Ctx<'_>) -> Vec<Violation> {
     let mut out = Out::new("tpu-model-server");
     if !ctx.gke {
@@ -888,9 +910,18 @@ pub fn tpu_model_server(objs: &[Obj], ctx: &Ctx<'_>) -> Vec<Violation> {
         let topology =
             str_at(spec, "/nodeSelector/cloud.google.com~1gke-tpu-topology").unwrap_or("");
         let chips: Option<u64> = topology.split('x').map(|d| d.parse::<u64>().ok()).product();
-        if topology != "2x2" {
+        if !V6E_ONE_VM_TOPOLOGIES.contains(&topology) {
             out.push(format!(
-                "{who} gke-tpu-topology is {topology:?}, expected \"2x2\" (v6e-4, single host)"
+                "{who} gke-tpu-topology is {topology:?}, expected one of {V6E_ONE_VM_TOPOLOGIES:?} (one v6e VM, all its chips)"
+            ));
+        }
+        // Every pod takes a whole TPU host and the node pool has exactly one
+        // per replica: a surge pod would wait for a node that never comes.
+        let surge = w.obj.pointer("/spec/strategy/rollingUpdate/maxSurge");
+        let recreate = str_at(w.obj, "/spec/strategy/type") == Some("Recreate");
+        if !recreate && surge != Some(&Value::from(0)) && surge != Some(&Value::from("0%")) {
+            out.push(format!(
+                "{who} rolls out with maxSurge {surge:?}: set maxSurge 0 (or Recreate), a surge pod needs a spare TPU node"
             ));
         }
         let Some(c) = w
@@ -965,6 +996,44 @@ pub fn tpu_model_server(objs: &[Obj], ctx: &Ctx<'_>) -> Vec<Violation> {
         if !shm_in_memory {
             out.push(format!(
                 "{who} needs /dev/shm on an emptyDir with medium Memory"
+            ));
+        }
+        // Not BestEffort: CPU, memory and disk requested, memory enough for
+        // the memory-backed volumes (they count against it), disk enough for
+        // the disk-backed ones.
+        let request = |r: &str| {
+            c.pointer(&format!("/resources/requests/{r}"))
+                .and_then(model::quantity)
+        };
+        let (mut in_memory, mut on_disk) = (0.0, 0.0);
+        for vol in arr_at(spec, "/volumes") {
+            let Some(size) = vol.pointer("/emptyDir/sizeLimit").and_then(model::quantity) else {
+                continue;
+            };
+            if str_at(vol, "/emptyDir/medium") == Some("Memory") {
+                in_memory += size;
+            } else {
+                on_disk += size;
+            }
+        }
+        for (r, floor) in [
+            ("cpu", 0.0),
+            ("memory", in_memory),
+            ("ephemeral-storage", on_disk),
+        ] {
+            match request(r) {
+                Some(q) if q > 0.0 && q >= floor => {}
+                got => out.push(format!(
+                    "{who} requests {r} {got:?}; it needs a request of at least {floor} (the emptyDir volumes it backs)"
+                )),
+            }
+        }
+        if !arr_at(c, "/ports")
+            .iter()
+            .any(|p| p.get("containerPort").and_then(Value::as_u64) == Some(8431))
+        {
+            out.push(format!(
+                "{who} does not declare containerPort 8431: GKE collects TPU duty cycle and HBM use only from containers that do"
             ));
         }
         let token_ok = ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"]
@@ -1084,7 +1153,11 @@ pub fn pitfall_health_check_path(objs: &[Obj], ctx: &Ctx<'_>) -> Vec<Violation> 
 }
 
 /// The GKE policies of kind `k` whose targetRef is `pool`.
-fn targeting<'a>(objs: &'a [Obj], k: &'a str, pool: &'a Obj) -> impl Iterator<Item = &'a Obj> + 'a {
+pub(crate) fn targeting<'a>(
+    objs: &'a [Obj],
+    k: &'a str,
+    pool: &'a Obj,
+) -> impl Iterator<Item = &'a Obj> + 'a {
     of_kind(objs, k).filter(move |p| {
         namespace(p) == namespace(pool)
             && str_at(p, "/spec/targetRef/group") == Some("inference.networking.k8s.io")

@@ -1,7 +1,8 @@
 //! The Grafana dashboard only queries metrics that exist: the picker's names
-//! are checked against its source (src/telemetry/metrics.rs), vLLM's against
-//! the real vLLM /metrics captures in tests/fixtures/metrics. A renamed
-//! metric otherwise shows up as an empty panel, long after the change.
+//! are checked against its source (every file under src/), vLLM's against
+//! the real vLLM /metrics captures in tests/fixtures/metrics, GKE's system
+//! metrics against the documented names. A renamed metric otherwise shows
+//! up as an empty panel, long after the change.
 
 use std::collections::BTreeSet;
 
@@ -19,6 +20,24 @@ pub const REQUIRED: &[&str] = &[
     "epp_metrics_scrape_failures_total",
     "vllm:num_requests_waiting",
     "vllm:kv_cache_usage_perc",
+    "kubernetes_io:container_accelerator_duty_cycle",
+    "kubernetes_io:container_accelerator_memory_used",
+    "kubernetes_io:container_accelerator_memory_total",
+];
+
+/// GKE system metrics for accelerators, as Managed Service for Prometheus
+/// names them in PromQL (kubernetes.io/container/accelerator/duty_cycle is
+/// kubernetes_io:container_accelerator_duty_cycle). TPU duty cycle and HBM
+/// use per container: GKE's TPU documentation and its metrics list
+/// (cloud.google.com/monitoring/api/metrics_kubernetes); collected only from
+/// containers declaring port 8431.
+pub const GKE_SYSTEM_METRICS: &[&str] = &[
+    "kubernetes_io:container_accelerator_duty_cycle",
+    "kubernetes_io:container_accelerator_memory_used",
+    "kubernetes_io:container_accelerator_memory_total",
+    "kubernetes_io:node_accelerator_duty_cycle",
+    "kubernetes_io:node_accelerator_memory_used",
+    "kubernetes_io:node_accelerator_memory_total",
 ];
 
 /// Metric names used in the panels' PromQL.
@@ -32,7 +51,7 @@ pub fn metric_names(dashboard: &Value) -> BTreeSet<String> {
                     names.extend(
                         expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
                             .filter(|t| {
-                                ["inference_", "epp_", "vllm:"]
+                                ["inference_", "epp_", "vllm:", "kubernetes_io:"]
                                     .iter()
                                     .any(|p| t.starts_with(p))
                             })
@@ -78,6 +97,8 @@ pub fn check(json: &str, picker_source: &str, vllm_captures: &str) -> Vec<String
     for n in &names {
         let known = if n.starts_with("vllm:") {
             vllm_captures.contains(n.as_str())
+        } else if n.starts_with("kubernetes_io:") {
+            GKE_SYSTEM_METRICS.contains(&n.as_str())
         } else {
             let base = ["_bucket", "_sum", "_count"]
                 .iter()
@@ -88,7 +109,7 @@ pub fn check(json: &str, picker_source: &str, vllm_captures: &str) -> Vec<String
         };
         if !known {
             problems.push(format!(
-                "queries {n}, which neither the picker nor vLLM exports"
+                "queries {n}, which neither the picker, vLLM nor GKE exports"
             ));
         }
     }
@@ -159,6 +180,36 @@ mod tests {
             problems
                 .iter()
                 .any(|p| p.contains("does not chart vllm:kv_cache_usage_perc")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(
+                |p| p.contains("does not chart kubernetes_io:container_accelerator_duty_cycle")
+            ),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_gke_system_metrics() {
+        let problems = check(
+            &dash(&[
+                "kubernetes_io:container_accelerator_duty_cycle{monitored_resource=\"k8s_container\"}",
+                "kubernetes_io:container_tpu_busy",
+            ]),
+            SOURCE,
+            "",
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("queries kubernetes_io:container_tpu_busy")),
+            "{problems:?}"
+        );
+        assert!(
+            !problems
+                .iter()
+                .any(|p| p.contains("queries kubernetes_io:container_accelerator_duty_cycle")),
             "{problems:?}"
         );
     }

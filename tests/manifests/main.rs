@@ -15,8 +15,10 @@
 mod checks;
 mod dashboard;
 mod epp;
+mod hardening;
 mod model;
 mod negative;
+mod negative_hardening;
 mod render;
 
 use std::{
@@ -35,10 +37,17 @@ fn is_gke(overlay: &str) -> bool {
     overlay.starts_with("gke")
 }
 
+/// Overlays that run one model server on purpose (the seed's shape, kept
+/// for comparison); every other install gives the picker a choice.
+fn single_server(overlay: &str) -> bool {
+    overlay.ends_with("-2x2")
+}
+
 fn ctx(overlay: &str) -> Ctx<'static> {
     Ctx {
         gke: is_gke(overlay),
         epp_flags: epp_help_flags(),
+        min_endpoints: if single_server(overlay) { 1 } else { 2 },
     }
 }
 
@@ -53,13 +62,32 @@ fn assert_clean(what: &str, found: &[Violation]) {
 }
 
 /// Overlays that must exist; any other overlay is checked too.
-const OVERLAYS: &[&str] = &["gke-tpu", "gke-tpu-internal", "kind", "kind-istio"];
+const OVERLAYS: &[&str] = &[
+    "gke-tpu",
+    "gke-tpu-2x2",
+    "gke-tpu-internal",
+    "kind",
+    "kind-istio",
+];
 
 /// Components enabled on top of an overlay, as the docs describe.
 const COMPOSITIONS: &[(&str, &[&str])] = &[
-    ("gke-tpu", &["ha", "https-listener"]),
-    ("gke-tpu-internal", &["https-listener"]),
-    ("kind", &["prometheus-operator", "ha"]),
+    (
+        "gke-tpu",
+        &[
+            "ha",
+            "https-listener",
+            "gke-network-policy",
+            "objectives-llm-d",
+        ],
+    ),
+    ("gke-tpu-2x2", &["gke-network-policy", "objectives-x-k8s"]),
+    (
+        "gke-tpu-internal",
+        &["https-listener", "gke-network-policy"],
+    ),
+    ("kind", &["prometheus-operator", "ha", "objectives-x-k8s"]),
+    ("kind", &["picker-tokenizer", "objectives-llm-d"]),
 ];
 
 #[test]
@@ -120,6 +148,40 @@ fn components_compose_with_the_overlays_and_pass_every_check() {
                 Some("inference-gateway-tls")
             );
         }
+        if components.contains(&"gke-network-policy") {
+            let policies: BTreeSet<&str> =
+                of_kind(&objs, "NetworkPolicy").map(model::name).collect();
+            assert_eq!(
+                policies,
+                BTreeSet::from(["vllm-qwen25-3b", "vllm-qwen25-3b-epp"]),
+                "gke-network-policy covers the picker and the model servers"
+            );
+        }
+        for (component, version) in [
+            ("objectives-x-k8s", "inference.networking.x-k8s.io/v1alpha2"),
+            ("objectives-llm-d", "llm-d.ai/v1"),
+        ] {
+            if components.contains(&component) {
+                let n = of_kind(&objs, "InferenceObjective")
+                    .filter(|o| str_at(o, "/apiVersion") == Some(version))
+                    .count();
+                assert_eq!(n, 2, "{component} ships two {version} objectives");
+            }
+        }
+        if components.contains(&"picker-tokenizer") {
+            assert!(
+                checks::run_all(
+                    &objs,
+                    &Ctx {
+                        gke: true,
+                        ..ctx(overlay)
+                    }
+                )
+                .iter()
+                .all(|v| v.check != "picker-tokenizer"),
+                "picker-tokenizer on {overlay} passes the GKE tokenizer check"
+            );
+        }
         if components.contains(&"prometheus-operator") {
             for k in ["ServiceMonitor", "PodMonitor"] {
                 assert!(
@@ -145,6 +207,26 @@ fn every_component_is_rendered_by_some_test() {
                 .map(str::to_owned),
         );
     }
+    // Components a used component includes (`components: [- ../name]`).
+    loop {
+        let before = used.len();
+        for c in used.clone() {
+            let path = manifests_dir()
+                .join("components")
+                .join(&c)
+                .join("kustomization.yaml");
+            let k = std::fs::read_to_string(path).unwrap_or_default();
+            used.extend(
+                k.lines()
+                    .filter_map(|l| l.trim().strip_prefix("- ../"))
+                    .filter(|n| !n.contains('/'))
+                    .map(str::to_owned),
+            );
+        }
+        if used.len() == before {
+            break;
+        }
+    }
     for entry in std::fs::read_dir(manifests_dir().join("components")).unwrap() {
         let name = entry.unwrap().file_name().to_string_lossy().into_owned();
         assert!(
@@ -157,8 +239,44 @@ fn every_component_is_rendered_by_some_test() {
 #[test]
 fn gke_overlays_are_the_tpu_stack_behind_a_regional_gateway() {
     let rendered = rendered_overlays();
+    // The default stack: four one-chip pods (the picker has a choice), the
+    // seed's single 2x2 pod kept as gke-tpu-2x2; the same chips either way.
+    for (overlay, topology, pods, chips) in [
+        ("gke-tpu", "1x1", 4, "1"),
+        ("gke-tpu-internal", "1x1", 4, "1"),
+        ("gke-tpu-2x2", "2x2", 1, "4"),
+    ] {
+        let objs = &rendered[overlay];
+        let server = workloads(objs)
+            .find(|w| {
+                w.containers()
+                    .iter()
+                    .any(|c| c.pointer("/resources/limits/google.com~1tpu").is_some())
+            })
+            .unwrap_or_else(|| panic!("{overlay}: no TPU workload"));
+        assert_eq!(model::replicas(&server), pods, "{overlay} replicas");
+        assert_eq!(
+            str_at(
+                server.pod_spec(),
+                "/nodeSelector/cloud.google.com~1gke-tpu-topology"
+            ),
+            Some(topology),
+            "{overlay} topology"
+        );
+        assert_eq!(
+            str_at(&server.containers()[0], "/resources/limits/google.com~1tpu"),
+            Some(chips),
+            "{overlay} chips per pod"
+        );
+        assert_eq!(
+            pods * chips.parse::<u64>().unwrap(),
+            4,
+            "{overlay}: four chips in all, so the two shapes cost the same"
+        );
+    }
     for (overlay, class) in [
         ("gke-tpu", "gke-l7-regional-external-managed"),
+        ("gke-tpu-2x2", "gke-l7-regional-external-managed"),
         ("gke-tpu-internal", "gke-l7-rilb"),
     ] {
         let objs = &rendered[overlay];
@@ -189,6 +307,41 @@ fn gke_overlays_are_the_tpu_stack_behind_a_regional_gateway() {
     }
 }
 
+/// docs/deploy-gke-tpu.md sets the picker image in a local overlay kept out
+/// of git (`kustomize edit set image <placeholder>=<yours>`), not by editing
+/// a tracked file: the overlays' placeholder must be replaceable from
+/// outside, and the rest of the install must come through unchanged.
+#[test]
+fn a_local_overlay_sets_the_picker_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    for overlay in ["gke-tpu", "gke-tpu-2x2", "gke-tpu-internal"] {
+        let dir = tmp.path().join(overlay);
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = render::relative(&dir, &manifests_dir().join("overlays").join(overlay));
+        // What `kustomize create --namespace inference --resources <overlay>`
+        // and `kustomize edit set image us-central1-docker.pkg.dev/PROJECT_ID/
+        // inference/epp=europe-west4-docker.pkg.dev/p/r/epp:abc123` write.
+        let k = format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: inference\nresources:\n- {}\nimages:\n- name: us-central1-docker.pkg.dev/PROJECT_ID/inference/epp\n  newName: europe-west4-docker.pkg.dev/p/r/epp\n  newTag: abc123\n",
+            target.display()
+        );
+        std::fs::write(dir.join("kustomization.yaml"), k).unwrap();
+        let objs = render::kustomize(&dir).unwrap_or_else(|e| panic!("{overlay}: {e}"));
+        let epps = epp::epp_containers(&objs);
+        assert_eq!(
+            str_at(epps[0].container, "/image"),
+            Some("europe-west4-docker.pkg.dev/p/r/epp:abc123"),
+            "{overlay}"
+        );
+        assert_eq!(
+            objs.len(),
+            rendered_overlays()[overlay].len(),
+            "{overlay}: the local overlay renders the same objects"
+        );
+        assert_clean(overlay, &checks::run_all(&objs, &ctx(overlay)));
+    }
+}
+
 #[test]
 fn the_shipped_picker_config_is_the_repo_default() {
     // kustomize cannot read config/default.yaml (above its root), so the
@@ -207,7 +360,9 @@ fn the_dashboard_charts_metrics_that_exist() {
     let json =
         std::fs::read_to_string(manifests_dir().join("observability/grafana-dashboard.json"))
             .unwrap();
-    let source = std::fs::read_to_string(repo_root().join("src/telemetry/metrics.rs")).unwrap();
+    // The picker's metric names are registered where each subsystem keeps
+    // its collector (telemetry, scrape, endpoints, ...), so read them all.
+    let source = rust_sources(&repo_root().join("src"));
     let fixtures = repo_root().join("tests/fixtures/metrics");
     let captures: String = std::fs::read_dir(&fixtures)
         .unwrap()
@@ -220,6 +375,24 @@ fn the_dashboard_charts_metrics_that_exist() {
         .collect();
     let problems = dashboard::check(&json, &source, &captures);
     assert!(problems.is_empty(), "grafana-dashboard.json: {problems:#?}");
+}
+
+/// The text of every `.rs` file under `dir`, recursively.
+fn rust_sources(dir: &Path) -> String {
+    let mut out = String::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push_str(&std::fs::read_to_string(&path).unwrap());
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 /// Destinations of the runtime stage's COPY instructions.

@@ -173,3 +173,58 @@ pub fn args(container: &Value) -> Vec<&str> {
         .filter_map(Value::as_str)
         .collect()
 }
+
+/// A Kubernetes resource quantity ("32Gi", "500m", "8", "1.5G") in base
+/// units (bytes, cores): binary and decimal suffixes, milli for CPU. None
+/// for anything else (an exponent form, garbage).
+pub fn quantity(v: &Value) -> Option<f64> {
+    let s = match v {
+        Value::String(s) => s.as_str(),
+        Value::Number(n) => return n.as_f64(),
+        _ => return None,
+    };
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, suffix) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let factor = match suffix {
+        "" => 1.0,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    Some(n * factor)
+}
+
+/// `spec.replicas` of a workload (1 when unset, as the API defaults it).
+pub fn replicas(w: &Workload<'_>) -> u64 {
+    w.obj
+        .pointer("/spec/replicas")
+        .and_then(Value::as_u64)
+        .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities_parse_as_kubernetes_reads_them() {
+        let q = |s: &str| quantity(&Value::from(s));
+        assert_eq!(q("20Gi"), Some(20.0 * 1024.0 * 1024.0 * 1024.0));
+        assert_eq!(q("500m"), Some(0.5));
+        assert_eq!(q("8"), Some(8.0));
+        assert_eq!(q("1.5G"), Some(1.5e9));
+        assert_eq!(quantity(&Value::from(4)), Some(4.0));
+        assert_eq!(q("1e3"), None);
+        assert_eq!(q("lots"), None);
+    }
+}

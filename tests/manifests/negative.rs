@@ -10,7 +10,7 @@ use crate::{
 
 /// A minimal GKE-shaped install: picker, pool, TPU model server, gateway,
 /// route and GKE policies, all in namespace `ns`.
-const VALID: &str = r#"
+pub(crate) const VALID: &str = r#"
 apiVersion: v1
 kind: ServiceAccount
 metadata: {name: epp, namespace: ns}
@@ -22,6 +22,7 @@ rules:
 - {apiGroups: [""], resources: [pods], verbs: [get, list, watch]}
 - {apiGroups: [inference.networking.k8s.io], resources: [inferencepools], verbs: [get, list, watch]}
 - {apiGroups: [inference.networking.x-k8s.io], resources: [inferenceobjectives], verbs: [get, list, watch]}
+- {apiGroups: [llm-d.ai], resources: [inferenceobjectives], verbs: [get, list, watch]}
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: RoleBinding
@@ -56,12 +57,17 @@ spec:
     metadata: {labels: {app: epp}}
     spec:
       serviceAccountName: epp
-      terminationGracePeriodSeconds: 130
+      terminationGracePeriodSeconds: 340
       securityContext: {runAsNonRoot: true}
+      initContainers:
+      - name: fetch-tokenizer
+        image: registry.example/curl:8.0
+        env: [{name: MODEL, value: m}]
+        volumeMounts: [{name: tokenizers, mountPath: /var/lib/epp/tokenizers}]
       containers:
       - name: epp
         image: registry.example/epp:1.0
-        args: [--pool-name, pool, --pool-namespace, $(NAMESPACE), --config-file, /config/default.yaml, --shutdown-grace-period, 120s]
+        args: [--pool-name, pool, --pool-namespace, $(NAMESPACE), --config-file, /config/default.yaml, --shutdown-grace-period, 330s]
         env:
         - {name: NAMESPACE, valueFrom: {fieldRef: {fieldPath: metadata.namespace}}}
         - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
@@ -72,8 +78,12 @@ spec:
         livenessProbe: {grpc: {port: 9003, service: liveness}}
         readinessProbe: {grpc: {port: 9003, service: readiness}}
         securityContext: {readOnlyRootFilesystem: true}
-        volumeMounts: [{name: config, mountPath: /config}]
-      volumes: [{name: config, configMap: {name: epp-config}}]
+        volumeMounts:
+        - {name: config, mountPath: /config}
+        - {name: tokenizers, mountPath: /var/lib/epp/tokenizers, readOnly: true}
+      volumes:
+      - {name: config, configMap: {name: epp-config}}
+      - {name: tokenizers, emptyDir: {}}
 ---
 apiVersion: v1
 kind: Service
@@ -96,10 +106,14 @@ apiVersion: apps/v1
 kind: Deployment
 metadata: {name: vllm, namespace: ns}
 spec:
+  replicas: 2
+  strategy: {type: RollingUpdate, rollingUpdate: {maxSurge: 0, maxUnavailable: 1}}
   selector: {matchLabels: {app: vllm}}
   template:
     metadata: {labels: {app: vllm}}
     spec:
+      enableServiceLinks: false
+      terminationGracePeriodSeconds: 340
       nodeSelector:
         cloud.google.com/gke-tpu-accelerator: tpu-v6e-slice
         cloud.google.com/gke-tpu-topology: "2x2"
@@ -107,17 +121,26 @@ spec:
       - name: vllm
         image: vllm/vllm-tpu:v0.27.0
         command: [vllm, serve]
-        args: [m, --port=8000, --tensor-parallel-size=4]
+        args: [m, --port=8000, --tensor-parallel-size=4, --shutdown-timeout=300, --kv-events-config, '{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:5557","replay_endpoint":"tcp://*:5558","topic":"kv@$(POD_IP):8000@m"}']
         env:
+        - {name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}
         - {name: HF_TOKEN, valueFrom: {secretKeyRef: {name: hf, key: token, optional: true}}}
         - {name: VLLM_XLA_CACHE_PATH, value: /cache/xla}
-        ports: [{name: http, containerPort: 8000}]
-        resources: {requests: {google.com/tpu: "4"}, limits: {google.com/tpu: "4"}}
+        ports: [{name: http, containerPort: 8000}, {name: kv-events, containerPort: 5557}, {name: kv-replay, containerPort: 5558}, {name: tpu-metrics, containerPort: 8431}]
+        resources: {requests: {google.com/tpu: "4", cpu: "8", memory: 2Gi, ephemeral-storage: 10Gi}, limits: {google.com/tpu: "4"}}
+        lifecycle: {preStop: {sleep: {seconds: 30}}}
         livenessProbe: {httpGet: {path: /health, port: http}}
         readinessProbe: {httpGet: {path: /health, port: http}}
         startupProbe: {httpGet: {path: /health, port: http}, periodSeconds: 10, failureThreshold: 180}
         volumeMounts: [{name: shm, mountPath: /dev/shm}, {name: cache, mountPath: /cache}]
-      volumes: [{name: shm, emptyDir: {medium: Memory}}, {name: cache, emptyDir: {}}]
+      volumes: [{name: shm, emptyDir: {medium: Memory, sizeLimit: 1Gi}}, {name: cache, emptyDir: {sizeLimit: 10Gi}}]
+---
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata: {name: vllm, namespace: ns}
+spec:
+  maxUnavailable: 1
+  selector: {matchLabels: {app: vllm}}
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
@@ -147,7 +170,7 @@ kind: GCPBackendPolicy
 metadata: {name: pool, namespace: ns}
 spec:
   targetRef: {group: inference.networking.k8s.io, kind: InferencePool, name: pool}
-  default: {timeoutSec: 300}
+  default: {timeoutSec: 300, connectionDraining: {drainingTimeoutSec: 300}}
 ---
 apiVersion: monitoring.googleapis.com/v1
 kind: PodMonitoring
@@ -157,34 +180,36 @@ spec:
   endpoints: [{port: http, path: /metrics}]
 "#;
 
-fn parse(text: &str) -> Vec<Obj> {
+pub(crate) fn parse(text: &str) -> Vec<Obj> {
     parse_docs(text).expect("fixture parses")
 }
 
 /// VALID with the first occurrence of `from` replaced by `to`.
-fn with(from: &str, to: &str) -> Vec<Obj> {
+pub(crate) fn with(from: &str, to: &str) -> Vec<Obj> {
     assert!(VALID.contains(from), "the fixture has no {from:?}");
     parse(&VALID.replacen(from, to, 1))
 }
 
 /// VALID plus more documents.
-fn plus(extra: &str) -> Vec<Obj> {
+pub(crate) fn plus(extra: &str) -> Vec<Obj> {
     parse(&format!("{VALID}\n---\n{extra}"))
 }
 
-fn run(objs: &[Obj], gke: bool) -> Vec<Violation> {
-    checks::run_all(
-        objs,
-        &Ctx {
-            gke,
-            epp_flags: epp_help_flags(),
-        },
-    )
+pub(crate) fn run(objs: &[Obj], gke: bool) -> Vec<Violation> {
+    checks::run_all(objs, &ctx(gke))
+}
+
+pub(crate) fn ctx(gke: bool) -> Ctx<'static> {
+    Ctx {
+        gke,
+        epp_flags: epp_help_flags(),
+        min_endpoints: 2,
+    }
 }
 
 /// Asserts `check` reports a violation whose message contains `needle`.
 #[track_caller]
-fn rejects(objs: &[Obj], check: &str, needle: &str) {
+pub(crate) fn rejects(objs: &[Obj], check: &str, needle: &str) {
     let found = run(objs, true);
     assert!(
         found
@@ -204,8 +229,13 @@ fn the_valid_fixture_passes_every_check() {
 #[test]
 fn every_check_has_a_negative_case() {
     // A check added to checks::ALL without a mutation here could be a
-    // no-op forever; this file's own text says which checks it exercises.
-    let source = include_str!("negative.rs");
+    // no-op forever; the negative files' own text says which checks they
+    // exercise.
+    let source = [
+        include_str!("negative.rs"),
+        include_str!("negative_hardening.rs"),
+    ]
+    .concat();
     for (check, _) in checks::ALL {
         assert!(
             source.contains(&format!("\"{check}\",")),
@@ -403,8 +433,8 @@ fn rejects_leases_without_leader_election_and_the_reverse() {
     );
     rejects(
         &with(
-            "--shutdown-grace-period, 120s]",
-            "--shutdown-grace-period, 120s, --ha-enable-leader-election]",
+            "--shutdown-grace-period, 330s]",
+            "--shutdown-grace-period, 330s, --ha-enable-leader-election]",
         ),
         "epp-rbac",
         "does not grant create on leases",
@@ -415,15 +445,15 @@ fn rejects_leases_without_leader_election_and_the_reverse() {
 fn rejects_flags_epp_does_not_accept() {
     rejects(
         &with(
-            "--shutdown-grace-period, 120s]",
-            "--shutdown-grace-period, 120s, --no-such-flag]",
+            "--shutdown-grace-period, 330s]",
+            "--shutdown-grace-period, 330s, --no-such-flag]",
         ),
         "epp-flags",
         "--no-such-flag",
     );
     rejects(
         &with(
-            "--shutdown-grace-period, 120s]",
+            "--shutdown-grace-period, 330s]",
             "--shutdown-grace-period, soon]",
         ),
         "epp-flags",
@@ -435,11 +465,11 @@ fn rejects_flags_epp_does_not_accept() {
 fn rejects_an_unsafe_picker_deployment() {
     rejects(
         &with(
-            "--shutdown-grace-period, 120s]",
-            "--shutdown-grace-period, 200s]",
+            "--shutdown-grace-period, 330s]",
+            "--shutdown-grace-period, 400s]",
         ),
         "epp-deployment",
-        "not below terminationGracePeriodSeconds 130",
+        "not below terminationGracePeriodSeconds 340",
     );
     rejects(
         &with("replicas: 1\n  strategy", "replicas: 2\n  strategy"),
@@ -584,8 +614,8 @@ fn rejects_a_tpu_server_that_does_not_fit_v6e_2x2() {
     );
     rejects(
         &with(
-            "{name: shm, emptyDir: {medium: Memory}}",
-            "{name: shm, emptyDir: {}}",
+            "{name: shm, emptyDir: {medium: Memory, sizeLimit: 1Gi}}",
+            "{name: shm, emptyDir: {sizeLimit: 1Gi}}",
         ),
         "tpu-model-server",
         "/dev/shm",
@@ -603,7 +633,7 @@ fn rejects_a_tpu_server_that_does_not_fit_v6e_2x2() {
     rejects(
         &with("gke-tpu-topology: \"2x2\"", "gke-tpu-topology: \"2x4\""),
         "tpu-model-server",
-        "expected \"2x2\"",
+        "expected one of [\"1x1\", \"2x2\"]",
     );
 }
 
@@ -630,13 +660,7 @@ fn pitfall_rejects_global_gateway_classes() {
         "gatewayClassName: gke-l7-regional-external-managed",
         "gatewayClassName: istio",
     );
-    let found = checks::pitfall_regional_gateway_class(
-        &objs,
-        &Ctx {
-            gke: false,
-            epp_flags: epp_help_flags(),
-        },
-    );
+    let found = checks::pitfall_regional_gateway_class(&objs, &ctx(false));
     assert!(found.is_empty(), "{found:?}");
 }
 
@@ -688,7 +712,7 @@ fn pitfall_rejects_health_checks_off_health() {
 #[test]
 fn pitfall_rejects_the_default_backend_timeout() {
     rejects(
-        &with("default: {timeoutSec: 300}", "default: {timeoutSec: 30}"),
+        &with("default: {timeoutSec: 300,", "default: {timeoutSec: 30,"),
         "pitfall:backend-timeout",
         "timeoutSec >= 300",
     );
@@ -710,8 +734,8 @@ fn pitfall_rejects_https_toward_the_model_server() {
     );
     rejects(
         &with(
-            "ports: [{name: http, containerPort: 8000}]",
-            "ports: [{name: https, containerPort: 8000}]",
+            "ports: [{name: http, containerPort: 8000},",
+            "ports: [{name: https, containerPort: 8000},",
         ),
         "pitfall:plain-http-backend",
         "port name \"https\"",

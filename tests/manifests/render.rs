@@ -101,7 +101,7 @@ pub fn compose(overlay: &str, components: &[&str], namespace: &str) -> Result<Ve
 }
 
 /// The path of `to` relative to `from` (both absolute).
-fn relative(from: &Path, to: &Path) -> PathBuf {
+pub fn relative(from: &Path, to: &Path) -> PathBuf {
     let from: Vec<Component<'_>> = from.components().collect();
     let to: Vec<Component<'_>> = to.components().collect();
     let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
