@@ -478,8 +478,10 @@ pub fn epp_rbac(objs: &[Obj], _: &Ctx<'_>) -> Vec<Violation> {
         let mut need = vec![
             ("", "pods"),
             ("inference.networking.x-k8s.io", "inferenceobjectives"),
+            ("inference.networking.x-k8s.io", "inferencemodelrewrites"),
             // Where the API moved after GIE v1.5 (llm-d-router).
             ("llm-d.ai", "inferenceobjectives"),
+            ("llm-d.ai", "inferencemodelrewrites"),
         ];
         if e.arg_value("--pool-name").is_some() {
             need.push((

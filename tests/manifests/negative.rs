@@ -23,6 +23,7 @@ rules:
 - {apiGroups: [inference.networking.k8s.io], resources: [inferencepools], verbs: [get, list, watch]}
 - {apiGroups: [inference.networking.x-k8s.io], resources: [inferenceobjectives], verbs: [get, list, watch]}
 - {apiGroups: [llm-d.ai], resources: [inferenceobjectives], verbs: [get, list, watch]}
+- {apiGroups: [inference.networking.x-k8s.io, llm-d.ai], resources: [inferencemodelrewrites], verbs: [get, list, watch]}
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: RoleBinding
@@ -403,6 +404,14 @@ fn rejects_rbac_that_misses_what_the_picker_watches() {
         ),
         "epp-rbac",
         "list on inference.networking.x-k8s.io/inferenceobjectives",
+    );
+    rejects(
+        &with(
+            "- {apiGroups: [inference.networking.x-k8s.io, llm-d.ai], resources: [inferencemodelrewrites], verbs: [get, list, watch]}",
+            "",
+        ),
+        "epp-rbac",
+        "llm-d.ai/inferencemodelrewrites",
     );
     rejects(
         &with(
