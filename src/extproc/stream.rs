@@ -28,9 +28,11 @@
 //!
 //! Response side: headers are answered at once (with the served endpoint
 //! echoed when enabled); body chunks are passed back immediately (server-sent
-//! events are never buffered) while usage is read from them; the in-flight
-//! accounting taken at routing is released at the end of the response, or
-//! when the stream is dropped (error, client cancel), by the guard's `Drop`.
+//! events are never buffered). What the response shows (status, first byte,
+//! usage) is handed to the routed request's `RequestTicket`, which the
+//! director issued and which owns the request's accounting; it is finished
+//! at the end of the response, or simply dropped with the stream (error,
+//! client cancel), which releases everything as well.
 //!
 //! Errors in the client's HTTP request become ImmediateResponses with an
 //! OpenAI-style JSON body; a client error never aborts the gRPC stream.
