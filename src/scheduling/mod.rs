@@ -18,6 +18,7 @@
 //! a status. Plugins are plain synchronous functions over the snapshot.
 
 pub mod filters;
+pub mod inventory;
 pub mod pickers;
 mod registry;
 mod saturation;

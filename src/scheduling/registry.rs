@@ -4,9 +4,11 @@
 //! is declared once under `plugins` and referenced by name from a profile;
 //! scorers without a weight get 1; a profile without a picker gets the
 //! max-score picker; a config without profiles gets one profile with every
-//! declared scheduling plugin, as GIE does. Unknown types, dangling
-//! references and malformed parameters are startup errors. Data-layer and
-//! parser plugin types are accepted here and read by their own subsystems.
+//! declared scheduling plugin, as GIE does. Which types exist and which are
+//! supported is the [`inventory`]'s business: unsupported and unknown types,
+//! dangling references and malformed parameters are startup errors, each
+//! reported once. Data-layer and parser plugin types are accepted here and
+//! read by their own subsystems.
 
 use std::{sync::Arc, time::Duration, time::Instant};
 
@@ -14,7 +16,11 @@ use serde::{Deserialize, de::DeserializeOwned};
 
 use super::{
     Filter, Named, Picker, PrefixSettings, Profile, SaturationDetector, Scheduler, Scorer,
-    filters::{HeaderBasedTestingFilter, PrefixAffinityFilter, UtilizationFilter},
+    filters::{
+        ByLabelFilter, HeaderBasedTestingFilter, LabelSelectorFilter, PrefixAffinityFilter,
+        UtilizationFilter,
+    },
+    inventory::{self, Kind, Status},
     pickers::{MaxScorePicker, RandomPicker, RoundRobinPicker, WeightedRandomPicker},
     scorers::{
         ActiveRequestScorer, KvCacheUtilizationScorer, LoadAwareScorer, PrefillCostScorer,
@@ -44,6 +50,12 @@ pub enum BuildError {
         plugin_type: String,
         known: String,
     },
+    #[error("plugin type {plugin_type:?} ({what}) is not supported; nearest: {nearest}")]
+    Unsupported {
+        plugin_type: &'static str,
+        what: &'static str,
+        nearest: &'static str,
+    },
     #[error(
         "profile {profile:?} references plugin {plugin_ref:?}, which is not declared under plugins"
     )]
@@ -66,94 +78,11 @@ pub enum BuildError {
     Weight { plugin_ref: String },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Filter,
-    Scorer,
-    Picker,
-    /// Accepted, configured elsewhere (data layer, parser, handler, detector).
-    Other,
+fn kind_of(plugin_type: &str) -> Option<(Kind, &'static str, &'static [&'static str])> {
+    inventory::lookup(plugin_type)
+        .filter(|t| !matches!(t.status, Status::Refused { .. }))
+        .map(|t| (t.kind, t.name, t.params))
 }
-
-/// Every plugin type this picker understands, with its kind and the
-/// parameter names it accepts (others are reported, not fatal).
-const TYPES: &[(&str, Kind, &[&str])] = &[
-    ("header-based-testing-filter", Kind::Filter, &[]),
-    (
-        "prefix-cache-affinity-filter",
-        Kind::Filter,
-        &[
-            "affinityThreshold",
-            "explorationProbability",
-            "maxTTFTPenaltyMs",
-        ],
-    ),
-    (
-        "utilization-detector",
-        Kind::Filter,
-        &[
-            "queueDepthThreshold",
-            "kvCacheUtilThreshold",
-            "metricsStalenessThreshold",
-            "headroom",
-        ],
-    ),
-    ("queue-scorer", Kind::Scorer, &[]),
-    ("kv-cache-utilization-scorer", Kind::Scorer, &[]),
-    ("prefix-cache-scorer", Kind::Scorer, PREFIX_PARAMS),
-    ("running-requests-size-scorer", Kind::Scorer, &[]),
-    (
-        "active-request-scorer",
-        Kind::Scorer,
-        &["idleThreshold", "maxBusyScore", "requestTimeout"],
-    ),
-    ("load-aware-scorer", Kind::Scorer, &["threshold"]),
-    ("prefill-cost-scorer", Kind::Scorer, PREFILL_COST_PARAMS),
-    ("max-score-picker", Kind::Picker, &["maxNumOfEndpoints"]),
-    ("random-picker", Kind::Picker, &["maxNumOfEndpoints"]),
-    (
-        "weighted-random-picker",
-        Kind::Picker,
-        &["maxNumOfEndpoints"],
-    ),
-    ("round-robin-picker", Kind::Picker, &["maxNumOfEndpoints"]),
-    ("single-profile-handler", Kind::Other, &[]),
-    ("approx-prefix-cache-producer", Kind::Other, PREFIX_PARAMS),
-    (
-        "metrics-data-source",
-        Kind::Other,
-        &["scheme", "path", "insecureSkipVerify"],
-    ),
-    (
-        "core-metrics-extractor",
-        Kind::Other,
-        &["engineLabelKey", "defaultEngine", "engineConfigs"],
-    ),
-    ("openai-parser", Kind::Other, &[]),
-];
-
-const PREFIX_PARAMS: &[&str] = &[
-    "blockSizeTokens",
-    "blockSize",
-    "maxPrefixBlocksToMatch",
-    "maxPrefixTokensToMatch",
-    "lruCapacityPerServer",
-    "autoTune",
-];
-
-const PREFILL_COST_PARAMS: &[&str] = &[
-    "blockSizeTokens",
-    "blockSize",
-    "maxPrefixBlocksToMatch",
-    "maxPrefixTokensToMatch",
-    "lruCapacityPerServer",
-    "autoTune",
-    "backlogWeight",
-    "uncachedWeight",
-    "decodeTokensPerRequest",
-    "foreignTokensPerRequest",
-    "kvHighWatermark",
-];
 
 /// Plugins whose presence means prompts must be hashed and matched.
 const PREFIX_USERS: &[&str] = &[
@@ -162,11 +91,36 @@ const PREFIX_USERS: &[&str] = &[
     "prefix-cache-affinity-filter",
 ];
 
-fn kind_of(plugin_type: &str) -> Option<(Kind, &'static str, &'static [&'static str])> {
-    TYPES
-        .iter()
-        .find(|(t, _, _)| *t == plugin_type)
-        .map(|&(t, k, p)| (k, t, p))
+/// Refuses a known type that is not supported, or a supported one whose
+/// parameters ask for something we do not do.
+fn check_supported(spec: &PluginSpec) -> Result<(), BuildError> {
+    let Some(entry) = inventory::lookup(&spec.plugin_type) else {
+        return Err(BuildError::UnknownType {
+            name: spec.name().to_owned(),
+            plugin_type: spec.plugin_type.clone(),
+            known: inventory::supported().collect::<Vec<_>>().join(", "),
+        });
+    };
+    if let Status::Refused { what, nearest } = entry.status {
+        return Err(BuildError::Unsupported {
+            plugin_type: entry.name,
+            what,
+            nearest,
+        });
+    }
+    let has = |key: &str| matches!(&spec.parameters, Some(serde_json::Value::Object(m)) if m.contains_key(key));
+    if matches!(entry.name, "token-producer" | "tokenizer")
+        && ["modelName", "vllm", "udsTokenizerConfig"]
+            .iter()
+            .any(|k| has(k))
+    {
+        return Err(BuildError::Unsupported {
+            plugin_type: entry.name,
+            what: "a real tokenizer: modelName, vllm or udsTokenizerConfig",
+            nearest: "token-producer with the estimate backend (4 bytes per token)",
+        });
+    }
+    Ok(())
 }
 
 fn params<T: DeserializeOwned + Default>(spec: &PluginSpec) -> Result<T, BuildError> {
@@ -228,20 +182,10 @@ pub fn build_scheduler(
     opts: &SchedulerOptions,
     index: Arc<PrefixIndex>,
 ) -> Result<Scheduler, BuildError> {
-    let known = || {
-        TYPES
-            .iter()
-            .map(|(t, _, _)| *t)
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     for p in &cfg.plugins {
+        check_supported(p)?;
         let Some((_, _, accepted)) = kind_of(&p.plugin_type) else {
-            return Err(BuildError::UnknownType {
-                name: p.name().to_owned(),
-                plugin_type: p.plugin_type.clone(),
-                known: known(),
-            });
+            continue; // unreachable: check_supported refused it
         };
         if let Some(serde_json::Value::Object(map)) = &p.parameters {
             for key in map.keys().filter(|k| !accepted.contains(&k.as_str())) {
@@ -291,20 +235,11 @@ pub fn build_scheduler(
         needs_prefix |= PREFIX_USERS.contains(&plugin_type);
         let name = spec.name().to_owned();
         match kind {
-            Kind::Filter => {
-                let plugin: Box<dyn Filter> = match plugin_type {
-                    "header-based-testing-filter" => Box::new(HeaderBasedTestingFilter),
-                    "prefix-cache-affinity-filter" => {
-                        Box::new(params::<PrefixAffinityFilter>(spec)?)
-                    }
-                    _ => Box::new(UtilizationFilter(params::<SaturationDetector>(spec)?)),
-                };
-                filters.push(Named {
-                    name,
-                    plugin_type,
-                    plugin,
-                });
-            }
+            Kind::Filter => filters.push(Named {
+                name,
+                plugin_type,
+                plugin: build_filter(spec, plugin_type)?,
+            }),
             Kind::Scorer => {
                 let w = weight.unwrap_or(1.0);
                 if !(w.is_finite() && w >= 0.0) {
@@ -400,6 +335,34 @@ pub fn build_scheduler(
         max_scrape_failures: opts.max_scrape_failures.max(1),
         staleness: opts.staleness,
         epoch: opts.epoch,
+    })
+}
+
+fn invalid(spec: &PluginSpec, message: impl Into<String>) -> BuildError {
+    BuildError::Parameters {
+        name: spec.name().to_owned(),
+        message: message.into(),
+    }
+}
+
+fn build_filter(spec: &PluginSpec, plugin_type: &str) -> Result<Box<dyn Filter>, BuildError> {
+    Ok(match plugin_type {
+        "header-based-testing-filter" => Box::new(HeaderBasedTestingFilter),
+        "prefix-cache-affinity-filter" => Box::new(params::<PrefixAffinityFilter>(spec)?),
+        "label-selector-filter" | "by-label-selector" => {
+            let f: LabelSelectorFilter = params(spec)?;
+            f.validate().map_err(|m| invalid(spec, m))?;
+            Box::new(f)
+        }
+        "by-label" => {
+            let f: ByLabelFilter = params(spec)?;
+            f.validate().map_err(|m| invalid(spec, m))?;
+            Box::new(f)
+        }
+        role @ ("decode-filter" | "prefill-filter" | "encode-filter") => {
+            Box::new(ByLabelFilter::role(role).unwrap_or_default())
+        }
+        _ => Box::new(UtilizationFilter(params::<SaturationDetector>(spec)?)),
     })
 }
 
