@@ -4,7 +4,9 @@
 //!   named in the `test-epp-endpoint-selection` request header, as `ip` or
 //!   `ip:port`, comma-separated; without the header nothing is kept.
 //! - `utilization-detector` used as a filter: drop saturated endpoints,
-//!   keeping all when every one is saturated.
+//!   keeping all when every one is saturated; `concurrency-detector`: drop
+//!   endpoints at their in-flight limit (see `saturation`);
+//!   `utilization-filter` (llm-d): caps on chosen load metrics.
 //! - `prefix-cache-affinity-filter` (GIE): keep the endpoints whose prefix
 //!   match is at least `affinityThreshold`, unless none is, or (with
 //!   probability `explorationProbability`) to let other endpoints warm up.
@@ -15,7 +17,10 @@
 
 use serde::Deserialize;
 
-use super::{Candidate, Cycle, Filter, SaturationDetector};
+use super::{
+    Candidate, Cycle, Filter,
+    saturation::{ConcurrencyDetector, UtilizationDetector},
+};
 
 #[derive(Debug, Default)]
 pub struct HeaderBasedTestingFilter;
@@ -39,13 +44,94 @@ impl Filter for HeaderBasedTestingFilter {
 }
 
 #[derive(Debug)]
-pub struct UtilizationFilter(pub SaturationDetector);
+pub struct UtilizationFilter(pub UtilizationDetector);
 
 impl Filter for UtilizationFilter {
     fn filter(&self, _: &Cycle<'_>, candidates: &mut Vec<Candidate<'_>>) {
         if candidates.iter().any(|c| !self.0.is_saturated(c)) {
             candidates.retain(|c| !self.0.is_saturated(c));
         }
+    }
+}
+
+#[derive(Debug)]
+pub struct ConcurrencyFilter(pub ConcurrencyDetector);
+
+impl Filter for ConcurrencyFilter {
+    fn filter(&self, _: &Cycle<'_>, candidates: &mut Vec<Candidate<'_>>) {
+        candidates.retain(|c| self.0.admits(c));
+    }
+}
+
+/// llm-d's `utilization-filter`: keep the endpoints whose every listed
+/// metric is at most its `maxValue`; with `fallbackOnEmpty`, keep all when
+/// none passes. `active-requests` is this picker's in-flight count,
+/// `waiting-queue` the scraped queue plus requests routed since the scrape.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UtilizationCapFilter {
+    pub conditions: Vec<Cap>,
+    #[serde(default)]
+    pub fallback_on_empty: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Cap {
+    pub metric: CapMetric,
+    pub max_value: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CapMetric {
+    ActiveRequests,
+    RunningRequests,
+    WaitingQueue,
+    KvCacheUtilization,
+}
+
+impl UtilizationCapFilter {
+    /// llm-d's checks: at least one condition, each with a maxValue >= 0
+    /// (at most 1 for the KV-cache fraction).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.conditions.is_empty() {
+            return Err("utilization filter requires at least one condition".into());
+        }
+        for c in &self.conditions {
+            match c.max_value {
+                None => return Err(format!("condition for {:?} requires maxValue", c.metric)),
+                Some(v) if v.is_nan() || v < 0.0 => {
+                    return Err(format!("condition for {:?} needs maxValue >= 0", c.metric));
+                }
+                Some(v) if c.metric == CapMetric::KvCacheUtilization && v > 1.0 => {
+                    return Err("kv-cache-utilization maxValue is a fraction, at most 1".into());
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn passes(&self, c: &Candidate<'_>) -> bool {
+        self.conditions.iter().all(|cap| {
+            let value = match cap.metric {
+                CapMetric::ActiveRequests => f64::from(c.in_flight),
+                CapMetric::RunningRequests => f64::from(c.running),
+                CapMetric::WaitingQueue => f64::from(c.waiting),
+                CapMetric::KvCacheUtilization => c.kv_usage,
+            };
+            value <= cap.max_value.unwrap_or(f64::INFINITY)
+        })
+    }
+}
+
+impl Filter for UtilizationCapFilter {
+    fn filter(&self, _: &Cycle<'_>, candidates: &mut Vec<Candidate<'_>>) {
+        if self.fallback_on_empty && !candidates.iter().any(|c| self.passes(c)) {
+            return;
+        }
+        candidates.retain(|c| self.passes(c));
     }
 }
 

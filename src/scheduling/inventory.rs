@@ -172,11 +172,11 @@ pub const INVENTORY: &[PluginType] = &[
         "LoRA adapter affinity",
         "prefill-cost-scorer",
     ),
-    refused(
+    works(
         "token-load-scorer",
         Both,
-        "in-flight token load",
-        "prefill-cost-scorer",
+        Scorer,
+        &["queueThresholdTokens", "inFlightLoadProducerName"],
     ),
     works(
         "active-request-scorer",
@@ -185,11 +185,16 @@ pub const INVENTORY: &[PluginType] = &[
         &["idleThreshold", "maxBusyScore", "requestTimeout"],
     ),
     works("load-aware-scorer", Router, Scorer, &["threshold"]),
-    refused(
+    works(
         "no-hit-lru-scorer",
         Router,
-        "spreads requests without a prefix hit",
-        "prefill-cost-scorer",
+        Scorer,
+        &[
+            "lruSize",
+            "prefixPluginType",
+            "prefixPluginName",
+            "prefixMatchInfoProducerName",
+        ],
     ),
     refused(
         "session-affinity-scorer",
@@ -197,11 +202,11 @@ pub const INVENTORY: &[PluginType] = &[
         "session affinity by response header",
         "prefix-cache-scorer",
     ),
-    refused(
+    works(
         "context-length-aware",
         Router,
-        "context-length ranges from a pod label",
-        "label-selector-filter",
+        Scorer,
+        &["label", "enableFiltering"],
     ),
     refused(
         "precise-prefix-cache-scorer",
@@ -282,11 +287,17 @@ pub const INVENTORY: &[PluginType] = &[
             "headroom",
         ],
     ),
-    refused(
+    works(
         "concurrency-detector",
         Both,
-        "saturation from in-flight requests or tokens",
-        "utilization-detector",
+        Filter,
+        &[
+            "concurrencyMode",
+            "maxConcurrency",
+            "maxTokenConcurrency",
+            "headroom",
+            "inFlightLoadProducerName",
+        ],
     ),
     refused(
         "slo-headroom-tier-filter",
@@ -316,11 +327,11 @@ pub const INVENTORY: &[PluginType] = &[
     works("encode-filter", Router, Filter, &[]),
     works("prefill-filter", Router, Filter, &[]),
     works("decode-filter", Router, Filter, &[]),
-    refused(
+    works(
         "utilization-filter",
         Router,
-        "caps on load metrics per endpoint",
-        "utilization-detector",
+        Filter,
+        &["conditions", "fallbackOnEmpty", "inFlightLoadProducerName"],
     ),
     refused(
         "session-affinity-filter",
@@ -404,11 +415,18 @@ pub const INVENTORY: &[PluginType] = &[
     ),
     // Request data producers.
     works("approx-prefix-cache-producer", Both, Other, PREFIX_PARAMS),
-    refused(
+    mapped(
         "inflight-load-producer",
         Both,
-        "in-flight request and token accounting",
-        "prefill-cost-scorer",
+        Other,
+        "the endpoint store's own accounting: requests in flight and uncached prompt tokens until the first response byte (addEstimatedOutputTokens is refused)",
+        &[
+            "addEstimatedOutputTokens",
+            "outputRatio",
+            "maxEstimatedOutputTokens",
+            "prefixMatchInfoProducerName",
+            "syncCrossReplicaState",
+        ],
     ),
     mapped(
         "token-producer",

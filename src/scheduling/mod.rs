@@ -32,7 +32,9 @@ use std::{
 };
 
 pub use registry::{BuildError, SchedulerOptions, build_scheduler};
-pub use saturation::SaturationDetector;
+pub use saturation::{
+    ConcurrencyDetector, ConcurrencyMode, SaturationDetector, UtilizationDetector,
+};
 
 use crate::{
     endpoints::{Endpoint, EndpointSet},
@@ -131,6 +133,10 @@ pub trait Filter: Send + Sync + fmt::Debug {
 /// `candidates[i]`.
 pub trait Scorer: Send + Sync + fmt::Debug {
     fn score(&self, cycle: &Cycle<'_>, candidates: &[Candidate<'_>], out: &mut [f64]);
+
+    /// A routed request went to `candidates[pick]` (never called when only
+    /// explaining). For scorers that learn from their own decisions.
+    fn picked(&self, _cycle: &Cycle<'_>, _candidates: &[Candidate<'_>], _pick: usize) {}
 }
 
 /// Orders up to `count` candidate indices, best first, from their totals.
@@ -440,6 +446,11 @@ impl Scheduler {
         let pick = &candidates[s.order[0]];
         let decision_prefill = cycle.uncached_tokens(pick);
 
+        if purpose.records() {
+            for (scorer, _) in &self.profile.scorers {
+                scorer.plugin.picked(&cycle, &candidates, s.order[0]);
+            }
+        }
         if purpose.records() && cycle.prompt_blocks > 0 {
             let capacity = self.capacity_for(pick.endpoint);
             self.index
@@ -623,5 +634,7 @@ fn filtered(e: &Endpoint, by: &str) -> ExplainedCandidate {
 
 #[cfg(test)]
 mod destination_tests;
+#[cfg(test)]
+mod plugin_tests;
 #[cfg(test)]
 mod tests;

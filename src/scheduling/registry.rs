@@ -15,16 +15,18 @@ use std::{sync::Arc, time::Duration, time::Instant};
 use serde::{Deserialize, de::DeserializeOwned};
 
 use super::{
-    Filter, Named, Picker, PrefixSettings, Profile, SaturationDetector, Scheduler, Scorer,
+    ConcurrencyDetector, Filter, Named, Picker, PrefixSettings, Profile, SaturationDetector,
+    Scheduler, Scorer, UtilizationDetector,
     filters::{
-        ByLabelFilter, HeaderBasedTestingFilter, LabelSelectorFilter, PrefixAffinityFilter,
-        UtilizationFilter,
+        ByLabelFilter, ConcurrencyFilter, HeaderBasedTestingFilter, LabelSelectorFilter,
+        PrefixAffinityFilter, UtilizationCapFilter, UtilizationFilter,
     },
     inventory::{self, Kind, Status},
     pickers::{MaxScorePicker, RandomPicker, RoundRobinPicker, WeightedRandomPicker},
     scorers::{
-        ActiveRequestScorer, KvCacheUtilizationScorer, LoadAwareScorer, PrefillCostScorer,
-        PrefixCacheScorer, QueueScorer, RunningRequestsScorer,
+        ActiveRequestScorer, ContextLengthAware, KvCacheUtilizationScorer, LoadAwareScorer,
+        NoHitLruParams, NoHitLruScorer, PrefillCostScorer, PrefixCacheScorer, QueueScorer,
+        RunningRequestsScorer, TokenLoadScorer,
     },
 };
 use crate::{
@@ -89,6 +91,9 @@ const PREFIX_USERS: &[&str] = &[
     "prefix-cache-scorer",
     "prefill-cost-scorer",
     "prefix-cache-affinity-filter",
+    // Tells cold requests from warm ones by their prefix match, as llm-d's
+    // reads the approximate prefix producer's match info.
+    "no-hit-lru-scorer",
 ];
 
 /// Refuses a known type that is not supported, or a supported one whose
@@ -120,7 +125,24 @@ fn check_supported(spec: &PluginSpec) -> Result<(), BuildError> {
             nearest: "token-producer with the estimate backend (4 bytes per token)",
         });
     }
+    let flag = |key: &str| {
+        matches!(&spec.parameters, Some(serde_json::Value::Object(m))
+            if m.get(key).and_then(serde_json::Value::as_bool) == Some(true))
+    };
+    if entry.name == "inflight-load-producer" && flag("addEstimatedOutputTokens") {
+        return Err(BuildError::Unsupported {
+            plugin_type: entry.name,
+            what: "addEstimatedOutputTokens: output tokens counted as in-flight load",
+            nearest: "inflight-load-producer without it (uncached prompt tokens until the first response byte)",
+        });
+    }
     Ok(())
+}
+
+/// Parameters of a plugin that has no defaults for them.
+fn params_required<T: DeserializeOwned>(spec: &PluginSpec) -> Result<T, BuildError> {
+    let v = spec.parameters.clone().unwrap_or(serde_json::Value::Null);
+    serde_json::from_value(v).map_err(|e| invalid(spec, e.to_string()))
 }
 
 fn params<T: DeserializeOwned + Default>(spec: &PluginSpec) -> Result<T, BuildError> {
@@ -240,11 +262,31 @@ pub fn build_scheduler(
                 plugin_type,
                 plugin: build_filter(spec, plugin_type)?,
             }),
-            Kind::Scorer => {
-                let w = weight.unwrap_or(1.0);
-                if !(w.is_finite() && w >= 0.0) {
-                    return Err(BuildError::Weight { plugin_ref });
+            Kind::Scorer if plugin_type == "context-length-aware" => {
+                // Both a scorer and, when asked, a filter (filters run first
+                // whatever the order in the profile, as in GIE).
+                let plugin: ContextLengthAware = params(spec)?;
+                if plugin.label.is_empty() {
+                    return Err(invalid(spec, "'label' must be specified"));
                 }
+                if plugin.enable_filtering {
+                    filters.push(Named {
+                        name: name.clone(),
+                        plugin_type,
+                        plugin: Box::new(plugin.clone()),
+                    });
+                }
+                scorers.push((
+                    Named {
+                        name,
+                        plugin_type,
+                        plugin: Box::new(plugin),
+                    },
+                    scorer_weight(weight, plugin_ref)?,
+                ));
+            }
+            Kind::Scorer => {
+                let w = scorer_weight(weight, plugin_ref)?;
                 let plugin: Box<dyn Scorer> = match plugin_type {
                     "queue-scorer" => Box::new(QueueScorer),
                     "kv-cache-utilization-scorer" => Box::new(KvCacheUtilizationScorer),
@@ -252,7 +294,12 @@ pub fn build_scheduler(
                     "running-requests-size-scorer" => Box::new(RunningRequestsScorer),
                     "active-request-scorer" => Box::new(params::<ActiveRequestScorer>(spec)?),
                     "load-aware-scorer" => Box::new(params::<LoadAwareScorer>(spec)?),
-                    _ => Box::new(params::<PrefillCostScorer>(spec)?),
+                    "token-load-scorer" => Box::new(params::<TokenLoadScorer>(spec)?),
+                    "no-hit-lru-scorer" => {
+                        Box::new(NoHitLruScorer::new(&params::<NoHitLruParams>(spec)?))
+                    }
+                    "prefill-cost-scorer" => Box::new(params::<PrefillCostScorer>(spec)?),
+                    other => return Err(unwired(other)),
                 };
                 scorers.push((
                     Named {
@@ -272,7 +319,8 @@ pub fn build_scheduler(
                     "max-score-picker" => Box::new(MaxScorePicker),
                     "random-picker" => Box::new(RandomPicker),
                     "weighted-random-picker" => Box::new(WeightedRandomPicker),
-                    _ => Box::new(RoundRobinPicker::default()),
+                    "round-robin-picker" => Box::new(RoundRobinPicker::default()),
+                    other => return Err(unwired(other)),
                 };
                 picker = Some((
                     Named {
@@ -345,7 +393,20 @@ fn invalid(spec: &PluginSpec, message: impl Into<String>) -> BuildError {
     }
 }
 
-fn build_filter(spec: &PluginSpec, plugin_type: &str) -> Result<Box<dyn Filter>, BuildError> {
+/// A type the inventory lists as supported that the registry does not build:
+/// a bug, which the inventory test catches.
+fn unwired(plugin_type: &'static str) -> BuildError {
+    BuildError::Unsupported {
+        plugin_type,
+        what: "listed as supported but not built by the registry",
+        nearest: "prefill-cost-scorer",
+    }
+}
+
+fn build_filter(
+    spec: &PluginSpec,
+    plugin_type: &'static str,
+) -> Result<Box<dyn Filter>, BuildError> {
     Ok(match plugin_type {
         "header-based-testing-filter" => Box::new(HeaderBasedTestingFilter),
         "prefix-cache-affinity-filter" => Box::new(params::<PrefixAffinityFilter>(spec)?),
@@ -362,17 +423,64 @@ fn build_filter(spec: &PluginSpec, plugin_type: &str) -> Result<Box<dyn Filter>,
         role @ ("decode-filter" | "prefill-filter" | "encode-filter") => {
             Box::new(ByLabelFilter::role(role).unwrap_or_default())
         }
-        _ => Box::new(UtilizationFilter(params::<SaturationDetector>(spec)?)),
+        "utilization-filter" => {
+            let f: UtilizationCapFilter = params_required(spec)?;
+            f.validate().map_err(|m| invalid(spec, m))?;
+            Box::new(f)
+        }
+        "concurrency-detector" => Box::new(ConcurrencyFilter(concurrency(spec)?)),
+        "utilization-detector" => Box::new(UtilizationFilter(params::<UtilizationDetector>(spec)?)),
+        other => return Err(unwired(other)),
     })
 }
 
-fn saturation_detector(cfg: &EndpointPickerConfig) -> Result<SaturationDetector, BuildError> {
-    let spec = match &cfg.saturation_detector {
-        Some(r) => cfg.plugin(&r.plugin_ref),
-        None => cfg.plugin_of_type("utilization-detector"),
-    };
-    match spec {
-        Some(spec) => params(spec),
-        None => Ok(SaturationDetector::default()),
+fn concurrency(spec: &PluginSpec) -> Result<ConcurrencyDetector, BuildError> {
+    let d: ConcurrencyDetector = params(spec)?;
+    d.validate().map_err(|m| invalid(spec, m))?;
+    Ok(d)
+}
+
+fn scorer_weight(weight: Option<f64>, plugin_ref: String) -> Result<f64, BuildError> {
+    let w = weight.unwrap_or(1.0);
+    if w.is_finite() && w >= 0.0 {
+        Ok(w)
+    } else {
+        Err(BuildError::Weight { plugin_ref })
     }
+}
+
+fn saturation_detector(cfg: &EndpointPickerConfig) -> Result<SaturationDetector, BuildError> {
+    const DETECTORS: [&str; 2] = ["utilization-detector", "concurrency-detector"];
+    let spec = match &cfg.saturation_detector {
+        Some(r) => {
+            let spec = cfg
+                .plugin(&r.plugin_ref)
+                .ok_or_else(|| BuildError::UnknownRef {
+                    profile: "saturationDetector".to_owned(),
+                    plugin_ref: r.plugin_ref.clone(),
+                })?;
+            if !DETECTORS.contains(&spec.plugin_type.as_str()) {
+                return Err(invalid(
+                    spec,
+                    format!(
+                        "saturationDetector must be one of {}, not {:?}",
+                        DETECTORS.join(", "),
+                        spec.plugin_type
+                    ),
+                ));
+            }
+            Some(spec)
+        }
+        None => cfg
+            .plugins
+            .iter()
+            .find(|p| DETECTORS.contains(&p.plugin_type.as_str())),
+    };
+    Ok(match spec {
+        Some(spec) if spec.plugin_type == "concurrency-detector" => {
+            SaturationDetector::Concurrency(concurrency(spec)?)
+        }
+        Some(spec) => SaturationDetector::Utilization(params(spec)?),
+        None => SaturationDetector::default(),
+    })
 }

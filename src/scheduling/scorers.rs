@@ -6,8 +6,9 @@
 //! - `kv-cache-utilization-scorer`: 1 - KV-cache usage;
 //! - `prefix-cache-scorer`: leading prompt blocks held / prompt blocks.
 //!
-//! llm-d's `active-request-scorer` and `load-aware-scorer`, and ours,
-//! `prefill-cost-scorer` (the built-in default), described on its type.
+//! llm-d's `active-request-scorer`, `load-aware-scorer`, `token-load-scorer`,
+//! `context-length-aware` and `no-hit-lru-scorer`, and ours,
+//! `prefill-cost-scorer` (the built-in default), described on their types.
 
 use std::fmt;
 
@@ -282,5 +283,244 @@ impl PrefillCostScorer {
 impl Scorer for PrefillCostScorer {
     fn score(&self, cycle: &Cycle<'_>, c: &[Candidate<'_>], out: &mut [f64]) {
         lower_is_better(c.iter().map(|c| self.cost(cycle, c)), out);
+    }
+}
+
+/// llm-d's token-load scorer: `1 - min(tokens, queueThresholdTokens) /
+/// queueThresholdTokens`, where `tokens` is the prompt tokens routed to the
+/// endpoint and not yet prefilled plus this request's own uncached tokens
+/// there (llm-d-router adds the request's tokens; GIE v1.5 did not). Our
+/// endpoint accounting is llm-d's in-flight load producer: uncached prompt
+/// tokens, released at the first response byte.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenLoadScorer {
+    #[serde(default = "default_queue_threshold_tokens")]
+    pub queue_threshold_tokens: i64,
+}
+
+fn default_queue_threshold_tokens() -> i64 {
+    // 128 requests of 32K tokens, llm-d's default.
+    4_194_304
+}
+
+impl Default for TokenLoadScorer {
+    fn default() -> Self {
+        Self {
+            queue_threshold_tokens: default_queue_threshold_tokens(),
+        }
+    }
+}
+
+impl Scorer for TokenLoadScorer {
+    fn score(&self, cycle: &Cycle<'_>, c: &[Candidate<'_>], out: &mut [f64]) {
+        let threshold = if self.queue_threshold_tokens > 0 {
+            self.queue_threshold_tokens as f64
+        } else {
+            default_queue_threshold_tokens() as f64
+        };
+        for (o, c) in out.iter_mut().zip(c) {
+            let tokens = c.prefill_backlog as f64 + f64::from(cycle.uncached_tokens(c));
+            *o = 1.0 - tokens.min(threshold) / threshold;
+        }
+    }
+}
+
+/// The pod label llm-d's context-length-aware plugin reads by default.
+pub const CONTEXT_LENGTH_LABEL: &str = "llm-d.ai/context-length-range";
+
+/// llm-d's `context-length-aware` scorer (and, with `enableFiltering`,
+/// filter). Each pod may declare the prompt lengths it is meant for in a
+/// label, `"min-max"` tokens (e.g. `"0-2048"`). Scores, as llm-d's:
+/// - in range: above 0.3 up to 1, higher for a narrow range and for more
+///   room left above the prompt (`0.3 + 0.7 × (0.7 × 1/(1 + width/10000) +
+///   0.3 × (max - len)/width)`, 1 for a zero-width range);
+/// - out of range: below 0.3, by distance to the range
+///   (`0.3 / (1 + distance/1000)`), so a too-long prompt goes to the pod
+///   whose range ends closest;
+/// - no label: 0.5; an unparsable label: 0.
+///
+/// The filter keeps pods without the label and pods whose range holds the
+/// prompt. Prompt length is the usual estimate, 4 bytes per token (llm-d's
+/// default `estimate` token producer does the same).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContextLengthAware {
+    #[serde(default = "default_context_label")]
+    pub label: String,
+    #[serde(default)]
+    pub enable_filtering: bool,
+}
+
+fn default_context_label() -> String {
+    CONTEXT_LENGTH_LABEL.to_owned()
+}
+
+impl Default for ContextLengthAware {
+    fn default() -> Self {
+        Self {
+            label: default_context_label(),
+            enable_filtering: false,
+        }
+    }
+}
+
+/// Parses `"min-max"` (non-negative integers, min <= max).
+pub fn parse_context_range(text: &str) -> Option<(u64, u64)> {
+    let (lo, hi) = text.split_once('-')?;
+    let lo: u64 = lo.trim().parse().ok()?;
+    let hi: u64 = hi.trim().parse().ok()?;
+    (lo <= hi).then_some((lo, hi))
+}
+
+impl ContextLengthAware {
+    fn range_score(len: u64, (lo, hi): (u64, u64)) -> f64 {
+        const FALLBACK: f64 = 0.3;
+        if (lo..=hi).contains(&len) {
+            let width = (hi - lo) as f64;
+            if width == 0.0 {
+                return 1.0;
+            }
+            let narrow = 1.0 / (1.0 + width / 10_000.0);
+            let room = (hi - len) as f64 / width;
+            FALLBACK + (0.7 * narrow + 0.3 * room) * (1.0 - FALLBACK)
+        } else {
+            let distance = if len > hi { len - hi } else { lo - len };
+            FALLBACK / (1.0 + distance as f64 / 1000.0)
+        }
+    }
+}
+
+impl Scorer for ContextLengthAware {
+    fn score(&self, cycle: &Cycle<'_>, c: &[Candidate<'_>], out: &mut [f64]) {
+        let len = u64::from(cycle.prompt_tokens);
+        for (o, c) in out.iter_mut().zip(c) {
+            *o = match c.endpoint.label(&self.label) {
+                None => 0.5,
+                Some(text) => parse_context_range(text).map_or(0.0, |r| Self::range_score(len, r)),
+            };
+        }
+    }
+}
+
+impl super::Filter for ContextLengthAware {
+    fn filter(&self, cycle: &Cycle<'_>, candidates: &mut Vec<Candidate<'_>>) {
+        let len = u64::from(cycle.prompt_tokens);
+        candidates.retain(|c| match c.endpoint.label(&self.label) {
+            None => true,
+            Some(text) => {
+                parse_context_range(text).is_some_and(|(lo, hi)| (lo..=hi).contains(&len))
+            }
+        });
+    }
+}
+
+/// llm-d's `no-hit-lru-scorer`: spreads cold requests. A request is cold
+/// when no candidate holds any of its prefix blocks; it will create new
+/// cache blocks wherever it goes, so it should go where cold requests went
+/// least recently, and the cache grows evenly. Cold requests rank
+/// candidates: never used for a cold request first (in candidate order,
+/// `1 - i/(n-1)`), then by the last cold request routed there, oldest
+/// first; warm requests score 0.5 everywhere, leaving the choice to the
+/// prefix scorers. Only a routed request's pick is recorded.
+///
+/// Ranks count the candidates only (llm-d counts every endpoint in its LRU,
+/// so endpoints filtered out can push all used candidates to 0). At most
+/// `lruSize` endpoints are remembered; the least recent is forgotten first.
+#[derive(Debug)]
+pub struct NoHitLruScorer {
+    lru_size: usize,
+    cold: parking_lot::Mutex<ColdUses>,
+}
+
+#[derive(Debug, Default)]
+struct ColdUses {
+    clock: u64,
+    /// Endpoint uid -> clock value of its last cold request.
+    last: std::collections::HashMap<u64, u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NoHitLruParams {
+    #[serde(default)]
+    pub lru_size: i64,
+}
+
+impl NoHitLruScorer {
+    pub const DEFAULT_LRU_SIZE: usize = 1024;
+
+    pub fn new(p: &NoHitLruParams) -> Self {
+        let lru_size = usize::try_from(p.lru_size)
+            .ok()
+            .filter(|&n| n > 0)
+            .unwrap_or(Self::DEFAULT_LRU_SIZE);
+        Self {
+            lru_size,
+            cold: parking_lot::Mutex::new(ColdUses::default()),
+        }
+    }
+
+    #[cfg(test)]
+    pub fn remembered(&self) -> usize {
+        self.cold.lock().last.len()
+    }
+
+    #[cfg(test)]
+    pub fn capacity(&self) -> usize {
+        self.lru_size
+    }
+
+    fn is_cold(c: &[Candidate<'_>]) -> bool {
+        c.iter().all(|c| c.prefix_blocks == 0)
+    }
+}
+
+impl Scorer for NoHitLruScorer {
+    fn score(&self, _: &Cycle<'_>, c: &[Candidate<'_>], out: &mut [f64]) {
+        if !Self::is_cold(c) {
+            out.iter_mut().for_each(|o| *o = 0.5);
+            return;
+        }
+        let n = c.len();
+        if n <= 1 {
+            out.iter_mut().for_each(|o| *o = 1.0);
+            return;
+        }
+        let span = (n - 1) as f64;
+        let mut used: Vec<(u64, usize)> = Vec::new();
+        let mut never = 0usize;
+        {
+            let cold = self.cold.lock();
+            for (i, (o, c)) in out.iter_mut().zip(c).enumerate() {
+                match cold.last.get(&c.endpoint.uid) {
+                    Some(&at) => used.push((at, i)),
+                    None => {
+                        *o = 1.0 - never as f64 / span;
+                        never += 1;
+                    }
+                }
+            }
+        }
+        used.sort_unstable();
+        for (rank, (_, i)) in used.into_iter().enumerate() {
+            out[i] = (1.0 - (never + rank) as f64 / span).max(0.0);
+        }
+    }
+
+    fn picked(&self, _: &Cycle<'_>, c: &[Candidate<'_>], pick: usize) {
+        let Some(p) = c.get(pick) else { return };
+        if !Self::is_cold(c) {
+            return;
+        }
+        let mut cold = self.cold.lock();
+        cold.clock += 1;
+        let now = cold.clock;
+        cold.last.insert(p.endpoint.uid, now);
+        if cold.last.len() > self.lru_size
+            && let Some((&oldest, _)) = cold.last.iter().min_by_key(|&(_, &at)| at)
+        {
+            cold.last.remove(&oldest);
+        }
     }
 }

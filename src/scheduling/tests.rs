@@ -21,17 +21,17 @@ pub(super) fn scheduler(cfg: &str, fallback: usize, store: &EndpointStore) -> Sc
     .unwrap()
 }
 
-fn idle() -> MetricsSample {
+pub(super) fn idle() -> MetricsSample {
     MetricsSample::default()
 }
 
-fn prompt(text: &'static str) -> Prompt<'static> {
+pub(super) fn prompt(text: &'static str) -> Prompt<'static> {
     let mut p = Prompt::default();
     p.push(text);
     p
 }
 
-fn facts<'a>(p: &'a Prompt<'a>) -> RequestFacts<'a> {
+pub(super) fn facts<'a>(p: &'a Prompt<'a>) -> RequestFacts<'a> {
     RequestFacts {
         model: "m",
         prompt: Some(p),
@@ -503,7 +503,7 @@ fn required_parameters(plugin_type: &str) -> &'static str {
     }
 }
 
-fn build_one(plugin_type: &str, parameters: &str) -> Result<Scheduler, BuildError> {
+pub(super) fn build_one(plugin_type: &str, parameters: &str) -> Result<Scheduler, BuildError> {
     let store = EndpointStore::new(Duration::from_secs(1));
     let text = format!(
         "plugins:\n- type: {plugin_type}\n  parameters: {parameters}\ntrustedHeaders: [test-epp-endpoint-selection]\n"
@@ -623,7 +623,7 @@ pub(super) fn labelled_store(labels: &[&str]) -> EndpointStore {
 }
 
 /// The ports the filters of `cfg` keep, over many requests.
-fn kept_by(cfg: &str, store: &EndpointStore) -> Result<Vec<u16>, ScheduleError> {
+pub(super) fn kept_by(cfg: &str, store: &EndpointStore) -> Result<Vec<u16>, ScheduleError> {
     let s = scheduler(cfg, 8, store);
     let p = prompt("x");
     let d = s.schedule(&facts(&p), &store.snapshot(), Purpose::Explain)?;
