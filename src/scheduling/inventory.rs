@@ -141,6 +141,8 @@ const PREFILL_COST_PARAMS: &[&str] = &[
     "foreignTokensPerRequest",
     "kvHighWatermark",
     "kvRequestTokens",
+    "loraLoadTokens",
+    "loraEvictTokens",
 ];
 
 const PICKER_PARAMS: &[&str] = &["maxNumOfEndpoints"];
@@ -166,12 +168,7 @@ pub const INVENTORY: &[PluginType] = &[
     works("kv-cache-utilization-scorer", Both, Scorer, &[]),
     works("running-requests-size-scorer", Both, Scorer, &[]),
     works("prefix-cache-scorer", Both, Scorer, PREFIX_PARAMS),
-    refused(
-        "lora-affinity-scorer",
-        Both,
-        "LoRA adapter affinity",
-        "prefill-cost-scorer",
-    ),
+    works("lora-affinity-scorer", Both, Scorer, &[]),
     works(
         "token-load-scorer",
         Both,

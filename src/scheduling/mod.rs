@@ -17,6 +17,7 @@
 //! output a [`Decision`] or a [`ScheduleError`] that the protocol layer maps to
 //! a status. Plugins are plain synchronous functions over the snapshot.
 
+mod adapters;
 pub mod filters;
 pub mod inventory;
 pub mod pickers;
@@ -37,7 +38,7 @@ pub use saturation::{
 };
 
 use crate::{
-    endpoints::{Endpoint, EndpointSet},
+    endpoints::{Endpoint, EndpointSet, LoraState},
     prefix::{BlockHasher, PrefixIndex, chain_seed},
     request::Prompt,
 };
@@ -82,6 +83,30 @@ pub struct Candidate<'s> {
     pub fresh: bool,
     /// Leading prompt blocks this endpoint probably has cached.
     pub prefix_blocks: u32,
+    /// The request's model among the endpoint's LoRA adapters (read only
+    /// when a LoRA-aware plugin is configured).
+    pub lora: LoraFit,
+}
+
+/// How the request's model stands among one endpoint's LoRA adapters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoraFit {
+    /// An adapter of a running request: loaded.
+    pub running: bool,
+    /// An adapter of a waiting request: being loaded, or waiting for a slot.
+    pub waiting: bool,
+    /// Fewer adapters running and waiting than `max_lora`.
+    pub free_slot: bool,
+}
+
+impl LoraFit {
+    pub fn of(state: Option<&LoraState>, model: &str) -> Self {
+        state.map_or_else(Self::default, |s| Self {
+            running: s.running.contains(model),
+            waiting: s.waiting.contains(model),
+            free_slot: s.has_free_slot(),
+        })
+    }
 }
 
 impl<'s> Candidate<'s> {
@@ -99,6 +124,7 @@ impl<'s> Candidate<'s> {
             prefill_backlog: endpoint.prefill_backlog(),
             fresh,
             prefix_blocks: 0,
+            lora: LoraFit::default(),
         }
     }
 }
@@ -114,6 +140,10 @@ pub struct Cycle<'a> {
     pub block_tokens: u32,
     /// Prompt blocks hashed (the denominator of the prefix score).
     pub prompt_blocks: u32,
+    /// The model names a LoRA adapter: some candidate reports it running or
+    /// waiting, or one did for an earlier routed request (vLLM serves an
+    /// adapter under its own model name; see `adapters`).
+    pub adapter_request: bool,
 }
 
 impl Cycle<'_> {
@@ -330,6 +360,9 @@ pub struct Scheduler {
     prefix: Option<PrefixSettings>,
     index: Arc<PrefixIndex>,
     saturation: SaturationDetector,
+    /// Some plugin reads the endpoints' LoRA adapters.
+    lora_aware: bool,
+    adapters: adapters::KnownAdapters,
     fallback_endpoints: usize,
     max_scrape_failures: u32,
     staleness: Duration,
@@ -385,12 +418,24 @@ impl Scheduler {
         let prompt_tokens = facts.prompt.map_or(0, |p| {
             u32::try_from(p.len()).unwrap_or(u32::MAX) / BYTES_PER_TOKEN
         });
+        let mut adapter_request = false;
+        if self.lora_aware {
+            for c in &mut candidates {
+                c.lora = c.endpoint.lora.with(|s| LoraFit::of(s, facts.model));
+                adapter_request |= c.lora.running || c.lora.waiting;
+            }
+            if adapter_request && purpose.records() {
+                self.adapters.learn(facts.model);
+            }
+            adapter_request = adapter_request || self.adapters.contains(facts.model);
+        }
         let mut cycle = Cycle {
             facts,
             now,
             prompt_tokens,
             block_tokens: 0,
             prompt_blocks: 0,
+            adapter_request,
         };
         if let (Some(settings), Some(prompt)) = (self.prefix, facts.prompt) {
             self.match_prefix(s, &settings, prompt, &mut cycle, &mut candidates);

@@ -385,6 +385,7 @@ fn no_hit_lru_remembers_at_most_lru_size_endpoints() {
         prompt_tokens: 0,
         block_tokens: 16,
         prompt_blocks: 1,
+        adapter_request: false,
     };
     for pick in [0, 1, 2, 3, 4, 5, 0, 3] {
         lru.picked(&cycle, &c, pick);
@@ -398,4 +399,169 @@ fn no_hit_lru_remembers_at_most_lru_size_endpoints() {
     // Default size, and non-positive sizes fall back to it.
     let lru = scorers::NoHitLruScorer::new(&scorers::NoHitLruParams { lru_size: -1 });
     assert_eq!(lru.capacity(), scorers::NoHitLruScorer::DEFAULT_LRU_SIZE);
+}
+
+/// Sets an endpoint's LoRA state as a scrape of vLLM's gauge would.
+fn set_lora(store: &EndpointStore, port: u16, running: &str, waiting: &str, max: &str) {
+    let snap = store.snapshot();
+    let e = snap.get(&format!("127.0.0.1:{port}")).unwrap();
+    e.lora.observe(Some(&crate::endpoints::LoraSeries {
+        running: running.as_bytes(),
+        waiting: waiting.as_bytes(),
+        max_lora: max.as_bytes(),
+    }));
+}
+
+fn model_facts<'a>(p: &'a Prompt<'a>, model: &'a str) -> RequestFacts<'a> {
+    RequestFacts { model, ..facts(p) }
+}
+
+#[test]
+fn lora_affinity_scores_gie_tiers() {
+    let store = store_with(&[1, 2, 3, 4, 5], &[idle(); 5]);
+    set_lora(&store, 1, "sql,chat", "", "2"); // loaded
+    set_lora(&store, 2, "chat", "", "2"); // a free slot
+    set_lora(&store, 3, "chat", "sql", "2"); // waiting, full
+    set_lora(&store, 4, "chat,tts", "", "2"); // full without it
+    let p = prompt("x");
+    let cfg = "plugins:\n- type: lora-affinity-scorer\n";
+    let got: Vec<f64> = scores(cfg, &store, &model_facts(&p, "sql"))
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    assert_eq!(
+        got,
+        vec![1.0, 0.8, 0.6, 0.0, 0.0],
+        "port 5 reports no gauge"
+    );
+    // A free slot ranks above a queued load, as in GIE.
+    set_lora(&store, 3, "", "sql", "2");
+    assert_eq!(scores(cfg, &store, &model_facts(&p, "sql"))[2].1, 0.8);
+}
+
+#[test]
+fn the_default_never_prefers_an_endpoint_that_must_evict() {
+    let store = store_with(&[1, 2, 3], &[idle(); 3]);
+    set_lora(&store, 1, "chat,tts", "", "2"); // must evict, idle
+    set_lora(&store, 2, "chat", "", "2"); // free slot, very busy
+    set_lora(&store, 3, "sql,chat", "", "2"); // loaded, busy
+    let _busy2 = load(&store, 2, 40, 5_000);
+    let _busy3 = load(&store, 3, 40, 5_000);
+    let s = scheduler(crate::config::DEFAULT_CONFIG, 2, &store);
+    let snap = store.snapshot();
+    let p = prompt("a short question");
+    let order = |model: &str| -> Vec<u16> {
+        let d = s
+            .schedule(&model_facts(&p, model), &snap, Purpose::Explain)
+            .unwrap();
+        d.endpoints.iter().map(|e| e.spec.port).collect()
+    };
+    assert_eq!(
+        order("sql"),
+        vec![3, 2, 1],
+        "loaded, then a free slot, evicting last"
+    );
+    // Once no endpoint lists "sql" (its requests finished: vLLM keeps it
+    // loaded but reports it nowhere), it is still an adapter to a scheduler
+    // that routed a request for it while an endpoint reported it.
+    let first = s
+        .schedule(&model_facts(&p, "sql"), &snap, Purpose::Route)
+        .unwrap();
+    assert_eq!(first.endpoints[0].spec.port, 3);
+    set_lora(&store, 3, "chat,tts", "", "2");
+    assert_eq!(
+        order("sql"),
+        vec![2, 1, 3],
+        "the free slot first, whatever its queue; then the cheaper of the two that must evict"
+    );
+    let unaware = scheduler(crate::config::DEFAULT_CONFIG, 2, &store);
+    let d = unaware
+        .schedule(&model_facts(&p, "sql"), &snap, Purpose::Explain)
+        .unwrap();
+    assert_eq!(
+        d.endpoints[0].spec.port, 1,
+        "an adapter never reported is taken for a base model"
+    );
+    // Not an adapter (the base model, or an adapter nobody reports): the
+    // LoRA term is off and the idle endpoint wins.
+    assert_eq!(order("base-model")[0], 1);
+
+    // Without load, loading into a free slot costs loraLoadTokens more than
+    // having the adapter.
+    let store = store_with(&[1, 2], &[idle(); 2]);
+    set_lora(&store, 1, "", "", "1");
+    set_lora(&store, 2, "sql", "", "1");
+    let snap = store.snapshot();
+    let s = scheduler(crate::config::DEFAULT_CONFIG, 1, &store);
+    for _ in 0..20 {
+        let d = s
+            .schedule(&model_facts(&p, "sql"), &snap, Purpose::Explain)
+            .unwrap();
+        assert_eq!(d.endpoints[0].spec.port, 2);
+    }
+    let cfg = "plugins:\n- type: prefill-cost-scorer\n  parameters: {loraLoadTokens: 0}\n";
+    let got = scores(cfg, &store, &model_facts(&p, "sql"));
+    assert_eq!((got[0].1, got[1].1), (1.0, 1.0), "no load cost: a tie");
+}
+
+#[test]
+fn lora_state_read_from_captured_pages_and_synthetic_series() {
+    use crate::scrape::{EngineMapping, extract_lora, extract_signals};
+    let vllm = EngineMapping::vllm();
+    let spec = vllm.lora.clone().unwrap();
+    let fixture = |name: &str| {
+        std::fs::read(format!(
+            "{}/tests/fixtures/metrics/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    };
+    let store = store_with(&[1, 2, 3], &[idle(); 3]);
+    let snap = store.snapshot();
+    let pages = [
+        fixture("vllm-metrics-inferstack.txt"),
+        [
+            fixture("vllm-metrics-hwrouter-loaded.txt"),
+            b"vllm:lora_requests_info{max_lora=\"1\",running_lora_adapters=\"sql\",waiting_lora_adapters=\"\"} 1.7e9\n".to_vec(),
+        ]
+        .concat(),
+        [
+            fixture("vllm-metrics-hwrouter-idle.txt"),
+            b"vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"sql\",waiting_lora_adapters=\"\"} 1.6e9\nvllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"\",waiting_lora_adapters=\"\"} 1.8e9\n".to_vec(),
+        ]
+        .concat(),
+    ];
+    for (e, page) in snap.endpoints().iter().zip(&pages) {
+        let (sample, _) = extract_signals(page, &vllm).unwrap();
+        e.record_scrape(&sample, Instant::now(), store.epoch());
+        e.lora.observe(extract_lora(page, &spec).as_ref());
+    }
+    assert!(
+        snap.endpoints()[0].lora.get().is_none(),
+        "no gauge on a captured page"
+    );
+    let p = prompt("x");
+    let got: Vec<f64> = scores(
+        "plugins:\n- type: lora-affinity-scorer\n",
+        &store,
+        &model_facts(&p, "sql"),
+    )
+    .into_iter()
+    .map(|(_, s)| s)
+    .collect();
+    assert_eq!(
+        got,
+        vec![0.0, 1.0, 0.8],
+        "the newest series: sql no longer running on 3"
+    );
+    let s = scheduler(crate::config::DEFAULT_CONFIG, 2, &store);
+    let d = s
+        .schedule(&model_facts(&p, "sql"), &snap, Purpose::Explain)
+        .unwrap();
+    let order: Vec<u16> = d.endpoints.iter().map(|e| e.spec.port).collect();
+    assert_eq!(
+        order,
+        vec![2, 3, 1],
+        "loaded, free slot, then the pod without LoRA"
+    );
 }

@@ -25,8 +25,8 @@ use super::{
     pickers::{MaxScorePicker, RandomPicker, RoundRobinPicker, WeightedRandomPicker},
     scorers::{
         ActiveRequestScorer, ContextLengthAware, KvCacheUtilizationScorer, LoadAwareScorer,
-        NoHitLruParams, NoHitLruScorer, PrefillCostScorer, PrefixCacheScorer, QueueScorer,
-        RunningRequestsScorer, TokenLoadScorer,
+        LoraAffinityScorer, NoHitLruParams, NoHitLruScorer, PrefillCostScorer, PrefixCacheScorer,
+        QueueScorer, RunningRequestsScorer, TokenLoadScorer,
     },
 };
 use crate::{
@@ -95,6 +95,9 @@ const PREFIX_USERS: &[&str] = &[
     // reads the approximate prefix producer's match info.
     "no-hit-lru-scorer",
 ];
+
+/// Plugins that read the endpoints' LoRA adapters.
+const LORA_USERS: &[&str] = &["lora-affinity-scorer", "prefill-cost-scorer"];
 
 /// Refuses a known type that is not supported, or a supported one whose
 /// parameters ask for something we do not do.
@@ -243,6 +246,7 @@ pub fn build_scheduler(
     let mut scorers: Vec<(Named<dyn Scorer>, f64)> = Vec::new();
     let mut picker: Option<(Named<dyn Picker>, usize)> = None;
     let mut needs_prefix = false;
+    let mut lora_aware = false;
 
     for (plugin_ref, weight) in refs {
         let spec = cfg
@@ -255,6 +259,7 @@ pub fn build_scheduler(
             continue; // unreachable: every declared type was checked above
         };
         needs_prefix |= PREFIX_USERS.contains(&plugin_type);
+        lora_aware |= LORA_USERS.contains(&plugin_type);
         let name = spec.name().to_owned();
         match kind {
             Kind::Filter => filters.push(Named {
@@ -295,6 +300,7 @@ pub fn build_scheduler(
                     "active-request-scorer" => Box::new(params::<ActiveRequestScorer>(spec)?),
                     "load-aware-scorer" => Box::new(params::<LoadAwareScorer>(spec)?),
                     "token-load-scorer" => Box::new(params::<TokenLoadScorer>(spec)?),
+                    "lora-affinity-scorer" => Box::new(LoraAffinityScorer),
                     "no-hit-lru-scorer" => {
                         Box::new(NoHitLruScorer::new(&params::<NoHitLruParams>(spec)?))
                     }
@@ -379,6 +385,8 @@ pub fn build_scheduler(
         prefix,
         index,
         saturation: detector,
+        lora_aware,
+        adapters: Default::default(),
         fallback_endpoints: opts.fallback_endpoints,
         max_scrape_failures: opts.max_scrape_failures.max(1),
         staleness: opts.staleness,

@@ -4,7 +4,10 @@
 //! - `queue-scorer`: min-max normalised waiting requests (1 when all equal);
 //! - `running-requests-size-scorer`: the same on running requests;
 //! - `kv-cache-utilization-scorer`: 1 - KV-cache usage;
-//! - `prefix-cache-scorer`: leading prompt blocks held / prompt blocks.
+//! - `prefix-cache-scorer`: leading prompt blocks held / prompt blocks;
+//! - `lora-affinity-scorer`: 1 when the request's model is a LoRA adapter of a
+//!   running request there, 0.8 when the endpoint has a free adapter slot,
+//!   0.6 when the adapter is waiting to be loaded, else 0.
 //!
 //! llm-d's `active-request-scorer`, `load-aware-scorer`, `token-load-scorer`,
 //! `context-length-aware` and `no-hit-lru-scorer`, and ours,
@@ -27,6 +30,19 @@ fn lower_is_better(values: impl Iterator<Item = f64> + Clone, out: &mut [f64]) {
     let span = max - min;
     for (o, v) in out.iter_mut().zip(values) {
         *o = if span > 0.0 { (max - v) / span } else { 1.0 };
+    }
+}
+
+/// [`lower_is_better`] over values already in `out`.
+fn lower_is_better_in_place(out: &mut [f64]) {
+    let (min, max) = out
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        });
+    let span = max - min;
+    for o in out.iter_mut() {
+        *o = if span > 0.0 { (max - *o) / span } else { 1.0 };
     }
 }
 
@@ -68,6 +84,28 @@ impl Scorer for PrefixCacheScorer {
         for (o, c) in out.iter_mut().zip(c) {
             *o = if total > 0.0 {
                 f64::from(c.prefix_blocks) / total
+            } else {
+                0.0
+            };
+        }
+    }
+}
+
+/// GIE's LoRA affinity scorer (v1.5 `scorer/loraaffinity`), tiers as GIE
+/// has them, for any model name: an endpoint whose adapters are unknown (no
+/// LoRA gauge) has no slot and scores 0, like a full one.
+#[derive(Debug, Default)]
+pub struct LoraAffinityScorer;
+
+impl Scorer for LoraAffinityScorer {
+    fn score(&self, _: &Cycle<'_>, c: &[Candidate<'_>], out: &mut [f64]) {
+        for (o, c) in out.iter_mut().zip(c) {
+            *o = if c.lora.running {
+                1.0
+            } else if c.lora.free_slot {
+                0.8
+            } else if c.lora.waiting {
+                0.6
             } else {
                 0.0
             };
@@ -159,6 +197,8 @@ impl Scorer for LoadAwareScorer {
 ///      + foreign x untracked           requests the scrape sees that we did not route
 ///      + (uncached + kv_request) x kv_pressure
 ///                                      KV cache nearly full: evictions, preemption
+///      + adapter                       LoRA: 0 loaded, lora_load with a free slot,
+///                                      lora_evict when a slot must be freed
 /// ```
 ///
 /// `kv_pressure` rises from 0 at `kv_high_watermark` to 1 when the cache is
@@ -174,6 +214,14 @@ impl Scorer for LoadAwareScorer {
 /// work queued on it is smaller than re-prefilling the prompt elsewhere; when
 /// a popular prefix makes it busy, requests spill over and the prefix is
 /// replicated on a second endpoint, instead of piling up on one.
+///
+/// The adapter term applies when the request's model is a LoRA adapter (some
+/// candidate reports it running or waiting; vLLM serves an adapter under its
+/// own model name). Loading one into a free slot costs `loraLoadTokens`;
+/// with every slot taken, the request waits until another adapter's
+/// requests drain, costing `loraEvictTokens` and always more than any
+/// candidate that has the adapter loaded or a slot free, whatever their
+/// queues: such an endpoint is the last resort, never preferred.
 ///
 /// Uncached tokens weigh more than queued ones (`uncached_weight`, 2 by
 /// default): a miss does not only delay this request, the prefill it creates
@@ -203,6 +251,31 @@ pub struct PrefillCostScorer {
     /// cache is full (scaled down linearly to zero at the watermark).
     #[serde(default = "default_kv_request_tokens")]
     pub kv_request_tokens: f64,
+    /// Token-equivalent cost of loading the request's LoRA adapter into a
+    /// free slot.
+    #[serde(default = "default_lora_load_tokens")]
+    pub lora_load_tokens: f64,
+    /// Token-equivalent cost of waiting for a slot when all are taken (at
+    /// least; see the type's documentation).
+    #[serde(default = "default_lora_evict_tokens")]
+    pub lora_evict_tokens: f64,
+}
+
+fn default_lora_load_tokens() -> f64 {
+    512.0
+}
+
+fn default_lora_evict_tokens() -> f64 {
+    8192.0
+}
+
+/// Where the request's adapter stands on an endpoint, for the cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AdapterCost {
+    /// Not an adapter request, or the adapter is loaded.
+    None,
+    Load,
+    Evict,
 }
 
 fn default_uncached_weight() -> f64 {
@@ -234,6 +307,8 @@ impl Default for PrefillCostScorer {
             foreign_tokens_per_request: default_foreign_tokens(),
             kv_high_watermark: default_kv_high(),
             kv_request_tokens: default_kv_request_tokens(),
+            lora_load_tokens: default_lora_load_tokens(),
+            lora_evict_tokens: default_lora_evict_tokens(),
         }
     }
 }
@@ -250,12 +325,26 @@ impl fmt::Debug for PrefillCostScorer {
             )
             .field("kv_high_watermark", &self.kv_high_watermark)
             .field("kv_request_tokens", &self.kv_request_tokens)
+            .field("lora_load_tokens", &self.lora_load_tokens)
+            .field("lora_evict_tokens", &self.lora_evict_tokens)
             .finish()
     }
 }
 
 impl PrefillCostScorer {
-    /// The estimated cost in prompt tokens of sending the request to `c`.
+    fn adapter(cycle: &Cycle<'_>, c: &Candidate<'_>) -> AdapterCost {
+        if !cycle.adapter_request || c.lora.running {
+            AdapterCost::None
+        } else if c.lora.free_slot {
+            AdapterCost::Load
+        } else {
+            AdapterCost::Evict
+        }
+    }
+
+    /// The estimated cost in prompt tokens of sending the request to `c`
+    /// (before an evicting endpoint is raised above every other; see
+    /// [`Scorer::score`]).
     pub fn cost(&self, cycle: &Cycle<'_>, c: &Candidate<'_>) -> f64 {
         let uncached = f64::from(cycle.uncached_tokens(c));
         // What the last scrape saw, minus this picker's requests that were
@@ -277,12 +366,37 @@ impl PrefillCostScorer {
             + self.decode_tokens_per_request * f64::from(c.in_flight)
             + self.foreign_tokens_per_request * untracked
             + (uncached + self.kv_request_tokens) * pressure
+            + match Self::adapter(cycle, c) {
+                AdapterCost::None => 0.0,
+                AdapterCost::Load => self.lora_load_tokens,
+                AdapterCost::Evict => self.lora_evict_tokens,
+            }
     }
 }
 
 impl Scorer for PrefillCostScorer {
     fn score(&self, cycle: &Cycle<'_>, c: &[Candidate<'_>], out: &mut [f64]) {
-        lower_is_better(c.iter().map(|c| self.cost(cycle, c)), out);
+        for (o, c) in out.iter_mut().zip(c) {
+            *o = self.cost(cycle, c);
+        }
+        if cycle.adapter_request {
+            // An endpoint that must free a slot ranks after every endpoint
+            // that has the adapter or a free slot.
+            let others = c
+                .iter()
+                .zip(out.iter())
+                .filter(|(c, _)| Self::adapter(cycle, c) != AdapterCost::Evict)
+                .map(|(_, &cost)| cost)
+                .fold(f64::NEG_INFINITY, f64::max);
+            if others.is_finite() {
+                for (o, c) in out.iter_mut().zip(c) {
+                    if Self::adapter(cycle, c) == AdapterCost::Evict {
+                        *o = o.max(others + 1.0);
+                    }
+                }
+            }
+        }
+        lower_is_better_in_place(out);
     }
 }
 
