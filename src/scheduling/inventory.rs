@@ -147,6 +147,15 @@ const PREFILL_COST_PARAMS: &[&str] = &[
 
 const PICKER_PARAMS: &[&str] = &["maxNumOfEndpoints"];
 
+/// `strategy` encoded_endpoint_header only; `profileName` must be empty;
+/// `sessionIdConfig` belongs to the refused session_id strategy.
+const SESSION_PARAMS: &[&str] = &[
+    "strategy",
+    "profileName",
+    "encodedEndpointHeaderConfig",
+    "sessionIdConfig",
+];
+
 const FLOW_CONTROL: &str =
     "flow-control policy; flow control (queueing with fairness) is not implemented";
 const SHEDDING: &str =
@@ -193,12 +202,7 @@ pub const INVENTORY: &[PluginType] = &[
             "prefixMatchInfoProducerName",
         ],
     ),
-    refused(
-        "session-affinity-scorer",
-        Router,
-        "session affinity by response header",
-        "prefix-cache-scorer",
-    ),
+    works("session-affinity-scorer", Router, Scorer, SESSION_PARAMS),
     works(
         "context-length-aware",
         Router,
@@ -330,12 +334,7 @@ pub const INVENTORY: &[PluginType] = &[
         Filter,
         &["conditions", "fallbackOnEmpty", "inFlightLoadProducerName"],
     ),
-    refused(
-        "session-affinity-filter",
-        Router,
-        "session pinning by response header",
-        "prefix-cache-affinity-filter",
-    ),
+    works("session-affinity-filter", Router, Filter, SESSION_PARAMS),
     refused(
         "endpoint-attribute-filter",
         Router,
@@ -352,7 +351,7 @@ pub const INVENTORY: &[PluginType] = &[
         "multicluster-session-affinity-filter",
         Router,
         MULTICLUSTER,
-        "prefix-cache-affinity-filter",
+        "session-affinity-filter",
     ),
     // Pickers.
     works("max-score-picker", Both, Picker, PICKER_PARAMS),
@@ -479,7 +478,7 @@ pub const INVENTORY: &[PluginType] = &[
         "session-id-producer",
         Router,
         "session id from a header or cookie (session_id affinity)",
-        "prefix-cache-scorer",
+        "session-affinity-scorer",
     ),
     // Admission, request and response hooks.
     refused("latency-slo-admitter", Both, LATENCY, SHEDDING),
@@ -512,7 +511,7 @@ pub const INVENTORY: &[PluginType] = &[
         "agent-identity",
         Router,
         "agent session identity for flow-control fairness",
-        "prefix-cache-scorer",
+        "session-affinity-scorer",
     ),
     // Parsers.
     works("openai-parser", Both, Other, &[]),

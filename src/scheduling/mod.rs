@@ -24,6 +24,7 @@ pub mod pickers;
 mod registry;
 mod saturation;
 pub mod scorers;
+pub mod session;
 
 use std::{
     cell::RefCell,
@@ -60,6 +61,8 @@ pub struct RequestFacts<'a> {
     pub subset: Option<&'a [String]>,
     /// Value of the `test-epp-endpoint-selection` header (conformance).
     pub test_selection: Option<&'a str>,
+    /// The session token the client sent back (see `session`).
+    pub session_token: Option<&'a str>,
 }
 
 /// One candidate endpoint with its signals read once for this request.
@@ -362,6 +365,8 @@ pub struct Scheduler {
     saturation: SaturationDetector,
     /// Some plugin reads the endpoints' LoRA adapters.
     lora_aware: bool,
+    /// The session header, when a session-affinity plugin is configured.
+    session_header: Option<Arc<str>>,
     adapters: adapters::KnownAdapters,
     fallback_endpoints: usize,
     max_scrape_failures: u32,
@@ -380,6 +385,12 @@ impl Scheduler {
 
     pub fn prefix_settings(&self) -> Option<PrefixSettings> {
         self.prefix
+    }
+
+    /// The request and response header carrying session tokens, when a
+    /// session-affinity plugin is configured.
+    pub fn session_header(&self) -> Option<&Arc<str>> {
+        self.session_header.as_ref()
     }
 
     /// Whether any configured filter is the conformance header filter.

@@ -565,3 +565,126 @@ fn lora_state_read_from_captured_pages_and_synthetic_series() {
         "loaded, free slot, then the pod without LoRA"
     );
 }
+
+fn session_facts<'a>(p: &'a Prompt<'a>, token: &'a str) -> RequestFacts<'a> {
+    RequestFacts {
+        session_token: Some(token),
+        ..facts(p)
+    }
+}
+
+#[test]
+fn session_affinity_scores_and_pins_only_discovered_endpoints() {
+    let store = store_with(&[1, 2, 3], &[idle(); 3]);
+    let snap = store.snapshot();
+    let two = session::token(snap.get("127.0.0.1:2").unwrap());
+    let p = prompt("x");
+    let got = scores(
+        "plugins:\n- type: session-affinity-scorer\n",
+        &store,
+        &session_facts(&p, &two),
+    );
+    assert_eq!(got, vec![(1, 0.0), (2, 1.0), (3, 0.0)]);
+    let filter = "plugins:\n- type: session-affinity-filter\n- type: queue-scorer\n";
+    let kept = |token: &str| -> Vec<u16> {
+        let s = scheduler(filter, 8, &store);
+        let d = s
+            .schedule(&session_facts(&p, token), &snap, Purpose::Explain)
+            .unwrap();
+        let mut ports: Vec<u16> = d.endpoints.iter().map(|e| e.spec.port).collect();
+        ports.sort_unstable();
+        ports
+    };
+    assert_eq!(kept(&two), vec![2]);
+    // A token naming no candidate, an address, or garbage: no preference.
+    let forged = [
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "127.0.0.1:2"),
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "ep-9"),
+        "!!".to_owned(),
+        String::new(),
+    ];
+    for t in &forged {
+        assert_eq!(kept(t), vec![1, 2, 3], "{t:?}");
+        let got = scores(
+            "plugins:\n- type: session-affinity-scorer\n",
+            &store,
+            &session_facts(&p, t),
+        );
+        assert!(got.iter().all(|&(_, s)| s == 0.0), "{t:?}: {got:?}");
+    }
+    // The named endpoint outside the subset hint is not a candidate.
+    let subset = vec!["127.0.0.1:1".to_owned()];
+    let s = scheduler(filter, 8, &store);
+    let d = s
+        .schedule(
+            &RequestFacts {
+                subset: Some(&subset),
+                ..session_facts(&p, &two)
+            },
+            &snap,
+            Purpose::Explain,
+        )
+        .unwrap();
+    assert_eq!(d.destination(), "127.0.0.1:1");
+}
+
+#[test]
+fn session_plugins_configure_one_header() {
+    let store = store_with(&[1], &[idle()]);
+    let s = scheduler("plugins:\n- type: queue-scorer\n", 0, &store);
+    assert!(s.session_header().is_none(), "only when configured");
+    let s = scheduler(
+        "plugins:\n- type: session-affinity-scorer\n  parameters: {encodedEndpointHeaderConfig: {header: X-Sticky}}\n- type: session-affinity-filter\n  parameters: {encodedEndpointHeaderConfig: {header: x-sticky}}\n",
+        0,
+        &store,
+    );
+    assert_eq!(s.session_header().map(|h| &**h), Some("x-sticky"));
+    let declared_only = "plugins:\n- type: session-affinity-scorer\n- type: queue-scorer\nschedulingProfiles:\n- name: p\n  plugins:\n  - pluginRef: queue-scorer\n";
+    assert!(
+        scheduler(declared_only, 0, &store)
+            .session_header()
+            .is_none()
+    );
+
+    let err = build_one(
+        "session-affinity-scorer",
+        "{strategy: session_id, sessionIdConfig: {sources: [{header: x-session-id}]}}",
+    )
+    .err()
+    .unwrap();
+    assert!(
+        matches!(
+            err,
+            BuildError::Unsupported {
+                plugin_type: "session-affinity-scorer",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("nearest: strategy encoded_endpoint_header")
+    );
+    assert!(matches!(
+        build_one("session-affinity-filter", "{profileName: prefill}"),
+        Err(BuildError::Unsupported {
+            plugin_type: "session-affinity-filter",
+            ..
+        })
+    ));
+    let mixed = "plugins:\n- type: session-affinity-scorer\n- type: session-affinity-filter\n  parameters: {encodedEndpointHeaderConfig: {header: other}}\n";
+    let err = build_scheduler(
+        &crate::config::EndpointPickerConfig::parse(mixed).unwrap(),
+        &SchedulerOptions {
+            fallback_endpoints: 0,
+            max_scrape_failures: 3,
+            staleness: std::time::Duration::from_secs(1),
+            epoch: store.epoch(),
+        },
+        Arc::new(crate::prefix::PrefixIndex::new()),
+    )
+    .err()
+    .unwrap();
+    assert!(matches!(err, BuildError::Parameters { .. }), "{err}");
+}

@@ -28,6 +28,7 @@ use super::{
         LoraAffinityScorer, NoHitLruParams, NoHitLruScorer, PrefillCostScorer, PrefixCacheScorer,
         QueueScorer, RunningRequestsScorer, TokenLoadScorer,
     },
+    session::{SessionAffinityFilter, SessionAffinityScorer, SessionConfigError, SessionParams},
 };
 use crate::{
     config::{EndpointPickerConfig, PluginSpec},
@@ -247,6 +248,7 @@ pub fn build_scheduler(
     let mut picker: Option<(Named<dyn Picker>, usize)> = None;
     let mut needs_prefix = false;
     let mut lora_aware = false;
+    let mut session_header: Option<String> = None;
 
     for (plugin_ref, weight) in refs {
         let spec = cfg
@@ -262,6 +264,14 @@ pub fn build_scheduler(
         lora_aware |= LORA_USERS.contains(&plugin_type);
         let name = spec.name().to_owned();
         match kind {
+            Kind::Filter if plugin_type == "session-affinity-filter" => {
+                use_session_header(spec, &mut session_header)?;
+                filters.push(Named {
+                    name,
+                    plugin_type,
+                    plugin: Box::new(SessionAffinityFilter),
+                });
+            }
             Kind::Filter => filters.push(Named {
                 name,
                 plugin_type,
@@ -301,6 +311,10 @@ pub fn build_scheduler(
                     "load-aware-scorer" => Box::new(params::<LoadAwareScorer>(spec)?),
                     "token-load-scorer" => Box::new(params::<TokenLoadScorer>(spec)?),
                     "lora-affinity-scorer" => Box::new(LoraAffinityScorer),
+                    "session-affinity-scorer" => {
+                        use_session_header(spec, &mut session_header)?;
+                        Box::new(SessionAffinityScorer)
+                    }
                     "no-hit-lru-scorer" => {
                         Box::new(NoHitLruScorer::new(&params::<NoHitLruParams>(spec)?))
                     }
@@ -386,6 +400,7 @@ pub fn build_scheduler(
         index,
         saturation: detector,
         lora_aware,
+        session_header: session_header.map(Arc::from),
         adapters: Default::default(),
         fallback_endpoints: opts.fallback_endpoints,
         max_scrape_failures: opts.max_scrape_failures.max(1),
@@ -440,6 +455,34 @@ fn build_filter(
         "utilization-detector" => Box::new(UtilizationFilter(params::<UtilizationDetector>(spec)?)),
         other => return Err(unwired(other)),
     })
+}
+
+/// Reads a session plugin's header; every session plugin must use the same.
+fn use_session_header(spec: &PluginSpec, current: &mut Option<String>) -> Result<(), BuildError> {
+    let p: SessionParams = params(spec)?;
+    let header = p.header().map_err(|e| match e {
+        SessionConfigError::Unsupported(what, nearest) => BuildError::Unsupported {
+            plugin_type: match spec.plugin_type.as_str() {
+                "session-affinity-filter" => "session-affinity-filter",
+                _ => "session-affinity-scorer",
+            },
+            what,
+            nearest,
+        },
+        SessionConfigError::Invalid(m) => invalid(spec, m),
+    })?;
+    match current {
+        Some(h) if *h != header => Err(invalid(
+            spec,
+            format!(
+                "session header {header:?} differs from {h:?}: every session-affinity plugin must use the same"
+            ),
+        )),
+        _ => {
+            *current = Some(header);
+            Ok(())
+        }
+    }
 }
 
 fn concurrency(spec: &PluginSpec) -> Result<ConcurrencyDetector, BuildError> {
