@@ -18,7 +18,10 @@
 //! - Readers take the state with one `ArcSwap` load, never blocking the
 //!   scraper.
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
 
 use arc_swap::ArcSwapOption;
 use xxhash_rust::xxh3::xxh3_64;
@@ -145,29 +148,45 @@ impl LoraState {
 }
 
 /// An endpoint's current LoRA state, swapped whole by the scraper.
+///
+/// `present` mirrors whether a state is stored, so the scheduler, which asks
+/// for every candidate of every request, pays one relaxed load on pools
+/// without LoRA instead of an `ArcSwap` load.
 #[derive(Debug, Default)]
-pub struct LoraCell(ArcSwapOption<LoraState>);
+pub struct LoraCell {
+    state: ArcSwapOption<LoraState>,
+    present: AtomicBool,
+}
 
 impl LoraCell {
     /// The latest state; `None` when the endpoint reports no LoRA gauge.
     pub fn get(&self) -> Option<Arc<LoraState>> {
-        self.0.load_full()
+        self.state.load_full()
     }
 
     /// Runs `f` on the latest state without taking a reference count.
     pub fn with<R>(&self, f: impl FnOnce(Option<&LoraState>) -> R) -> R {
-        f(self.0.load().as_deref())
+        if !self.present.load(Ordering::Relaxed) {
+            return f(None);
+        }
+        f(self.state.load().as_deref())
     }
 
     /// Publishes what a scrape saw (`None`: no LoRA series on the page).
     /// Allocates only when it differs from what is stored.
     pub fn observe(&self, seen: Option<&LoraSeries<'_>>) {
-        let current = self.0.load();
+        let current = self.state.load();
         match (seen, current.as_deref()) {
             (None, None) => {}
-            (None, Some(_)) => self.0.store(None),
+            (None, Some(_)) => {
+                self.present.store(false, Ordering::Relaxed);
+                self.state.store(None);
+            }
             (Some(s), Some(c)) if c.fingerprint == s.fingerprint() => {}
-            (Some(s), _) => self.0.store(Some(Arc::new(LoraState::from_series(s)))),
+            (Some(s), _) => {
+                self.state.store(Some(Arc::new(LoraState::from_series(s))));
+                self.present.store(true, Ordering::Relaxed);
+            }
         }
     }
 }

@@ -13,15 +13,22 @@
 //! any), at most [`MAX_KNOWN`], the oldest forgotten first. Lookups take a
 //! shared lock; the exclusive one is taken only to add a name.
 
-use std::collections::{HashSet, VecDeque};
+use std::{
+    collections::{HashSet, VecDeque},
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use parking_lot::RwLock;
 
 /// Adapter names remembered, at most.
 pub const MAX_KNOWN: usize = 1024;
 
+/// `any` spares pools without LoRA the lock on every request.
 #[derive(Debug, Default)]
-pub struct KnownAdapters(RwLock<Known>);
+pub struct KnownAdapters {
+    names: RwLock<Known>,
+    any: AtomicBool,
+}
 
 #[derive(Debug, Default)]
 struct Known {
@@ -31,7 +38,7 @@ struct Known {
 
 impl KnownAdapters {
     pub fn contains(&self, model: &str) -> bool {
-        self.0.read().names.contains(model)
+        self.any.load(Ordering::Relaxed) && self.names.read().names.contains(model)
     }
 
     /// Remembers `model` as an adapter (an endpoint reported it).
@@ -39,7 +46,7 @@ impl KnownAdapters {
         if self.contains(model) {
             return;
         }
-        let mut k = self.0.write();
+        let mut k = self.names.write();
         if k.names.contains(model) {
             return;
         }
@@ -50,11 +57,12 @@ impl KnownAdapters {
         }
         k.names.insert(model.into());
         k.order.push_back(model.into());
+        self.any.store(true, Ordering::Relaxed);
     }
 
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.0.read().names.len()
+        self.names.read().names.len()
     }
 }
 
