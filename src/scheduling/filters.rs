@@ -48,8 +48,8 @@ pub struct UtilizationFilter(pub UtilizationDetector);
 
 impl Filter for UtilizationFilter {
     fn filter(&self, _: &Cycle<'_>, candidates: &mut Vec<Candidate<'_>>) {
-        if candidates.iter().any(|c| !self.0.is_saturated(c)) {
-            candidates.retain(|c| !self.0.is_saturated(c));
+        if candidates.iter().any(|c| !self.0.is_over_headroom(c)) {
+            candidates.retain(|c| !self.0.is_over_headroom(c));
         }
     }
 }

@@ -281,12 +281,7 @@ pub const INVENTORY: &[PluginType] = &[
         "utilization-detector",
         Both,
         Filter,
-        &[
-            "queueDepthThreshold",
-            "kvCacheUtilThreshold",
-            "metricsStalenessThreshold",
-            "headroom",
-        ],
+        &["queueDepthThreshold", "kvCacheUtilThreshold", "headroom"],
     ),
     works(
         "concurrency-detector",

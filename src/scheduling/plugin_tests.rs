@@ -688,3 +688,35 @@ fn session_plugins_configure_one_header() {
     .unwrap();
     assert!(matches!(err, BuildError::Parameters { .. }), "{err}");
 }
+
+#[test]
+fn utilization_detector_headroom_relaxes_the_filter_only() {
+    let busy = MetricsSample {
+        waiting: 6,
+        ..idle()
+    };
+    let store = store_with(&[1, 2], &[busy, idle()]);
+    let cfg = |h: &str| {
+        format!("plugins:\n- type: utilization-detector\n  parameters: {{headroom: {h}}}\n")
+    };
+    assert_eq!(kept_by(&cfg("0"), &store).unwrap(), vec![2], "6 > 5");
+    assert_eq!(
+        kept_by(&cfg("0.2"), &store).unwrap(),
+        vec![1, 2],
+        "6 <= 5 x 1.2"
+    );
+    let store = store_with(&[1, 2], &[busy, busy]);
+    let p = prompt("x");
+    let sheddable = RequestFacts {
+        priority: -1,
+        ..facts(&p)
+    };
+    let err = scheduler(&cfg("0.5"), 0, &store)
+        .schedule(&sheddable, &store.snapshot(), Purpose::Explain)
+        .err();
+    assert_eq!(
+        err.map(|e| e.http_status()),
+        Some(429),
+        "shedding ignores headroom"
+    );
+}

@@ -33,6 +33,10 @@ pub struct UtilizationDetector {
     pub queue_depth_threshold: u32,
     #[serde(default = "default_kv")]
     pub kv_cache_util_threshold: f64,
+    /// As a filter, the thresholds are relaxed by this fraction (GIE: room
+    /// to follow affinity past the ideal load); shedding ignores it.
+    #[serde(default)]
+    pub headroom: f64,
 }
 
 fn default_queue() -> u32 {
@@ -48,15 +52,25 @@ impl Default for UtilizationDetector {
         Self {
             queue_depth_threshold: default_queue(),
             kv_cache_util_threshold: default_kv(),
+            headroom: 0.0,
         }
     }
 }
 
 impl UtilizationDetector {
     pub fn is_saturated(&self, c: &Candidate<'_>) -> bool {
+        self.over(c, 1.0)
+    }
+
+    /// Saturated even with the headroom (what the filter drops).
+    pub fn is_over_headroom(&self, c: &Candidate<'_>) -> bool {
+        self.over(c, 1.0 + self.headroom.max(0.0))
+    }
+
+    fn over(&self, c: &Candidate<'_>, factor: f64) -> bool {
         !c.fresh
-            || c.waiting > self.queue_depth_threshold
-            || c.kv_usage > self.kv_cache_util_threshold
+            || f64::from(c.waiting) > f64::from(self.queue_depth_threshold) * factor
+            || c.kv_usage > self.kv_cache_util_threshold * factor
     }
 }
 
