@@ -5,13 +5,17 @@
 //! 2. endpoints whose scrapes keep failing are dropped (not ready);
 //! 3. admission: a sheddable request (priority < 0) is refused while every
 //!    candidate is saturated;
-//! 4. prefix data: the prompt is hashed into blocks once and matched against
-//!    the prefix index, if any configured plugin uses it;
+//! 4. request data: each candidate's LoRA adapters are read against the
+//!    model if a LoRA-aware plugin is configured (see `adapters`); the
+//!    prompt is hashed into blocks once and matched against the prefix
+//!    index, if any configured plugin uses it;
 //! 5. filters, in configured order; an empty result is an error;
 //! 6. scorers: each gives every candidate a score in 0..1, the total is the
 //!    weighted sum (GIE's rule, no normalisation by the sum of weights);
 //! 7. the picker orders candidates; the first is the pick, the next ones the
-//!    fallbacks; the pick's blocks are recorded in the prefix index.
+//!    fallbacks; the pick's blocks are recorded in the prefix index and
+//!    scorers that learn from their decisions are told the pick (routing
+//!    only, never when explaining).
 //!
 //! Nothing here knows about gRPC or HTTP: the input is [`RequestFacts`], the
 //! output a [`Decision`] or a [`ScheduleError`] that the protocol layer maps to
