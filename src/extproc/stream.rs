@@ -27,12 +27,13 @@
 //! (in full-duplex mode Envoy then forwards it chunked, without its length).
 //!
 //! Response side: headers are answered at once (with the served endpoint
-//! echoed when enabled); body chunks are passed back immediately (server-sent
-//! events are never buffered). What the response shows (status, first byte,
-//! usage) is handed to the routed request's `RequestTicket`, which the
-//! director issued and which owns the request's accounting; it is finished
-//! at the end of the response, or simply dropped with the stream (error,
-//! client cancel), which releases everything as well.
+//! echoed when enabled, and the session header the ticket names when session
+//! affinity is configured); body chunks are passed back immediately
+//! (server-sent events are never buffered). What the response shows (status,
+//! first byte, usage) is handed to the routed request's `RequestTicket`,
+//! which the director issued and which owns the request's accounting; it is
+//! finished at the end of the response, or simply dropped with the stream
+//! (error, client cancel), which releases everything as well.
 //!
 //! Errors in the client's HTTP request become ImmediateResponses with an
 //! OpenAI-style JSON body; a client error never aborts the gRPC stream.
@@ -62,7 +63,7 @@ use envoy_types::pb::envoy::{
 use super::envoy::{self, DESTINATION, LB_NAMESPACE};
 use crate::{
     config::{MODEL_REWRITE_HEADER, TEST_SELECTION_HEADER},
-    director::{Director, RequestTicket, RouteError, RouteInput, Routed},
+    director::{Director, MAX_SESSION_TOKEN_BYTES, RequestTicket, RouteError, RouteInput, Routed},
     request::ApiKind,
     telemetry::logging::Clip,
 };
@@ -132,6 +133,8 @@ pub struct ExtProcStream {
     objective: Option<String>,
     model_rewrite: Option<String>,
     test_selection: Option<String>,
+    /// The session token sent back, when the director has a session header.
+    session_token: Option<String>,
     subset: Option<Vec<String>>,
     /// Routing headers the client sent that must be removed.
     forbidden_present: Vec<String>,
@@ -166,6 +169,7 @@ impl ExtProcStream {
             objective: None,
             model_rewrite: None,
             test_selection: None,
+            session_token: None,
             subset: None,
             forbidden_present: Vec::new(),
             body: Vec::new(),
@@ -281,6 +285,12 @@ impl ExtProcStream {
         self.objective = envoy::header(map, "x-gateway-inference-objective").map(str::to_owned);
         self.model_rewrite = envoy::header(map, MODEL_REWRITE_HEADER).map(str::to_owned);
         self.test_selection = envoy::header(map, TEST_SELECTION_HEADER).map(str::to_owned);
+        self.session_token = self
+            .director
+            .session_header()
+            .and_then(|h| envoy::header(map, h))
+            .filter(|v| v.len() <= MAX_SESSION_TOKEN_BYTES)
+            .map(str::to_owned);
         self.forbidden_present = envoy::client_routing_headers(map);
         if self.settings.honour_subset_hint {
             self.subset = envoy::subset_hint(md.as_ref());
@@ -430,6 +440,7 @@ impl ExtProcStream {
             objective: self.objective.as_deref(),
             model_rewrite: self.model_rewrite.as_deref(),
             test_selection: self.test_selection.as_deref(),
+            session_token: self.session_token.as_deref(),
             subset: self.subset.as_deref(),
             request_id: &self.request_id,
             arrived: Some(self.arrived),
@@ -572,6 +583,9 @@ impl ExtProcStream {
                 envoy::CONFORMANCE_SERVED,
                 served.as_bytes(),
             ));
+        }
+        if let Some((name, token)) = self.ticket.as_ref().and_then(|t| t.session_header(served)) {
+            set.push(envoy::set_header(name, token.as_bytes()));
         }
         if let (Some(served), Some(ticket)) = (served, &self.ticket) {
             let picked = ticket.picked();
