@@ -9,7 +9,9 @@
 //! comes with tokenization.
 
 pub mod decode;
+pub mod index;
 mod msgpack;
 
 pub use decode::{Batch, DecodeError, Event, Medium, decode_into};
+pub use index::{Applied, BlockIndex, PrefixMatch, block_keys, chain_seed};
 pub use msgpack::MsgpackError;
