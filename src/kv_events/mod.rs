@@ -11,6 +11,8 @@
 pub mod decode;
 pub mod index;
 mod msgpack;
+pub mod subscriber;
+pub mod zmtp;
 
 pub use decode::{Batch, DecodeError, Event, Medium, decode_into};
 pub use index::{Applied, BlockIndex, PrefixMatch, block_keys, chain_seed};
