@@ -221,7 +221,7 @@ async fn a_gap_is_replayed_over_the_router() {
     let tokens: Vec<u32> = (0..12).collect();
     let b1 = batch(true, vec![stored(true, &[2], Some(1), &tokens[4..8])]);
     let b2 = batch(false, vec![stored(false, &[3], Some(2), &tokens[8..])]);
-    let buffer = vec![(1u64, b1), (2u64, b2)];
+    let buffer = [(1u64, b1), (2u64, b2)];
     tokio::spawn(async move {
         let req = router.recv().await.unwrap();
         let frames = req.into_vecdeque();
