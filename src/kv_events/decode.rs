@@ -21,8 +21,8 @@
 //! owned tree first, and rmpv builds such a tree anyway; here a batch
 //! decodes straight into reused flat vectors (hashes and tokens of every
 //! event concatenated, events holding ranges into them), so steady-state
-//! decoding allocates nothing. The bench `kv_events/decode` compares it with
-//! rmpv (bench/results/perf.md). Bounds: see `msgpack.rs`; beyond those a
+//! decoding allocates nothing (not yet measured against rmpv: that bench is
+//! still to be written). Bounds: see `msgpack.rs`; beyond those a
 //! batch holds at most [`MAX_EVENTS`] events, and every token id and block
 //! size must fit `u32`.
 
