@@ -18,6 +18,7 @@ pub mod director;
 pub mod discovery;
 pub mod endpoints;
 pub mod extproc;
+pub mod kv_events;
 pub mod listener;
 pub mod prefix;
 pub mod request;
