@@ -21,15 +21,26 @@ pub struct Flags {
     #[arg(long, default_value_t = 9002, help_heading = "Serving")]
     pub grpc_port: u16,
 
-    /// Port of the plaintext gRPC health and admin server (kubelet probes, epp.admin.v1.Admin).
+    /// Port of the plaintext gRPC health server (kubelet probes, the gateway's health checks).
     #[arg(long, default_value_t = 9003, help_heading = "Serving")]
     pub grpc_health_port: u16,
+
+    /// Port of the admin gRPC API (epp.admin.v1.Admin: ListEndpoints, Explain; with reflection
+    /// and health), on --admin-address.
+    #[arg(long, default_value_t = 9004, help_heading = "Serving")]
+    pub admin_port: u16,
+
+    /// Address the admin API listens on. Localhost by default: what it shows (pod addresses,
+    /// per-pod scores, where a prompt would go) is for operators, who reach it with
+    /// `kubectl port-forward`. Any other address opens it, unauthenticated, to whoever can connect.
+    #[arg(long, default_value = "127.0.0.1", help_heading = "Serving")]
+    pub admin_address: IpAddr,
 
     /// Port of the HTTP server exposing Prometheus /metrics.
     #[arg(long, default_value_t = 9090, help_heading = "Serving")]
     pub metrics_port: u16,
 
-    /// Address every server listens on.
+    /// Address the ext_proc, health and metrics servers listen on (the admin API: --admin-address).
     #[arg(long, default_value = "0.0.0.0", help_heading = "Serving")]
     pub listen_address: IpAddr,
 
@@ -174,17 +185,28 @@ pub struct Flags {
     #[arg(long, default_value = "5s", value_parser = parse_duration, help_heading = "Metrics scraping")]
     pub refresh_prometheus_metrics_interval: Duration,
 
-    /// Accepted for compatibility: /metrics is served without authentication so the install stays namespaced.
+    /// Require a bearer token on /metrics that the Kubernetes API accepts (TokenReview) and that may
+    /// `get` the non-resource URL /metrics (SubjectAccessReview), as the Go picker does. Without
+    /// Kubernetes (--endpoints-file) it needs --metrics-auth-token-file, else it is off (logged).
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
           default_missing_value = "true", help_heading = "Telemetry")]
     pub metrics_endpoint_auth: bool,
 
-    /// Accepted for compatibility (Go pprof); no effect.
-    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
-          default_missing_value = "true", help_heading = "Telemetry")]
+    /// A file holding the bearer token /metrics requires (re-read when it changes). Replaces the
+    /// Kubernetes check; the way to protect /metrics without Kubernetes.
+    #[arg(long, help_heading = "Telemetry")]
+    pub metrics_auth_token_file: Option<PathBuf>,
+
+    /// Not supported: the picker serves no pprof endpoint. `--enable-pprof=false` is accepted
+    /// (it asks for nothing); `true` is refused with what to use instead.
+    #[arg(long, hide = true, default_value_t = false, action = ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "true", value_parser = refuse_pprof, help_heading = "Telemetry")]
     pub enable_pprof: bool,
 
-    /// Accepted for compatibility (OpenTelemetry tracing); no effect.
+    /// Export OpenTelemetry traces over OTLP/gRPC, configured by the standard OTEL_* variables
+    /// (OTEL_EXPORTER_OTLP_ENDPOINT or _TRACES_ENDPOINT, OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER and
+    /// _ARG, default parentbased_traceidratio 0.1 as the Go picker). Without an endpoint nothing
+    /// is recorded or sent.
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
           default_missing_value = "true", help_heading = "Telemetry")]
     pub tracing: bool,
@@ -229,6 +251,23 @@ impl Flags {
             None => self.log_format,
         }
     }
+}
+
+/// `--enable-pprof`: false is fine, true is refused with what to use instead.
+fn refuse_pprof(text: &str) -> Result<bool, String> {
+    let on: bool = text
+        .parse()
+        .map_err(|_| format!("invalid boolean {text:?}"))?;
+    if on {
+        return Err(
+            "the picker has no pprof endpoint (the Go picker's Go profiler has no \
+                    equivalent here); profile the process with Linux perf instead: \
+                    `perf record -F 99 -g -p <pid>` (release builds keep line tables), see \
+                    docs/observability.md. Drop the flag or pass --enable-pprof=false"
+                .to_owned(),
+        );
+    }
+    Ok(false)
 }
 
 /// Parses a Go-style duration: a sequence of number+unit (`ns`, `us`, `µs`,
@@ -294,6 +333,8 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory;
+
     use super::*;
 
     fn parse(args: &[&str]) -> Flags {
@@ -323,8 +364,38 @@ mod tests {
         assert!(parse(&["--secure-serving"]).secure_serving);
         assert!(parse(&["--ha-enable-leader-election"]).ha_enable_leader_election);
         assert!(!parse(&["--metrics-endpoint-auth=false"]).metrics_endpoint_auth);
+        assert!(parse(&[]).metrics_endpoint_auth);
+        assert!(parse(&[]).tracing);
         assert!(parse(&[]).metrics_name_filter);
         assert!(!parse(&["--metrics-name-filter=false"]).metrics_name_filter);
+    }
+
+    #[test]
+    fn pprof_is_refused_with_what_to_use_instead() {
+        assert!(!parse(&[]).enable_pprof);
+        assert!(!parse(&["--enable-pprof=false"]).enable_pprof);
+        for on in [&["--enable-pprof"][..], &["--enable-pprof=true"]] {
+            let mut argv = vec!["epp"];
+            argv.extend_from_slice(on);
+            let e = Flags::try_parse_from(argv).unwrap_err().to_string();
+            assert!(e.contains("perf record"), "{e}");
+        }
+        assert!(
+            !Flags::command()
+                .render_long_help()
+                .to_string()
+                .contains("enable-pprof"),
+            "hidden from --help"
+        );
+    }
+
+    #[test]
+    fn admin_api_is_on_localhost_by_default() {
+        let f = parse(&[]);
+        assert_eq!(
+            (f.admin_port, f.admin_address.to_string().as_str()),
+            (9004, "127.0.0.1")
+        );
     }
 
     #[test]

@@ -17,6 +17,8 @@ use super::{eventually, localhost};
 pub struct Epp {
     pub grpc: SocketAddr,
     pub health: SocketAddr,
+    /// The admin API (epp.admin.v1.Admin), on localhost.
+    pub admin: SocketAddr,
     pub metrics: SocketAddr,
     pub dir: tempfile::TempDir,
     child: Option<Child>,
@@ -94,10 +96,15 @@ impl Epp {
             // A port given in `extra` (a restart on the same port) replaces
             // the default: the flags parser refuses a flag given twice.
             .args(
-                ["--grpc-port", "--grpc-health-port", "--metrics-port"]
-                    .into_iter()
-                    .filter(|p| !extra.contains(p))
-                    .flat_map(|p| [p, "0"]),
+                [
+                    "--grpc-port",
+                    "--grpc-health-port",
+                    "--admin-port",
+                    "--metrics-port",
+                ]
+                .into_iter()
+                .filter(|p| !extra.contains(p))
+                .flat_map(|p| [p, "0"]),
             )
             .arg("--endpoints-file")
             .arg(dir.path().join("endpoints.yaml"))
@@ -112,6 +119,7 @@ impl Epp {
         let mut epp = Self {
             grpc: localhost(0),
             health: localhost(0),
+            admin: localhost(0),
             metrics: localhost(0),
             dir,
             child: Some(child),
@@ -137,6 +145,7 @@ impl Epp {
                 };
                 self.grpc = field("ext_proc");
                 self.health = field("health");
+                self.admin = field("admin");
                 self.metrics = field("metrics");
                 return;
             }

@@ -106,7 +106,7 @@ async fn health_services_and_admin_api() {
             "{service:?}"
         );
     }
-    let mut admin = AdminClient::connect(format!("http://{}", stack.epp.health))
+    let mut admin = AdminClient::connect(format!("http://{}", stack.epp.admin))
         .await
         .unwrap();
     let list = admin
@@ -181,7 +181,7 @@ async fn readiness_waits_for_discovery_and_file_changes_apply() {
     )
     .unwrap();
     epp.wait_ready().await;
-    let mut admin = AdminClient::connect(format!("http://{}", epp.health))
+    let mut admin = AdminClient::connect(format!("http://{}", epp.admin))
         .await
         .unwrap();
     assert_eq!(
