@@ -203,7 +203,10 @@ async fn a_slow_or_gone_collector_never_delays_routing() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let gone = p50(&stack, 150, "gone").await;
 
-    let bound = healthy.mul_f64(1.5) + Duration::from_millis(2);
+    // A routing path that waited for the collector would add seconds (each
+    // export takes 5 s, or fails after a 2 s timeout); the bound leaves
+    // room for two shared cores' noise only.
+    let bound = healthy.mul_f64(2.0) + Duration::from_millis(5);
     eprintln!("p50 healthy {healthy:?}, slow collector {slow:?}, collector gone {gone:?}");
     assert!(slow <= bound, "slow collector: p50 {slow:?} vs {healthy:?}");
     assert!(gone <= bound, "collector gone: p50 {gone:?} vs {healthy:?}");
