@@ -1,7 +1,7 @@
 //! `epp`: parse flags, set up logging, run the picker until SIGTERM/SIGINT.
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use epp::{
     config::Flags,
     server,
@@ -12,7 +12,8 @@ use epp::{
 const TRACE_FLUSH: std::time::Duration = std::time::Duration::from_secs(3);
 
 fn main() -> anyhow::Result<()> {
-    let flags = Flags::parse();
+    let matches = Flags::command().get_matches();
+    let flags = Flags::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("epp")
@@ -29,6 +30,9 @@ fn main() -> anyhow::Result<()> {
         traces.tracer(),
     );
     traces.log_startup();
+    for why in epp::config::ignored_flags(&matches) {
+        tracing::warn!("{why}");
+    }
     let result = runtime.block_on(server::run(
         flags,
         traces.requests(),

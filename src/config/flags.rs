@@ -58,7 +58,8 @@ pub struct Flags {
           default_missing_value = "true", help_heading = "Serving")]
     pub enable_cert_reload: bool,
 
-    /// Also register gRPC health on the ext_proc port (it always is; accepted for compatibility).
+    /// Also register gRPC health on the ext_proc port (it always is; accepted for compatibility,
+    /// named in a startup warning when given).
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1,
           default_missing_value = "true", help_heading = "Serving")]
     pub health_checking: bool,
@@ -176,12 +177,13 @@ pub struct Flags {
     #[arg(long, help_heading = "Metrics scraping")]
     pub model_server_metrics_port: Option<u16>,
 
-    /// Accepted for compatibility; metrics are scraped over plain HTTP.
+    /// Accepted for compatibility; metrics are scraped over plain HTTP (a startup warning says so when given).
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
           default_missing_value = "true", help_heading = "Metrics scraping")]
     pub model_server_metrics_https_insecure_skip_verify: bool,
 
-    /// How often pool-level gauges are recomputed (they are computed at scrape time; accepted for compatibility).
+    /// How often pool-level gauges are recomputed (they are computed at scrape time; accepted for
+    /// compatibility, a startup warning says so when given).
     #[arg(long, default_value = "5s", value_parser = parse_duration, help_heading = "Metrics scraping")]
     pub refresh_prometheus_metrics_interval: Duration,
 
@@ -241,6 +243,39 @@ pub enum ResponseProcessing {
     /// whatever the gateway is configured to send. With a gateway that sends
     /// no response bodies this saves a round trip per response chunk.
     Minimal,
+}
+
+/// Flags the Go picker has that change nothing here, and why: given on the
+/// command line, each is named in a startup warning (see [`ignored_flags`]).
+pub const IGNORED_FLAGS: &[(&str, &str)] = &[
+    (
+        "health_checking",
+        "--health-checking has no effect: gRPC health is always served on the ext_proc port and on --grpc-health-port",
+    ),
+    (
+        "model_server_metrics_https_insecure_skip_verify",
+        "--model-server-metrics-https-insecure-skip-verify has no effect: model servers are scraped over plain HTTP (https is refused)",
+    ),
+    (
+        "refresh_prometheus_metrics_interval",
+        "--refresh-prometheus-metrics-interval has no effect: the pool gauges are computed when /metrics is read",
+    ),
+];
+
+/// The warnings for [`IGNORED_FLAGS`] given explicitly in `matches`.
+pub fn ignored_flags(matches: &clap::ArgMatches) -> Vec<&'static str> {
+    IGNORED_FLAGS
+        .iter()
+        .filter(|(id, _)| {
+            matches!(
+                matches.value_source(id),
+                Some(
+                    clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable
+                )
+            )
+        })
+        .map(|(_, why)| *why)
+        .collect()
 }
 
 impl Flags {
@@ -387,6 +422,34 @@ mod tests {
                 .contains("enable-pprof"),
             "hidden from --help"
         );
+    }
+
+    #[test]
+    fn flags_that_do_nothing_are_named_when_given() {
+        let matches = |args: &[&str]| {
+            let mut argv = vec!["epp"];
+            argv.extend_from_slice(args);
+            Flags::command().try_get_matches_from(argv).unwrap()
+        };
+        assert!(ignored_flags(&matches(&[])).is_empty());
+        let given = ignored_flags(&matches(&[
+            "--health-checking",
+            "--refresh-prometheus-metrics-interval=1s",
+        ]));
+        assert_eq!(given.len(), 2);
+        assert!(given[0].starts_with("--health-checking has no effect"));
+        assert!(
+            ignored_flags(&matches(&[
+                "--model-server-metrics-https-insecure-skip-verify=false"
+            ]))[0]
+                .contains("plain HTTP")
+        );
+        for (id, _) in IGNORED_FLAGS {
+            assert!(
+                Flags::command().get_arguments().any(|a| a.get_id() == *id),
+                "{id} is a flag"
+            );
+        }
     }
 
     #[test]
