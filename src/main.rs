@@ -1,20 +1,47 @@
 //! `epp`: parse flags, set up logging, run the picker until SIGTERM/SIGINT.
 
 use anyhow::Context;
-use clap::Parser;
-use epp::{config::Flags, server, telemetry::logging};
+use clap::{CommandFactory, FromArgMatches};
+use epp::{
+    config::Flags,
+    server,
+    telemetry::{logging, traces::Traces},
+};
+
+/// Longest wait at exit for queued spans to reach the collector.
+const TRACE_FLUSH: std::time::Duration = std::time::Duration::from_secs(3);
 
 fn main() -> anyhow::Result<()> {
-    let flags = Flags::parse();
-    logging::init(flags.verbosity, flags.effective_log_format());
+    let matches = Flags::command().get_matches();
+    let flags = Flags::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("epp")
         .build()
         .context("starting the async runtime")?;
-    runtime
-        .block_on(server::run(flags, shutdown_signal(), None))
-        .context("endpoint picker failed")
+    // The OTLP exporter's channel belongs to the runtime.
+    let traces = {
+        let _in_runtime = runtime.enter();
+        Traces::from_env(flags.tracing)
+    };
+    logging::init(
+        flags.verbosity,
+        flags.effective_log_format(),
+        traces.tracer(),
+    );
+    traces.log_startup();
+    for why in epp::config::ignored_flags(&matches) {
+        tracing::warn!("{why}");
+    }
+    let result = runtime.block_on(server::run(
+        flags,
+        traces.requests(),
+        shutdown_signal(),
+        None,
+    ));
+    let _in_runtime = runtime.enter();
+    traces.shutdown(TRACE_FLUSH);
+    result.context("endpoint picker failed")
 }
 
 /// Resolves on the first SIGTERM or SIGINT.

@@ -1,5 +1,5 @@
-//! Wiring: builds every component from the flags and runs the three servers
-//! (ext_proc, health/admin, metrics) and the background tasks (discovery,
+//! Wiring: builds every component from the flags and runs the four servers
+//! (ext_proc, health, admin, metrics) and the background tasks (discovery,
 //! leader election, scraping, prefix-index upkeep, readiness) until shutdown.
 //!
 //! [`run`] reads as the steps it takes: build the core (store, index,
@@ -53,7 +53,11 @@ use crate::{
     scheduling::{BuildError, SchedulerOptions, build_scheduler},
     scrape::{ScrapeMetrics, ScrapeSettings, Scraper, ScraperOptions, SettingsError},
     telemetry::{
-        RequestMetrics, TelemetryError, logging::chain, register_build_info, serve_metrics,
+        RequestMetrics, TelemetryError,
+        logging::chain,
+        metrics_auth::{MetricsAuth, TokenFileError},
+        register_build_info, serve_metrics,
+        traces::RequestTracer,
     },
 };
 
@@ -79,6 +83,8 @@ pub enum ServerError {
     Telemetry(#[from] TelemetryError),
     #[error(transparent)]
     Bind(#[from] BindError),
+    #[error(transparent)]
+    MetricsAuth(#[from] TokenFileError),
     #[error(
         "no discovery configured: give --endpoints-file, --pool-name, or --endpoint-selector with --endpoint-target-ports"
     )]
@@ -99,6 +105,7 @@ pub enum ServerError {
 pub struct BoundAddrs {
     pub ext_proc: SocketAddr,
     pub health: SocketAddr,
+    pub admin: SocketAddr,
     pub metrics: SocketAddr,
 }
 
@@ -125,6 +132,7 @@ fn target_settings(flags: &Flags) -> TargetSettings {
 /// addresses once every port is bound.
 pub async fn run(
     flags: Flags,
+    tracer: RequestTracer,
     shutdown: impl Future<Output = ()> + Send,
     bound: Option<tokio::sync::oneshot::Sender<BoundAddrs>>,
 ) -> Result<(), ServerError> {
@@ -133,7 +141,11 @@ pub async fn run(
     let listeners = Listeners::bind(&flags).await?;
     let addrs = listeners.addrs();
     tracing::info!(ext_proc = %addrs.ext_proc, health = %addrs.health, metrics = %addrs.metrics,
-        tls = flags.secure_serving, config = ?flags.config_file, "endpoint picker listening");
+        admin = %addrs.admin, tls = flags.secure_serving, config = ?flags.config_file,
+        "endpoint picker listening");
+    if !addrs.admin.ip().is_loopback() {
+        tracing::warn!(admin = %addrs.admin, "the admin API (pod addresses, scores, Explain) is reachable beyond localhost without authentication");
+    }
     let tls = tls_setup(&flags)?;
 
     let (stop_tx, stop) = watch::channel(false);
@@ -142,10 +154,31 @@ pub async fn run(
     let Listeners {
         ext_proc,
         health,
+        admin,
         metrics,
     } = listeners;
-    start_background(&flags, &core, scraper, tls.as_ref(), metrics, &stop)?;
-    let servers = start_servers(&flags, &core, tls, ext_proc, health, leader.rx, &stop)?;
+    let metrics_auth = metrics_auth(&flags, kube.as_ref())?;
+    start_background(
+        &flags,
+        &core,
+        scraper,
+        tls.as_ref(),
+        (metrics, metrics_auth),
+        &stop,
+    )?;
+    let servers = start_servers(
+        &flags,
+        &core,
+        tls,
+        ServerListeners {
+            ext_proc,
+            health,
+            admin,
+        },
+        tracer,
+        leader.rx,
+        &stop,
+    )?;
 
     if let Some(tx) = bound {
         let _ = tx.send(addrs);
@@ -244,6 +277,7 @@ impl Core {
 struct Listeners {
     ext_proc: Listener,
     health: Listener,
+    admin: Listener,
     metrics: Listener,
 }
 
@@ -253,6 +287,11 @@ impl Listeners {
         Ok(Self {
             ext_proc: Listener::bind(addr(flags.grpc_port), "ext_proc").await?,
             health: Listener::bind(addr(flags.grpc_health_port), "health").await?,
+            admin: Listener::bind(
+                SocketAddr::new(flags.admin_address, flags.admin_port),
+                "admin",
+            )
+            .await?,
             metrics: Listener::bind(addr(flags.metrics_port), "metrics").await?,
         })
     }
@@ -261,6 +300,7 @@ impl Listeners {
         BoundAddrs {
             ext_proc: self.ext_proc.local_addr(),
             health: self.health.local_addr(),
+            admin: self.admin.local_addr(),
             metrics: self.metrics.local_addr(),
         }
     }
@@ -420,13 +460,47 @@ fn start_leader_election(
     }
 }
 
+/// Who may read /metrics: `--metrics-auth-token-file` when given, else the
+/// Kubernetes API when the picker has a client (Kubernetes discovery or
+/// leader election), else nobody checks, said at startup.
+fn metrics_auth(
+    flags: &Flags,
+    kube: Option<&Kube>,
+) -> Result<Option<Arc<MetricsAuth>>, ServerError> {
+    if !flags.metrics_endpoint_auth {
+        if flags.metrics_auth_token_file.is_some() {
+            tracing::warn!("--metrics-auth-token-file is ignored: --metrics-endpoint-auth=false");
+        }
+        tracing::info!("/metrics is served without authentication (--metrics-endpoint-auth=false)");
+        return Ok(None);
+    }
+    if let Some(path) = &flags.metrics_auth_token_file {
+        let auth = MetricsAuth::token_file(path.clone())?;
+        tracing::info!(file = %path.display(), "/metrics requires the bearer token in --metrics-auth-token-file");
+        return Ok(Some(Arc::new(auth)));
+    }
+    if let Some(k) = kube {
+        tracing::info!(
+            "/metrics requires a bearer token allowed to get /metrics (TokenReview and SubjectAccessReview)"
+        );
+        return Ok(Some(Arc::new(MetricsAuth::kubernetes(k.client.clone()))));
+    }
+    tracing::warn!(
+        "/metrics is served WITHOUT authentication: --metrics-endpoint-auth checks tokens with the \
+         Kubernetes API, which the picker does not use with --endpoints-file; give \
+         --metrics-auth-token-file to require a token, or --metrics-endpoint-auth=false to say \
+         this is intended"
+    );
+    Ok(None)
+}
+
 /// Scraping, index upkeep, the metrics server and certificate reloads.
 fn start_background(
     flags: &Flags,
     core: &Core,
     scraper: Scraper,
     tls: Option<&TlsSetup>,
-    metrics: Listener,
+    (metrics, metrics_auth): (Listener, Option<Arc<MetricsAuth>>),
     stop: &watch::Receiver<bool>,
 ) -> Result<(), ServerError> {
     spawn_scraper(scraper, stop.clone())?;
@@ -435,7 +509,12 @@ fn start_background(
         Arc::clone(&core.index),
         stop.clone(),
     ));
-    tokio::spawn(serve_metrics(metrics, core.registry.clone(), stop.clone()));
+    tokio::spawn(serve_metrics(
+        metrics,
+        core.registry.clone(),
+        metrics_auth,
+        stop.clone(),
+    ));
     if let (Some(tls), true, Some(dir)) = (tls, flags.enable_cert_reload, &flags.cert_path) {
         tokio::spawn(
             tls.clone()
@@ -447,20 +526,35 @@ fn start_background(
 
 struct Servers {
     ext_proc: JoinHandle<Result<(), tonic::transport::Error>>,
+    health: JoinHandle<Result<(), tonic::transport::Error>>,
     admin: JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
-/// The health/admin server and the ext_proc server (which also answers
-/// health checks, for gateways that probe the ext_proc port).
+/// The listeners of the gRPC servers.
+struct ServerListeners {
+    ext_proc: Listener,
+    health: Listener,
+    admin: Listener,
+}
+
+/// The health server (plaintext and open: the kubelet and the gateway probe
+/// it), the admin server (localhost by default: it shows pod addresses and
+/// scores) and the ext_proc server (which also answers health checks, for
+/// gateways that probe the ext_proc port).
 fn start_servers(
     flags: &Flags,
     core: &Core,
     tls: Option<TlsSetup>,
-    ext_proc: Listener,
-    health: Listener,
+    listeners: ServerListeners,
+    tracer: RequestTracer,
     leader: watch::Receiver<bool>,
     stop: &watch::Receiver<bool>,
 ) -> Result<Servers, ServerError> {
+    let ServerListeners {
+        ext_proc,
+        health,
+        admin,
+    } = listeners;
     let (reporter, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(readiness_loop(
         reporter,
@@ -474,6 +568,11 @@ fn start_servers(
         .register_encoded_file_descriptor_set(crate::admin::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let health = tokio::spawn(
+        Server::builder()
+            .add_service(health_service.clone())
+            .serve_with_incoming_shutdown(health, wait_stop(stop.clone())),
+    );
     let admin = tokio::spawn(
         Server::builder()
             .add_service(health_service.clone())
@@ -481,7 +580,7 @@ fn start_servers(
                 &core.director,
             ))))
             .add_service(reflection)
-            .serve_with_incoming_shutdown(health, wait_stop(stop.clone())),
+            .serve_with_incoming_shutdown(admin, wait_stop(stop.clone())),
     );
 
     let stream_settings = StreamSettings {
@@ -489,6 +588,7 @@ fn start_servers(
         echo_served_endpoint: core.echo_served,
         always_want_response_body: flags.response_processing == ResponseProcessing::Full,
         honour_subset_hint: !flags.disable_endpoint_subset_filter,
+        tracer,
     };
     let ext_builder = Server::builder()
         .tcp_nodelay(true)
@@ -508,7 +608,11 @@ fn start_servers(
             ext_builder.serve_with_incoming_shutdown(ext_proc, wait_stop(stop.clone())),
         ),
     };
-    Ok(Servers { ext_proc, admin })
+    Ok(Servers {
+        ext_proc,
+        health,
+        admin,
+    })
 }
 
 /// Readiness off, listeners closed, in-flight streams given the grace
@@ -528,7 +632,10 @@ async fn drain(
         Ok(_) => {}
         Err(_) => tracing::warn!("grace period over; closing remaining streams"),
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), servers.admin).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = tokio::join!(servers.health, servers.admin);
+    })
+    .await;
     if let Some(task) = leader_task {
         // The elector releases the lease as soon as shutdown begins; this
         // only makes sure the release request finished before exiting.

@@ -732,6 +732,7 @@ fuzz_target!(|input: Input| {
         echo_served_endpoint: input.echo_served,
         always_want_response_body: input.always_want_response_body,
         honour_subset_hint: input.honour_subset_hint,
+        tracer: Default::default(),
     });
     let director = Arc::clone(&w.directors[usize::from(input.testing_config)]);
 

@@ -21,15 +21,26 @@ pub struct Flags {
     #[arg(long, default_value_t = 9002, help_heading = "Serving")]
     pub grpc_port: u16,
 
-    /// Port of the plaintext gRPC health and admin server (kubelet probes, epp.admin.v1.Admin).
+    /// Port of the plaintext gRPC health server (kubelet probes, the gateway's health checks).
     #[arg(long, default_value_t = 9003, help_heading = "Serving")]
     pub grpc_health_port: u16,
+
+    /// Port of the admin gRPC API (epp.admin.v1.Admin: ListEndpoints, Explain; with reflection
+    /// and health), on --admin-address.
+    #[arg(long, default_value_t = 9004, help_heading = "Serving")]
+    pub admin_port: u16,
+
+    /// Address the admin API listens on. Localhost by default: what it shows (pod addresses,
+    /// per-pod scores, where a prompt would go) is for operators, who reach it with
+    /// `kubectl port-forward`. Any other address opens it, unauthenticated, to whoever can connect.
+    #[arg(long, default_value = "127.0.0.1", help_heading = "Serving")]
+    pub admin_address: IpAddr,
 
     /// Port of the HTTP server exposing Prometheus /metrics.
     #[arg(long, default_value_t = 9090, help_heading = "Serving")]
     pub metrics_port: u16,
 
-    /// Address every server listens on.
+    /// Address the ext_proc, health and metrics servers listen on (the admin API: --admin-address).
     #[arg(long, default_value = "0.0.0.0", help_heading = "Serving")]
     pub listen_address: IpAddr,
 
@@ -47,7 +58,8 @@ pub struct Flags {
           default_missing_value = "true", help_heading = "Serving")]
     pub enable_cert_reload: bool,
 
-    /// Also register gRPC health on the ext_proc port (it always is; accepted for compatibility).
+    /// Also register gRPC health on the ext_proc port (it always is; accepted for compatibility,
+    /// named in a startup warning when given).
     #[arg(long, default_value_t = false, action = ArgAction::Set, num_args = 0..=1,
           default_missing_value = "true", help_heading = "Serving")]
     pub health_checking: bool,
@@ -165,26 +177,38 @@ pub struct Flags {
     #[arg(long, help_heading = "Metrics scraping")]
     pub model_server_metrics_port: Option<u16>,
 
-    /// Accepted for compatibility; metrics are scraped over plain HTTP.
+    /// Accepted for compatibility; metrics are scraped over plain HTTP (a startup warning says so when given).
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
           default_missing_value = "true", help_heading = "Metrics scraping")]
     pub model_server_metrics_https_insecure_skip_verify: bool,
 
-    /// How often pool-level gauges are recomputed (they are computed at scrape time; accepted for compatibility).
+    /// How often pool-level gauges are recomputed (they are computed at scrape time; accepted for
+    /// compatibility, a startup warning says so when given).
     #[arg(long, default_value = "5s", value_parser = parse_duration, help_heading = "Metrics scraping")]
     pub refresh_prometheus_metrics_interval: Duration,
 
-    /// Accepted for compatibility: /metrics is served without authentication so the install stays namespaced.
+    /// Require a bearer token on /metrics that the Kubernetes API accepts (TokenReview) and that may
+    /// `get` the non-resource URL /metrics (SubjectAccessReview), as the Go picker does. Without
+    /// Kubernetes (--endpoints-file) it needs --metrics-auth-token-file, else it is off (logged).
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
           default_missing_value = "true", help_heading = "Telemetry")]
     pub metrics_endpoint_auth: bool,
 
-    /// Accepted for compatibility (Go pprof); no effect.
-    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
-          default_missing_value = "true", help_heading = "Telemetry")]
+    /// A file holding the bearer token /metrics requires (re-read when it changes). Replaces the
+    /// Kubernetes check; the way to protect /metrics without Kubernetes.
+    #[arg(long, help_heading = "Telemetry")]
+    pub metrics_auth_token_file: Option<PathBuf>,
+
+    /// Not supported: the picker serves no pprof endpoint. `--enable-pprof=false` is accepted
+    /// (it asks for nothing); `true` is refused with what to use instead.
+    #[arg(long, hide = true, default_value_t = false, action = ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "true", value_parser = refuse_pprof, help_heading = "Telemetry")]
     pub enable_pprof: bool,
 
-    /// Accepted for compatibility (OpenTelemetry tracing); no effect.
+    /// Export OpenTelemetry traces over OTLP/gRPC, configured by the standard OTEL_* variables
+    /// (OTEL_EXPORTER_OTLP_ENDPOINT or _TRACES_ENDPOINT, OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER and
+    /// _ARG, default parentbased_traceidratio 0.1 as the Go picker). Without an endpoint nothing
+    /// is recorded or sent.
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
           default_missing_value = "true", help_heading = "Telemetry")]
     pub tracing: bool,
@@ -221,6 +245,39 @@ pub enum ResponseProcessing {
     Minimal,
 }
 
+/// Flags the Go picker has that change nothing here, and why: given on the
+/// command line, each is named in a startup warning (see [`ignored_flags`]).
+pub const IGNORED_FLAGS: &[(&str, &str)] = &[
+    (
+        "health_checking",
+        "--health-checking has no effect: gRPC health is always served on the ext_proc port and on --grpc-health-port",
+    ),
+    (
+        "model_server_metrics_https_insecure_skip_verify",
+        "--model-server-metrics-https-insecure-skip-verify has no effect: model servers are scraped over plain HTTP (https is refused)",
+    ),
+    (
+        "refresh_prometheus_metrics_interval",
+        "--refresh-prometheus-metrics-interval has no effect: the pool gauges are computed when /metrics is read",
+    ),
+];
+
+/// The warnings for [`IGNORED_FLAGS`] given explicitly in `matches`.
+pub fn ignored_flags(matches: &clap::ArgMatches) -> Vec<&'static str> {
+    IGNORED_FLAGS
+        .iter()
+        .filter(|(id, _)| {
+            matches!(
+                matches.value_source(id),
+                Some(
+                    clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable
+                )
+            )
+        })
+        .map(|(_, why)| *why)
+        .collect()
+}
+
 impl Flags {
     pub fn effective_log_format(&self) -> LogFormat {
         match self.zap_encoder.as_deref() {
@@ -229,6 +286,23 @@ impl Flags {
             None => self.log_format,
         }
     }
+}
+
+/// `--enable-pprof`: false is fine, true is refused with what to use instead.
+fn refuse_pprof(text: &str) -> Result<bool, String> {
+    let on: bool = text
+        .parse()
+        .map_err(|_| format!("invalid boolean {text:?}"))?;
+    if on {
+        return Err(
+            "the picker has no pprof endpoint (the Go picker's Go profiler has no \
+                    equivalent here); profile the process with Linux perf instead: \
+                    `perf record -F 99 -g -p <pid>` (release builds keep line tables), see \
+                    docs/observability.md. Drop the flag or pass --enable-pprof=false"
+                .to_owned(),
+        );
+    }
+    Ok(false)
 }
 
 /// Parses a Go-style duration: a sequence of number+unit (`ns`, `us`, `µs`,
@@ -294,6 +368,8 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory;
+
     use super::*;
 
     fn parse(args: &[&str]) -> Flags {
@@ -323,8 +399,66 @@ mod tests {
         assert!(parse(&["--secure-serving"]).secure_serving);
         assert!(parse(&["--ha-enable-leader-election"]).ha_enable_leader_election);
         assert!(!parse(&["--metrics-endpoint-auth=false"]).metrics_endpoint_auth);
+        assert!(parse(&[]).metrics_endpoint_auth);
+        assert!(parse(&[]).tracing);
         assert!(parse(&[]).metrics_name_filter);
         assert!(!parse(&["--metrics-name-filter=false"]).metrics_name_filter);
+    }
+
+    #[test]
+    fn pprof_is_refused_with_what_to_use_instead() {
+        assert!(!parse(&[]).enable_pprof);
+        assert!(!parse(&["--enable-pprof=false"]).enable_pprof);
+        for on in [&["--enable-pprof"][..], &["--enable-pprof=true"]] {
+            let mut argv = vec!["epp"];
+            argv.extend_from_slice(on);
+            let e = Flags::try_parse_from(argv).unwrap_err().to_string();
+            assert!(e.contains("perf record"), "{e}");
+        }
+        assert!(
+            !Flags::command()
+                .render_long_help()
+                .to_string()
+                .contains("enable-pprof"),
+            "hidden from --help"
+        );
+    }
+
+    #[test]
+    fn flags_that_do_nothing_are_named_when_given() {
+        let matches = |args: &[&str]| {
+            let mut argv = vec!["epp"];
+            argv.extend_from_slice(args);
+            Flags::command().try_get_matches_from(argv).unwrap()
+        };
+        assert!(ignored_flags(&matches(&[])).is_empty());
+        let given = ignored_flags(&matches(&[
+            "--health-checking",
+            "--refresh-prometheus-metrics-interval=1s",
+        ]));
+        assert_eq!(given.len(), 2);
+        assert!(given[0].starts_with("--health-checking has no effect"));
+        assert!(
+            ignored_flags(&matches(&[
+                "--model-server-metrics-https-insecure-skip-verify=false"
+            ]))[0]
+                .contains("plain HTTP")
+        );
+        for (id, _) in IGNORED_FLAGS {
+            assert!(
+                Flags::command().get_arguments().any(|a| a.get_id() == *id),
+                "{id} is a flag"
+            );
+        }
+    }
+
+    #[test]
+    fn admin_api_is_on_localhost_by_default() {
+        let f = parse(&[]);
+        assert_eq!(
+            (f.admin_port, f.admin_address.to_string().as_str()),
+            (9004, "127.0.0.1")
+        );
     }
 
     #[test]

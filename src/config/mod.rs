@@ -3,7 +3,9 @@
 mod flags;
 mod picker_config;
 
-pub use flags::{Flags, LogFormat, ResponseProcessing, parse_bytes, parse_duration};
+pub use flags::{
+    Flags, IGNORED_FLAGS, LogFormat, ResponseProcessing, ignored_flags, parse_bytes, parse_duration,
+};
 pub use picker_config::{
     ACCEPTED_API_VERSIONS, ConfigError, DEFAULT_CONFIG, EndpointPickerConfig, GIE_DEFAULT_CONFIG,
     MODEL_REWRITE_HEADER, ModelRewriteSpec, ObjectiveSpec, PluginRef, PluginSpec, ProfilePluginRef,

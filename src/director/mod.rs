@@ -17,6 +17,7 @@
 //! in scores.
 
 mod ticket;
+mod trace;
 
 use std::{collections::HashMap, sync::Arc, time::Instant};
 
@@ -60,6 +61,9 @@ pub struct RouteInput<'a> {
     /// When the request's headers arrived (now when `None`): the request's
     /// duration counts from there.
     pub arrived: Option<Instant>,
+    /// The request's trace span when it is sampled: the decision becomes
+    /// a child span of it, and the ticket's response another.
+    pub trace: Option<&'a tracing::Span>,
 }
 
 /// A routed request: where it goes, the body to forward when it had to
@@ -298,9 +302,14 @@ impl Director {
     /// in-flight accounting until it is dropped.
     pub fn route(&self, input: &RouteInput<'_>) -> Result<Routed, RouteError> {
         let started = Instant::now();
+        // Flow control (a later issue) will queue requests here, before
+        // they are scheduled; its wait is to be the
+        // `traces::names::FLOW_CONTROL_QUEUE` span under `input.trace`.
+        let traced = input.trace.filter(|s| !s.is_disabled());
+        let span = traced.map(trace::schedule_span);
         // The per-candidate explanation costs allocations; only build it
-        // when it will be logged.
-        let purpose = if tracing::enabled!(Level::DEBUG) {
+        // when it will be logged or traced.
+        let purpose = if traced.is_some() || tracing::enabled!(Level::DEBUG) {
             Purpose::RouteExplained
         } else {
             Purpose::Route
@@ -312,6 +321,13 @@ impl Director {
                 Ok(plan)
             }
         });
+        if let (Some(span), Some(request)) = (&span, traced) {
+            match &result {
+                Ok(plan) => trace::record_plan(span, request, plan),
+                Err(e) => trace::record_error(span, request, e),
+            }
+        }
+        drop(span);
         let m = &self.metrics;
         m.scheduler_duration
             .observe(started.elapsed().as_secs_f64());
@@ -359,7 +375,7 @@ impl Director {
             .scheduler
             .session_header()
             .map(|h| SessionReply::new(Arc::clone(h), &d.endpoints));
-        let ticket = RequestTicket::new(
+        let mut ticket = RequestTicket::new(
             Arc::clone(&self.metrics),
             guard,
             model,
@@ -367,6 +383,9 @@ impl Director {
             input.arrived.unwrap_or(started),
             session,
         );
+        if let Some(request) = traced {
+            ticket.trace(request.clone());
+        }
         Ok(Routed {
             destination,
             new_body,

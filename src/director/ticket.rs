@@ -19,11 +19,13 @@
 
 use std::{sync::Arc, time::Instant};
 
+use tracing::{Span, field::Empty};
+
 use crate::{
     endpoints::{Endpoint, InFlightGuard},
     request::{ResponseRename, SseUsageScanner, Usage, parse_json_usage},
     scheduling::session,
-    telemetry::RequestMetrics,
+    telemetry::{RequestMetrics, traces::TARGET},
 };
 
 /// Non-streaming response bodies kept for usage parsing, at most.
@@ -39,6 +41,10 @@ pub struct RequestTicket {
     /// When the request's headers arrived: durations count from there.
     arrived: Instant,
     response: ResponseTally,
+    /// The request's trace span when it is sampled, and the response's
+    /// under it once the response headers arrived (disabled otherwise).
+    request_span: Span,
+    response_span: Span,
     session: Option<SessionReply>,
 }
 
@@ -97,7 +103,14 @@ impl RequestTicket {
             arrived,
             response: ResponseTally::default(),
             session,
+            request_span: Span::none(),
+            response_span: Span::none(),
         }
+    }
+
+    /// Traces the response under the (sampled) request span.
+    pub(super) fn trace(&mut self, request: Span) {
+        self.request_span = request;
     }
 
     /// The endpoint the request was routed to, `ip:port`.
@@ -128,6 +141,24 @@ impl RequestTicket {
     pub fn on_response_headers(&mut self, status: u16, event_stream: bool) {
         self.response.status = status;
         self.response.sse = event_stream;
+        if !self.request_span.is_disabled() {
+            self.request_span
+                .record("http.response.status_code", status);
+            self.response_span = tracing::info_span!(target: TARGET, parent: &self.request_span,
+                "epp.response",
+                http.response.status_code = status,
+                epp.streaming = event_stream,
+                epp.response_bytes = Empty,
+                gen_ai.usage.input_tokens = Empty,
+                gen_ai.usage.output_tokens = Empty,
+                epp.cached_tokens = Empty,
+                otel.status_code = Empty,
+            );
+            if status >= 500 {
+                self.response_span.record("otel.status_code", "error");
+                self.request_span.record("otel.status_code", "error");
+            }
+        }
     }
 
     /// Accounts one response body chunk and returns it as it must be
@@ -135,11 +166,14 @@ impl RequestTicket {
     /// byte: the prompt has been prefilled, so it stops counting against the
     /// endpoint's prefill backlog.
     pub fn on_response_chunk(&mut self, chunk: Vec<u8>) -> (Vec<u8>, bool) {
-        let r = &mut self.response;
-        if !r.first_byte {
-            r.first_byte = true;
+        if !self.response.first_byte {
+            self.response.first_byte = true;
             self.guard.prefill_done();
+            if !self.response_span.is_disabled() {
+                tracing::info!(target: TARGET, parent: &self.response_span, "first byte");
+            }
         }
+        let r = &mut self.response;
         r.bytes += chunk.len() as u64;
         if r.sse {
             r.scanner.feed(&chunk);
@@ -184,6 +218,15 @@ impl RequestTicket {
         } else {
             None
         };
+        if !self.response_span.is_disabled() {
+            let s = &self.response_span;
+            s.record("epp.response_bytes", r.bytes);
+            if let Some(u) = &usage {
+                s.record("gen_ai.usage.input_tokens", u.prompt_tokens);
+                s.record("gen_ai.usage.output_tokens", u.completion_tokens);
+                s.record("epp.cached_tokens", u.cached_tokens);
+            }
+        }
         if let Some(u) = usage {
             m.input_tokens
                 .with_label_values(&labels)

@@ -65,7 +65,7 @@ use crate::{
     config::{MODEL_REWRITE_HEADER, TEST_SELECTION_HEADER},
     director::{Director, MAX_SESSION_TOKEN_BYTES, RequestTicket, RouteError, RouteInput, Routed},
     request::ApiKind,
-    telemetry::logging::Clip,
+    telemetry::{logging::Clip, traces::RequestTracer},
 };
 
 /// Most a request body buffer is sized to before its bytes arrive (from
@@ -82,6 +82,8 @@ pub struct StreamSettings {
     pub always_want_response_body: bool,
     /// Honour the gateway's subset hint.
     pub honour_subset_hint: bool,
+    /// Starts the trace span of each sampled request.
+    pub tracer: RequestTracer,
 }
 
 const FULL_DUPLEX: i32 = BodySendMode::FullDuplexStreamed as i32;
@@ -153,6 +155,8 @@ pub struct ExtProcStream {
     /// The response direction ended; nothing more may arrive on it.
     response_done: bool,
     observability_only: bool,
+    /// The request's trace span: disabled unless the request is sampled.
+    span: tracing::Span,
 }
 
 impl ExtProcStream {
@@ -179,6 +183,7 @@ impl ExtProcStream {
             ticket: None,
             response_done: false,
             observability_only: false,
+            span: tracing::Span::none(),
         }
     }
 
@@ -291,6 +296,14 @@ impl ExtProcStream {
             .and_then(|h| envoy::header(map, h))
             .filter(|v| v.len() <= MAX_SESSION_TOKEN_BYTES)
             .map(str::to_owned);
+        if self.settings.tracer.is_enabled() {
+            // W3C traceparent, else GCP's x-cloud-trace-context: the parent.
+            self.span = self.settings.tracer.request_span(
+                |name| envoy::header(map, name),
+                &self.path,
+                &self.request_id,
+            );
+        }
         self.forbidden_present = envoy::client_routing_headers(map);
         if self.settings.honour_subset_hint {
             self.subset = envoy::subset_hint(md.as_ref());
@@ -444,11 +457,15 @@ impl ExtProcStream {
             subset: self.subset.as_deref(),
             request_id: &self.request_id,
             arrived: Some(self.arrived),
+            trace: Some(&self.span),
         }
     }
 
     /// Answers with an OpenAI-style error; Envoy ends the request.
     fn reject(&mut self, e: &RouteError, out: &mut Vec<ProcessingResponse>) {
+        self.span
+            .record("http.response.status_code", e.http_status());
+        self.span.record("error.type", e.code());
         out.push(envoy::immediate_error(
             e.http_status(),
             &e.to_string(),

@@ -1,8 +1,14 @@
 //! Log setup: `tracing` to stderr as text or JSON. `RUST_LOG` wins over the
-//! Go-style `-v` level (0-3 info, 4 debug, 5+ trace).
+//! Go-style `-v` level (0-3 info, 4 debug, 5+ trace). With traces on, an
+//! OpenTelemetry layer beside it sees only the spans of target
+//! [`traces::TARGET`], which the log layer never prints.
 
-use tracing_subscriber::{EnvFilter, fmt};
+use opentelemetry_sdk::trace::SdkTracer;
+use tracing_subscriber::{
+    EnvFilter, Layer, filter::Targets, fmt, layer::SubscriberExt, util::SubscriberInitExt,
+};
 
+use super::traces;
 use crate::config::LogFormat;
 
 /// The default filter for a verbosity level.
@@ -14,8 +20,9 @@ pub fn level_for(verbosity: u8) -> &'static str {
     }
 }
 
-/// Installs the global subscriber. Safe to call once per process.
-pub fn init(verbosity: u8, format: LogFormat) {
+/// Installs the global subscriber, with the OpenTelemetry layer when
+/// `tracer` is given. Safe to call once per process.
+pub fn init(verbosity: u8, format: LogFormat, tracer: Option<SdkTracer>) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         // Keep dependencies quiet below trace: their debug logs are per frame.
         let level = level_for(verbosity);
@@ -23,16 +30,30 @@ pub fn init(verbosity: u8, format: LogFormat) {
             "{level},h2=info,hyper=info,tower=info,rustls=info,kube=info"
         ))
     });
+    // Spans for export are not log lines, whatever RUST_LOG says.
+    let not_traces = tracing_subscriber::filter::filter_fn(|m| m.target() != traces::TARGET);
     use std::io::IsTerminal;
-    let builder = fmt()
-        .with_env_filter(filter)
+    let logs = fmt::layer()
         .with_writer(std::io::stderr)
         // Colour only for people: files and log collectors get plain text.
         .with_ansi(std::io::stderr().is_terminal());
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+    let logs = match format {
+        LogFormat::Json => logs.json().flatten_event(true).boxed(),
+        LogFormat::Text => logs.boxed(),
     };
+    let otel = tracer.map(|tracer| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_location(false)
+            .with_threads(false)
+            .with_tracked_inactivity(false)
+            .with_target(false)
+            .with_filter(Targets::new().with_target(traces::TARGET, tracing::Level::INFO))
+    });
+    let _ = tracing_subscriber::registry()
+        .with(otel)
+        .with(logs.with_filter(filter).with_filter(not_traces))
+        .try_init();
 }
 
 /// Client-controlled text (path, request id, model, parse errors quoting the

@@ -17,6 +17,8 @@ use super::{eventually, localhost};
 pub struct Epp {
     pub grpc: SocketAddr,
     pub health: SocketAddr,
+    /// The admin API (epp.admin.v1.Admin), on localhost.
+    pub admin: SocketAddr,
     pub metrics: SocketAddr,
     pub dir: tempfile::TempDir,
     child: Option<Child>,
@@ -77,6 +79,31 @@ impl Epp {
         extra: &[&str],
         rust_log: Option<&str>,
     ) -> Self {
+        Self::spawn_with_env(content, extra, rust_log, &[])
+    }
+
+    /// Starts `pool`'s picker with extra environment variables (the
+    /// `OTEL_*` ones) and waits until it reports ready.
+    pub async fn start_with_env(pool: &[SocketAddr], extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let e = Self::spawn_with_env(
+            Some(&endpoints_yaml(pool)),
+            extra,
+            Some("epp=debug,info"),
+            env,
+        );
+        e.wait_ready().await;
+        e
+    }
+
+    /// Like [`Self::spawn_with_log_filter`], with extra environment
+    /// variables. `OTEL_*` variables of the test's own environment are not
+    /// passed on.
+    pub fn spawn_with_env(
+        content: Option<&str>,
+        extra: &[&str],
+        rust_log: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         if let Some(content) = content {
             fs::write(dir.path().join("endpoints.yaml"), content).expect("endpoints file");
@@ -85,6 +112,10 @@ impl Epp {
         // Port 0 everywhere: the picker binds free ports itself and logs them,
         // so concurrent tests can never race for a port.
         let mut command = Command::new(env!("CARGO_BIN_EXE_epp"));
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("OTEL_")) {
+            command.env_remove(k);
+        }
+        command.envs(env.iter().copied());
         match rust_log {
             Some(filter) => command.env("RUST_LOG", filter),
             None => command.env_remove("RUST_LOG"),
@@ -94,10 +125,15 @@ impl Epp {
             // A port given in `extra` (a restart on the same port) replaces
             // the default: the flags parser refuses a flag given twice.
             .args(
-                ["--grpc-port", "--grpc-health-port", "--metrics-port"]
-                    .into_iter()
-                    .filter(|p| !extra.contains(p))
-                    .flat_map(|p| [p, "0"]),
+                [
+                    "--grpc-port",
+                    "--grpc-health-port",
+                    "--admin-port",
+                    "--metrics-port",
+                ]
+                .into_iter()
+                .filter(|p| !extra.contains(p))
+                .flat_map(|p| [p, "0"]),
             )
             .arg("--endpoints-file")
             .arg(dir.path().join("endpoints.yaml"))
@@ -112,6 +148,7 @@ impl Epp {
         let mut epp = Self {
             grpc: localhost(0),
             health: localhost(0),
+            admin: localhost(0),
             metrics: localhost(0),
             dir,
             child: Some(child),
@@ -137,6 +174,7 @@ impl Epp {
                 };
                 self.grpc = field("ext_proc");
                 self.health = field("health");
+                self.admin = field("admin");
                 self.metrics = field("metrics");
                 return;
             }

@@ -288,8 +288,8 @@ pub fn signal(pid: u32, signal: &str) {
 }
 
 /// The admin API's view of the endpoints.
-pub async fn list_endpoints(health: SocketAddr) -> ListEndpointsResponse {
-    let mut admin = AdminClient::connect(format!("http://{health}"))
+pub async fn list_endpoints(admin: SocketAddr) -> ListEndpointsResponse {
+    let mut admin = AdminClient::connect(format!("http://{admin}"))
         .await
         .expect("admin connect");
     admin

@@ -9,6 +9,7 @@ pub mod envoy;
 pub mod epp;
 pub mod faults;
 pub mod http;
+pub mod otlp;
 
 use std::{
     net::{SocketAddr, TcpListener},
@@ -82,6 +83,16 @@ impl Stack {
         epp_args: &[&str],
         tune: impl FnOnce(&mut envoy::EnvoyOptions),
     ) -> Self {
+        Self::start_with_env(n, epp_args, &[], tune).await
+    }
+
+    /// Like [`Self::start_with`], with environment variables for the picker.
+    pub async fn start_with_env(
+        n: usize,
+        epp_args: &[&str],
+        env: &[(&str, &str)],
+        tune: impl FnOnce(&mut envoy::EnvoyOptions),
+    ) -> Self {
         let mut backends = Vec::with_capacity(n);
         for i in 0..n {
             backends.push(backend::Backend::start(&format!("b{i}")).await);
@@ -98,7 +109,7 @@ impl Stack {
             args.push("--secure-serving=false");
         }
         args.extend_from_slice(epp_args);
-        let epp = epp::Epp::start(&pool, &args).await;
+        let epp = epp::Epp::start_with_env(&pool, &args, env).await;
         epp.wait_scraped(n).await;
         let mut opts = envoy::EnvoyOptions::new(epp.grpc.port(), pool);
         opts.epp_tls = secure;

@@ -51,12 +51,12 @@ fn backend_requests(stack: &Stack) -> u64 {
 
 /// In-flight count of every endpoint, from the admin API.
 async fn in_flight(epp: &Epp) -> Vec<u32> {
-    let list = list_endpoints(epp.health).await;
+    let list = list_endpoints(epp.admin).await;
     list.endpoints.iter().map(|e| e.in_flight).collect()
 }
 
 async fn prefix_blocks(epp: &Epp) -> u64 {
-    let list = list_endpoints(epp.health).await;
+    let list = list_endpoints(epp.admin).await;
     list.endpoints.iter().map(|e| e.prefix_index_blocks).sum()
 }
 

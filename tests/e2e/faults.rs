@@ -107,12 +107,12 @@ async fn a_model_server_dying_under_load_fails_over_and_is_picked_again_once_bac
     );
 
     // The picker stops picking it once its scrapes fail...
-    let health = stack.epp.health;
+    let admin = stack.epp.admin;
     let victim_addr = victim.host_port();
     eventually("the dead pod is marked failing", WAIT, || {
         let victim_addr = victim_addr.clone();
         async move {
-            list_endpoints(health)
+            list_endpoints(admin)
                 .await
                 .endpoints
                 .iter()
@@ -216,7 +216,7 @@ async fn a_hanging_or_garbage_metrics_page_makes_the_endpoint_stale_without_pili
         let (backends, epp, envoy) = stack_with_bad_metrics(&bad).await;
         let pid = epp.pid().expect("running");
         let bad_addr = backends[2].host_port();
-        let health = epp.health;
+        let admin = epp.admin;
         let endpoint = |list: &ListEndpointsResponse| {
             list.endpoints
                 .iter()
@@ -225,7 +225,7 @@ async fn a_hanging_or_garbage_metrics_page_makes_the_endpoint_stale_without_pili
                 .expect("listed")
         };
         eventually(&format!("{mode:?}: first scraped fine"), WAIT, || async {
-            endpoint(&list_endpoints(health).await)
+            endpoint(&list_endpoints(admin).await)
                 .metrics
                 .is_some_and(|m| m.fresh)
         })
@@ -236,7 +236,7 @@ async fn a_hanging_or_garbage_metrics_page_makes_the_endpoint_stale_without_pili
             &format!("{mode:?}: the endpoint is stale and failing"),
             WAIT,
             || async {
-                let e = endpoint(&list_endpoints(health).await);
+                let e = endpoint(&list_endpoints(admin).await);
                 e.consecutive_scrape_failures >= 3
                     && e.metrics.is_some_and(|m| !m.fresh && m.age_seconds > 0.5)
             },
@@ -282,7 +282,7 @@ async fn a_hanging_or_garbage_metrics_page_makes_the_endpoint_stale_without_pili
         );
 
         // The healthy endpoints are freshly scraped, and take all the traffic.
-        let list = list_endpoints(health).await;
+        let list = list_endpoints(admin).await;
         for e in list.endpoints.iter().filter(|e| e.address != bad_addr) {
             let m = e.metrics.as_ref().expect("scraped");
             assert!(m.fresh && e.consecutive_scrape_failures == 0, "{e:?}");
@@ -452,7 +452,7 @@ async fn a_corrupted_or_deleted_endpoints_file_keeps_the_last_good_set() {
     let path = stack.epp.endpoints_file();
     let good = std::fs::read_to_string(&path).expect("endpoints file");
     let truncated = good[..good.rfind("address").expect("two entries") + 5].to_owned();
-    let health = stack.epp.health;
+    let admin = stack.epp.admin;
     type Damage = Box<dyn Fn(&std::path::Path)>;
     let cases: Vec<(&str, &str, Damage)> = vec![
         (
@@ -484,7 +484,7 @@ async fn a_corrupted_or_deleted_endpoints_file_keeps_the_last_good_set() {
             epp.log().matches(warning).count() > logged
         })
         .await;
-        let list = list_endpoints(health).await;
+        let list = list_endpoints(admin).await;
         assert!(list.synced, "{what}");
         assert_eq!(list.endpoints.len(), 2, "{what}: last good set kept");
         assert_eq!(
@@ -510,7 +510,7 @@ async fn a_corrupted_or_deleted_endpoints_file_keeps_the_last_good_set() {
     )
     .expect("write");
     eventually("the fixed file applies", WAIT, || async move {
-        list_endpoints(health).await.endpoints.len() == 1
+        list_endpoints(admin).await.endpoints.len() == 1
     })
     .await;
     for i in 0..6 {

@@ -106,7 +106,7 @@ async fn health_services_and_admin_api() {
             "{service:?}"
         );
     }
-    let mut admin = AdminClient::connect(format!("http://{}", stack.epp.health))
+    let mut admin = AdminClient::connect(format!("http://{}", stack.epp.admin))
         .await
         .unwrap();
     let list = admin
@@ -181,7 +181,7 @@ async fn readiness_waits_for_discovery_and_file_changes_apply() {
     )
     .unwrap();
     epp.wait_ready().await;
-    let mut admin = AdminClient::connect(format!("http://{}", epp.health))
+    let mut admin = AdminClient::connect(format!("http://{}", epp.admin))
         .await
         .unwrap();
     assert_eq!(
@@ -231,13 +231,15 @@ async fn sigterm_drains_and_exits_zero() {
 
 /// Runs the picker with `args` on free ports and the endpoints file
 /// `/dev/null`, expecting it to fail at startup; returns its stderr.
-fn startup_failure(args: &[&std::ffi::OsStr]) -> String {
+pub(crate) fn startup_failure(args: &[&std::ffi::OsStr]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_epp"))
         .args(args)
         .args([
             "--grpc-port",
             "0",
             "--grpc-health-port",
+            "0",
+            "--admin-port",
             "0",
             "--metrics-port",
             "0",

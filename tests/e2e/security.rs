@@ -317,7 +317,7 @@ async fn send_bad_requests(
 /// the (plaintext gRPC) health port, not HTTP on the metrics port.
 async fn garbage_connections(epp: &Epp, n: usize) {
     for i in 0..n {
-        for addr in [epp.grpc, epp.health, epp.metrics] {
+        for addr in [epp.grpc, epp.health, epp.admin, epp.metrics] {
             let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
                 continue;
             };

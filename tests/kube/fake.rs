@@ -97,6 +97,11 @@ struct State {
     /// the API server is down or cut off by the network.
     unreachable: bool,
     refused: u64,
+    /// Bearer tokens the TokenReview accepts, and whose they are.
+    tokens: HashMap<String, String>,
+    /// Users the SubjectAccessReview allows to `get` the non-resource URL
+    /// /metrics.
+    metrics_readers: HashSet<String>,
 }
 
 /// Handle on the fake server; cheap to clone.
@@ -291,8 +296,46 @@ impl State {
         Some(old)
     }
 
+    /// TokenReview and SubjectAccessReview (cluster-scoped creates), as
+    /// the API server answers them.
+    fn review(&mut self, plural: &str, body: &[u8]) -> Response<FakeBody> {
+        if let Some(code) = self.failures.get_mut(plural).and_then(VecDeque::pop_front) {
+            return status(code, "InternalError", "injected failure");
+        }
+        let mut obj: Value = serde_json::from_slice(body).expect("JSON body");
+        obj["status"] = if plural == "tokenreviews" {
+            match obj["spec"]["token"]
+                .as_str()
+                .and_then(|t| self.tokens.get(t))
+            {
+                Some(user) => json!({"authenticated": true, "user": {
+                    "username": user, "uid": format!("uid-{user}"),
+                    "groups": ["system:serviceaccounts", "system:authenticated"]}}),
+                None => json!({"authenticated": false, "error": "invalid bearer token"}),
+            }
+        } else {
+            let spec = &obj["spec"];
+            let allowed = spec["user"]
+                .as_str()
+                .is_some_and(|u| self.metrics_readers.contains(u))
+                && spec["nonResourceAttributes"]["path"] == "/metrics"
+                && spec["nonResourceAttributes"]["verb"] == "get";
+            json!({"allowed": allowed})
+        };
+        full(StatusCode::CREATED, obj.to_string().into_bytes())
+    }
+
     fn handle(&mut self, method: &Method, uri: &http::Uri, body: &[u8]) -> Response<FakeBody> {
         self.requests.push(format!("{method} {uri}"));
+        match (method, uri.path()) {
+            (&Method::POST, "/apis/authentication.k8s.io/v1/tokenreviews") => {
+                return self.review("tokenreviews", body);
+            }
+            (&Method::POST, "/apis/authorization.k8s.io/v1/subjectaccessreviews") => {
+                return self.review("subjectaccessreviews", body);
+            }
+            _ => {}
+        }
         let Some((plural, name)) = route(uri.path()) else {
             return status(404, "NotFound", "unknown path");
         };
@@ -455,6 +498,20 @@ impl FakeApi {
         if unreachable {
             s.watches.clear();
         }
+    }
+
+    /// A bearer token the TokenReview accepts as `user`'s.
+    pub fn add_token(&self, token: &str, user: &str) {
+        self.state
+            .lock()
+            .tokens
+            .insert(token.to_owned(), user.to_owned());
+    }
+
+    /// Lets `user` get /metrics (a ClusterRole with `nonResourceURLs:
+    /// ["/metrics"]`, `verbs: ["get"]`, bound to it).
+    pub fn allow_metrics(&self, user: &str) {
+        self.state.lock().metrics_readers.insert(user.to_owned());
     }
 
     /// Requests refused while unreachable.

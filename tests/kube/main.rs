@@ -1,5 +1,5 @@
-//! Kubernetes discovery and leader election against a fake API server (see
-//! `fake.rs`). No cluster is needed: the kube client talks to an in-process
+//! Kubernetes discovery, leader election and /metrics authentication
+//! against a fake API server (see `fake.rs`). No cluster is needed: the kube client talks to an in-process
 //! `tower_test` mock.
 //!
 //! Every test runs on a paused tokio clock, so backoffs, the debounce window,
@@ -17,6 +17,7 @@ mod discovery;
 mod fake;
 mod faults;
 mod leader;
+mod metrics_auth;
 
 use std::{future::Future, sync::Arc, time::Duration};
 

@@ -22,6 +22,7 @@ use crate::{
         self, Obj, Workload, args, arr_at, find, group, id, is_cluster_scoped, kind, map_at,
         match_labels, name, namespace, of_kind, str_at, workloads,
     },
+    observability,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +77,8 @@ pub const ALL: &[(&str, Check)] = &[
     ("network-policies", hardening::network_policies),
     ("picker-tokenizer", hardening::picker_tokenizer),
     ("objectives-resolve", hardening::objectives_resolve),
+    ("metrics-auth", observability::metrics_auth),
+    ("admin-port", observability::admin_port),
     (
         "pitfall:regional-gateway-class",
         pitfall_regional_gateway_class,
@@ -190,6 +193,7 @@ pub fn one_namespace(objs: &[Obj], _: &Ctx<'_>) -> Vec<Violation> {
         for s in arr_at(rb, "/subjects")
             .iter()
             .filter(|s| str_at(s, "/kind") == Some("ServiceAccount"))
+            .filter(|s| !observability::is_gmp_collector(s))
         {
             if str_at(s, "/namespace") != namespace(rb) {
                 out.push(format!(
@@ -205,19 +209,18 @@ pub fn one_namespace(objs: &[Obj], _: &Ctx<'_>) -> Vec<Violation> {
     out.done()
 }
 
-/// Nothing cluster-scoped but the Namespace: no ClusterRole (the picker's
-/// /metrics needs no TokenReview), no CRDs (GKE manages them; elsewhere
-/// they are a documented prerequisite), so a namespace admin can install.
+/// Nothing cluster-scoped but the Namespace and what /metrics
+/// authentication needs (ClusterRoles for the picker's TokenReview and
+/// SubjectAccessReview and the scrapers' `get /metrics`, with their
+/// bindings, only while a picker checks tokens with the Kubernetes API):
+/// no other ClusterRole, no CRDs (GKE manages them; elsewhere they are a
+/// documented prerequisite).
 pub fn namespaced_install(objs: &[Obj], _: &Ctx<'_>) -> Vec<Violation> {
     let mut out = Out::new("namespaced-install");
-    for o in objs
-        .iter()
-        .filter(|o| is_cluster_scoped(o) && !matches!(kind(o), "Namespace" | "GatewayClass"))
-    {
-        out.push(format!(
-            "{} is cluster-scoped; the install must stay namespaced",
-            id(o)
-        ));
+    for o in objs.iter().filter(|o| is_cluster_scoped(o)) {
+        if let Err(why) = observability::allowed_cluster_scoped(objs, o) {
+            out.push(why);
+        }
     }
     for rb in of_kind(objs, "RoleBinding") {
         if str_at(rb, "/roleRef/kind") != Some("Role") {
@@ -851,10 +854,11 @@ pub fn images_pinned(objs: &[Obj], _: &Ctx<'_>) -> Vec<Violation> {
 }
 
 /// Tokens never live in the repo: the HF token Secret is created out of
-/// band, so the output holds no Secret at all.
+/// band, so the output holds no Secret but empty ServiceAccount token
+/// requests (the metrics reader's, filled in by the token controller).
 pub fn no_committed_secrets(objs: &[Obj], _: &Ctx<'_>) -> Vec<Violation> {
     let mut out = Out::new("no-committed-secrets");
-    for s in of_kind(objs, "Secret") {
+    for s in of_kind(objs, "Secret").filter(|s| !observability::is_token_request(objs, s)) {
         out.push(format!(
             "{} is rendered from the repo; create Secrets out of band",
             id(s)

@@ -516,7 +516,7 @@ fn peers_for<'a>(np: &'a Obj, port: (Option<&str>, u64)) -> Vec<&'a Value> {
 /// policy; no rule opens a port to all namespaces. Where they select the
 /// picker: ext_proc is open to the load balancer (health ranges and the
 /// proxy range), /metrics to Managed Prometheus' collectors, and the
-/// plaintext health/admin port to no pod at all. Where they select the
+/// plaintext health port to no pod at all. Where they select the
 /// model servers: the serving port to the load balancer, the KV-event
 /// sockets to the picker only.
 pub fn network_policies(objs: &[Obj], _: &Ctx<'_>) -> Vec<Violation> {
@@ -612,7 +612,7 @@ pub fn network_policies(objs: &[Obj], _: &Ctx<'_>) -> Vec<Violation> {
                         .any(|p| p.get("ipBlock").is_none())
                 {
                     out.push(format!(
-                        "{nid} opens {wid}'s plaintext health/admin port to pods; only the load balancer's health checks (and the kubelet, always allowed) need it"
+                        "{nid} opens {wid}'s plaintext health port to pods; only the load balancer's health checks (and the kubelet, always allowed) need it"
                     ));
                 }
                 if let Some(metrics) = port("metrics")

@@ -19,6 +19,8 @@ mod hardening;
 mod model;
 mod negative;
 mod negative_hardening;
+mod negative_observability;
+mod observability;
 mod render;
 
 use std::{

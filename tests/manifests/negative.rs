@@ -179,6 +179,62 @@ metadata: {name: vllm, namespace: ns}
 spec:
   selector: {matchLabels: {app: vllm}}
   endpoints: [{port: http, path: /metrics}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: epp-metrics-auth}
+rules:
+- {apiGroups: [authentication.k8s.io], resources: [tokenreviews], verbs: [create]}
+- {apiGroups: [authorization.k8s.io], resources: [subjectaccessreviews], verbs: [create]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: epp-metrics-auth}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: epp-metrics-auth}
+subjects: [{kind: ServiceAccount, name: epp, namespace: ns}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: epp-metrics-reader}
+rules:
+- {nonResourceURLs: [/metrics], verbs: [get]}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: metrics-reader, namespace: ns}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: epp-metrics-reader}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: epp-metrics-reader}
+subjects: [{kind: ServiceAccount, name: metrics-reader, namespace: ns}]
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: metrics-reader, namespace: ns, annotations: {kubernetes.io/service-account.name: metrics-reader}}
+type: kubernetes.io/service-account-token
+---
+apiVersion: monitoring.googleapis.com/v1
+kind: PodMonitoring
+metadata: {name: epp, namespace: ns}
+spec:
+  selector: {matchLabels: {app: epp}}
+  endpoints:
+  - {port: metrics, path: /metrics, authorization: {type: Bearer, credentials: {secret: {name: metrics-reader, key: token}}}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: metrics-reader-secret, namespace: ns}
+rules:
+- {apiGroups: [""], resources: [secrets], resourceNames: [metrics-reader], verbs: [get, list, watch]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: metrics-reader-secret, namespace: ns}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: metrics-reader-secret}
+subjects:
+- {kind: ServiceAccount, name: collector, namespace: gmp-system}
+- {kind: ServiceAccount, name: collector, namespace: gke-gmp-system}
 "#;
 
 pub(crate) fn parse(text: &str) -> Vec<Obj> {
@@ -235,6 +291,7 @@ fn every_check_has_a_negative_case() {
     let source = [
         include_str!("negative.rs"),
         include_str!("negative_hardening.rs"),
+        include_str!("negative_observability.rs"),
     ]
     .concat();
     for (check, _) in checks::ALL {
@@ -300,7 +357,7 @@ fn rejects_cluster_scoped_rbac() {
             "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {name: metrics-reader}\nrules: []",
         ),
         "namespaced-install",
-        "ClusterRole/metrics-reader is cluster-scoped",
+        "ClusterRole/metrics-reader grants more than /metrics authentication needs",
     );
 }
 

@@ -385,7 +385,7 @@ fn rejects_network_policies_that_open_too_much_or_too_little() {
             "ports: [{port: grpc, protocol: TCP}]\n  - from: [{podSelector: {}}]\n    ports: [{port: grpc-health, protocol: TCP}]",
         ),
         "network-policies",
-        "plaintext health/admin port to pods",
+        "plaintext health port to pods",
     );
     rejects(
         &with_policies(

@@ -63,8 +63,8 @@ pub async fn local(args: LocalArgs, command: &str) -> Result<(), LocalError> {
         if let Some(m) = stack.epp_metrics {
             println!("  curl -s http://{m}/metrics | grep inference_");
         }
-        if let Some(h) = stack.epp_health {
-            println!("  grpcurl -plaintext {h} epp.admin.v1.Admin/ListEndpoints");
+        if let Some(a) = stack.epp_admin {
+            println!("  grpcurl -plaintext {a} epp.admin.v1.Admin/ListEndpoints");
         }
         println!("Ctrl-C stops it.");
         let _ = tokio::signal::ctrl_c().await;

@@ -353,6 +353,8 @@ pub struct Stack {
     pub epp_metrics: Option<SocketAddr>,
     /// The picker's health/admin address.
     pub epp_health: Option<SocketAddr>,
+    /// The picker's admin API (epp.admin.v1.Admin), when there is a picker.
+    pub epp_admin: Option<SocketAddr>,
     pub envoy_admin: Option<SocketAddr>,
     envoy: Option<Proc>,
     epp: Option<Proc>,
@@ -406,6 +408,7 @@ impl Stack {
             pod_urls,
             epp_metrics: None,
             epp_health: None,
+            epp_admin: None,
             envoy_admin: None,
             envoy: None,
             epp: None,
@@ -426,6 +429,7 @@ impl Stack {
                 stack.epp = Some(proc_);
                 stack.epp_metrics = Some(addrs.metrics);
                 stack.epp_health = Some(addrs.health);
+                stack.epp_admin = addrs.admin;
                 wait_scraped(&client, addrs.metrics, pods.len(), stack.epp.as_mut()).await?;
                 addrs.ext_proc.port()
             }
@@ -491,6 +495,8 @@ pub fn endpoints_yaml(pods: &[SocketAddr]) -> String {
 pub struct EppAddrs {
     pub ext_proc: SocketAddr,
     pub health: SocketAddr,
+    /// The admin API (localhost).
+    pub admin: Option<SocketAddr>,
     pub metrics: SocketAddr,
 }
 
@@ -510,6 +516,8 @@ pub async fn start_epp(
             "--grpc-port",
             "0",
             "--grpc-health-port",
+            "0",
+            "--admin-port",
             "0",
             "--metrics-port",
             "0",
@@ -533,6 +541,7 @@ pub async fn start_epp(
             EppAddrs {
                 ext_proc,
                 health,
+                admin: field("admin"),
                 metrics,
             },
         )),

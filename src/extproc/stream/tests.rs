@@ -41,6 +41,7 @@ fn settings() -> StreamSettings {
         echo_served_endpoint: false,
         always_want_response_body: true,
         honour_subset_hint: true,
+        tracer: Default::default(),
     }
 }
 
