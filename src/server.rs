@@ -185,8 +185,12 @@ impl Core {
             },
             Arc::clone(&index),
         )?;
-        let echo_served =
-            flags.echo_served_endpoint || scheduler.has_filter_type("header-based-testing-filter");
+        // GIE's conformance verifier plugin is this same echo.
+        let echo_served = flags.echo_served_endpoint
+            || scheduler.has_filter_type("header-based-testing-filter")
+            || cfg
+                .plugin_of_type("destination-endpoint-served-verifier")
+                .is_some();
         let mut scrape_settings = ScrapeSettings::from_config(
             cfg,
             flags.model_server_metrics_scheme.as_deref(),

@@ -89,6 +89,7 @@ impl Admin for AdminService {
             objective: header("x-gateway-inference-objective"),
             model_rewrite: header(MODEL_REWRITE_HEADER),
             test_selection: header(TEST_SELECTION_HEADER),
+            session_token: self.director.session_header().and_then(header),
             subset: (!req.subset.is_empty()).then_some(req.subset.as_slice()),
             ..RouteInput::default()
         };

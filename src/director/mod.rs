@@ -13,7 +13,8 @@
 //! The director is the protocol layer's only door to scheduling: it counts
 //! the request-path metrics, logs each decision (with every candidate's
 //! scores at debug level), and answers in terms the protocol needs
-//! (a destination, a body, an HTTP status), never in scores.
+//! (a destination, a body, an HTTP status, a response header to set), never
+//! in scores.
 
 mod ticket;
 
@@ -23,6 +24,10 @@ use arc_swap::ArcSwap;
 use tracing::Level;
 
 pub use ticket::RequestTicket;
+use ticket::SessionReply;
+
+/// Longest session token read from a request; longer ones are ignored.
+pub const MAX_SESSION_TOKEN_BYTES: usize = crate::scheduling::session::MAX_TOKEN_BYTES;
 
 use crate::{
     config::{EndpointPickerConfig, MODEL_REWRITE_HEADER, ModelRewriteSpec, TEST_SELECTION_HEADER},
@@ -48,6 +53,8 @@ pub struct RouteInput<'a> {
     pub test_selection: Option<&'a str>,
     /// The gateway's subset hint.
     pub subset: Option<&'a [String]>,
+    /// The value of [`Director::session_header`], as the client sent it.
+    pub session_token: Option<&'a str>,
     /// `x-request-id`, for log lines.
     pub request_id: &'a str,
     /// When the request's headers arrived (now when `None`): the request's
@@ -257,6 +264,13 @@ impl Director {
         self.trust_model_rewrite
     }
 
+    /// The request header carrying a session token back, and the response
+    /// header naming the endpoint that served, when a session-affinity
+    /// plugin is configured.
+    pub fn session_header(&self) -> Option<&str> {
+        self.scheduler.session_header().map(|h| &**h)
+    }
+
     /// Priority of an objective; 0 when unknown (GIE's default).
     pub fn objective_priority(&self, name: &str) -> i32 {
         self.objectives.load().get(name).copied().unwrap_or(0)
@@ -341,12 +355,17 @@ impl Director {
         }
         // Not empty: checked above.
         let guard = d.endpoints[0].begin_request(d.prefill_tokens);
+        let session = self
+            .scheduler
+            .session_header()
+            .map(|h| SessionReply::new(Arc::clone(h), &d.endpoints));
         let ticket = RequestTicket::new(
             Arc::clone(&self.metrics),
             guard,
             model,
             target_model,
             input.arrived.unwrap_or(started),
+            session,
         );
         Ok(Routed {
             destination,
@@ -408,6 +427,7 @@ impl Director {
             priority: input.objective.map_or(0, |o| self.objective_priority(o)),
             subset: input.subset,
             test_selection: input.test_selection.filter(|_| self.trust_test_selection),
+            session_token: input.session_token,
         };
         let decision = self.scheduler.schedule(&facts, &snapshot, purpose)?;
         let new_body = match (&req.model_span, target != req.model) {
@@ -565,6 +585,49 @@ mod tests {
                 assert_eq!(*x.decision.endpoints[0].host_port, named);
             }
         }
+    }
+
+    #[test]
+    fn the_ticket_carries_the_session_token_of_the_endpoint_that_served() {
+        let d = director("plugins:\n- type: session-affinity-scorer\n- type: queue-scorer\n");
+        assert_eq!(d.session_header(), Some("x-session-token"));
+        let snapshot = d.store().snapshot();
+        let token_of = |hp: &str| crate::scheduling::session::token(snapshot.get(hp).unwrap());
+        let r = d
+            .route(&input("/v1/completions", br#"{"model":"m","prompt":"hi"}"#))
+            .unwrap();
+        let (pick, fallback) = r.destination.split_once(',').unwrap();
+        let (name, token) = r.ticket.session_header(None).unwrap();
+        assert_eq!((name, token), ("x-session-token", token_of(pick).as_str()));
+        assert_eq!(
+            r.ticket.session_header(Some(fallback)).unwrap().1,
+            token_of(fallback)
+        );
+        assert_eq!(
+            r.ticket.session_header(Some("10.9.9.9:1")).unwrap().1,
+            token_of(pick),
+            "an address outside the destination: the pick"
+        );
+        // The token brings the next request back.
+        let back = RouteInput {
+            session_token: Some(&token_of(fallback)),
+            ..input("/v1/completions", br#"{"model":"m","prompt":"hi"}"#)
+        };
+        for _ in 0..10 {
+            assert!(
+                d.explain(&back)
+                    .unwrap()
+                    .decision
+                    .destination()
+                    .starts_with(fallback)
+            );
+        }
+        let plain = director(crate::config::DEFAULT_CONFIG);
+        assert_eq!(plain.session_header(), None);
+        let r = plain
+            .route(&input("/v1/completions", br#"{"model":"m","prompt":"hi"}"#))
+            .unwrap();
+        assert!(r.ticket.session_header(None).is_none());
     }
 
     #[test]

@@ -20,8 +20,9 @@
 use std::{sync::Arc, time::Instant};
 
 use crate::{
-    endpoints::InFlightGuard,
+    endpoints::{Endpoint, InFlightGuard},
     request::{ResponseRename, SseUsageScanner, Usage, parse_json_usage},
+    scheduling::session,
     telemetry::RequestMetrics,
 };
 
@@ -38,6 +39,28 @@ pub struct RequestTicket {
     /// When the request's headers arrived: durations count from there.
     arrived: Instant,
     response: ResponseTally,
+    session: Option<SessionReply>,
+}
+
+/// The session header to set on the response: a token for each endpoint of
+/// the destination list, so it can name the one that really served.
+#[derive(Debug)]
+pub(super) struct SessionReply {
+    header: Arc<str>,
+    /// (`ip:port`, token), the pick first.
+    tokens: Vec<(Arc<str>, String)>,
+}
+
+impl SessionReply {
+    pub(super) fn new(header: Arc<str>, endpoints: &[Arc<Endpoint>]) -> Self {
+        Self {
+            header,
+            tokens: endpoints
+                .iter()
+                .map(|e| (Arc::clone(&e.host_port), session::token(e)))
+                .collect(),
+        }
+    }
 }
 
 /// What the response showed so far.
@@ -59,6 +82,7 @@ impl RequestTicket {
         model: String,
         target_model: String,
         arrived: Instant,
+        session: Option<SessionReply>,
     ) -> Self {
         metrics
             .running_requests
@@ -72,12 +96,25 @@ impl RequestTicket {
             target_model,
             arrived,
             response: ResponseTally::default(),
+            session,
         }
     }
 
     /// The endpoint the request was routed to, `ip:port`.
     pub fn picked(&self) -> &str {
         &self.guard.endpoint().host_port
+    }
+
+    /// The session header and token to set on the response, when session
+    /// affinity is configured: the token of the endpoint that `served`
+    /// (`ip:port` as the gateway reports it), or of the pick when the
+    /// gateway does not say or names an endpoint outside the destination.
+    pub fn session_header(&self, served: Option<&str>) -> Option<(&str, &str)> {
+        let s = self.session.as_ref()?;
+        let (_, token) = served
+            .and_then(|served| s.tokens.iter().find(|(hp, _)| **hp == *served))
+            .or_else(|| s.tokens.first())?;
+        Some((&s.header, token))
     }
 
     /// Whether response bodies must pass through the picker to be correct

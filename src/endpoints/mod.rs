@@ -16,6 +16,7 @@
 //!   once its endpoint leaves; the prefix index tells old and new owners apart
 //!   by `uid`, so stale cache entries can never be attributed to a newcomer.
 
+mod lora;
 mod metrics;
 mod pool_metrics;
 
@@ -33,6 +34,7 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
+pub use lora::{Adapters, LoraCell, LoraSeries, LoraState};
 pub use metrics::{EndpointMetrics, MetricsSample};
 pub use pool_metrics::PoolMetrics;
 
@@ -71,6 +73,9 @@ pub struct Endpoint {
     /// Never reused across the life of the process.
     pub uid: u64,
     pub metrics: EndpointMetrics,
+    /// LoRA adapters, from the engine's LoRA gauge (vLLM); written by the
+    /// scraper only when they change.
+    pub lora: LoraCell,
     in_flight: AtomicU32,
     /// Requests routed here since the last successful scrape and still in
     /// flight: the scrape cannot have seen them, so the queue scorer adds them.
@@ -98,6 +103,7 @@ impl Endpoint {
             slot,
             uid,
             metrics: EndpointMetrics::default(),
+            lora: LoraCell::default(),
             in_flight: AtomicU32::new(0),
             dispatched_since_scrape: AtomicU32::new(0),
             finished_since_scrape: AtomicU32::new(0),

@@ -27,7 +27,8 @@
 //! (in full-duplex mode Envoy then forwards it chunked, without its length).
 //!
 //! Response side: headers are answered at once (with the served endpoint
-//! echoed when enabled); body chunks are passed back immediately (server-sent
+//! echoed when enabled, and the session header the ticket names when session
+//! affinity is configured); body chunks are passed back immediately (server-sent
 //! events are never buffered) while usage is read from them; the in-flight
 //! accounting taken at routing is released at the end of the response, or
 //! when the stream is dropped (error, client cancel), by the guard's `Drop`.
@@ -60,7 +61,7 @@ use envoy_types::pb::envoy::{
 use super::envoy::{self, DESTINATION, LB_NAMESPACE};
 use crate::{
     config::{MODEL_REWRITE_HEADER, TEST_SELECTION_HEADER},
-    director::{Director, RequestTicket, RouteError, RouteInput, Routed},
+    director::{Director, MAX_SESSION_TOKEN_BYTES, RequestTicket, RouteError, RouteInput, Routed},
     request::ApiKind,
     telemetry::logging::Clip,
 };
@@ -130,6 +131,8 @@ pub struct ExtProcStream {
     objective: Option<String>,
     model_rewrite: Option<String>,
     test_selection: Option<String>,
+    /// The session token sent back, when the director has a session header.
+    session_token: Option<String>,
     subset: Option<Vec<String>>,
     /// Routing headers the client sent that must be removed.
     forbidden_present: Vec<String>,
@@ -164,6 +167,7 @@ impl ExtProcStream {
             objective: None,
             model_rewrite: None,
             test_selection: None,
+            session_token: None,
             subset: None,
             forbidden_present: Vec::new(),
             body: Vec::new(),
@@ -279,6 +283,12 @@ impl ExtProcStream {
         self.objective = envoy::header(map, "x-gateway-inference-objective").map(str::to_owned);
         self.model_rewrite = envoy::header(map, MODEL_REWRITE_HEADER).map(str::to_owned);
         self.test_selection = envoy::header(map, TEST_SELECTION_HEADER).map(str::to_owned);
+        self.session_token = self
+            .director
+            .session_header()
+            .and_then(|h| envoy::header(map, h))
+            .filter(|v| v.len() <= MAX_SESSION_TOKEN_BYTES)
+            .map(str::to_owned);
         self.forbidden_present = envoy::client_routing_headers(map);
         if self.settings.honour_subset_hint {
             self.subset = envoy::subset_hint(md.as_ref());
@@ -428,6 +438,7 @@ impl ExtProcStream {
             objective: self.objective.as_deref(),
             model_rewrite: self.model_rewrite.as_deref(),
             test_selection: self.test_selection.as_deref(),
+            session_token: self.session_token.as_deref(),
             subset: self.subset.as_deref(),
             request_id: &self.request_id,
             arrived: Some(self.arrived),
@@ -570,6 +581,9 @@ impl ExtProcStream {
                 envoy::CONFORMANCE_SERVED,
                 served.as_bytes(),
             ));
+        }
+        if let Some((name, token)) = self.ticket.as_ref().and_then(|t| t.session_header(served)) {
+            set.push(envoy::set_header(name, token.as_bytes()));
         }
         if let (Some(served), Some(ticket)) = (served, &self.ticket) {
             let picked = ticket.picked();

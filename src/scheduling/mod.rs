@@ -5,23 +5,30 @@
 //! 2. endpoints whose scrapes keep failing are dropped (not ready);
 //! 3. admission: a sheddable request (priority < 0) is refused while every
 //!    candidate is saturated;
-//! 4. prefix data: the prompt is hashed into blocks once and matched against
-//!    the prefix index, if any configured plugin uses it;
+//! 4. request data: each candidate's LoRA adapters are read against the
+//!    model if a LoRA-aware plugin is configured (see `adapters`); the
+//!    prompt is hashed into blocks once and matched against the prefix
+//!    index, if any configured plugin uses it;
 //! 5. filters, in configured order; an empty result is an error;
 //! 6. scorers: each gives every candidate a score in 0..1, the total is the
 //!    weighted sum (GIE's rule, no normalisation by the sum of weights);
 //! 7. the picker orders candidates; the first is the pick, the next ones the
-//!    fallbacks; the pick's blocks are recorded in the prefix index.
+//!    fallbacks; the pick's blocks are recorded in the prefix index and
+//!    scorers that learn from their decisions are told the pick (routing
+//!    only, never when explaining).
 //!
 //! Nothing here knows about gRPC or HTTP: the input is [`RequestFacts`], the
 //! output a [`Decision`] or a [`ScheduleError`] that the protocol layer maps to
 //! a status. Plugins are plain synchronous functions over the snapshot.
 
+mod adapters;
 pub mod filters;
+pub mod inventory;
 pub mod pickers;
 mod registry;
 mod saturation;
 pub mod scorers;
+pub mod session;
 
 use std::{
     cell::RefCell,
@@ -31,10 +38,12 @@ use std::{
 };
 
 pub use registry::{BuildError, SchedulerOptions, build_scheduler};
-pub use saturation::SaturationDetector;
+pub use saturation::{
+    ConcurrencyDetector, ConcurrencyMode, SaturationDetector, UtilizationDetector,
+};
 
 use crate::{
-    endpoints::{Endpoint, EndpointSet},
+    endpoints::{Endpoint, EndpointSet, LoraState},
     prefix::{BlockHasher, PrefixIndex, chain_seed},
     request::Prompt,
 };
@@ -56,6 +65,8 @@ pub struct RequestFacts<'a> {
     pub subset: Option<&'a [String]>,
     /// Value of the `test-epp-endpoint-selection` header (conformance).
     pub test_selection: Option<&'a str>,
+    /// The session token the client sent back (see `session`).
+    pub session_token: Option<&'a str>,
 }
 
 /// One candidate endpoint with its signals read once for this request.
@@ -79,6 +90,30 @@ pub struct Candidate<'s> {
     pub fresh: bool,
     /// Leading prompt blocks this endpoint probably has cached.
     pub prefix_blocks: u32,
+    /// The request's model among the endpoint's LoRA adapters (read only
+    /// when a LoRA-aware plugin is configured).
+    pub lora: LoraFit,
+}
+
+/// How the request's model stands among one endpoint's LoRA adapters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoraFit {
+    /// An adapter of a running request: loaded.
+    pub running: bool,
+    /// An adapter of a waiting request: being loaded, or waiting for a slot.
+    pub waiting: bool,
+    /// Fewer adapters running and waiting than `max_lora`.
+    pub free_slot: bool,
+}
+
+impl LoraFit {
+    pub fn of(state: Option<&LoraState>, model: &str) -> Self {
+        state.map_or_else(Self::default, |s| Self {
+            running: s.running.contains(model),
+            waiting: s.waiting.contains(model),
+            free_slot: s.has_free_slot(),
+        })
+    }
 }
 
 impl<'s> Candidate<'s> {
@@ -96,6 +131,7 @@ impl<'s> Candidate<'s> {
             prefill_backlog: endpoint.prefill_backlog(),
             fresh,
             prefix_blocks: 0,
+            lora: LoraFit::default(),
         }
     }
 }
@@ -111,6 +147,10 @@ pub struct Cycle<'a> {
     pub block_tokens: u32,
     /// Prompt blocks hashed (the denominator of the prefix score).
     pub prompt_blocks: u32,
+    /// The model names a LoRA adapter: some candidate reports it running or
+    /// waiting, or one did for an earlier routed request (vLLM serves an
+    /// adapter under its own model name; see `adapters`).
+    pub adapter_request: bool,
 }
 
 impl Cycle<'_> {
@@ -130,6 +170,10 @@ pub trait Filter: Send + Sync + fmt::Debug {
 /// `candidates[i]`.
 pub trait Scorer: Send + Sync + fmt::Debug {
     fn score(&self, cycle: &Cycle<'_>, candidates: &[Candidate<'_>], out: &mut [f64]);
+
+    /// A routed request went to `candidates[pick]` (never called when only
+    /// explaining). For scorers that learn from their own decisions.
+    fn picked(&self, _cycle: &Cycle<'_>, _candidates: &[Candidate<'_>], _pick: usize) {}
 }
 
 /// Orders up to `count` candidate indices, best first, from their totals.
@@ -323,6 +367,11 @@ pub struct Scheduler {
     prefix: Option<PrefixSettings>,
     index: Arc<PrefixIndex>,
     saturation: SaturationDetector,
+    /// Some plugin reads the endpoints' LoRA adapters.
+    lora_aware: bool,
+    /// The session header, when a session-affinity plugin is configured.
+    session_header: Option<Arc<str>>,
+    adapters: adapters::KnownAdapters,
     fallback_endpoints: usize,
     max_scrape_failures: u32,
     staleness: Duration,
@@ -340,6 +389,12 @@ impl Scheduler {
 
     pub fn prefix_settings(&self) -> Option<PrefixSettings> {
         self.prefix
+    }
+
+    /// The request and response header carrying session tokens, when a
+    /// session-affinity plugin is configured.
+    pub fn session_header(&self) -> Option<&Arc<str>> {
+        self.session_header.as_ref()
     }
 
     /// Whether any configured filter is the conformance header filter.
@@ -378,12 +433,24 @@ impl Scheduler {
         let prompt_tokens = facts.prompt.map_or(0, |p| {
             u32::try_from(p.len()).unwrap_or(u32::MAX) / BYTES_PER_TOKEN
         });
+        let mut adapter_request = false;
+        if self.lora_aware {
+            for c in &mut candidates {
+                c.lora = c.endpoint.lora.with(|s| LoraFit::of(s, facts.model));
+                adapter_request |= c.lora.running || c.lora.waiting;
+            }
+            if adapter_request && purpose.records() {
+                self.adapters.learn(facts.model);
+            }
+            adapter_request = adapter_request || self.adapters.contains(facts.model);
+        }
         let mut cycle = Cycle {
             facts,
             now,
             prompt_tokens,
             block_tokens: 0,
             prompt_blocks: 0,
+            adapter_request,
         };
         if let (Some(settings), Some(prompt)) = (self.prefix, facts.prompt) {
             self.match_prefix(s, &settings, prompt, &mut cycle, &mut candidates);
@@ -439,6 +506,11 @@ impl Scheduler {
         let pick = &candidates[s.order[0]];
         let decision_prefill = cycle.uncached_tokens(pick);
 
+        if purpose.records() {
+            for (scorer, _) in &self.profile.scorers {
+                scorer.plugin.picked(&cycle, &candidates, s.order[0]);
+            }
+        }
         if purpose.records() && cycle.prompt_blocks > 0 {
             let capacity = self.capacity_for(pick.endpoint);
             self.index
@@ -622,5 +694,7 @@ fn filtered(e: &Endpoint, by: &str) -> ExplainedCandidate {
 
 #[cfg(test)]
 mod destination_tests;
+#[cfg(test)]
+mod plugin_tests;
 #[cfg(test)]
 mod tests;

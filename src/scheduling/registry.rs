@@ -4,22 +4,31 @@
 //! is declared once under `plugins` and referenced by name from a profile;
 //! scorers without a weight get 1; a profile without a picker gets the
 //! max-score picker; a config without profiles gets one profile with every
-//! declared scheduling plugin, as GIE does. Unknown types, dangling
-//! references and malformed parameters are startup errors. Data-layer and
-//! parser plugin types are accepted here and read by their own subsystems.
+//! declared scheduling plugin, as GIE does. Which types exist and which are
+//! supported is the [`inventory`]'s business: unsupported and unknown types,
+//! dangling references and malformed parameters are startup errors, each
+//! reported once. Data-layer and parser plugin types are accepted here and
+//! read by their own subsystems.
 
 use std::{sync::Arc, time::Duration, time::Instant};
 
 use serde::{Deserialize, de::DeserializeOwned};
 
 use super::{
-    Filter, Named, Picker, PrefixSettings, Profile, SaturationDetector, Scheduler, Scorer,
-    filters::{HeaderBasedTestingFilter, PrefixAffinityFilter, UtilizationFilter},
+    ConcurrencyDetector, Filter, Named, Picker, PrefixSettings, Profile, SaturationDetector,
+    Scheduler, Scorer, UtilizationDetector,
+    filters::{
+        ByLabelFilter, ConcurrencyFilter, HeaderBasedTestingFilter, LabelSelectorFilter,
+        PrefixAffinityFilter, UtilizationCapFilter, UtilizationFilter,
+    },
+    inventory::{self, Kind, Status},
     pickers::{MaxScorePicker, RandomPicker, RoundRobinPicker, WeightedRandomPicker},
     scorers::{
-        ActiveRequestScorer, KvCacheUtilizationScorer, LoadAwareScorer, PrefillCostScorer,
-        PrefixCacheScorer, QueueScorer, RunningRequestsScorer,
+        ActiveRequestScorer, ContextLengthAware, KvCacheUtilizationScorer, LoadAwareScorer,
+        LoraAffinityScorer, NoHitLruParams, NoHitLruScorer, PrefillCostScorer, PrefixCacheScorer,
+        QueueScorer, RunningRequestsScorer, TokenLoadScorer,
     },
+    session::{SessionAffinityFilter, SessionAffinityScorer, SessionConfigError, SessionParams},
 };
 use crate::{
     config::{EndpointPickerConfig, PluginSpec},
@@ -44,6 +53,12 @@ pub enum BuildError {
         plugin_type: String,
         known: String,
     },
+    #[error("plugin type {plugin_type:?} ({what}) is not supported; nearest: {nearest}")]
+    Unsupported {
+        plugin_type: &'static str,
+        what: &'static str,
+        nearest: &'static str,
+    },
     #[error(
         "profile {profile:?} references plugin {plugin_ref:?}, which is not declared under plugins"
     )]
@@ -66,107 +81,72 @@ pub enum BuildError {
     Weight { plugin_ref: String },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Filter,
-    Scorer,
-    Picker,
-    /// Accepted, configured elsewhere (data layer, parser, handler, detector).
-    Other,
+fn kind_of(plugin_type: &str) -> Option<(Kind, &'static str, &'static [&'static str])> {
+    inventory::lookup(plugin_type)
+        .filter(|t| !matches!(t.status, Status::Refused { .. }))
+        .map(|t| (t.kind, t.name, t.params))
 }
-
-/// Every plugin type this picker understands, with its kind and the
-/// parameter names it accepts (others are reported, not fatal).
-const TYPES: &[(&str, Kind, &[&str])] = &[
-    ("header-based-testing-filter", Kind::Filter, &[]),
-    (
-        "prefix-cache-affinity-filter",
-        Kind::Filter,
-        &[
-            "affinityThreshold",
-            "explorationProbability",
-            "maxTTFTPenaltyMs",
-        ],
-    ),
-    (
-        "utilization-detector",
-        Kind::Filter,
-        &[
-            "queueDepthThreshold",
-            "kvCacheUtilThreshold",
-            "metricsStalenessThreshold",
-            "headroom",
-        ],
-    ),
-    ("queue-scorer", Kind::Scorer, &[]),
-    ("kv-cache-utilization-scorer", Kind::Scorer, &[]),
-    ("prefix-cache-scorer", Kind::Scorer, PREFIX_PARAMS),
-    ("running-requests-size-scorer", Kind::Scorer, &[]),
-    (
-        "active-request-scorer",
-        Kind::Scorer,
-        &["idleThreshold", "maxBusyScore", "requestTimeout"],
-    ),
-    ("load-aware-scorer", Kind::Scorer, &["threshold"]),
-    ("prefill-cost-scorer", Kind::Scorer, PREFILL_COST_PARAMS),
-    ("max-score-picker", Kind::Picker, &["maxNumOfEndpoints"]),
-    ("random-picker", Kind::Picker, &["maxNumOfEndpoints"]),
-    (
-        "weighted-random-picker",
-        Kind::Picker,
-        &["maxNumOfEndpoints"],
-    ),
-    ("round-robin-picker", Kind::Picker, &["maxNumOfEndpoints"]),
-    ("single-profile-handler", Kind::Other, &[]),
-    ("approx-prefix-cache-producer", Kind::Other, PREFIX_PARAMS),
-    (
-        "metrics-data-source",
-        Kind::Other,
-        &["scheme", "path", "insecureSkipVerify"],
-    ),
-    (
-        "core-metrics-extractor",
-        Kind::Other,
-        &["engineLabelKey", "defaultEngine", "engineConfigs"],
-    ),
-    ("openai-parser", Kind::Other, &[]),
-];
-
-const PREFIX_PARAMS: &[&str] = &[
-    "blockSizeTokens",
-    "blockSize",
-    "maxPrefixBlocksToMatch",
-    "maxPrefixTokensToMatch",
-    "lruCapacityPerServer",
-    "autoTune",
-];
-
-const PREFILL_COST_PARAMS: &[&str] = &[
-    "blockSizeTokens",
-    "blockSize",
-    "maxPrefixBlocksToMatch",
-    "maxPrefixTokensToMatch",
-    "lruCapacityPerServer",
-    "autoTune",
-    "backlogWeight",
-    "uncachedWeight",
-    "decodeTokensPerRequest",
-    "foreignTokensPerRequest",
-    "kvHighWatermark",
-];
 
 /// Plugins whose presence means prompts must be hashed and matched.
 const PREFIX_USERS: &[&str] = &[
     "prefix-cache-scorer",
     "prefill-cost-scorer",
     "prefix-cache-affinity-filter",
+    // Tells cold requests from warm ones by their prefix match, as llm-d's
+    // reads the approximate prefix producer's match info.
+    "no-hit-lru-scorer",
 ];
 
-fn kind_of(plugin_type: &str) -> Option<(Kind, &'static str, &'static [&'static str])> {
-    TYPES
-        .iter()
-        .find(|(t, _, _)| *t == plugin_type)
-        .map(|&(t, k, p)| (k, t, p))
+/// Plugins that read the endpoints' LoRA adapters.
+const LORA_USERS: &[&str] = &["lora-affinity-scorer", "prefill-cost-scorer"];
+
+/// Refuses a known type that is not supported, or a supported one whose
+/// parameters ask for something we do not do.
+fn check_supported(spec: &PluginSpec) -> Result<(), BuildError> {
+    let Some(entry) = inventory::lookup(&spec.plugin_type) else {
+        return Err(BuildError::UnknownType {
+            name: spec.name().to_owned(),
+            plugin_type: spec.plugin_type.clone(),
+            known: inventory::supported().collect::<Vec<_>>().join(", "),
+        });
+    };
+    if let Status::Refused { what, nearest } = entry.status {
+        return Err(BuildError::Unsupported {
+            plugin_type: entry.name,
+            what,
+            nearest,
+        });
+    }
+    let has = |key: &str| matches!(&spec.parameters, Some(serde_json::Value::Object(m)) if m.contains_key(key));
+    if matches!(entry.name, "token-producer" | "tokenizer")
+        && ["modelName", "vllm", "udsTokenizerConfig"]
+            .iter()
+            .any(|k| has(k))
+    {
+        return Err(BuildError::Unsupported {
+            plugin_type: entry.name,
+            what: "a real tokenizer: modelName, vllm or udsTokenizerConfig",
+            nearest: "token-producer with the estimate backend (4 bytes per token)",
+        });
+    }
+    let flag = |key: &str| {
+        matches!(&spec.parameters, Some(serde_json::Value::Object(m))
+            if m.get(key).and_then(serde_json::Value::as_bool) == Some(true))
+    };
+    if entry.name == "inflight-load-producer" && flag("addEstimatedOutputTokens") {
+        return Err(BuildError::Unsupported {
+            plugin_type: entry.name,
+            what: "addEstimatedOutputTokens: output tokens counted as in-flight load",
+            nearest: "inflight-load-producer without it (uncached prompt tokens until the first response byte)",
+        });
+    }
+    Ok(())
+}
+
+/// Parameters of a plugin that has no defaults for them.
+fn params_required<T: DeserializeOwned>(spec: &PluginSpec) -> Result<T, BuildError> {
+    let v = spec.parameters.clone().unwrap_or(serde_json::Value::Null);
+    serde_json::from_value(v).map_err(|e| invalid(spec, e.to_string()))
 }
 
 fn params<T: DeserializeOwned + Default>(spec: &PluginSpec) -> Result<T, BuildError> {
@@ -228,20 +208,10 @@ pub fn build_scheduler(
     opts: &SchedulerOptions,
     index: Arc<PrefixIndex>,
 ) -> Result<Scheduler, BuildError> {
-    let known = || {
-        TYPES
-            .iter()
-            .map(|(t, _, _)| *t)
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     for p in &cfg.plugins {
+        check_supported(p)?;
         let Some((_, _, accepted)) = kind_of(&p.plugin_type) else {
-            return Err(BuildError::UnknownType {
-                name: p.name().to_owned(),
-                plugin_type: p.plugin_type.clone(),
-                known: known(),
-            });
+            continue; // unreachable: check_supported refused it
         };
         if let Some(serde_json::Value::Object(map)) = &p.parameters {
             for key in map.keys().filter(|k| !accepted.contains(&k.as_str())) {
@@ -277,6 +247,8 @@ pub fn build_scheduler(
     let mut scorers: Vec<(Named<dyn Scorer>, f64)> = Vec::new();
     let mut picker: Option<(Named<dyn Picker>, usize)> = None;
     let mut needs_prefix = false;
+    let mut lora_aware = false;
+    let mut session_header: Option<String> = None;
 
     for (plugin_ref, weight) in refs {
         let spec = cfg
@@ -289,27 +261,47 @@ pub fn build_scheduler(
             continue; // unreachable: every declared type was checked above
         };
         needs_prefix |= PREFIX_USERS.contains(&plugin_type);
+        lora_aware |= LORA_USERS.contains(&plugin_type);
         let name = spec.name().to_owned();
         match kind {
-            Kind::Filter => {
-                let plugin: Box<dyn Filter> = match plugin_type {
-                    "header-based-testing-filter" => Box::new(HeaderBasedTestingFilter),
-                    "prefix-cache-affinity-filter" => {
-                        Box::new(params::<PrefixAffinityFilter>(spec)?)
-                    }
-                    _ => Box::new(UtilizationFilter(params::<SaturationDetector>(spec)?)),
-                };
+            Kind::Filter if plugin_type == "session-affinity-filter" => {
+                use_session_header(spec, &mut session_header)?;
                 filters.push(Named {
                     name,
                     plugin_type,
-                    plugin,
+                    plugin: Box::new(SessionAffinityFilter),
                 });
             }
-            Kind::Scorer => {
-                let w = weight.unwrap_or(1.0);
-                if !(w.is_finite() && w >= 0.0) {
-                    return Err(BuildError::Weight { plugin_ref });
+            Kind::Filter => filters.push(Named {
+                name,
+                plugin_type,
+                plugin: build_filter(spec, plugin_type)?,
+            }),
+            Kind::Scorer if plugin_type == "context-length-aware" => {
+                // Both a scorer and, when asked, a filter (filters run first
+                // whatever the order in the profile, as in GIE).
+                let plugin: ContextLengthAware = params(spec)?;
+                if plugin.label.is_empty() {
+                    return Err(invalid(spec, "'label' must be specified"));
                 }
+                if plugin.enable_filtering {
+                    filters.push(Named {
+                        name: name.clone(),
+                        plugin_type,
+                        plugin: Box::new(plugin.clone()),
+                    });
+                }
+                scorers.push((
+                    Named {
+                        name,
+                        plugin_type,
+                        plugin: Box::new(plugin),
+                    },
+                    scorer_weight(weight, plugin_ref)?,
+                ));
+            }
+            Kind::Scorer => {
+                let w = scorer_weight(weight, plugin_ref)?;
                 let plugin: Box<dyn Scorer> = match plugin_type {
                     "queue-scorer" => Box::new(QueueScorer),
                     "kv-cache-utilization-scorer" => Box::new(KvCacheUtilizationScorer),
@@ -317,7 +309,17 @@ pub fn build_scheduler(
                     "running-requests-size-scorer" => Box::new(RunningRequestsScorer),
                     "active-request-scorer" => Box::new(params::<ActiveRequestScorer>(spec)?),
                     "load-aware-scorer" => Box::new(params::<LoadAwareScorer>(spec)?),
-                    _ => Box::new(params::<PrefillCostScorer>(spec)?),
+                    "token-load-scorer" => Box::new(params::<TokenLoadScorer>(spec)?),
+                    "lora-affinity-scorer" => Box::new(LoraAffinityScorer),
+                    "session-affinity-scorer" => {
+                        use_session_header(spec, &mut session_header)?;
+                        Box::new(SessionAffinityScorer)
+                    }
+                    "no-hit-lru-scorer" => {
+                        Box::new(NoHitLruScorer::new(&params::<NoHitLruParams>(spec)?))
+                    }
+                    "prefill-cost-scorer" => Box::new(params::<PrefillCostScorer>(spec)?),
+                    other => return Err(unwired(other)),
                 };
                 scorers.push((
                     Named {
@@ -337,7 +339,8 @@ pub fn build_scheduler(
                     "max-score-picker" => Box::new(MaxScorePicker),
                     "random-picker" => Box::new(RandomPicker),
                     "weighted-random-picker" => Box::new(WeightedRandomPicker),
-                    _ => Box::new(RoundRobinPicker::default()),
+                    "round-robin-picker" => Box::new(RoundRobinPicker::default()),
+                    other => return Err(unwired(other)),
                 };
                 picker = Some((
                     Named {
@@ -396,6 +399,9 @@ pub fn build_scheduler(
         prefix,
         index,
         saturation: detector,
+        lora_aware,
+        session_header: session_header.map(Arc::from),
+        adapters: Default::default(),
         fallback_endpoints: opts.fallback_endpoints,
         max_scrape_failures: opts.max_scrape_failures.max(1),
         staleness: opts.staleness,
@@ -403,13 +409,129 @@ pub fn build_scheduler(
     })
 }
 
-fn saturation_detector(cfg: &EndpointPickerConfig) -> Result<SaturationDetector, BuildError> {
-    let spec = match &cfg.saturation_detector {
-        Some(r) => cfg.plugin(&r.plugin_ref),
-        None => cfg.plugin_of_type("utilization-detector"),
-    };
-    match spec {
-        Some(spec) => params(spec),
-        None => Ok(SaturationDetector::default()),
+fn invalid(spec: &PluginSpec, message: impl Into<String>) -> BuildError {
+    BuildError::Parameters {
+        name: spec.name().to_owned(),
+        message: message.into(),
     }
+}
+
+/// A type the inventory lists as supported that the registry does not build:
+/// a bug, which the inventory test catches.
+fn unwired(plugin_type: &'static str) -> BuildError {
+    BuildError::Unsupported {
+        plugin_type,
+        what: "listed as supported but not built by the registry",
+        nearest: "prefill-cost-scorer",
+    }
+}
+
+fn build_filter(
+    spec: &PluginSpec,
+    plugin_type: &'static str,
+) -> Result<Box<dyn Filter>, BuildError> {
+    Ok(match plugin_type {
+        "header-based-testing-filter" => Box::new(HeaderBasedTestingFilter),
+        "prefix-cache-affinity-filter" => Box::new(params::<PrefixAffinityFilter>(spec)?),
+        "label-selector-filter" | "by-label-selector" => {
+            let f: LabelSelectorFilter = params(spec)?;
+            f.validate().map_err(|m| invalid(spec, m))?;
+            Box::new(f)
+        }
+        "by-label" => {
+            let f: ByLabelFilter = params(spec)?;
+            f.validate().map_err(|m| invalid(spec, m))?;
+            Box::new(f)
+        }
+        role @ ("decode-filter" | "prefill-filter" | "encode-filter") => {
+            Box::new(ByLabelFilter::role(role).unwrap_or_default())
+        }
+        "utilization-filter" => {
+            let f: UtilizationCapFilter = params_required(spec)?;
+            f.validate().map_err(|m| invalid(spec, m))?;
+            Box::new(f)
+        }
+        "concurrency-detector" => Box::new(ConcurrencyFilter(concurrency(spec)?)),
+        "utilization-detector" => Box::new(UtilizationFilter(params::<UtilizationDetector>(spec)?)),
+        other => return Err(unwired(other)),
+    })
+}
+
+/// Reads a session plugin's header; every session plugin must use the same.
+fn use_session_header(spec: &PluginSpec, current: &mut Option<String>) -> Result<(), BuildError> {
+    let p: SessionParams = params(spec)?;
+    let header = p.header().map_err(|e| match e {
+        SessionConfigError::Unsupported(what, nearest) => BuildError::Unsupported {
+            plugin_type: match spec.plugin_type.as_str() {
+                "session-affinity-filter" => "session-affinity-filter",
+                _ => "session-affinity-scorer",
+            },
+            what,
+            nearest,
+        },
+        SessionConfigError::Invalid(m) => invalid(spec, m),
+    })?;
+    match current {
+        Some(h) if *h != header => Err(invalid(
+            spec,
+            format!(
+                "session header {header:?} differs from {h:?}: every session-affinity plugin must use the same"
+            ),
+        )),
+        _ => {
+            *current = Some(header);
+            Ok(())
+        }
+    }
+}
+
+fn concurrency(spec: &PluginSpec) -> Result<ConcurrencyDetector, BuildError> {
+    let d: ConcurrencyDetector = params(spec)?;
+    d.validate().map_err(|m| invalid(spec, m))?;
+    Ok(d)
+}
+
+fn scorer_weight(weight: Option<f64>, plugin_ref: String) -> Result<f64, BuildError> {
+    let w = weight.unwrap_or(1.0);
+    if w.is_finite() && w >= 0.0 {
+        Ok(w)
+    } else {
+        Err(BuildError::Weight { plugin_ref })
+    }
+}
+
+fn saturation_detector(cfg: &EndpointPickerConfig) -> Result<SaturationDetector, BuildError> {
+    const DETECTORS: [&str; 2] = ["utilization-detector", "concurrency-detector"];
+    let spec = match &cfg.saturation_detector {
+        Some(r) => {
+            let spec = cfg
+                .plugin(&r.plugin_ref)
+                .ok_or_else(|| BuildError::UnknownRef {
+                    profile: "saturationDetector".to_owned(),
+                    plugin_ref: r.plugin_ref.clone(),
+                })?;
+            if !DETECTORS.contains(&spec.plugin_type.as_str()) {
+                return Err(invalid(
+                    spec,
+                    format!(
+                        "saturationDetector must be one of {}, not {:?}",
+                        DETECTORS.join(", "),
+                        spec.plugin_type
+                    ),
+                ));
+            }
+            Some(spec)
+        }
+        None => cfg
+            .plugins
+            .iter()
+            .find(|p| DETECTORS.contains(&p.plugin_type.as_str())),
+    };
+    Ok(match spec {
+        Some(spec) if spec.plugin_type == "concurrency-detector" => {
+            SaturationDetector::Concurrency(concurrency(spec)?)
+        }
+        Some(spec) => SaturationDetector::Utilization(params(spec)?),
+        None => SaturationDetector::default(),
+    })
 }

@@ -21,17 +21,17 @@ pub(super) fn scheduler(cfg: &str, fallback: usize, store: &EndpointStore) -> Sc
     .unwrap()
 }
 
-fn idle() -> MetricsSample {
+pub(super) fn idle() -> MetricsSample {
     MetricsSample::default()
 }
 
-fn prompt(text: &'static str) -> Prompt<'static> {
+pub(super) fn prompt(text: &'static str) -> Prompt<'static> {
     let mut p = Prompt::default();
     p.push(text);
     p
 }
 
-fn facts<'a>(p: &'a Prompt<'a>) -> RequestFacts<'a> {
+pub(super) fn facts<'a>(p: &'a Prompt<'a>) -> RequestFacts<'a> {
     RequestFacts {
         model: "m",
         prompt: Some(p),
@@ -492,4 +492,248 @@ fn block_size_auto_tunes_from_endpoints() {
         s.index().blocks_for(e.slot, e.uid),
         u64::from(d.prompt_blocks.min(2))
     );
+}
+
+/// Parameters a type needs before it builds (the rest build without any).
+fn required_parameters(plugin_type: &str) -> &'static str {
+    match plugin_type {
+        "by-label" => "{label: tier, validValues: [gold]}",
+        "utilization-filter" => "{conditions: [{metric: waiting-queue, maxValue: 5}]}",
+        _ => "null",
+    }
+}
+
+pub(super) fn build_one(plugin_type: &str, parameters: &str) -> Result<Scheduler, BuildError> {
+    let store = EndpointStore::new(Duration::from_secs(1));
+    let text = format!(
+        "plugins:\n- type: {plugin_type}\n  parameters: {parameters}\ntrustedHeaders: [test-epp-endpoint-selection]\n"
+    );
+    build_scheduler(
+        &EndpointPickerConfig::parse(&text).unwrap(),
+        &SchedulerOptions {
+            fallback_endpoints: 0,
+            max_scrape_failures: 3,
+            staleness: Duration::from_secs(1),
+            epoch: store.epoch(),
+        },
+        Arc::new(PrefixIndex::new()),
+    )
+}
+
+#[test]
+fn every_inventoried_type_builds_or_is_refused_with_its_nearest() {
+    use inventory::{INVENTORY, Status};
+    for t in INVENTORY {
+        let result = build_one(t.name, required_parameters(t.name));
+        match t.status {
+            Status::Works | Status::Mapped(_) => {
+                if let Err(e) = result {
+                    panic!("{} should build: {e}", t.name);
+                }
+            }
+            Status::Refused { nearest, .. } => {
+                let err = result
+                    .err()
+                    .unwrap_or_else(|| panic!("{} should be refused", t.name));
+                let text = err.to_string();
+                assert!(
+                    matches!(&err, BuildError::Unsupported { plugin_type, .. } if *plugin_type == t.name),
+                    "{}: {err:?}",
+                    t.name
+                );
+                assert!(
+                    text.starts_with(&format!("plugin type \"{}\" (", t.name))
+                        && text.ends_with(&format!("is not supported; nearest: {nearest}")),
+                    "{text}"
+                );
+                assert!(
+                    inventory::lookup(nearest.split(' ').next().unwrap_or(""))
+                        .is_none_or(|n| !matches!(n.status, Status::Refused { .. })),
+                    "{}: the nearest type {nearest} must itself be supported",
+                    t.name
+                );
+            }
+        }
+    }
+    let names: std::collections::HashSet<&str> = INVENTORY.iter().map(|t| t.name).collect();
+    assert_eq!(names.len(), INVENTORY.len(), "each type is listed once");
+}
+
+#[test]
+fn unknown_types_list_the_supported_ones_and_refusals_name_the_nearest() {
+    let err = build_one("magic-scorer", "null").err().unwrap().to_string();
+    assert!(
+        err.contains("\"magic-scorer\"") && err.contains("known types: "),
+        "{err}"
+    );
+    assert!(
+        err.contains("queue-scorer") && !err.contains("pd-profile-handler"),
+        "{err}"
+    );
+    let err = build_one("pd-profile-handler", "null")
+        .err()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        err,
+        "plugin type \"pd-profile-handler\" (llm-d prefill/decode disaggregation) is not supported; nearest: single-profile-handler"
+    );
+    assert!(build_one("token-producer", "{estimate: {}}").is_ok());
+    let err = build_one("token-producer", "{modelName: m}")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("nearest: token-producer with the estimate backend"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_readme_plugin_table_is_the_inventory() {
+    let readme = include_str!("../../README.md");
+    let table = inventory::markdown_table();
+    assert!(
+        readme.contains(&table),
+        "README.md's plugin table differs from the inventory; replace it with:\n{table}"
+    );
+}
+
+/// A store whose endpoints carry the given labels (`key=value,...`), all idle
+/// and fresh.
+pub(super) fn labelled_store(labels: &[&str]) -> EndpointStore {
+    let store = EndpointStore::new(Duration::from_secs(2));
+    let specs = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let mut spec = crate::endpoints::testing::spec(u16::try_from(i + 1).unwrap());
+            for pair in l.split(',').filter(|p| !p.is_empty()) {
+                let (k, v) = pair.split_once('=').unwrap();
+                spec.labels.insert(k.into(), v.into());
+            }
+            spec
+        })
+        .collect();
+    store.replace(specs).unwrap();
+    for e in store.snapshot().endpoints() {
+        e.record_scrape(&idle(), std::time::Instant::now(), store.epoch());
+    }
+    store
+}
+
+/// The ports the filters of `cfg` keep, over many requests.
+pub(super) fn kept_by(cfg: &str, store: &EndpointStore) -> Result<Vec<u16>, ScheduleError> {
+    let s = scheduler(cfg, 8, store);
+    let p = prompt("x");
+    let d = s.schedule(&facts(&p), &store.snapshot(), Purpose::Explain)?;
+    let mut ports: Vec<u16> = d.endpoints.iter().map(|e| e.spec.port).collect();
+    ports.sort_unstable();
+    Ok(ports)
+}
+
+#[test]
+fn label_selector_filter_follows_kubernetes_selector_rules() {
+    let store = labelled_store(&["tier=gold,gpu=h100", "tier=silver,gpu=h100", "gpu=l4", ""]);
+    let with = |params: &str| {
+        kept_by(
+            &format!(
+                "plugins:\n- type: label-selector-filter\n  parameters: {params}\n- type: queue-scorer\n"
+            ),
+            &store,
+        )
+    };
+    assert_eq!(with("{matchLabels: {gpu: h100}}").unwrap(), vec![1, 2]);
+    assert_eq!(
+        with("{matchLabels: {gpu: h100, tier: gold}}").unwrap(),
+        vec![1]
+    );
+    assert_eq!(
+        with("{matchExpressions: [{key: tier, operator: In, values: [gold, silver]}]}").unwrap(),
+        vec![1, 2]
+    );
+    assert_eq!(
+        with("{matchExpressions: [{key: tier, operator: NotIn, values: [gold]}]}").unwrap(),
+        vec![2, 3, 4],
+        "NotIn keeps endpoints without the label"
+    );
+    assert_eq!(
+        with("{matchExpressions: [{key: gpu, operator: Exists}]}").unwrap(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(
+        with("{matchExpressions: [{key: gpu, operator: DoesNotExist}]}").unwrap(),
+        vec![4]
+    );
+    assert_eq!(
+        with("{}").unwrap(),
+        vec![1, 2, 3, 4],
+        "empty selector keeps all"
+    );
+    assert!(matches!(
+        with("{matchLabels: {gpu: tpu}}"),
+        Err(ScheduleError::Filtered(_))
+    ));
+    // The deprecated alias behaves the same.
+    assert_eq!(
+        kept_by(
+            "plugins:\n- type: by-label-selector\n  parameters: {matchLabels: {gpu: l4}}\n",
+            &store
+        )
+        .unwrap(),
+        vec![3]
+    );
+    for bad in [
+        "{matchExpressions: [{key: a, operator: In}]}",
+        "{matchExpressions: [{key: a, operator: Exists, values: [x]}]}",
+        "{matchExpressions: [{key: a, operator: Gt, values: ['1']}]}",
+    ] {
+        assert!(
+            matches!(
+                build_one("label-selector-filter", bad),
+                Err(BuildError::Parameters { .. })
+            ),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn by_label_and_role_filters() {
+    let store = labelled_store(&[
+        "llm-d.ai/role=prefill",
+        "llm-d.ai/role=decode",
+        "llm-d.ai/role=prefill-decode",
+        "llm-d.ai/role=encode",
+        "",
+    ]);
+    let only = |t: &str| kept_by(&format!("plugins:\n- type: {t}\n"), &store).unwrap();
+    assert_eq!(
+        only("decode-filter"),
+        vec![2, 3, 5],
+        "unlabelled pods decode"
+    );
+    assert_eq!(only("prefill-filter"), vec![1, 3]);
+    assert_eq!(only("encode-filter"), vec![4]);
+    let by = |params: &str| {
+        kept_by(
+            &format!("plugins:\n- type: by-label\n  parameters: {params}\n"),
+            &store,
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        by("{label: llm-d.ai/role, validValues: [decode, encode]}"),
+        vec![2, 4]
+    );
+    assert_eq!(
+        by("{label: llm-d.ai/role, validValues: [decode], allowsNoLabel: true}"),
+        vec![2, 5]
+    );
+    for bad in ["{validValues: [a]}", "{label: x}"] {
+        assert!(matches!(
+            build_one("by-label", bad),
+            Err(BuildError::Parameters { .. })
+        ));
+    }
 }

@@ -118,6 +118,10 @@ pub struct EngineMapping {
     pub cache_info: Option<CacheInfo>,
     pub block_size: Option<MetricSpec>,
     pub num_blocks: Option<MetricSpec>,
+    /// LoRA adapters: a gauge whose labels list running and waiting adapters
+    /// and `max_lora`, newest series (largest value) wins (vLLM's
+    /// `vllm:lora_requests_info`, GIE's `loraSpec`).
+    pub lora: Option<MetricSpec>,
     /// Path override (trtllm-serve serves /prometheus/metrics).
     pub path: Option<String>,
 }
@@ -140,6 +144,7 @@ impl EngineMapping {
             }),
             block_size: None,
             num_blocks: None,
+            lora: Some(MetricSpec::plain("vllm:lora_requests_info")),
             path: None,
         }
     }
@@ -157,6 +162,7 @@ impl EngineMapping {
             }),
             block_size: None,
             num_blocks: None,
+            lora: None,
             path: None,
         }
     }
@@ -170,6 +176,7 @@ impl EngineMapping {
             cache_info: None,
             block_size: Some(MetricSpec::plain("trtllm_kv_cache_tokens_per_block")),
             num_blocks: Some(MetricSpec::plain("trtllm_kv_cache_max_blocks")),
+            lora: None,
             path: Some("/prometheus/metrics".into()),
         }
     }
@@ -192,6 +199,7 @@ impl EngineMapping {
             cache_info: None,
             block_size: Some(MetricSpec::with(block, "kv_cache_block_type", "tokens_per")),
             num_blocks: Some(MetricSpec::with(block, "kv_cache_block_type", "max")),
+            lora: None,
             path: None,
         }
     }
@@ -208,6 +216,8 @@ impl EngineMapping {
     }
 
     /// Every metric name this mapping reads, each once, in a fixed order.
+    /// Includes the LoRA gauge, which [`wants`](Self::wants) leaves out: it
+    /// is read by its own pass, so a malformed LoRA line cannot fail a scrape.
     pub fn metric_names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = Vec::new();
         let specs = self
@@ -217,7 +227,8 @@ impl EngineMapping {
             .chain(&self.kv_usage)
             .chain(self.cache_info.iter().map(|c| &c.spec))
             .chain(&self.block_size)
-            .chain(&self.num_blocks);
+            .chain(&self.num_blocks)
+            .chain(&self.lora);
         for spec in specs {
             if !names.contains(&spec.name.as_str()) {
                 names.push(&spec.name);
@@ -270,6 +281,7 @@ struct EngineConfig {
     cache_num_blocks_label_name: Option<String>,
     cache_block_size_spec: Option<String>,
     cache_num_blocks_spec: Option<String>,
+    lora_spec: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -408,6 +420,7 @@ fn unreachable_mapping() -> &'static EngineMapping {
         cache_info: None,
         block_size: None,
         num_blocks: None,
+        lora: None,
         path: None,
     })
 }
@@ -462,6 +475,7 @@ fn mapping_from(ec: EngineConfig) -> Result<EngineMapping, SettingsError> {
             cache_info: None,
             block_size: None,
             num_blocks: None,
+            lora: None,
             path: None,
         },
     };
@@ -493,6 +507,9 @@ fn mapping_from(ec: EngineConfig) -> Result<EngineMapping, SettingsError> {
     }
     if ec.cache_num_blocks_spec.is_some() {
         m.num_blocks = spec(ec.cache_num_blocks_spec)?;
+    }
+    if ec.lora_spec.is_some() {
+        m.lora = spec(ec.lora_spec)?;
     }
     Ok(m)
 }

@@ -43,7 +43,7 @@ use client::MetricsClient;
 
 pub use engines::{EngineMapping, MetricSpec, ScrapeSettings, SettingsError, Signals};
 pub use metrics::ScrapeMetrics;
-pub use parse::{ParseError, Sample, Samples, extract, extract_signals, samples};
+pub use parse::{ParseError, Sample, Samples, extract, extract_lora, extract_signals, samples};
 
 use crate::endpoints::{Endpoint, EndpointStore, MetricsSample};
 
@@ -191,6 +191,9 @@ struct EndpointScraper {
     client: MetricsClient,
     mapping: EngineMapping,
     filter: Filter,
+    /// Where the LoRA state read from each page goes (`None` in tests that
+    /// only look at the sample).
+    endpoint: Option<Arc<Endpoint>>,
 }
 
 impl EndpointScraper {
@@ -207,12 +210,17 @@ impl EndpointScraper {
             client,
             mapping,
             filter,
+            endpoint: None,
         }
     }
 
     async fn fetch(&mut self, timeout: Duration) -> Result<(MetricsSample, Signals), ScrapeError> {
         let page = self.client.fetch(timeout).await?;
-        Ok(extract_signals(page, &self.mapping)?)
+        let found = extract_signals(page, &self.mapping)?;
+        if let (Some(e), Some(spec)) = (&self.endpoint, &self.mapping.lora) {
+            e.lora.observe(extract_lora(page, spec).as_ref());
+        }
+        Ok(found)
     }
 
     /// One scrape. A filtered page that lacks a signal, or a 4xx refusal of
@@ -302,6 +310,7 @@ async fn scrape_loop(
         mapping,
         settings.name_filter,
     );
+    scraper.endpoint = Some(Arc::clone(&endpoint));
 
     // The next multiple of the interval since the epoch: every endpoint's
     // task ticks at the same instants.
@@ -344,6 +353,8 @@ async fn scrape_loop(
     }
 }
 
+#[cfg(test)]
+mod lora_tests;
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -553,7 +564,7 @@ mod tests {
             vllm_filter(),
             "name%5B%5D=vllm%3Anum_requests_waiting&name%5B%5D=vllm%3Anum_requests_running\
              &name%5B%5D=vllm%3Akv_cache_usage_perc&name%5B%5D=vllm%3Agpu_cache_usage_perc\
-             &name%5B%5D=vllm%3Acache_config_info"
+             &name%5B%5D=vllm%3Acache_config_info&name%5B%5D=vllm%3Alora_requests_info"
         );
         assert_eq!(
             name_filter_query(&EngineMapping::sglang()),
@@ -576,6 +587,7 @@ mod tests {
         custom.running = None;
         custom.kv_usage.clear();
         custom.cache_info = None;
+        custom.lora = None;
         assert_eq!(name_filter_query(&custom), "name%5B%5D=jet%3Aqueue");
         custom.queued = None;
         assert_eq!(name_filter_query(&custom), "");

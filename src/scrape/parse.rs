@@ -13,7 +13,10 @@
 //! benchmark tools), so the workspace has one reading of the format.
 
 use super::engines::{EngineMapping, MetricSpec, Signals};
-use crate::{endpoints::MetricsSample, text::closing_quote};
+use crate::{
+    endpoints::{LoraSeries, MetricsSample},
+    text::closing_quote,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
@@ -388,6 +391,43 @@ fn trim(s: &[u8]) -> &[u8] {
         .rposition(|b| !b.is_ascii_whitespace())
         .map_or(0, |i| i + 1);
     &s[..end]
+}
+
+/// The newest series of the LoRA gauge `spec` (vLLM's
+/// `vllm:lora_requests_info`): the one with the largest value, which vLLM
+/// sets to the time it changed; ties keep the first. Its adapter lists and
+/// slot count are returned as raw label bytes borrowed from the page.
+/// Malformed lines of it are skipped rather than failing the scrape: the
+/// load signals on the same page are still good.
+pub fn extract_lora<'p>(page: &'p [u8], spec: &MetricSpec) -> Option<LoraSeries<'p>> {
+    let name = spec.name.as_bytes();
+    let mut newest: Option<(f64, LoraSeries<'p>)> = None;
+    for line in Lines(page) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !matches!(rest.first(), Some(b'{' | b' ')) {
+            continue;
+        }
+        let Some(sample) = Sample::parse(line, name.len()) else {
+            continue;
+        };
+        // GIE starts from -1: negative and NaN values never win.
+        let floor = newest.as_ref().map_or(-1.0, |(v, _)| *v);
+        if !spec.matches(name, &sample) || sample.value.is_nan() || sample.value <= floor {
+            continue;
+        }
+        let label = |key: &[u8]| sample.label(key).unwrap_or_default();
+        newest = Some((
+            sample.value,
+            LoraSeries {
+                running: label(b"running_lora_adapters"),
+                waiting: label(b"waiting_lora_adapters"),
+                max_lora: label(b"max_lora"),
+            },
+        ));
+    }
+    newest.map(|(_, series)| series)
 }
 
 #[cfg(test)]

@@ -228,3 +228,67 @@ async fn an_endpoint_going_down_is_routed_around() {
     let counts = spread(&stack, 8, |i| format!("after the outage {i}")).await;
     assert_eq!(counts.get("b1"), Some(&8), "{counts:?}");
 }
+
+const SESSION_AFFINITY: &str = "plugins:
+- type: session-affinity-scorer
+- type: queue-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: session-affinity-scorer, weight: 10}
+  - {pluginRef: queue-scorer}
+";
+
+async fn completion_with(stack: &Stack, prompt: &str, headers: &[(&str, &str)]) -> http::Reply {
+    let body = serde_json::json!({"model": "m", "prompt": prompt, "max_tokens": 1});
+    http::request(
+        stack.envoy.listen,
+        "POST",
+        "/v1/completions",
+        headers,
+        Some(body.to_string().into_bytes()),
+    )
+    .await
+    .unwrap()
+}
+
+/// llm-d's session affinity through Envoy: the picker names the endpoint
+/// that served in `x-session-token`, and a request that sends it back goes
+/// there although the queue scorer would now send it elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_token_brings_the_next_request_to_the_same_endpoint() {
+    let stack = Stack::start(2, &["--config-text", SESSION_AFFINITY]).await;
+    let first = stack.completion("turn one").await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let token = first
+        .header("x-session-token")
+        .expect("the response names the endpoint")
+        .to_owned();
+    let home = first.backend().to_owned();
+    let away = if home == "b0" { "b1" } else { "b0" };
+    stack.backend(&home).set_load(8, 0.1);
+    stack.backend(away).set_load(0, 0.1);
+    wait_for_metric(
+        &stack,
+        "inference_pool_average_queue_size{name=\"default\"} 4",
+    )
+    .await;
+
+    // Without the token the queue decides...
+    for i in 0..5 {
+        let r = stack.completion(&format!("stranger {i}")).await;
+        assert_eq!(r.backend(), away, "{}", r.text());
+        assert_ne!(r.header("x-session-token"), Some(token.as_str()));
+    }
+    // ...with it, the session stays, and keeps its token.
+    for i in 0..10 {
+        let r = completion_with(&stack, &format!("turn {i}"), &[("x-session-token", &token)]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.backend(), home, "turn {i}");
+        assert_eq!(r.header("x-session-token"), Some(token.as_str()));
+    }
+    // A token that names no endpoint (here an address) selects nothing.
+    let forged = "MTI3LjAuMC4xOjgw"; // base64 of "127.0.0.1:80"
+    let r = completion_with(&stack, "forged", &[("x-session-token", forged)]).await;
+    assert_eq!((r.status, r.backend()), (200, away));
+}

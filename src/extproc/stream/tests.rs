@@ -925,3 +925,95 @@ fn tolerated_repeats_get_no_answer_and_no_error() {
             .is_empty()
     );
 }
+
+const SESSION_CONFIG: &str = "plugins:\n- type: session-affinity-scorer\n- type: queue-scorer\nschedulingProfiles:\n- name: d\n  plugins:\n  - {pluginRef: session-affinity-scorer, weight: 10}\n  - {pluginRef: queue-scorer}\n";
+
+/// Response headers with the gateway's served-endpoint metadata.
+fn served_response(served: &str) -> ProcessingRequest {
+    let fields = Struct {
+        fields: HashMap::from([(
+            SERVED.to_owned(),
+            Value {
+                kind: Some(Kind::StringValue(served.into())),
+            },
+        )]),
+    };
+    let mut m = msg(Request::ResponseHeaders(headers(
+        &[(":status", "200")],
+        false,
+    )));
+    m.metadata_context = Some(Metadata {
+        filter_metadata: HashMap::from([(LB_NAMESPACE.to_owned(), fields)]),
+        ..Metadata::default()
+    });
+    m
+}
+
+/// Routes one completion carrying `token` (if any); returns the destination.
+fn route_with_token(h: &mut Harness, token: Option<&str>) -> String {
+    let mut req = post("/v1/completions");
+    if let Some(t) = token {
+        req = with_header(req, "x-session-token", t);
+    }
+    assert!(
+        h.send(first(
+            BodySendMode::FullDuplexStreamed,
+            Request::RequestHeaders(req)
+        ))
+        .is_empty()
+    );
+    let out = h.send(msg(body(BODY, true)));
+    set_header(&out[0], DESTINATION).unwrap()
+}
+
+#[test]
+fn the_session_token_names_the_endpoint_that_served_and_brings_the_next_request_back() {
+    let mut h = Harness::with_config(settings(), SESSION_CONFIG);
+    let dest = route_with_token(&mut h, None);
+    let fallback = dest.split(',').nth(1).unwrap().to_owned();
+    // The gateway served the fallback: the token names it, not the pick.
+    let out = h.send(served_response(&fallback));
+    let token = set_header(&out[0], "x-session-token").unwrap();
+    let name = h.store.snapshot().get(&fallback).unwrap().name().to_owned();
+    assert_eq!(token, base64_of(&name));
+
+    for _ in 0..20 {
+        // A new request on a new stream, same picker.
+        h.stream = ExtProcStream::new(Arc::clone(&h.stream.director), Arc::new(settings()));
+        let dest = route_with_token(&mut h, Some(&token));
+        assert!(
+            dest.starts_with(&fallback),
+            "{dest} should start with {fallback}"
+        );
+    }
+    // Tokens that name nothing (or are not tokens) are ignored.
+    for bad in [base64_of("10.0.0.1:80"), "%%%".to_owned(), "x".repeat(600)] {
+        let mut other = Harness::with_config(settings(), SESSION_CONFIG);
+        assert_eq!(
+            route_with_token(&mut other, Some(&bad)).split(',').count(),
+            2
+        );
+    }
+}
+
+#[test]
+fn no_session_header_without_a_session_plugin() {
+    let mut h = Harness::new(settings());
+    let dest = route_with_token(&mut h, None);
+    let out = h.send(served_response(dest.split(',').next().unwrap()));
+    let Some(Response::ResponseHeaders(r)) = &out[0].response else {
+        panic!("{out:?}")
+    };
+    let set = r
+        .response
+        .as_ref()
+        .and_then(|c| c.header_mutation.as_ref())
+        .map(|m| m.set_headers.len())
+        .unwrap_or(0);
+    assert_eq!(set, 0, "{out:?}");
+}
+
+fn base64_of(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
