@@ -26,6 +26,9 @@ pub struct BenchRun {
     /// The exact command line that produced this run.
     pub command: String,
     pub started_unix_s: u64,
+    /// Cores, CPU model and date of the machine that ran it.
+    #[serde(default)]
+    pub machine: Option<String>,
     /// Workload parameters, as given.
     pub params: serde_json::Value,
     pub phases: Vec<PhaseResult>,

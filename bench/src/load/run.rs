@@ -163,6 +163,7 @@ impl Ctx {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            machine: Some(crate::report::provenance::machine_line()),
             params,
             phases,
         }
