@@ -3,6 +3,10 @@
 //! cold pods and empty caches; the run is saved as `OUT/<policy>.json` and
 //! all of them become one report (markdown and charts), as `epp-bench
 //! report` would write it from those files.
+//!
+//! `compare lora` gives the pods the workload's adapters
+//! (`--lora-adapters=lora-0,...`) unless a `--sim-arg` names them; the slot
+//! count and load time stay explicit (`--sim-arg=--max-loras=2`).
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +15,8 @@ use clap::Subcommand;
 use crate::{
     load::{
         self, BenchRun, LoadError,
-        args::{LongPromptArgs, MultiTurnArgs, SeedArgs, SharedPrefixArgs},
+        args::{LongPromptArgs, LoraArgs, MultiTurnArgs, SeedArgs, SharedPrefixArgs},
+        workload::LoraMix,
     },
     report::{self, ReportError},
     stack::{Binaries, Router, Stack, StackError, args::StackArgs},
@@ -40,6 +45,12 @@ pub enum CompareWorkload {
     MultiTurn {
         #[command(flatten)]
         args: MultiTurnArgs,
+        #[command(flatten)]
+        compare: CompareArgs,
+    },
+    Lora {
+        #[command(flatten)]
+        args: LoraArgs,
         #[command(flatten)]
         compare: CompareArgs,
     },
@@ -100,8 +111,26 @@ impl CompareWorkload {
             Self::Seed { compare, .. }
             | Self::SharedPrefix { compare, .. }
             | Self::LongPrompt { compare, .. }
-            | Self::MultiTurn { compare, .. } => compare,
+            | Self::MultiTurn { compare, .. }
+            | Self::Lora { compare, .. } => compare,
         }
+    }
+
+    /// The stack flags, with what the workload needs of the pods added.
+    fn stack_args(&self) -> StackArgs {
+        let mut stack = self.compare_args().stack.clone();
+        if let Self::Lora { args, .. } = self
+            && !stack
+                .sim_args
+                .iter()
+                .any(|a| a.starts_with("--lora-adapters"))
+        {
+            let names: Vec<String> = (0..args.adapters).map(LoraMix::adapter_name).collect();
+            stack
+                .sim_args
+                .push(format!("--lora-adapters={}", names.join(",")));
+        }
+        stack
     }
 
     /// Runs the workload through `stack`, labelled `policy`.
@@ -133,6 +162,11 @@ impl CompareWorkload {
                 a.common.point_at(gateway, pods, policy);
                 load::run_multi_turn(&a, command).await
             }
+            Self::Lora { args, .. } => {
+                let mut a = args.clone();
+                a.common.point_at(gateway, pods, policy);
+                load::run_lora(&a, command).await
+            }
         }
     }
 }
@@ -145,10 +179,11 @@ pub async fn run(workload: CompareWorkload, command: &str) -> Result<(), Compare
         path: compare.out.clone(),
         source,
     })?;
+    let stack_args = workload.stack_args();
     let mut runs = Vec::new();
     for policy in &compare.policies {
         let router = Router::policy(policy, &bin.repo)?;
-        let opts = compare.stack.options(router)?;
+        let opts = stack_args.options(router)?;
         let stack = Stack::start(&bin, &opts)
             .await
             .map_err(|source| CompareError::Start {

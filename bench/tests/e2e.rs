@@ -7,8 +7,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use clap::Parser;
-use epp_bench::load::args::{MultiTurnArgs, SharedPrefixArgs};
-use epp_bench::load::{run_multi_turn, run_shared_prefix};
+use epp_bench::load::args::{LoraArgs, MultiTurnArgs, SharedPrefixArgs};
+use epp_bench::load::{run_lora, run_multi_turn, run_shared_prefix};
 use epp_bench::sim::{SimConfig, SimFleet, spawn_fleet};
 use http_body_util::BodyExt;
 
@@ -297,6 +297,118 @@ async fn the_metrics_page_passes_promtool() {
         promtool_objections(&no_help),
         ["vllm:num_requests_waiting no help text"]
     );
+}
+
+#[derive(Parser)]
+struct LoraCli {
+    #[command(flatten)]
+    args: LoraArgs,
+}
+
+/// A pod serving adapters: lists them, answers under their names, keeps
+/// their prefix caches apart, counts loads, and passes promtool with the
+/// LoRA families on the page; the `lora` workload reads the loads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lora_pod_serves_adapters_in_one_slot() {
+    let adapters: Vec<String> = (0..4).map(|i| format!("lora-{i}")).collect();
+    let fleet = spawn_fleet(SimConfig {
+        lora_adapters: adapters.clone(),
+        max_loras: 1,
+        lora_load_ms: 5.0,
+        ..fast_sim(1)
+    })
+    .await
+    .expect("pods start");
+    let url = fleet.pods[0].url();
+    let client = epp_bench::load::client::http_client(4);
+    let get = |path: &str| {
+        let url = format!("{url}{path}");
+        let client = &client;
+        async move {
+            epp_bench::load::runner::get_text(client, &url, std::time::Duration::from_secs(5))
+                .await
+                .unwrap()
+        }
+    };
+    let models: serde_json::Value = serde_json::from_str(&get("/v1/models").await).unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 5);
+    assert_eq!(ids[1..], ["lora-0", "lora-1", "lora-2", "lora-3"]);
+    assert_eq!(models["data"][1]["parent"], SimConfig::default().model);
+    // The same 80-token prompt, twice under lora-0, then under the base model.
+    let prompt = "x".repeat(320);
+    let mut cached = Vec::new();
+    for model in ["lora-0", "lora-0", SimConfig::default().model.as_str()] {
+        let req = http::Request::post(format!("{url}/v1/completions"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                serde_json::json!({"model": model, "prompt": prompt, "max_tokens": 2}).to_string(),
+            )))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body: serde_json::Value =
+            serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!(body["model"], model, "answered under the name asked for");
+        cached.push(body["usage"]["prompt_tokens_details"]["cached_tokens"].clone());
+    }
+    assert_eq!(
+        cached,
+        [0, 64, 0],
+        "adapters and the base model share no blocks"
+    );
+
+    let cli = LoraCli::parse_from([
+        "t",
+        "--target",
+        &url,
+        "--pod-metrics",
+        &url,
+        "--requests",
+        "40",
+        "--adapters",
+        "4",
+        "--system-tokens",
+        "32",
+        "--question-tokens",
+        "8",
+        "--output-tokens",
+        "3",
+        "--concurrency",
+        "4",
+        "--max-duration",
+        "20",
+    ]);
+    let run = run_lora(&cli.args, "test").await.expect("run");
+    let p = &run.phases[0];
+    assert_eq!((p.requests_sent, p.requests_ok), (40, 40), "{:?}", p.errors);
+    let lora = p.lora.expect("the pod counts adapter loads");
+    let targets = p.target_pods.as_ref().expect("per-target breakdown");
+    let adapters_used = targets.keys().filter(|t| t.starts_with("lora-")).count() as f64;
+    assert!(lora.loads >= adapters_used, "{lora:?} {targets:?}");
+    // One slot, already holding lora-0 from the requests above: every load
+    // evicts the adapter before it.
+    assert_eq!(lora.evictions, lora.loads, "{lora:?}");
+    assert_eq!(lora.loads_per_1k_requests, lora.loads * 25.0);
+    assert_eq!(
+        targets
+            .values()
+            .map(|by_pod| by_pod["sim-0"])
+            .sum::<usize>(),
+        40
+    );
+    let page = get("/metrics").await;
+    fleet.shutdown().await;
+    assert!(
+        page.contains("\n# TYPE vllm:lora_requests_info gauge\n"),
+        "{page}"
+    );
+    assert_eq!(promtool_objections(&page), Vec::<String>::new(), "{page}");
 }
 
 /// The soak's code path, shrunk: 12 s at 30 req/s through the real Envoy

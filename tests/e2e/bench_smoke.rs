@@ -7,7 +7,7 @@ use clap::Parser;
 use epp_bench::{
     load::{
         self,
-        args::{MultiTurnArgs, SharedPrefixArgs},
+        args::{LoraArgs, MultiTurnArgs, SharedPrefixArgs},
     },
     sim::SimConfig,
     stack::{Binaries, Router, Stack, StackOptions},
@@ -120,6 +120,49 @@ async fn multi_turn_workload_through_the_local_stack() {
         phase.stickiness
     );
     stack.stop().await;
+}
+
+/// The LoRA workload through the picker and Envoy to pods serving its
+/// adapters in one slot each: every request is answered under its adapter
+/// and the pods' adapter loads come back in the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_workload_through_the_local_stack() {
+    let bin = Binaries::with_epp(env!("CARGO_BIN_EXE_epp").into(), repo_root()).expect("binaries");
+    let router = Router::policy("epp-default", &repo_root()).expect("policy");
+    let mut sim = fast_pods(2);
+    sim.lora_adapters = (0..3).map(|i| format!("lora-{i}")).collect();
+    sim.max_loras = 1;
+    sim.lora_load_ms = 5.0;
+    let stack = Stack::start(&bin, &StackOptions::new(sim, router))
+        .await
+        .expect("stack");
+    let mut args: LoraArgs = parse(&[
+        "--requests",
+        "24",
+        "--adapters",
+        "3",
+        "--system-tokens",
+        "100",
+        "--question-tokens",
+        "10",
+        "--output-tokens",
+        "4",
+        "--concurrency",
+        "2",
+        "--max-duration",
+        "60",
+    ]);
+    args.common.target = stack.gateway.clone();
+    args.common.pod_metrics = stack.pod_urls.clone();
+    let run = load::run_lora(&args, "smoke").await.expect("run");
+    stack.stop().await;
+    let phase = &run.phases[0];
+    assert_eq!(phase.requests_ok, 24, "{:?}", phase.errors);
+    let lora = phase.lora.expect("adapter loads scraped from the pods");
+    let targets = phase.target_pods.as_ref().expect("per-target breakdown");
+    let adapters = targets.keys().filter(|t| t.starts_with("lora-")).count();
+    assert!(lora.loads >= adapters as f64, "{lora:?} {targets:?}");
+    assert!(phase.ttft_ms.is_some(), "streaming TTFT measured");
 }
 
 /// The one-core throughput driver speaks ext_proc well enough that the real

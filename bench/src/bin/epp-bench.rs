@@ -8,7 +8,7 @@ use epp_bench::{
     compare,
     load::{
         self,
-        args::{LongPromptArgs, MultiTurnArgs, SeedArgs, SharedPrefixArgs},
+        args::{LongPromptArgs, LoraArgs, MultiTurnArgs, SeedArgs, SharedPrefixArgs},
     },
     perf, report, soak, stack,
 };
@@ -36,6 +36,9 @@ enum Cmd {
     LongPrompt(LongPromptArgs),
     /// Chat sessions growing turn by turn; reports pod stickiness.
     MultiTurn(MultiTurnArgs),
+    /// Requests over LoRA adapters (Zipf popularity, some base-model
+    /// traffic); reports adapter loads per 1,000 requests from the pods.
+    Lora(LoraArgs),
     /// Combines --json results of one workload (one per policy) into a
     /// markdown table and PNG charts.
     Report(report::cli::ReportArgs),
@@ -75,6 +78,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::SharedPrefix(a) => load::cli::shared_prefix(&a, &command).await?,
         Cmd::LongPrompt(a) => load::cli::long_prompt(&a, &command).await?,
         Cmd::MultiTurn(a) => load::cli::multi_turn(&a, &command).await?,
+        Cmd::Lora(a) => load::cli::lora(&a, &command).await?,
         Cmd::Report(a) => report::cli::run(&a, &command)?,
         Cmd::Compare { workload } => compare::run(workload, &command).await?,
         Cmd::Local(a) => stack::cli::local(a, &command).await?,

@@ -172,3 +172,36 @@ pub struct MultiTurnArgs {
     #[arg(long, default_value_t = 0)]
     pub think_time_ms: u64,
 }
+
+#[derive(Debug, Clone, Args)]
+pub struct LoraArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub pace: PaceArgs,
+    /// Requests.
+    #[arg(long, default_value_t = 2000)]
+    pub requests: usize,
+    /// LoRA adapters, named lora-0 .. lora-(N-1); the pods must serve them
+    /// (vllm-sim --lora-adapters; `compare lora` sets it).
+    #[arg(long, default_value_t = 8)]
+    pub adapters: usize,
+    /// Exponent of the adapters' Zipf popularity (adapter k has weight
+    /// 1/(k+1)^s; 0 is uniform).
+    #[arg(long, default_value_t = 1.0)]
+    pub zipf: f64,
+    /// Share of requests for the base model (no adapter), 0..=1.
+    #[arg(long, default_value_t = 0.1)]
+    pub base_share: f64,
+    /// Tokens of each adapter's (and the base model's) system prompt.
+    #[arg(long, default_value_t = 500)]
+    pub system_tokens: usize,
+    /// Tokens of each request's own question (at least 1).
+    #[arg(long, default_value_t = 100)]
+    pub question_tokens: usize,
+    /// Output tokens per request.
+    #[arg(long, default_value_t = 32)]
+    pub output_tokens: usize,
+    #[arg(long, value_enum, default_value_t = Api::Completions)]
+    pub api: Api,
+}

@@ -1,11 +1,11 @@
 //! The workload subcommands (`seed`, `shared-prefix`, `long-prompt`,
-//! `multi-turn`): run a workload against `--target`, print its tables and
+//! `multi-turn`, `lora`): run a workload against `--target`, print its tables and
 //! notes, and with `--json` save the result for `epp-bench report`.
 
 use super::{
     BenchRun, LoadError,
-    args::{CommonArgs, LongPromptArgs, MultiTurnArgs, SeedArgs, SharedPrefixArgs},
-    run_long_prompt, run_multi_turn, run_seed, run_shared_prefix,
+    args::{CommonArgs, LongPromptArgs, LoraArgs, MultiTurnArgs, SeedArgs, SharedPrefixArgs},
+    run_long_prompt, run_lora, run_multi_turn, run_seed, run_shared_prefix,
 };
 use crate::report;
 
@@ -36,6 +36,27 @@ pub async fn long_prompt(a: &LongPromptArgs, command: &str) -> Result<(), LoadEr
 
 pub async fn multi_turn(a: &MultiTurnArgs, command: &str) -> Result<(), LoadError> {
     let run = run_multi_turn(a, command).await?;
+    finish(&run, &a.common)
+}
+
+/// Prints the adapter loads per 1,000 requests and where each target went.
+pub async fn lora(a: &LoraArgs, command: &str) -> Result<(), LoadError> {
+    let run = run_lora(a, command).await?;
+    for p in &run.phases {
+        match &p.lora {
+            Some(l) => println!(
+                "adapter loads: {} ({:.1} per 1,000 requests), evictions: {}",
+                l.loads, l.loads_per_1k_requests, l.evictions
+            ),
+            None => eprintln!(
+                "note: {}: no adapter loads: the pods do not export vllm-sim's LoRA counters",
+                p.name
+            ),
+        }
+        if let Some(t) = report::target_pods_table(p) {
+            println!("{t}");
+        }
+    }
     finish(&run, &a.common)
 }
 

@@ -9,7 +9,8 @@
 //! `x-inference-pod` header; and the fleet prefix-cache hit rate as the delta
 //! of `vllm:prefix_cache_hits_total` over `vllm:prefix_cache_queries_total`
 //! summed over the pods, scraped right before and right after the phase (so
-//! the pods must serve nothing else meanwhile).
+//! the pods must serve nothing else meanwhile); with the simulator's LoRA
+//! counters on the pods, adapter loads and evictions the same way.
 //!
 //! [`args`] holds the workloads' flags, shared by the workload subcommands
 //! ([`cli`]), `compare`, `local` and the tests.
@@ -24,8 +25,8 @@ pub mod sse;
 pub mod stats;
 pub mod workload;
 
-pub use result::{BenchRun, CacheStats, PhaseResult};
-pub use run::{run_long_prompt, run_multi_turn, run_seed, run_shared_prefix};
+pub use result::{BenchRun, CacheStats, LoraStats, PhaseResult};
+pub use run::{run_long_prompt, run_lora, run_multi_turn, run_seed, run_shared_prefix};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {

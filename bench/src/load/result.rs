@@ -26,6 +26,9 @@ pub struct BenchRun {
     /// The exact command line that produced this run.
     pub command: String,
     pub started_unix_s: u64,
+    /// Cores, CPU model and date of the machine that ran it.
+    #[serde(default)]
+    pub machine: Option<String>,
     /// Workload parameters, as given.
     pub params: serde_json::Value,
     pub phases: Vec<PhaseResult>,
@@ -80,6 +83,27 @@ pub struct PhaseResult {
     /// Multi-turn: share of follow-up turns served by the pod that served the
     /// session's previous turn.
     pub stickiness: Option<f64>,
+    /// LoRA adapter loads and evictions over the phase, from the pods'
+    /// `vllm_sim_lora_adapter_*_total` counters (pods that do not export
+    /// them, such as real vLLM, give none).
+    #[serde(default)]
+    pub lora: Option<LoraStats>,
+    /// LoRA workload: successful requests per target (adapter name, or the
+    /// base model's) and pod.
+    #[serde(default)]
+    pub target_pods: Option<BTreeMap<String, BTreeMap<String, usize>>>,
+}
+
+/// Adapter swaps summed over the pods, as deltas over one phase.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LoraStats {
+    /// Adapters loaded into a slot (the first load of an adapter on a pod
+    /// counts too).
+    pub loads: f64,
+    /// Loads that had to evict an idle adapter.
+    pub evictions: f64,
+    /// `loads` per 1,000 successful requests.
+    pub loads_per_1k_requests: f64,
 }
 
 impl PhaseResult {

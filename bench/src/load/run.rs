@@ -1,5 +1,6 @@
-//! The four workloads, each producing a [`BenchRun`].
+//! The workloads, each producing a [`BenchRun`].
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -10,12 +11,16 @@ use tokio::time::Instant;
 
 use super::LoadError;
 use super::args::{
-    Api, CommonArgs, LongPromptArgs, MultiTurnArgs, PaceArgs, SeedArgs, SharedPrefixArgs,
+    Api, CommonArgs, LongPromptArgs, LoraArgs, MultiTurnArgs, PaceArgs, SeedArgs, SharedPrefixArgs,
 };
 use super::client::{HttpClient, Record, RequestSpec, http_client, send};
 use super::result::{BenchRun, PhaseResult, SCHEMA_VERSION};
-use super::runner::{JobFn, Pace, PhaseMeta, PodSet, cache_delta, drive, scrape_fleet, summarize};
-use super::workload::{LongPrompt, MultiTurn, SharedPrefix, ideal_hit_rate_of_sent, seed_prompt};
+use super::runner::{
+    JobFn, Pace, PhaseMeta, PodSet, cache_delta, drive, lora_delta, scrape_fleet, summarize,
+};
+use super::workload::{
+    LongPrompt, LoraMix, MultiTurn, SharedPrefix, ideal_hit_rate_of_sent, seed_prompt,
+};
 
 /// The seed deployment's four scenarios: (name, requests, concurrency).
 pub const SEED_SCENARIOS: [(&str, usize, usize); 4] = [
@@ -90,20 +95,38 @@ impl Ctx {
         ideal: impl FnOnce(&[Record]) -> Option<f64>,
         with_stickiness: bool,
     ) -> PhaseResult {
+        self.phase_with(name, jobs, pace, job, ideal, with_stickiness, |_, _| {})
+            .await
+    }
+
+    /// [`Ctx::phase`], then `finish` adds what only this workload can tell
+    /// from its records.
+    #[allow(clippy::too_many_arguments)]
+    async fn phase_with(
+        &self,
+        name: String,
+        jobs: usize,
+        pace: Pace,
+        job: JobFn,
+        ideal: impl FnOnce(&[Record]) -> Option<f64>,
+        with_stickiness: bool,
+        finish: impl FnOnce(&mut PhaseResult, &[Record]),
+    ) -> PhaseResult {
         let before = if self.pods.urls.is_empty() {
             None
         } else {
             Some(scrape_fleet(&self.client, &self.pods).await)
         };
         let driven = drive(jobs, pace, self.max_duration, self.common.seed, job).await;
-        let cache = match before {
-            None => Err("no --pod-metrics or --sim-pods given".to_owned()),
-            Some(Err(e)) => Err(e.to_string()),
+        let (cache, lora) = match before {
+            None => (Err("no --pod-metrics or --sim-pods given".to_owned()), None),
+            Some(Err(e)) => (Err(e.to_string()), None),
             Some(Ok(b)) => match scrape_fleet(&self.client, &self.pods).await {
-                Ok(a) => Ok(cache_delta(b, a)),
-                Err(e) => Err(e.to_string()),
+                Ok(a) => (Ok(cache_delta(b, a)), lora_delta(b, a)),
+                Err(e) => (Err(e.to_string()), None),
             },
         };
+
         let meta = PhaseMeta {
             name,
             planned_jobs: jobs,
@@ -111,8 +134,11 @@ impl Ctx {
             known_pods: self.pods.urls.len(),
             ideal_hit_rate: ideal(&driven.records),
             cache,
+            lora,
         };
-        summarize(meta, &driven, with_stickiness)
+        let mut result = summarize(meta, &driven, with_stickiness);
+        finish(&mut result, &driven.records);
+        result
     }
 
     fn run(
@@ -137,6 +163,7 @@ impl Ctx {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            machine: Some(crate::report::provenance::machine_line()),
             params,
             phases,
         }
@@ -469,6 +496,138 @@ pub async fn run_multi_turn(args: &MultiTurnArgs, command: &str) -> Result<Bench
         "stream": ctx.stream,
     });
     Ok(ctx.run("multi-turn", command, params, vec![phase]))
+}
+
+/// `lora`: requests over LoRA adapters with Zipf popularity and some
+/// base-model traffic; each target has its own system prompt.
+pub async fn run_lora(args: &LoraArgs, command: &str) -> Result<BenchRun, LoadError> {
+    if args.question_tokens == 0 {
+        return Err(LoadError::Args("--question-tokens must be >= 1".into()));
+    }
+    if !(0.0..=1.0).contains(&args.base_share) || (args.adapters == 0 && args.base_share < 1.0) {
+        return Err(LoadError::Args(
+            "--base-share must be within 0..=1 (and 1 without adapters)".into(),
+        ));
+    }
+    if !(args.zipf.is_finite() && args.zipf >= 0.0) {
+        return Err(LoadError::Args("--zipf must be >= 0".into()));
+    }
+    let pace = pace_of(&args.pace, 32)?;
+    let ctx = Ctx::new(&args.common, max_conns(&pace))?;
+    let uri = ctx.uri(args.api)?;
+    let w = LoraMix {
+        adapters: args.adapters,
+        zipf: args.zipf,
+        base_share: args.base_share,
+        system_tokens: args.system_tokens,
+        question_tokens: args.question_tokens,
+        chars_per_token: args.common.chars_per_token,
+        seed: args.common.seed,
+    };
+    let order = Arc::new(w.order(args.requests));
+    // Index 0 is the base model, adapter k is k + 1.
+    let slot = |t: Option<usize>| t.map_or(0, |a| a + 1);
+    let systems: Arc<Vec<String>> = Arc::new(
+        std::iter::once(None)
+            .chain((0..w.adapters).map(Some))
+            .map(|t| w.system_prompt(t))
+            .collect(),
+    );
+    let names: Arc<Vec<String>> = Arc::new(
+        std::iter::once(args.common.model.clone())
+            .chain(w.adapter_names())
+            .collect(),
+    );
+    let maker = {
+        let (w, systems, order, names) = (
+            w.clone(),
+            Arc::clone(&systems),
+            Arc::clone(&order),
+            Arc::clone(&names),
+        );
+        let (api, stream, out, uri) = (args.api, ctx.stream, args.output_tokens, uri.clone());
+        let body_ctx = BodyCtx::from(&ctx);
+        move |i: usize| {
+            let t = slot(order[i]);
+            let body_ctx = BodyCtx {
+                model: names[t].clone(),
+                ..body_ctx.clone()
+            };
+            let body = match api {
+                Api::Completions => body_ctx.body(api, None, &w.prompt(&systems[t], i), out),
+                Api::Chat => body_ctx.body(api, Some(&systems[t]), &w.prompt("", i), out),
+            };
+            RequestSpec {
+                uri: uri.clone(),
+                body,
+                stream,
+                keep_text: false,
+            }
+        }
+    };
+    let job = single_request_job(ctx.client.clone(), ctx.timeout, Arc::new(maker));
+    let (bs, sys_tokens, prompt_tokens) = (
+        args.common.block_size,
+        args.system_tokens,
+        args.system_tokens + args.question_tokens,
+    );
+    let (order_for_ideal, order_for_pods) = (Arc::clone(&order), Arc::clone(&order));
+    let phase = ctx
+        .phase_with(
+            "lora".to_owned(),
+            args.requests,
+            pace,
+            job,
+            // Every repeat of a target's system prompt a hit (adapters share
+            // no blocks with each other or the base model).
+            move |records| {
+                let mut sent: Vec<_> = records.iter().map(|r| r.job).collect();
+                sent.sort_unstable();
+                Some(ideal_hit_rate_of_sent(
+                    sent.into_iter()
+                        .map(|j| (slot(order_for_ideal[j]), prompt_tokens)),
+                    sys_tokens,
+                    bs,
+                ))
+            },
+            false,
+            move |result, records| {
+                let mut by_target: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+                for r in records {
+                    if let (Ok(_), Some(pod)) = (&r.outcome, &r.pod) {
+                        let target = &names[slot(order_for_pods[r.job])];
+                        *by_target
+                            .entry(target.clone())
+                            .or_default()
+                            .entry(pod.clone())
+                            .or_default() += 1;
+                    }
+                }
+                result.target_pods = Some(by_target);
+            },
+        )
+        .await;
+    let mix: Vec<_> = w
+        .probabilities()
+        .iter()
+        .enumerate()
+        .map(|(k, p)| json!({"adapter": LoraMix::adapter_name(k), "share": p}))
+        .collect();
+    let params = json!({
+        "requests": args.requests,
+        "adapters": args.adapters,
+        "zipf": args.zipf,
+        "base_share": args.base_share,
+        "adapter_shares": mix,
+        "system_tokens": args.system_tokens,
+        "question_tokens": args.question_tokens,
+        "output_tokens": args.output_tokens,
+        "api": format!("{:?}", args.api).to_lowercase(),
+        "concurrency": args.pace.concurrency,
+        "rate": args.pace.rate,
+        "stream": ctx.stream,
+    });
+    Ok(ctx.run("lora", command, params, vec![phase]))
 }
 
 /// The part of [`Ctx`] request builders need, cheap to clone into closures.

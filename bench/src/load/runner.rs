@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use super::LoadError;
 use super::client::{HttpClient, Record};
-use super::result::{CacheStats, PhaseResult};
+use super::result::{CacheStats, LoraStats, PhaseResult};
 use super::stats::{LatencySummary, max_over_mean};
 use crate::prom;
 
@@ -126,6 +126,9 @@ pub struct PodSet {
 pub struct FleetCounters {
     pub hits: f64,
     pub queries: f64,
+    /// LoRA adapter (loads, evictions), when every pod exports the
+    /// simulator's counters.
+    pub lora: Option<(f64, f64)>,
 }
 
 pub async fn get_text(client: &HttpClient, url: &str, timeout: Duration) -> Result<String, String> {
@@ -153,7 +156,10 @@ pub async fn get_text(client: &HttpClient, url: &str, timeout: Duration) -> Resu
 }
 
 pub async fn scrape_fleet(client: &HttpClient, pods: &PodSet) -> Result<FleetCounters, LoadError> {
-    let mut total = FleetCounters::default();
+    let mut total = FleetCounters {
+        lora: (!pods.urls.is_empty()).then_some((0.0, 0.0)),
+        ..FleetCounters::default()
+    };
     for base in &pods.urls {
         let url = format!("{}/metrics", base.trim_end_matches('/'));
         let text = get_text(client, &url, Duration::from_secs(10))
@@ -175,6 +181,15 @@ pub async fn scrape_fleet(client: &HttpClient, pods: &PodSet) -> Result<FleetCou
         };
         total.hits += get("vllm:prefix_cache_hits_total")?;
         total.queries += get("vllm:prefix_cache_queries_total")?;
+        let optional = |name: &str| prom::sum(&text, name).ok().flatten();
+        total.lora = match (
+            total.lora,
+            optional(crate::sim::metrics::LORA_LOADS),
+            optional(crate::sim::metrics::LORA_EVICTIONS),
+        ) {
+            (Some((l, e)), Some(loads), Some(evictions)) => Some((l + loads, e + evictions)),
+            _ => None,
+        };
     }
     Ok(total)
 }
@@ -187,6 +202,14 @@ pub struct PhaseMeta {
     pub known_pods: usize,
     pub ideal_hit_rate: Option<f64>,
     pub cache: Result<CacheStats, String>,
+    /// Adapter (loads, evictions) over the phase, when the pods count them.
+    pub lora: Option<(f64, f64)>,
+}
+
+/// Adapter (loads, evictions) between two scrapes.
+pub fn lora_delta(before: FleetCounters, after: FleetCounters) -> Option<(f64, f64)> {
+    let ((l0, e0), (l1, e1)) = (before.lora?, after.lora?);
+    Some(((l1 - l0).max(0.0), (e1 - e0).max(0.0)))
 }
 
 /// Cache delta between two scrapes.
@@ -294,6 +317,16 @@ pub fn summarize(meta: PhaseMeta, driven: &Driven, with_stickiness: bool) -> Pha
         } else {
             None
         },
+        lora: meta.lora.map(|(loads, evictions)| LoraStats {
+            loads,
+            evictions,
+            loads_per_1k_requests: if ok > 0 {
+                loads * 1000.0 / ok as f64
+            } else {
+                0.0
+            },
+        }),
+        target_pods: None,
     }
 }
 
@@ -333,17 +366,24 @@ mod tests {
 
     #[test]
     fn cache_delta_is_a_ratio_of_deltas() {
-        let c = cache_delta(
-            FleetCounters {
-                hits: 100.0,
-                queries: 1000.0,
-            },
-            FleetCounters {
-                hits: 400.0,
-                queries: 1500.0,
-            },
-        );
+        let before = FleetCounters {
+            hits: 100.0,
+            queries: 1000.0,
+            lora: Some((3.0, 1.0)),
+        };
+        let after = FleetCounters {
+            hits: 400.0,
+            queries: 1500.0,
+            lora: Some((10.0, 4.0)),
+        };
+        let c = cache_delta(before, after);
         assert_eq!(c.hit_rate, 300.0 / 500.0);
+        assert_eq!(lora_delta(before, after), Some((7.0, 3.0)));
+        let no_lora = FleetCounters {
+            lora: None,
+            ..after
+        };
+        assert_eq!(lora_delta(before, no_lora), None);
         assert_eq!(
             cache_delta(FleetCounters::default(), FleetCounters::default()).hit_rate,
             0.0

@@ -222,6 +222,88 @@ impl MultiTurn {
     }
 }
 
+/// Requests spread over LoRA adapters: `adapters` adapters named
+/// [`LoraMix::adapter_name`], chosen with Zipf popularity (adapter k drawn
+/// with weight `1 / (k + 1)^zipf`: a few popular adapters and a tail of rare
+/// ones, as multi-tenant adapter serving tends to see), plus a `base_share`
+/// of requests for the base model. Each target (adapter or base) has its own
+/// system prompt, standing for the task its adapter was tuned for, followed
+/// by a per-request question.
+#[derive(Debug, Clone)]
+pub struct LoraMix {
+    pub adapters: usize,
+    pub zipf: f64,
+    pub base_share: f64,
+    pub system_tokens: usize,
+    pub question_tokens: usize,
+    pub chars_per_token: usize,
+    pub seed: u64,
+}
+
+impl LoraMix {
+    pub fn adapter_name(i: usize) -> String {
+        format!("lora-{i}")
+    }
+
+    pub fn adapter_names(&self) -> Vec<String> {
+        (0..self.adapters).map(Self::adapter_name).collect()
+    }
+
+    /// Probability of each adapter, in index order (the rest is the base
+    /// model's).
+    pub fn probabilities(&self) -> Vec<f64> {
+        let weights: Vec<f64> = (0..self.adapters)
+            .map(|k| ((k + 1) as f64).powf(-self.zipf))
+            .collect();
+        let total: f64 = weights.iter().sum();
+        let lora = if self.adapters == 0 {
+            0.0
+        } else {
+            1.0 - self.base_share
+        };
+        weights.iter().map(|w| lora * w / total).collect()
+    }
+
+    /// The target of each of `n` requests, in send order: `Some(adapter)`
+    /// or `None` for the base model. Independent draws from a seeded RNG.
+    pub fn order(&self, n: usize) -> Vec<Option<usize>> {
+        let mut cumulative = Vec::with_capacity(self.adapters);
+        let mut acc = 0.0;
+        for p in self.probabilities() {
+            acc += p;
+            cumulative.push(acc);
+        }
+        let mut rng = fastrand::Rng::with_seed(sub_seed(self.seed, &[7]));
+        (0..n)
+            .map(|_| {
+                let u = rng.f64();
+                cumulative.iter().position(|&c| u < c)
+            })
+            .collect()
+    }
+
+    /// The system prompt of `target` (an adapter, or `None` for the base).
+    pub fn system_prompt(&self, target: Option<usize>) -> String {
+        let id = target.map_or(0, |a| a as u64 + 1);
+        filler_text(
+            sub_seed(self.seed, &[8, id]),
+            self.system_tokens * self.chars_per_token,
+        )
+    }
+
+    /// Request `i`'s prompt: its target's `system` prompt, then its question.
+    pub fn prompt(&self, system: &str, i: usize) -> String {
+        let q = filler_text(
+            sub_seed(self.seed, &[9, i as u64]),
+            self.question_tokens * self.chars_per_token,
+        );
+        let mut s = String::with_capacity(system.len() + q.len());
+        s.push_str(system);
+        s.push_str(&q);
+        s
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,6 +396,55 @@ mod tests {
         assert_eq!(a.len(), 220 * 1024);
         assert_eq!(b.len(), 220 * 1024);
         assert_ne!(a[..64], b[..64], "first block differs");
+    }
+
+    fn mix() -> LoraMix {
+        LoraMix {
+            adapters: 8,
+            zipf: 1.0,
+            base_share: 0.1,
+            system_tokens: 10,
+            question_tokens: 5,
+            chars_per_token: 4,
+            seed: 3,
+        }
+    }
+
+    #[test]
+    fn lora_mix_is_zipf_plus_base() {
+        let w = mix();
+        let p = w.probabilities();
+        assert!((p.iter().sum::<f64>() - 0.9).abs() < 1e-12);
+        // Weights 1, 1/2, ... 1/8 (sum 761/280) share 90 %.
+        assert!((p[0] - 0.9 * 280.0 / 761.0).abs() < 1e-12);
+        assert!((p[0] / p[7] - 8.0).abs() < 1e-9);
+        let uniform = LoraMix { zipf: 0.0, ..mix() }.probabilities();
+        assert!(uniform.iter().all(|q| (q - 0.9 / 8.0).abs() < 1e-12));
+        let order = w.order(20_000);
+        assert_eq!(order, w.order(20_000), "seeded");
+        let share = |t: Option<usize>| order.iter().filter(|o| **o == t).count() as f64 / 20_000.0;
+        assert!((share(None) - 0.1).abs() < 0.01, "{}", share(None));
+        for (k, pk) in p.iter().enumerate() {
+            assert!(
+                (share(Some(k)) - pk).abs() < 0.01,
+                "{k}: {}",
+                share(Some(k))
+            );
+        }
+        assert_eq!(w.adapter_names()[7], "lora-7");
+    }
+
+    #[test]
+    fn lora_prompts_share_their_targets_system_prompt() {
+        let w = mix();
+        let (base, a0) = (w.system_prompt(None), w.system_prompt(Some(0)));
+        assert_eq!(base.len(), 40);
+        assert_ne!(base, a0);
+        assert_ne!(a0, w.system_prompt(Some(1)));
+        let p = w.prompt(&a0, 4);
+        assert_eq!(p.len(), 60);
+        assert!(p.starts_with(&a0));
+        assert_ne!(p, w.prompt(&a0, 5));
     }
 
     #[test]

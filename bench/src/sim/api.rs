@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::config::SimConfig;
+use super::config::{Served, SimConfig};
 
 #[derive(Debug, Deserialize)]
 pub struct StreamOptions {
@@ -81,6 +81,9 @@ impl ApiError {
 /// response parameters.
 #[derive(Debug)]
 pub struct Validated {
+    /// The adapter the request names (index into the configured adapters),
+    /// `None` for the base model.
+    pub adapter: Option<usize>,
     pub text: String,
     pub prompt_tokens: usize,
     pub max_tokens: usize,
@@ -163,15 +166,18 @@ fn prompt_text(prompt: &Value) -> Result<String, ApiError> {
 pub fn validate(body: &[u8], endpoint: Endpoint, cfg: &SimConfig) -> Result<Validated, ApiError> {
     let req: InferenceRequest = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
-    if let Some(model) = &req.model
-        && model != &cfg.model
-    {
-        return Err(ApiError {
-            status: 404,
-            kind: "NotFoundError",
-            message: format!("The model `{model}` does not exist."),
-        });
-    }
+    // No `model` means the base model, as in vLLM.
+    let adapter = match req.model.as_deref().map(|m| (m, cfg.resolve_model(m))) {
+        None | Some((_, Some(Served::Base))) => None,
+        Some((_, Some(Served::Adapter(a)))) => Some(a),
+        Some((model, None)) => {
+            return Err(ApiError {
+                status: 404,
+                kind: "NotFoundError",
+                message: format!("The model `{model}` does not exist."),
+            });
+        }
+    };
     let text = match endpoint {
         Endpoint::Completions => prompt_text(&req.prompt)?,
         Endpoint::Chat => render_chat(
@@ -210,6 +216,7 @@ pub fn validate(body: &[u8], endpoint: Endpoint, cfg: &SimConfig) -> Result<Vali
         )));
     }
     Ok(Validated {
+        adapter,
         text,
         prompt_tokens,
         max_tokens,
@@ -392,6 +399,25 @@ mod tests {
         .unwrap();
         assert_eq!(v.max_tokens, 7);
         assert!(v.stream && v.include_usage);
+        assert_eq!(v.adapter, None);
+    }
+
+    #[test]
+    fn adapters_are_models_too() {
+        let c = SimConfig {
+            lora_adapters: vec!["sql".into(), "chat".into()],
+            ..cfg()
+        };
+        let body = |model: &str| format!(r#"{{"model":"{model}","prompt":"x"}}"#);
+        let adapter = |model: &str| {
+            validate(body(model).as_bytes(), Endpoint::Completions, &c).map(|v| v.adapter)
+        };
+        assert_eq!(adapter("chat"), Ok(Some(1)));
+        assert_eq!(adapter(&c.model), Ok(None));
+        assert_eq!(adapter("other").map_err(|e| e.status), Err(404));
+        // Without adapters configured an adapter name is an unknown model.
+        let e = validate(body("chat").as_bytes(), Endpoint::Completions, &cfg()).unwrap_err();
+        assert_eq!(e.status, 404);
     }
 
     #[test]

@@ -8,6 +8,19 @@ use clap::Args;
 
 use super::SimError;
 
+/// Adapters a pod can be configured with: the engine keeps adapter sets as
+/// bitmasks of one `u64`. vLLM has no such limit; a benchmark with more
+/// adapters than this would need a wider set type.
+pub const MAX_LORA_ADAPTERS: usize = 64;
+
+/// The model a request runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    Base,
+    /// Index into [`SimConfig::lora_adapters`].
+    Adapter(usize),
+}
+
 /// One set of engine and server parameters, shared by every pod of a fleet.
 #[derive(Debug, Clone, Args)]
 pub struct SimConfig {
@@ -72,6 +85,21 @@ pub struct SimConfig {
     /// RNG seed for the jitter (pod i uses seed + i).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+
+    /// LoRA adapters every pod serves besides the base model, comma-separated
+    /// (vLLM's `--enable-lora --lora-modules name=path ...`). A request whose
+    /// `model` is one of them runs with that adapter; empty disables LoRA.
+    #[arg(long, value_delimiter = ',')]
+    pub lora_adapters: Vec<String>,
+    /// Adapter slots: distinct adapters a pod can run at once (vLLM's
+    /// `--max-loras`, default 1 there too).
+    #[arg(long, default_value_t = 1)]
+    pub max_loras: usize,
+    /// Time to load an adapter into a slot, in milliseconds. An assumption
+    /// to set per experiment: it depends on the adapter's size and where it
+    /// is loaded from.
+    #[arg(long, default_value_t = 100.0)]
+    pub lora_load_ms: f64,
 }
 
 impl Default for SimConfig {
@@ -95,6 +123,9 @@ impl Default for SimConfig {
             time_factor_under_load: 1.18,
             jitter: 0.05,
             seed: 0,
+            lora_adapters: Vec::new(),
+            max_loras: 1,
+            lora_load_ms: 100.0,
         }
     }
 }
@@ -126,9 +157,30 @@ impl SimConfig {
             (self.prefill_overhead_ms, "--prefill-overhead-ms"),
             (self.prefill_us_per_token, "--prefill-us-per-token"),
             (self.itl_ms, "--itl-ms"),
+            (self.lora_load_ms, "--lora-load-ms"),
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(SimError::Config(format!("{name} must be >= 0")));
+            }
+        }
+        if self.max_loras == 0 {
+            return err("--max-loras must be at least 1");
+        }
+        if self.lora_adapters.len() > MAX_LORA_ADAPTERS {
+            return Err(SimError::Config(format!(
+                "--lora-adapters: at most {MAX_LORA_ADAPTERS} adapters"
+            )));
+        }
+        for (i, a) in self.lora_adapters.iter().enumerate() {
+            if a.is_empty() || a.contains(',') || *a == self.model {
+                return Err(SimError::Config(format!(
+                    "--lora-adapters: {a:?} is not a usable adapter name"
+                )));
+            }
+            if self.lora_adapters[..i].contains(a) {
+                return Err(SimError::Config(format!(
+                    "--lora-adapters: {a:?} is listed twice"
+                )));
             }
         }
         if self.base_port != 0 && u32::from(self.base_port) + u32::from(self.pods) - 1 > 65535 {
@@ -154,6 +206,22 @@ impl SimConfig {
 
     pub fn itl_base(&self) -> Duration {
         Duration::from_secs_f64(self.itl_ms / 1000.0)
+    }
+
+    /// What a request's `model` names, `None` when the pod serves no such
+    /// model.
+    pub fn resolve_model(&self, model: &str) -> Option<Served> {
+        if model == self.model {
+            return Some(Served::Base);
+        }
+        self.lora_adapters
+            .iter()
+            .position(|a| a == model)
+            .map(Served::Adapter)
+    }
+
+    pub fn lora_load_base(&self) -> Duration {
+        Duration::from_secs_f64(self.lora_load_ms / 1000.0)
     }
 
     /// Tokens in `bytes` bytes of prompt text.
@@ -203,6 +271,26 @@ mod tests {
             SimConfig {
                 base_port: 65535,
                 pods: 2,
+                ..SimConfig::default()
+            },
+            SimConfig {
+                max_loras: 0,
+                ..SimConfig::default()
+            },
+            SimConfig {
+                lora_adapters: vec!["a".into(), "a".into()],
+                ..SimConfig::default()
+            },
+            SimConfig {
+                lora_adapters: vec![SimConfig::default().model],
+                ..SimConfig::default()
+            },
+            SimConfig {
+                lora_adapters: (0..65).map(|i| format!("a{i}")).collect(),
+                ..SimConfig::default()
+            },
+            SimConfig {
+                lora_load_ms: f64::NAN,
                 ..SimConfig::default()
             },
         ] {

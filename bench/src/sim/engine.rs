@@ -1,6 +1,6 @@
 //! One pod's scheduler: slots, the FIFO waiting queue, the serialized prefill
-//! lane and the per-token decode clock (the model is described in the
-//! [`crate::sim`] module header).
+//! lane, LoRA adapter slots and the per-token decode clock (the model is
+//! described in the [`crate::sim`] module header).
 //!
 //! All shared state sits behind one `parking_lot::Mutex` taken only for short,
 //! non-awaiting sections (submit, admit, release, reading the gauges). The
@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use super::SimError;
 use super::config::SimConfig;
 use super::kv::{Allocation, KvCache};
+use super::lora::{Acquired, LoraSlots, bit};
 use super::metrics::{Gauges, PodMetrics};
 
 /// A validated request reduced to what the engine needs.
@@ -31,6 +32,9 @@ pub struct Prepared {
     pub max_tokens: usize,
     /// Chained hashes of the prompt's full blocks.
     pub hashes: Vec<u64>,
+    /// The LoRA adapter the request runs with (index into the configured
+    /// adapters); `None` for the base model.
+    pub adapter: Option<usize>,
 }
 
 impl Prepared {
@@ -48,6 +52,8 @@ pub struct Admission {
     /// End of this request's prefill: when the first token is emitted.
     pub first_token_at: Instant,
     pub cached_tokens: usize,
+    /// The request's adapter had to be loaded into a slot first.
+    pub loaded_adapter: bool,
     /// Seeds the request's own jitter RNG, drawn from the pod's RNG in
     /// admission order so runs are reproducible without a per-token lock.
     seed: u64,
@@ -63,8 +69,12 @@ struct Waiter {
 struct PodState {
     kv: KvCache,
     waiting: VecDeque<Waiter>,
-    /// Running requests by id.
-    allocs: HashMap<u64, Allocation>,
+    /// Running requests by id: their blocks and adapter.
+    allocs: HashMap<u64, (Allocation, Option<usize>)>,
+    /// `None` when the pod serves no adapters.
+    lora: Option<LoraSlots>,
+    /// Queued requests per adapter.
+    waiting_by_adapter: Vec<usize>,
     next_id: u64,
     prefill_free_at: Instant,
     rng: fastrand::Rng,
@@ -101,12 +111,20 @@ impl Pod {
         cfg: Arc<SimConfig>,
     ) -> Result<Self, SimError> {
         let seed = cfg.seed.wrapping_add(index as u64);
-        let metrics = PodMetrics::new(&cfg.model, cfg.block_size, cfg.kv_blocks)
+        let mut metrics = PodMetrics::new(&cfg.model, cfg.block_size, cfg.kv_blocks)
             .map_err(SimError::Metrics)?;
+        let lora = (!cfg.lora_adapters.is_empty()).then(|| LoraSlots::new(cfg.max_loras));
+        if lora.is_some() {
+            metrics
+                .enable_lora(&cfg.lora_adapters, cfg.max_loras)
+                .map_err(SimError::Metrics)?;
+        }
         let state = PodState {
             kv: KvCache::new(cfg.kv_blocks),
             waiting: VecDeque::new(),
             allocs: HashMap::new(),
+            lora,
+            waiting_by_adapter: vec![0; cfg.lora_adapters.len()],
             next_id: 0,
             prefill_free_at: Instant::now(),
             rng: fastrand::Rng::with_seed(seed),
@@ -130,48 +148,75 @@ impl Pod {
         self.running.load(Ordering::Relaxed)
     }
 
-    /// Admits the request now if nothing is queued and it fits, else queues it
-    /// (FIFO), else rejects it.
+    /// Queues the request and admits whatever can start (this request
+    /// included, when it fits); rejects it when it would wait behind a full
+    /// queue.
     pub fn submit(self: &Arc<Self>, req: Prepared) -> Result<Ticket, SimError> {
         let now = Instant::now();
+        if let Some(a) = req.adapter
+            && a >= self.cfg.lora_adapters.len()
+        {
+            return Err(SimError::Config(format!("unknown adapter index {a}")));
+        }
         // The ticket is built only after the lock is released: dropping a
         // ticket takes the lock, so one must never be dropped under it.
-        let (id, admitted, rx) = {
+        let (id, rx) = {
             let mut st = self.state.lock();
             let id = st.next_id;
             st.next_id += 1;
-            if st.waiting.is_empty()
-                && let Some(adm) = self.admit(&mut st, id, &req, now, now)
-            {
-                (id, Some(adm), None)
-            } else if st.waiting.len() >= self.cfg.max_waiting {
-                return Err(SimError::QueueFull);
-            } else {
-                let (tx, rx) = oneshot::channel();
-                st.waiting.push_back(Waiter {
-                    id,
-                    arrival: now,
-                    req,
-                    tx,
-                });
-                (id, None, Some(rx))
+            let (tx, rx) = oneshot::channel();
+            if let Some(n) = req.adapter.and_then(|a| st.waiting_by_adapter.get_mut(a)) {
+                *n += 1;
             }
+            st.waiting.push_back(Waiter {
+                id,
+                arrival: now,
+                req,
+                tx,
+            });
+            self.drain_queue(&mut st);
+            if st.waiting.back().is_some_and(|w| w.id == id)
+                && st.waiting.len() > self.cfg.max_waiting
+            {
+                if let Some(w) = st.waiting.pop_back() {
+                    self.unqueued(&mut st, &w);
+                }
+                self.publish_lora(&st);
+                return Err(SimError::QueueFull);
+            }
+            (id, rx)
         };
-        let mut ticket = Ticket {
+        Ok(Ticket {
             pod: Arc::clone(self),
             id,
             arrival: now,
-            rx,
+            rx: Some(rx),
             admission: None,
             next_token_at: now,
             rng: fastrand::Rng::with_seed(0),
             emitted: 0,
             finished: false,
-        };
-        if let Some(adm) = admitted {
-            ticket.set_admission(adm);
+        })
+    }
+
+    /// Bookkeeping for a request that left the queue.
+    fn unqueued(&self, st: &mut PodState, w: &Waiter) {
+        if let Some(n) = w.req.adapter.and_then(|a| st.waiting_by_adapter.get_mut(a)) {
+            *n = n.saturating_sub(1);
         }
-        Ok(ticket)
+    }
+
+    /// Hands the adapter sets to the metrics (a no-op without LoRA).
+    fn publish_lora(&self, st: &PodState) {
+        if let Some(slots) = &st.lora {
+            let waiting = st
+                .waiting_by_adapter
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| **n > 0)
+                .fold(0, |m, (i, _)| m | bit(i));
+            self.metrics.lora_state(slots.running_mask(), waiting);
+        }
     }
 
     /// Tries to start `req`: takes a slot and KV blocks and books the prefill
@@ -194,18 +239,39 @@ impl Pod {
         let max_hit_blocks = req.prompt_tokens.saturating_sub(1) / bs;
         let private = req.total_blocks(bs).saturating_sub(req.hashes.len());
         let alloc = st.kv.try_allocate(&req.hashes, max_hit_blocks, private)?;
+        let acquired = match (req.adapter, st.lora.as_mut()) {
+            (Some(a), Some(slots)) => match slots.acquire(a) {
+                Some(acquired) => Some(acquired),
+                None => {
+                    // Callers check the slots first; undo rather than trust it.
+                    st.kv.release(alloc);
+                    return None;
+                }
+            },
+            _ => None,
+        };
         let cached_tokens = alloc.hit_blocks * bs;
-        st.allocs.insert(id, alloc);
+        st.allocs.insert(id, (alloc, req.adapter));
         let running = st.allocs.len();
         self.running.store(running, Ordering::Relaxed);
 
+        let mut start = now.max(st.prefill_free_at);
+        let loaded_adapter =
+            if let (Some(a), Some(Acquired::Loaded { evicted })) = (req.adapter, acquired) {
+                // The load occupies the prefill lane: vLLM loads adapters inside
+                // the engine step, so it holds up the pod's other prefills too.
+                start += jittered(cfg.lora_load_base(), cfg.jitter, &mut st.rng);
+                self.metrics.lora_loaded(a, evicted);
+                true
+            } else {
+                false
+            };
         let base = cfg.prefill_base(req.prompt_tokens - cached_tokens);
         let prefill = jittered(
             base.mul_f64(cfg.load_factor(running)),
             cfg.jitter,
             &mut st.rng,
         );
-        let start = now.max(st.prefill_free_at);
         let first_token_at = start + prefill;
         st.prefill_free_at = first_token_at;
 
@@ -216,43 +282,68 @@ impl Pod {
             admitted_at: now,
             first_token_at,
             cached_tokens,
+            loaded_adapter,
             seed: st.rng.u64(..),
         })
     }
 
-    /// Admits queued requests in order until the head does not fit.
+    /// Admits queued requests in order until one does not fit. A request
+    /// whose adapter cannot get a slot is passed over and the ones behind it
+    /// are considered (vLLM's scheduler skips it for this step); any other
+    /// shortage (running slots, KV blocks) stops the scan, as FCFS does.
     fn drain_queue(&self, st: &mut PodState) {
         let now = Instant::now();
-        // Pop, try, and put back on failure: avoids cloning the head's
-        // block hashes on every release while it stays blocked.
-        while let Some(head) = st.waiting.pop_front() {
-            match self.admit(st, head.id, &head.req, head.arrival, now) {
-                // A closed receiver means the ticket is being dropped right
-                // now; its drop will find the allocation and release it.
+        let mut i = 0;
+        while i < st.waiting.len() && st.allocs.len() < self.cfg.max_num_seqs {
+            if let (Some(a), Some(slots)) = (st.waiting[i].req.adapter, &st.lora)
+                && !slots.can_acquire(a)
+            {
+                i += 1;
+                continue;
+            }
+            // Take it out, try, and put it back on failure: avoids cloning
+            // its block hashes on every release while it stays blocked.
+            let Some(w) = st.waiting.remove(i) else {
+                break;
+            };
+            match self.admit(st, w.id, &w.req, w.arrival, now) {
                 Some(adm) => {
-                    let _ = head.tx.send(adm);
+                    self.unqueued(st, &w);
+                    // A closed receiver means the ticket is being dropped
+                    // right now; its drop will find the allocation and
+                    // release it.
+                    let _ = w.tx.send(adm);
                 }
                 None => {
-                    st.waiting.push_front(head);
+                    st.waiting.insert(i, w);
                     break;
                 }
             }
         }
+        self.publish_lora(st);
     }
 
     /// Releases request `id` wherever it is (queue or running).
     fn release(&self, id: u64, outcome: Outcome) {
         let mut st = self.state.lock();
-        if let Some(pos) = st.waiting.iter().position(|w| w.id == id) {
-            st.waiting.remove(pos);
+        if let Some(w) = st
+            .waiting
+            .iter()
+            .position(|w| w.id == id)
+            .and_then(|pos| st.waiting.remove(pos))
+        {
+            self.unqueued(&mut st, &w);
             // Removing a blocked head may unblock the next one.
             self.drain_queue(&mut st);
             return;
         }
-        let Some(alloc) = st.allocs.remove(&id) else {
+        let Some((alloc, adapter)) = st.allocs.remove(&id) else {
             return;
         };
         st.kv.release(alloc);
+        if let (Some(a), Some(slots)) = (adapter, st.lora.as_mut()) {
+            slots.release(a);
+        }
         self.running.store(st.allocs.len(), Ordering::Relaxed);
         match outcome {
             Outcome::Finished {
@@ -273,6 +364,15 @@ impl Pod {
             waiting: st.waiting.len(),
             kv_usage: st.kv.used_blocks() as f64 / st.kv.capacity() as f64,
         }
+    }
+
+    /// Adapters in a slot, busy or idle, as a bitmask over adapter indices.
+    pub fn loaded_adapters(&self) -> u64 {
+        self.state
+            .lock()
+            .lora
+            .as_ref()
+            .map_or(0, LoraSlots::loaded_mask)
     }
 
     /// The `/metrics` page, restricted to `names` when given (see
@@ -428,6 +528,7 @@ mod tests {
             prompt_tokens: text.len(),
             max_tokens,
             hashes,
+            adapter: None,
         }
     }
 
@@ -555,6 +656,135 @@ mod tests {
             Duration::from_millis(10),
             "5 ms x factor 2"
         );
+    }
+
+    fn lora_cfg(max_loras: usize) -> SimConfig {
+        SimConfig {
+            lora_adapters: vec!["a0".into(), "a1".into(), "a2".into()],
+            max_loras,
+            lora_load_ms: 50.0,
+            ..cfg()
+        }
+    }
+
+    fn on(adapter: usize, text: &str, max_tokens: usize) -> Prepared {
+        Prepared {
+            adapter: Some(adapter),
+            ..req(text, max_tokens)
+        }
+    }
+
+    /// The newest `vllm:lora_requests_info` series: (running, waiting,
+    /// max_lora), and how many series the page has.
+    fn lora_info(p: &Pod) -> ((String, String, String), usize) {
+        let page = p.metrics_page(None).unwrap();
+        let series: Vec<_> = epp::scrape::samples(page.as_bytes())
+            .map(Result::unwrap)
+            .filter(|s| s.name() == b"vllm:lora_requests_info")
+            .map(|s| {
+                let label = |n: &[u8]| String::from_utf8(s.label(n).unwrap().to_vec()).unwrap();
+                let labels = (
+                    label(b"running_lora_adapters"),
+                    label(b"waiting_lora_adapters"),
+                    label(b"max_lora"),
+                );
+                (s.value(), labels)
+            })
+            .collect();
+        let n = series.len();
+        let newest = series
+            .into_iter()
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .unwrap();
+        (newest.1, n)
+    }
+
+    fn strs(r: &str, w: &str, m: &str) -> (String, String, String) {
+        (r.into(), w.into(), m.into())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn loading_an_adapter_costs_its_load_time_once() {
+        let p = pod(lora_cfg(2));
+        // 50 ms load, then 10 ms + 8 tokens x 1 ms of prefill.
+        let (a, _) = run(p.submit(on(0, "aaaabbbb", 2)).unwrap(), 2).await;
+        assert!(a.loaded_adapter);
+        assert_eq!(a.first_token_at - a.arrival, Duration::from_millis(68));
+        let (b, _) = run(p.submit(on(0, "ccccdddd", 2)).unwrap(), 2).await;
+        assert!(!b.loaded_adapter, "still resident");
+        assert_eq!(b.first_token_at - b.arrival, Duration::from_millis(18));
+        // The base model needs no slot.
+        let (c, _) = run(p.submit(req("eeeeffff", 2)).unwrap(), 2).await;
+        assert!(!c.loaded_adapter);
+        assert_eq!(counter(&p, "vllm_sim_lora_adapter_loads_total"), 1.0);
+        assert_eq!(counter(&p, "vllm_sim_lora_adapter_evictions_total"), 0.0);
+        assert_eq!(p.loaded_adapters(), 0b001);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waits_while_every_slot_is_in_use_and_others_pass_it() {
+        let p = pod(lora_cfg(1));
+        let mut a = p.submit(on(0, "aaaa", 3)).unwrap();
+        let mut b = p.submit(on(1, "bbbb", 2)).unwrap();
+        // Behind b, but its adapter is resident: it starts while b waits.
+        let mut c = p.submit(on(0, "cccc", 2)).unwrap();
+        let g = p.gauges();
+        assert_eq!((g.running, g.waiting), (2, 1), "b waits for a slot");
+        assert_eq!(lora_info(&p).0, strs("a0", "a1", "1"));
+        let adm_a = a.first_token().await.unwrap();
+        let adm_c = c.first_token().await.unwrap();
+        assert!(!adm_c.loaded_adapter);
+        assert!(adm_c.admitted_at < adm_a.first_token_at, "c did not queue");
+        c.next_token().await;
+        c.finish();
+        assert_eq!(p.gauges().waiting, 1, "a0 still in use by a");
+        a.next_token().await;
+        a.next_token().await;
+        let a_done = Instant::now();
+        a.finish();
+        // a0 is idle now: a1 replaces it, and pays the load.
+        let adm_b = b.first_token().await.unwrap();
+        assert_eq!(adm_b.admitted_at, a_done);
+        assert!(adm_b.loaded_adapter);
+        assert_eq!(
+            adm_b.first_token_at - adm_b.admitted_at,
+            Duration::from_millis(50 + 14)
+        );
+        assert_eq!(p.loaded_adapters(), 0b010);
+        assert_eq!(lora_info(&p).0, strs("a1", "", "1"));
+        drop(b);
+        assert_eq!(counter(&p, "vllm_sim_lora_adapter_loads_total"), 2.0);
+        assert_eq!(counter(&p, "vllm_sim_lora_adapter_evictions_total"), 1.0);
+        // Once idle, the newest series says nothing runs or waits.
+        assert_eq!(lora_info(&p).0, strs("", "", "1"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_least_recently_used_idle_adapter_is_evicted() {
+        let p = pod(lora_cfg(2));
+        let a = p.submit(on(0, "aaaa", 2)).unwrap();
+        let b = p.submit(on(1, "bbbb", 4)).unwrap();
+        assert_eq!(lora_info(&p).0, strs("a0,a1", "", "2"));
+        // a0's request ends first, so a0 is the least recently used.
+        let ((_, end_a), (_, end_b)) = tokio::join!(run(a, 2), run(b, 4));
+        assert!(end_a < end_b);
+        let (c, _) = run(p.submit(on(2, "cccc", 1)).unwrap(), 1).await;
+        assert!(c.loaded_adapter);
+        assert_eq!(p.loaded_adapters(), 0b110);
+        let evicted = |name: &str| {
+            let page = p.metrics_page(None).unwrap();
+            epp::scrape::samples(page.as_bytes())
+                .map(Result::unwrap)
+                .find(|s| {
+                    s.name() == b"vllm_sim_lora_adapter_evictions_total"
+                        && s.has_label(b"adapter", name.as_bytes())
+                })
+                .map(|s| s.value())
+                .unwrap()
+        };
+        assert_eq!((evicted("a0"), evicted("a1")), (1.0, 0.0));
+        // Every pair of adapter lists seen is a series of its own.
+        assert!(lora_info(&p).1 >= 3, "{:?}", lora_info(&p));
     }
 
     #[test]

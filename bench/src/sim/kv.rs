@@ -15,8 +15,15 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 /// Chained hashes of the full blocks of `text`, `block_bytes` bytes each. The
 /// trailing partial block is not hashed: vLLM only caches full blocks.
 pub fn block_hashes(text: &[u8], block_bytes: usize, out: &mut Vec<u64>) {
+    block_hashes_seeded(text, block_bytes, 0, out);
+}
+
+/// [`block_hashes`] with the chain started from `seed` instead of 0: vLLM
+/// puts a request's LoRA adapter into every block's hash, so the same text
+/// under another adapter (or the base model, seed 0) shares no block.
+pub fn block_hashes_seeded(text: &[u8], block_bytes: usize, seed: u64, out: &mut Vec<u64>) {
     out.clear();
-    let mut parent = 0u64;
+    let mut parent = seed;
     for block in text.chunks_exact(block_bytes) {
         parent = xxh3_64_with_seed(block, parent);
         out.push(parent);
@@ -200,6 +207,14 @@ mod tests {
         // Same block text after a different parent is a different block.
         assert_ne!(a[1], c[1]);
         assert_ne!(a[2], c[2]);
+        // Another seed (another LoRA adapter) shares no block, not even the
+        // first; seed 0 is the plain chain.
+        let mut seeded = Vec::new();
+        block_hashes_seeded(b"aaaabbbbccccdd", 4, 7, &mut seeded);
+        assert_eq!(seeded.len(), 3);
+        assert!(seeded.iter().all(|h| !a.contains(h)), "{seeded:?} {a:?}");
+        block_hashes_seeded(b"aaaabbbbccccdd", 4, 0, &mut seeded);
+        assert_eq!(seeded, a);
     }
 
     #[test]

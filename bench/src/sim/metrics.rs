@@ -15,13 +15,42 @@
 //! A `name[]` query (see [`crate::prom::requested_names`]) drops whole
 //! families from the gathered registry before encoding, which is cheaper
 //! than rendering the page and cutting it down.
+//!
+//! # LoRA
+//!
+//! With adapters configured the page also has vLLM's
+//! `vllm:lora_requests_info{max_lora, running_lora_adapters,
+//! waiting_lora_adapters}` gauge, with vLLM's value semantics: each distinct
+//! pair of adapter lists is its own series, whose value is the Unix time (in
+//! seconds) at which that pair was last the engine's state; old pairs stay
+//! on the page, so a reader takes the series with the largest value (GIE
+//! does). The lists are comma-joined adapter names: `running` the adapters
+//! of admitted requests, `waiting` those of queued ones (vLLM's
+//! definitions: an adapter loaded but idle is in neither). Where the
+//! simulator differs: vLLM stamps the current pair at every engine step, the
+//! simulator at every change and whenever the page is rendered while the pod
+//! has work (same order of values, so the same newest series); names are
+//! joined in configuration order (vLLM: first-seen order); values strictly
+//! increase, so the newest series is unique; only the
+//! [`LORA_INFO_SERIES_KEPT`] most recent pairs are kept (vLLM keeps every
+//! pair ever seen), which no reader of the newest one can tell apart.
+//!
+//! Two counters are the simulator's own, not vLLM's (vLLM exports no count
+//! of adapter loads): `vllm_sim_lora_adapter_loads_total{adapter}` and
+//! `vllm_sim_lora_adapter_evictions_total{adapter}`, for the benchmark to
+//! count swaps. Their names carry no colon, so promtool accepts them as
+//! they are.
 
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use parking_lot::Mutex;
 use prometheus::{
-    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder, core::Collector,
 };
+
+use super::lora::bit;
 
 pub const TTFT_BUCKETS: [f64; 22] = [
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -39,6 +68,13 @@ pub const E2E_BUCKETS: [f64; 21] = [
 pub const FINISH_REASONS: [&str; 3] = ["stop", "length", "abort"];
 const LENGTH: usize = 1;
 const ABORT: usize = 2;
+
+/// Adapter-list pairs kept as `vllm:lora_requests_info` series.
+pub const LORA_INFO_SERIES_KEPT: usize = 32;
+
+pub const LORA_INFO: &str = "vllm:lora_requests_info";
+pub const LORA_LOADS: &str = "vllm_sim_lora_adapter_loads_total";
+pub const LORA_EVICTIONS: &str = "vllm_sim_lora_adapter_evictions_total";
 
 /// Point-in-time engine state for the gauges.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -65,6 +101,89 @@ pub struct PodMetrics {
     ttft: Histogram,
     e2e: Histogram,
     queue_time: Histogram,
+    lora: Option<LoraMetrics>,
+    model: String,
+}
+
+/// The LoRA families of a pod serving adapters.
+#[derive(Debug)]
+struct LoraMetrics {
+    info: GaugeVec,
+    max_lora: String,
+    adapters: Vec<String>,
+    /// Indexed like the adapters.
+    loads: Vec<IntCounter>,
+    evictions: Vec<IntCounter>,
+    series: Mutex<LoraSeries>,
+}
+
+/// Which `vllm:lora_requests_info` series exist, by (running, waiting)
+/// adapter sets, oldest first; the last is the engine's current state.
+#[derive(Debug, Default)]
+struct LoraSeries {
+    pairs: VecDeque<(u64, u64)>,
+    last_stamp: f64,
+}
+
+impl LoraMetrics {
+    fn names(&self, set: u64) -> String {
+        let mut out = String::new();
+        for (i, name) in self.adapters.iter().enumerate() {
+            if set & bit(i) != 0 {
+                if !out.is_empty() {
+                    out.push(',');
+                }
+                out.push_str(name);
+            }
+        }
+        out
+    }
+
+    /// Sets the series of `pair` to the current Unix time. The caller holds
+    /// the series lock, so stamps are handed out in order.
+    fn stamp(&self, series: &mut LoraSeries, pair: (u64, u64)) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        // A microsecond is a few ulps of a present-day Unix time.
+        let stamp = now.max(series.last_stamp + 1e-6);
+        series.last_stamp = stamp;
+        let (running, waiting) = (self.names(pair.0), self.names(pair.1));
+        self.info
+            .with_label_values(&[&self.max_lora, &waiting, &running])
+            .set(stamp);
+    }
+
+    fn observe(&self, running: u64, waiting: u64) {
+        let mut series = self.series.lock();
+        let pair = (running, waiting);
+        if series.pairs.back() == Some(&pair) {
+            return;
+        }
+        if let Some(pos) = series.pairs.iter().position(|p| *p == pair) {
+            series.pairs.remove(pos);
+        }
+        series.pairs.push_back(pair);
+        self.stamp(&mut series, pair);
+        while series.pairs.len() > LORA_INFO_SERIES_KEPT {
+            if let Some((r, w)) = series.pairs.pop_front() {
+                let (running, waiting) = (self.names(r), self.names(w));
+                // Present by construction; a miss would only mean the series
+                // is already gone.
+                let _ = self
+                    .info
+                    .remove_label_values(&[&self.max_lora, &waiting, &running]);
+            }
+        }
+    }
+
+    /// Stamps the current pair again, as vLLM does at each engine step.
+    fn refresh(&self) {
+        let mut series = self.series.lock();
+        if let Some(&pair) = series.pairs.back() {
+            self.stamp(&mut series, pair);
+        }
+    }
 }
 
 fn register<C: Collector + Clone + 'static>(r: &Registry, c: C) -> prometheus::Result<C> {
@@ -191,7 +310,76 @@ impl PodMetrics {
                 )?,
             )?,
             registry: r,
+            lora: None,
+            model: model.to_owned(),
         })
+    }
+
+    /// Adds the LoRA families for a pod serving `adapters` in `max_loras`
+    /// slots. `vllm:lora_requests_info` has no series until the first
+    /// request, as in vLLM; the counters start at 0 for every adapter.
+    pub fn enable_lora(&mut self, adapters: &[String], max_loras: usize) -> prometheus::Result<()> {
+        let model = self.model.as_str();
+        let r = &self.registry;
+        let info = register(
+            r,
+            GaugeVec::new(
+                Opts::new(LORA_INFO, "Running stats on lora requests."),
+                &["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+            )?,
+        )?;
+        let counter = |name: &str, help: &str| -> prometheus::Result<Vec<IntCounter>> {
+            let vec = register(
+                r,
+                IntCounterVec::new(
+                    Opts::new(name, help)
+                        .const_label("engine", "0")
+                        .const_label("model_name", model),
+                    &["adapter"],
+                )?,
+            )?;
+            adapters
+                .iter()
+                .map(|a| vec.get_metric_with_label_values(&[a]))
+                .collect()
+        };
+        let loads = counter(
+            LORA_LOADS,
+            "Adapter loads into a LoRA slot (vllm-sim's own metric, not vLLM's).",
+        )?;
+        let evictions = counter(
+            LORA_EVICTIONS,
+            "Idle adapters evicted from a LoRA slot to load another (vllm-sim's own metric, not vLLM's).",
+        )?;
+        self.lora = Some(LoraMetrics {
+            info,
+            max_lora: max_loras.to_string(),
+            adapters: adapters.to_vec(),
+            loads,
+            evictions,
+            series: Mutex::new(LoraSeries::default()),
+        });
+        Ok(())
+    }
+
+    /// Adapter `adapter` was loaded into a slot, evicting `evicted`.
+    pub fn lora_loaded(&self, adapter: usize, evicted: Option<usize>) {
+        if let Some(l) = &self.lora {
+            if let Some(c) = l.loads.get(adapter) {
+                c.inc();
+            }
+            if let Some(c) = evicted.and_then(|e| l.evictions.get(e)) {
+                c.inc();
+            }
+        }
+    }
+
+    /// The engine's adapter sets changed (bitmasks over adapter indices):
+    /// `running` has admitted requests, `waiting` queued ones.
+    pub fn lora_state(&self, running: u64, waiting: u64) {
+        if let Some(l) = &self.lora {
+            l.observe(running, waiting);
+        }
     }
 
     /// A request was admitted after `queued` in the waiting queue; its
@@ -225,6 +413,11 @@ impl PodMetrics {
         self.waiting
             .set(i64::try_from(g.waiting).unwrap_or(i64::MAX));
         self.kv_usage.set(g.kv_usage);
+        if let Some(l) = &self.lora
+            && g.running + g.waiting > 0
+        {
+            l.refresh();
+        }
         let mut families = self.registry.gather();
         if let Some(names) = names {
             families.retain(|f| crate::prom::family_requested(f, names));
@@ -307,6 +500,85 @@ mod tests {
             "a histogram's own name is none of its sample names"
         );
         assert_eq!(only(&["nope"]), "");
+    }
+
+    /// The LoRA families: none of them without adapters; vLLM's gauge with
+    /// its three labels and a Unix-time value that grows with each new
+    /// state, old states kept up to the cap; our counters per adapter.
+    #[test]
+    fn lora_families_follow_vllm() {
+        let g = Gauges {
+            running: 1,
+            waiting: 0,
+            kv_usage: 0.0,
+        };
+        let plain = PodMetrics::new("m", 16, 4096).unwrap();
+        assert!(!plain.render(g, None).unwrap().contains("lora"));
+        let mut m = PodMetrics::new("m", 16, 4096).unwrap();
+        let adapters: Vec<String> = (0..40).map(|i| format!("a{i}")).collect();
+        m.enable_lora(&adapters, 2).unwrap();
+        let text = m.render(g, None).unwrap();
+        assert!(
+            !text.contains(LORA_INFO),
+            "no series before the first request"
+        );
+        assert_eq!(sum(&text, LORA_LOADS), 0.0);
+        m.lora_state(0b1, 0b110);
+        m.lora_loaded(0, None);
+        m.lora_loaded(2, Some(0));
+        let newest = |text: &str| {
+            epp::scrape::samples(text.as_bytes())
+                .map(Result::unwrap)
+                .filter(|s| s.name() == LORA_INFO.as_bytes())
+                .map(|s| {
+                    let l = |n: &[u8]| String::from_utf8(s.label(n).unwrap().to_vec()).unwrap();
+                    (
+                        s.value(),
+                        l(b"running_lora_adapters"),
+                        l(b"waiting_lora_adapters"),
+                        l(b"max_lora"),
+                    )
+                })
+                .max_by(|a, b| a.0.total_cmp(&b.0))
+                .unwrap()
+        };
+        let first = newest(&m.render(g, None).unwrap());
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!((now - first.0).abs() < 60.0, "a Unix time: {}", first.0);
+        assert_eq!(
+            (&first.1[..], &first.2[..], &first.3[..]),
+            ("a0", "a1,a2", "2")
+        );
+        // Rendering while busy stamps the current state again.
+        let again = newest(&m.render(g, None).unwrap());
+        assert!(again.0 > first.0 && again.1 == first.1);
+        m.lora_state(0b100, 0);
+        let text = m.render(g, None).unwrap();
+        assert_eq!(newest(&text).1, "a2");
+        assert!(text.contains(r#"running_lora_adapters="a0",waiting_lora_adapters="a1,a2""#));
+        for i in 0..40 {
+            m.lora_state(1 << i, 0);
+        }
+        let text = m.render(g, None).unwrap();
+        assert_eq!(
+            text.matches("vllm:lora_requests_info{").count(),
+            LORA_INFO_SERIES_KEPT
+        );
+        assert_eq!(newest(&text).1, "a39");
+        // Going back to an earlier state makes its series the newest again.
+        m.lora_state(1 << 20, 0);
+        assert_eq!(newest(&m.render(g, None).unwrap()).1, "a20");
+        assert!(text.contains("\n# TYPE vllm:lora_requests_info gauge\n"));
+        assert!(text.contains("\n# TYPE vllm_sim_lora_adapter_loads_total counter\n"));
+        let text = m.render(g, None).unwrap();
+        assert_eq!(sum(&text, LORA_LOADS), 2.0);
+        assert_eq!(sum(&text, LORA_EVICTIONS), 1.0);
+        assert!(text.contains(
+            r#"vllm_sim_lora_adapter_evictions_total{adapter="a0",engine="0",model_name="m"} 1"#
+        ));
     }
 
     #[test]

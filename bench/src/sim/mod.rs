@@ -42,20 +42,42 @@
 //!   RNG seeded by `--seed` and the pod index, so a run with the same arrival
 //!   order is reproducible.
 //!
+//! * **LoRA adapters** (with `--lora-adapters`). A request whose `model`
+//!   is an adapter's name runs with that adapter; the base model needs none.
+//!   A pod has `--max-loras` adapter slots. At admission a request needs
+//!   its adapter in a slot: resident already (free), else loaded into an
+//!   empty slot, else loaded in place of the least recently used adapter
+//!   that no running request uses (an eviction). A load takes
+//!   `--lora-load-ms` (jittered) in the prefill lane, before the request's
+//!   prefill, so it also delays the prefills queued behind it (vLLM loads
+//!   adapters inside the engine step). When every slot holds an adapter in
+//!   use the request cannot start: it is passed over, and requests behind it
+//!   that can start do (vLLM's scheduler skips it for the step); a shortage
+//!   of running slots or KV blocks still stops admission in FCFS order. An
+//!   adapter's prompt blocks are hashed in a chain of its own, so adapters
+//!   never share cached blocks with each other or the base model (vLLM puts
+//!   the adapter in the block hash). The page exports vLLM's
+//!   `vllm:lora_requests_info` and counters of loads and evictions of the
+//!   simulator's own ([`metrics`]).
+//!
 //! Decode does not stall during another request's prefill (vLLM's chunked
 //! prefill interleaves them); the load factor stands for that interference.
 //!
 //! # Invariants
 //! * `referenced blocks + unreferenced cached blocks + private blocks <=
 //!   kv_blocks` at all times.
-//! * A request holds its blocks and its slot from admission until its
-//!   response is finished or abandoned (client gone): [`engine::Ticket`]
-//!   releases them on drop, so a cancelled request never leaks capacity.
+//! * A request holds its blocks, its slot and its adapter's slot from
+//!   admission until its response is finished or abandoned (client gone):
+//!   [`engine::Ticket`] releases them on drop, so a cancelled request never
+//!   leaks capacity.
+//! * An adapter a running request uses is never evicted; at most
+//!   `--max-loras` distinct adapters are in slots.
 
 pub mod api;
 pub mod config;
 pub mod engine;
 pub mod kv;
+pub mod lora;
 pub mod metrics;
 pub mod server;
 

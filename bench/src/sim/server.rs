@@ -31,7 +31,7 @@ use super::SimError;
 use super::api::{self, ApiError, Endpoint, ResponseMeta, Usage};
 use super::config::SimConfig;
 use super::engine::{Pod, Prepared, Ticket};
-use super::kv::block_hashes;
+use super::kv::block_hashes_seeded;
 
 pub type RespBody = UnsyncBoxBody<Bytes, Infallible>;
 
@@ -44,6 +44,10 @@ const STREAM_BUFFER: usize = 16;
 struct PodCtx {
     pod: Arc<Pod>,
     model_json: String,
+    /// JSON-escaped adapter names, indexed like the configured adapters.
+    adapter_json: Arc<Vec<String>>,
+    /// Block-hash seeds per adapter (the base model's is 0).
+    adapter_seeds: Arc<Vec<u64>>,
     pod_header: HeaderValue,
     port_header: HeaderValue,
 }
@@ -148,18 +152,29 @@ async fn handle(
 
 fn models(ctx: &PodCtx) -> Response<RespBody> {
     let cfg = ctx.pod.config();
-    let body = serde_json::json!({
-        "object": "list",
-        "data": [{
-            "id": cfg.model,
+    let created = unix_now();
+    let mut data = vec![serde_json::json!({
+        "id": cfg.model,
+        "object": "model",
+        "created": created,
+        "owned_by": "vllm",
+        "root": cfg.model,
+        "parent": null,
+        "max_model_len": cfg.max_model_len,
+    })];
+    // vLLM lists each adapter with the base model as its parent.
+    data.extend(cfg.lora_adapters.iter().map(|a| {
+        serde_json::json!({
+            "id": a,
             "object": "model",
-            "created": unix_now(),
+            "created": created,
             "owned_by": "vllm",
-            "root": cfg.model,
-            "parent": null,
-            "max_model_len": cfg.max_model_len,
-        }],
-    });
+            "root": format!("/adapters/{a}"),
+            "parent": cfg.model,
+            "max_model_len": null,
+        })
+    }));
+    let body = serde_json::json!({ "object": "list", "data": data });
     ctx.json(StatusCode::OK, body.to_string())
 }
 
@@ -181,15 +196,21 @@ async fn infer(
         Err(e) => return ctx.error(&e),
     };
     let mut hashes = Vec::with_capacity(v.prompt_tokens / cfg.block_size + 1);
-    block_hashes(
+    let seed = v
+        .adapter
+        .and_then(|a| ctx.adapter_seeds.get(a).copied())
+        .unwrap_or(0);
+    block_hashes_seeded(
         v.text.as_bytes(),
         cfg.block_size * cfg.chars_per_token,
+        seed,
         &mut hashes,
     );
     let prepared = Prepared {
         prompt_tokens: v.prompt_tokens,
         max_tokens: v.max_tokens,
         hashes,
+        adapter: v.adapter,
     };
     let ticket = match ctx.pod.submit(prepared) {
         Ok(t) => t,
@@ -210,6 +231,7 @@ async fn infer(
     };
     let job = Job {
         ctx: Arc::clone(ctx),
+        adapter: v.adapter,
         endpoint,
         id: format!(
             "{}-{}-{}",
@@ -240,6 +262,7 @@ async fn infer(
 
 struct Job {
     ctx: Arc<PodCtx>,
+    adapter: Option<usize>,
     endpoint: Endpoint,
     id: String,
     created: u64,
@@ -254,7 +277,11 @@ impl Job {
             endpoint: self.endpoint,
             id: &self.id,
             created: self.created,
-            model_json: &self.ctx.model_json,
+            // vLLM answers with the name the request used.
+            model_json: self
+                .adapter
+                .and_then(|a| self.ctx.adapter_json.get(a))
+                .unwrap_or(&self.ctx.model_json),
         }
     }
 
@@ -400,8 +427,21 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<PodCtx>, mut shutdown: watc
 pub async fn spawn_fleet(cfg: SimConfig) -> Result<SimFleet, SimError> {
     cfg.validate()?;
     let cfg = Arc::new(cfg);
-    let model_json = serde_json::to_string(&cfg.model)
-        .map_err(|e| SimError::Config(format!("model name: {e}")))?;
+    let json_name =
+        |n: &String| serde_json::to_string(n).map_err(|e| SimError::Config(format!("{n}: {e}")));
+    let model_json = json_name(&cfg.model)?;
+    let adapter_json = Arc::new(
+        cfg.lora_adapters
+            .iter()
+            .map(json_name)
+            .collect::<Result<Vec<_>, _>>()?,
+    );
+    let adapter_seeds = Arc::new(
+        cfg.lora_adapters
+            .iter()
+            .map(|a| xxhash_rust::xxh3::xxh3_64(a.as_bytes()).max(1))
+            .collect::<Vec<_>>(),
+    );
     let (shutdown, rx) = watch::channel(false);
     let mut pods = Vec::with_capacity(usize::from(cfg.pods));
     let mut tasks = Vec::with_capacity(usize::from(cfg.pods));
@@ -435,6 +475,8 @@ pub async fn spawn_fleet(cfg: SimConfig) -> Result<SimFleet, SimError> {
         let ctx = Arc::new(PodCtx {
             pod: Arc::clone(&pod),
             model_json: model_json.clone(),
+            adapter_json: Arc::clone(&adapter_json),
+            adapter_seeds: Arc::clone(&adapter_seeds),
             pod_header,
             port_header: HeaderValue::from(addr.port()),
         });
