@@ -604,7 +604,10 @@ mod tests {
         .unwrap();
         let md = std::fs::read_to_string(&files.markdown).unwrap();
         assert!(md.contains("`epp-bench report --inputs a.json,b.json`"));
-        assert!(md.contains("\nMachine: 2 cores (test CPU), today\n"), "{md}");
+        assert!(
+            md.contains("\nMachine: 2 cores (test CPU), today\n"),
+            "{md}"
+        );
         assert!(md.contains("| epp-default | 9.00 req/s | 60 ms | 60 ms | 120 ms | 132 ms | 240 ms | 68.0% | 70.0% | 1.11 | 1 (429: 1) |"), "{md}");
         assert!(md.contains("Ideal prefix-cache hit rate of the workload"));
         assert!(md.contains("`epp-bench shared-prefix --label round-robin`"));
