@@ -19,9 +19,9 @@
 //! get the merged view of both groups (an objective named in both takes
 //! llm-d.ai's priority, the newer API) and are called only when it changed.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, future::Future, sync::Arc, time::Duration};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt, future::OptionFuture};
 use kube::{
     Api, Client,
     core::DynamicObject,
@@ -94,87 +94,83 @@ pub(super) struct PolicyWatch {
 /// Watches the policy objects of the pool until `shutdown`.
 pub(super) async fn run(w: PolicyWatch, sinks: PolicySinks, shutdown: watch::Receiver<bool>) {
     let objectives = sinks.objectives.map(|sink| {
-        let merged = Arc::new(Merged::new(
-            2,
-            move |all: &[Vec<(String, Objective)>], pool: &str| {
+        watch_merged(
+            &w,
+            objective_resources(),
+            parse_objective,
+            WatchedResource::InferenceObjectives,
+            &shutdown,
+            |all: &[Named<Objective>], pool: &str| -> HashMap<String, i32> {
                 // Later slots (llm-d.ai) win on a name both groups define.
-                let map: HashMap<String, i32> = all
-                    .iter()
+                all.iter()
                     .flatten()
                     .filter(|(_, o)| o.is_for(pool))
                     .map(|(name, o)| (name.clone(), o.priority))
-                    .collect();
-                (map, sink.clone())
+                    .collect()
             },
-        ));
-        let loops = objective_resources()
-            .into_iter()
-            .enumerate()
-            .map(|(slot, res)| {
-                let merged = Arc::clone(&merged);
-                watch_one(
-                    w.clone(),
-                    res,
-                    parse_objective,
-                    WatchedResource::InferenceObjectives,
-                    shutdown.clone(),
-                    move |objects, pool| {
-                        if let Some((map, sink)) = merged.set(slot, objects, pool) {
-                            tracing::info!(
-                                objectives = map.len(),
-                                "InferenceObjective priorities updated"
-                            );
-                            sink(map);
-                        }
-                    },
-                )
-            });
-        futures_util::future::join_all(loops)
+            move |map| {
+                tracing::info!(
+                    objectives = map.len(),
+                    "InferenceObjective priorities updated"
+                );
+                sink(map);
+            },
+        )
     });
     let rewrites = sinks.rewrites.map(|sink| {
-        let merged = Arc::new(Merged::new(
-            2,
-            move |all: &[Vec<(String, ModelRewrite)>], pool: &str| {
+        watch_merged(
+            &w,
+            model_rewrite_resources(),
+            parse_model_rewrite,
+            WatchedResource::InferenceModelRewrites,
+            &shutdown,
+            |all: &[Named<ModelRewrite>], pool: &str| {
                 let objects: Vec<&ModelRewrite> = all.iter().flatten().map(|(_, r)| r).collect();
-                (rewrite_rules_for(pool, &objects), sink.clone())
+                rewrite_rules_for(pool, &objects)
             },
-        ));
-        let loops = model_rewrite_resources()
-            .into_iter()
-            .enumerate()
-            .map(|(slot, res)| {
-                let merged = Arc::clone(&merged);
-                watch_one(
-                    w.clone(),
-                    res,
-                    parse_model_rewrite,
-                    WatchedResource::InferenceModelRewrites,
-                    shutdown.clone(),
-                    move |objects, pool| {
-                        if let Some((rules, sink)) = merged.set(slot, objects, pool) {
-                            tracing::info!(
-                                rules = rules.len(),
-                                "InferenceModelRewrite rules updated"
-                            );
-                            sink(rules);
-                        }
-                    },
-                )
-            });
-        futures_util::future::join_all(loops)
+            move |rules| {
+                tracing::info!(rules = rules.len(), "InferenceModelRewrite rules updated");
+                sink(rules);
+            },
+        )
     });
-    match (objectives, rewrites) {
-        (Some(o), Some(r)) => {
-            futures_util::future::join(o, r).await;
-        }
-        (Some(o), None) => {
-            o.await;
-        }
-        (None, Some(r)) => {
-            r.await;
-        }
-        (None, None) => {}
-    }
+    futures_util::future::join(OptionFuture::from(objectives), OptionFuture::from(rewrites)).await;
+}
+
+/// One loop per group of `resources`, their objects merged into one view
+/// that `push` receives whenever it changes.
+fn watch_merged<T, V>(
+    w: &PolicyWatch,
+    resources: Vec<VersionedResource>,
+    parse: fn(&DynamicObject) -> Result<T, KubeDiscoveryError>,
+    stat: WatchedResource,
+    shutdown: &watch::Receiver<bool>,
+    merge: impl Fn(&[Named<T>], &str) -> V + Send + Sync + 'static,
+    push: impl Fn(V) + Send + Sync + 'static,
+) -> impl Future<Output = ()>
+where
+    T: Clone + PartialEq + Send + 'static,
+    V: PartialEq + Clone + Default + Send + 'static,
+{
+    let merged = Arc::new(Merged::new(resources.len(), merge));
+    let push = Arc::new(push);
+    let loops = resources.into_iter().enumerate().map(|(slot, res)| {
+        let merged = Arc::clone(&merged);
+        let push = Arc::clone(&push);
+        watch_one(
+            w.clone(),
+            res,
+            parse,
+            stat,
+            shutdown.clone(),
+            move |objects, pool| {
+                if let Some(view) = merged.set(slot, objects, pool) {
+                    push(view);
+                }
+            },
+        )
+    });
+    futures_util::future::join_all(loops).map(|_| ())
 }
 
 /// The objects each group's loop last saw, and the view merged from them
@@ -188,10 +184,10 @@ struct Merged<T, V, F> {
 /// One group's objects, by name.
 type Named<T> = Vec<(String, T)>;
 
-impl<T, V, S, F> Merged<T, V, F>
+impl<T, V, F> Merged<T, V, F>
 where
     V: PartialEq + Clone + Default,
-    F: Fn(&[Named<T>], &str) -> (V, S),
+    F: Fn(&[Named<T>], &str) -> V,
 {
     fn new(slots: usize, merge: F) -> Self {
         Self {
@@ -200,20 +196,20 @@ where
         }
     }
 
-    /// Replaces `slot`'s objects; the merged view and where to push it, when
-    /// it differs from the last one pushed.
-    fn set(&self, slot: usize, objects: Named<T>, pool: &str) -> Option<(V, S)> {
+    /// Replaces `slot`'s objects; the merged view, when it differs from the
+    /// last one pushed.
+    fn set(&self, slot: usize, objects: Named<T>, pool: &str) -> Option<V> {
         let mut state = self.state.lock();
         let (slots, pushed) = &mut *state;
         if let Some(s) = slots.get_mut(slot) {
             *s = objects;
         }
-        let (view, sink) = (self.merge)(slots, pool);
+        let view = (self.merge)(slots, pool);
         if *pushed == view {
             return None;
         }
         *pushed = view.clone();
-        Some((view, sink))
+        Some(view)
     }
 }
 
@@ -342,21 +338,21 @@ mod tests {
     fn merged_views_prefer_the_later_group_and_push_only_changes() {
         let merged = Merged::new(2, |all: &[Vec<(String, i32)>], _pool: &str| {
             let map: HashMap<String, i32> = all.iter().flatten().cloned().collect();
-            (map, ())
+            map
         });
         assert!(
             merged.set(0, Vec::new(), "p").is_none(),
             "nothing to say yet"
         );
-        let (map, ()) = merged.set(0, vec![("a".into(), 1)], "p").unwrap();
+        let map = merged.set(0, vec![("a".into(), 1)], "p").unwrap();
         assert_eq!(map, HashMap::from([("a".into(), 1)]));
-        let (map, ()) = merged.set(1, vec![("a".into(), 5)], "p").unwrap();
+        let map = merged.set(1, vec![("a".into(), 5)], "p").unwrap();
         assert_eq!(map["a"], 5, "the later group wins");
         assert!(
             merged.set(1, vec![("a".into(), 5)], "p").is_none(),
             "unchanged"
         );
-        let (map, ()) = merged.set(1, Vec::new(), "p").unwrap();
+        let map = merged.set(1, Vec::new(), "p").unwrap();
         assert_eq!(map["a"], 1);
     }
 }
