@@ -1,10 +1,10 @@
 //! The llm-d and GIE plugins beyond GIE's default profile: load, saturation,
 //! context length and cold-request spreading.
 
-use std::{sync::Arc, time::Instant};
+use std::time::Instant;
 
 use super::{
-    tests::{build_one, facts, idle, kept_by, labelled_store, prompt, scheduler},
+    tests::{build_one, facts, idle, kept_by, labelled_store, prompt, scheduler, try_scheduler},
     *,
 };
 use crate::endpoints::{EndpointStore, InFlightGuard, MetricsSample, testing::store_with};
@@ -166,18 +166,7 @@ fn the_saturation_detector_reference_must_name_a_detector() {
     let cfg = "plugins:\n- type: queue-scorer\n- type: concurrency-detector\nsaturationDetector: {pluginRef: concurrency-detector}\n";
     let _ = scheduler(cfg, 0, &store);
     let text = "plugins:\n- type: queue-scorer\nsaturationDetector: {pluginRef: queue-scorer}\n";
-    let err = build_scheduler(
-        &crate::config::EndpointPickerConfig::parse(text).unwrap(),
-        &SchedulerOptions {
-            fallback_endpoints: 0,
-            max_scrape_failures: 3,
-            staleness: std::time::Duration::from_secs(1),
-            epoch: store.epoch(),
-        },
-        Arc::new(crate::prefix::PrefixIndex::new()),
-    )
-    .err()
-    .unwrap();
+    let err = try_scheduler(text, 0, &store).err().unwrap();
     assert!(matches!(err, BuildError::Parameters { .. }), "{err}");
 }
 
@@ -674,18 +663,7 @@ fn session_plugins_configure_one_header() {
         })
     ));
     let mixed = "plugins:\n- type: session-affinity-scorer\n- type: session-affinity-filter\n  parameters: {encodedEndpointHeaderConfig: {header: other}}\n";
-    let err = build_scheduler(
-        &crate::config::EndpointPickerConfig::parse(mixed).unwrap(),
-        &SchedulerOptions {
-            fallback_endpoints: 0,
-            max_scrape_failures: 3,
-            staleness: std::time::Duration::from_secs(1),
-            epoch: store.epoch(),
-        },
-        Arc::new(crate::prefix::PrefixIndex::new()),
-    )
-    .err()
-    .unwrap();
+    let err = try_scheduler(mixed, 0, &store).err().unwrap();
     assert!(matches!(err, BuildError::Parameters { .. }), "{err}");
 }
 

@@ -7,9 +7,17 @@ use crate::{
 };
 
 pub(super) fn scheduler(cfg: &str, fallback: usize, store: &EndpointStore) -> Scheduler {
-    let cfg = EndpointPickerConfig::parse(cfg).unwrap();
+    try_scheduler(cfg, fallback, store).unwrap()
+}
+
+/// Builds the scheduler of config text `cfg` (which must parse) over `store`.
+pub(super) fn try_scheduler(
+    cfg: &str,
+    fallback: usize,
+    store: &EndpointStore,
+) -> Result<Scheduler, BuildError> {
     build_scheduler(
-        &cfg,
+        &EndpointPickerConfig::parse(cfg).unwrap(),
         &SchedulerOptions {
             fallback_endpoints: fallback,
             max_scrape_failures: 3,
@@ -18,7 +26,6 @@ pub(super) fn scheduler(cfg: &str, fallback: usize, store: &EndpointStore) -> Sc
         },
         Arc::new(PrefixIndex::new()),
     )
-    .unwrap()
 }
 
 pub(super) fn idle() -> MetricsSample {
@@ -411,20 +418,7 @@ fn bodiless_requests_go_to_the_least_loaded() {
 #[test]
 fn config_errors_are_clear() {
     let store = EndpointStore::new(Duration::from_secs(1));
-    let opts = SchedulerOptions {
-        fallback_endpoints: 0,
-        max_scrape_failures: 3,
-        staleness: Duration::from_secs(1),
-        epoch: store.epoch(),
-    };
-    let build = |text: &str| {
-        build_scheduler(
-            &EndpointPickerConfig::parse(text).unwrap(),
-            &opts,
-            Arc::new(PrefixIndex::new()),
-        )
-        .map(|_| ())
-    };
+    let build = |text: &str| try_scheduler(text, 0, &store).map(|_| ());
     let err = build("plugins:\n- type: magic-scorer\n").unwrap_err();
     assert!(err.to_string().contains("magic-scorer") && err.to_string().contains("queue-scorer"));
     let err =
@@ -508,16 +502,7 @@ pub(super) fn build_one(plugin_type: &str, parameters: &str) -> Result<Scheduler
     let text = format!(
         "plugins:\n- type: {plugin_type}\n  parameters: {parameters}\ntrustedHeaders: [test-epp-endpoint-selection]\n"
     );
-    build_scheduler(
-        &EndpointPickerConfig::parse(&text).unwrap(),
-        &SchedulerOptions {
-            fallback_endpoints: 0,
-            max_scrape_failures: 3,
-            staleness: Duration::from_secs(1),
-            epoch: store.epoch(),
-        },
-        Arc::new(PrefixIndex::new()),
-    )
+    try_scheduler(&text, 0, &store)
 }
 
 #[test]
