@@ -22,11 +22,6 @@
 //! block whose parent is unknown (evicted here, or stored before we
 //! subscribed) cannot be keyed and is skipped, counted as an orphan.
 
-use std::{
-    collections::HashMap,
-    hash::{BuildHasherDefault, Hasher},
-};
-
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use super::decode::{Batch, Event, Medium};
@@ -66,24 +61,7 @@ pub fn block_keys(mut prev: u64, tokens: &[u32], block_size: usize, out: &mut Ve
     }
 }
 
-#[derive(Default)]
-struct IdentityHasher(u64);
-
-impl Hasher for IdentityHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8) | u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-type Map<V> = HashMap<u64, V, BuildHasherDefault<IdentityHasher>>;
+type Map<V> = crate::prefix::BlockKeyMap<V>;
 
 #[derive(Debug, Clone, Copy)]
 struct Node {

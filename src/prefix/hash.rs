@@ -9,6 +9,11 @@
 //! models (or two tenants that salt their requests) never share entries.
 //! A trailing partial block is not hashed: the server caches full blocks only.
 
+use std::{
+    collections::HashMap,
+    hash::{BuildHasherDefault, Hasher},
+};
+
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::request::Prompt;
@@ -71,6 +76,29 @@ impl BlockHasher {
         }
     }
 }
+
+/// Block hashes are already uniformly distributed; hashing them again is
+/// wasted work.
+#[derive(Default)]
+pub struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// A map keyed by block hashes (ours or an engine's), which need no
+/// rehashing.
+pub type BlockKeyMap<V> = HashMap<u64, V, BuildHasherDefault<IdentityHasher>>;
 
 #[cfg(test)]
 mod tests {

@@ -47,14 +47,11 @@
 //! first record for a new uid purges the slot, so a replacement pod never
 //! inherits its predecessor's cache.
 
-use std::{
-    cell::RefCell,
-    collections::HashMap,
-    hash::{BuildHasherDefault, Hasher},
-};
+use std::cell::RefCell;
 
 use parking_lot::RwLock;
 
+use super::BlockKeyMap;
 use crate::endpoints::EndpointSet;
 
 const NIL: u32 = u32::MAX;
@@ -111,26 +108,7 @@ impl SlotLru {
     };
 }
 
-/// Block hashes are already uniformly distributed; hashing them again is
-/// wasted work.
-#[derive(Default)]
-struct IdentityHasher(u64);
-
-impl Hasher for IdentityHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-type HeadMap = HashMap<u64, Holders, BuildHasherDefault<IdentityHasher>>;
+type HeadMap = BlockKeyMap<Holders>;
 
 #[derive(Debug, Default)]
 struct Inner {

@@ -9,6 +9,6 @@ mod hash;
 mod index;
 mod metrics;
 
-pub use hash::{BlockHasher, chain_seed};
+pub use hash::{BlockHasher, BlockKeyMap, IdentityHasher, chain_seed};
 pub use index::PrefixIndex;
 pub use metrics::IndexMetrics;
