@@ -16,6 +16,7 @@
 //!   once its endpoint leaves; the prefix index tells old and new owners apart
 //!   by `uid`, so stale cache entries can never be attributed to a newcomer.
 
+mod kv_events;
 mod lora;
 mod metrics;
 mod pool_metrics;
@@ -34,6 +35,7 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
+pub use kv_events::{KvEventsCell, KvView};
 pub use lora::{Adapters, LoraCell, LoraSeries, LoraState};
 pub use metrics::{EndpointMetrics, MetricsSample};
 pub use pool_metrics::PoolMetrics;
@@ -76,6 +78,8 @@ pub struct Endpoint {
     /// LoRA adapters, from the engine's LoRA gauge (vLLM); written by the
     /// scraper only when they change.
     pub lora: LoraCell,
+    /// What the endpoint's KV-cache events say it holds, when configured.
+    pub kv_events: KvEventsCell,
     in_flight: AtomicU32,
     /// Requests routed here since the last successful scrape and still in
     /// flight: the scrape cannot have seen them, so the queue scorer adds them.
@@ -104,6 +108,7 @@ impl Endpoint {
             uid,
             metrics: EndpointMetrics::default(),
             lora: LoraCell::default(),
+            kv_events: KvEventsCell::default(),
             in_flight: AtomicU32::new(0),
             dispatched_since_scrape: AtomicU32::new(0),
             finished_since_scrape: AtomicU32::new(0),

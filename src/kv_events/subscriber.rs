@@ -22,7 +22,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -31,7 +31,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use super::{
-    decode::{Batch, decode_into},
+    decode::{Batch, Event, decode_into},
     index::{BlockIndex, PrefixMatch},
     zmtp::{Connection, Message, ZmtpError},
 };
@@ -75,6 +75,8 @@ pub struct RankState {
     /// Now minus the last batch's `ts`, in microseconds.
     pub lag_micros: AtomicU64,
     pub blocks: AtomicU64,
+    /// Tokens per block, from the last stored event; 0 before one.
+    block_size: AtomicU32,
 }
 
 /// A point-in-time view of one rank, for `Admin.ListEndpoints`.
@@ -113,6 +115,7 @@ impl RankState {
             evicted: AtomicU64::new(0),
             lag_micros: AtomicU64::new(0),
             blocks: AtomicU64::new(0),
+            block_size: AtomicU32::new(0),
         }
     }
 
@@ -122,6 +125,14 @@ impl RankState {
             return None;
         }
         Some(self.index.lock().longest_prefix(keys))
+    }
+
+    /// Tokens per block as the engine reports it, once it has stored one.
+    pub fn block_size(&self) -> Option<u32> {
+        match self.block_size.load(Ordering::Relaxed) {
+            0 => None,
+            b => Some(b),
+        }
     }
 
     /// Bounds the index (e.g. to the endpoint's `num_gpu_blocks`).
@@ -166,6 +177,12 @@ impl RankState {
             self.blocks.store(idx.len() as u64, Ordering::Relaxed);
             a
         };
+        if let Some(bs) = batch.events.iter().rev().find_map(|e| match e {
+            Event::Stored { block_size, .. } if *block_size > 0 => Some(*block_size),
+            _ => None,
+        }) {
+            self.block_size.store(bs, Ordering::Relaxed);
+        }
         self.known.store(true, Ordering::Release);
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.block_events
