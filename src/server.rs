@@ -7,6 +7,11 @@
 //! discovery and leader election, start the background tasks, start the
 //! servers, wait for shutdown, drain.
 //!
+//! KV-cache events (`--kv-events`): a supervisor on its own thread follows
+//! the endpoint set and runs one subscription per endpoint and rank, so event
+//! ingest, however malformed or heavy, never runs on the request path's
+//! runtime.
+//!
 //! Discovery: `--endpoints-file` if given, else Kubernetes (`--pool-name`
 //! or `--endpoint-selector`, exactly one). With
 //! `--ha-enable-leader-election` a Lease elector drives readiness' leader
@@ -36,7 +41,7 @@ use crate::{
     },
     director::Director,
     discovery::{
-        DiscoveryMetrics, DiscoverySource, FileDiscovery,
+        DiscoveryMetrics, DiscoverySource, FileDiscovery, KvEventsSettings,
         kube::{
             self as kube_discovery, DiscoveryStats, KubeDiscovery, KubeDiscoveryError,
             KubeDiscoveryOptions, LeaderElectionConfig, LeaderElector, RewriteRule, Target,
@@ -45,6 +50,7 @@ use crate::{
     },
     endpoints::{EndpointStore, PoolMetrics},
     extproc::{ExtProcService, StreamSettings},
+    kv_events::{KvEventsMetrics, Supervisor, SupervisorSettings},
     listener::{
         BindError, Listener,
         tls::{self, TlsError, TlsSetup},
@@ -128,6 +134,18 @@ fn target_settings(flags: &Flags) -> TargetSettings {
     }
 }
 
+/// Discovery's KV-event settings (what endpoints may override), from the flags.
+fn kv_events_settings(flags: &Flags) -> KvEventsSettings {
+    let f = &flags.kv_events;
+    KvEventsSettings {
+        enabled: f.enabled,
+        port: f.port,
+        replay_port: f.replay_port,
+        topic: f.topic.clone(),
+        ranks: f.dp_ranks,
+    }
+}
+
 /// Runs the picker until `shutdown` resolves. `bound` receives the listening
 /// addresses once every port is bound.
 pub async fn run(
@@ -150,6 +168,7 @@ pub async fn run(
 
     let (stop_tx, stop) = watch::channel(false);
     let kube = start_discovery(&flags, &core, &stop).await?;
+    start_kv_events(&flags, &core, &stop)?;
     let leader = start_leader_election(&flags, &core, kube.as_ref(), &stop);
     let Listeners {
         ext_proc,
@@ -349,7 +368,8 @@ async fn start_discovery(
             path.clone(),
             flags.endpoints_file_poll_interval,
             Arc::clone(&core.store),
-        );
+        )
+        .with_kv_events(kv_events_settings(flags));
         tokio::spawn(d.run(stop.clone()));
         DiscoverySource::File(Arc::clone(&core.store))
     } else if let Some(Kube {
@@ -360,9 +380,11 @@ async fn start_discovery(
     {
         let director = Arc::clone(&core.director);
         let rewrite_director = Arc::clone(&core.director);
+        let mut options = KubeDiscoveryOptions::new(flags.pool_namespace.clone(), target.clone());
+        options.kv_events = kv_events_settings(flags);
         let d = KubeDiscovery::new(
             client.clone(),
-            KubeDiscoveryOptions::new(flags.pool_namespace.clone(), target.clone()),
+            options,
             Arc::clone(&core.store),
             Arc::clone(stats),
         )
@@ -385,6 +407,47 @@ async fn start_discovery(
     let stats = kube.as_ref().map(|k| Arc::clone(&k.stats));
     core.register(DiscoveryMetrics::new(source, stats))?;
     Ok(kube)
+}
+
+/// With `--kv-events`: the subscription supervisor, on its own thread with a
+/// single-threaded runtime (as the scraper), and its metrics. It stops every
+/// subscription when `stop` turns true.
+fn start_kv_events(
+    flags: &Flags,
+    core: &Core,
+    stop: &watch::Receiver<bool>,
+) -> Result<(), ServerError> {
+    let f = &flags.kv_events;
+    if !f.enabled {
+        return Ok(());
+    }
+    core.register(KvEventsMetrics::new(
+        Arc::clone(&core.store),
+        &core.pool_name,
+    ))?;
+    let supervisor = Supervisor::new(
+        Arc::clone(&core.store),
+        SupervisorSettings {
+            max_blocks_per_rank: f.max_blocks_per_rank,
+            handshake_timeout: f.handshake_timeout,
+            max_message: usize::try_from(f.max_message_bytes).unwrap_or(usize::MAX),
+            capacity_interval: Duration::from_secs(1),
+        },
+    );
+    let start = |source| ServerError::Start {
+        what: "KV-event supervisor",
+        source,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(start)?;
+    let stop = stop.clone();
+    std::thread::Builder::new()
+        .name("epp-kv-events".into())
+        .spawn(move || rt.block_on(supervisor.run(stop)))
+        .map_err(start)?;
+    Ok(())
 }
 
 /// InferenceModelRewrite rules as the director's rewrite entries, in the

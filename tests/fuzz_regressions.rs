@@ -189,6 +189,7 @@ async fn huge_chunk_size_fails_one_scrape_only() {
             port: addr.port(),
             labels: Default::default(),
             metrics_port: None,
+            kv_events: None,
         }])
         .expect("one endpoint");
     let scraper = Scraper::new(

@@ -187,6 +187,7 @@ fn world() -> &'static World {
             port,
             labels: Default::default(),
             metrics_port: None,
+            kv_events: None,
         })
         .collect();
         store.replace(specs).expect("three endpoints fit");

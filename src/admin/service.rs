@@ -7,13 +7,42 @@ use tonic::{Request, Response, Status};
 
 use super::pb::{
     CandidateScore, EndpointInfo, EndpointMetrics, ExplainError, ExplainRequest, ExplainResponse,
-    ListEndpointsRequest, ListEndpointsResponse, admin_server::Admin,
+    KvEventsRank, ListEndpointsRequest, ListEndpointsResponse, admin_server::Admin,
 };
 use crate::{
     config::{MODEL_REWRITE_HEADER, TEST_SELECTION_HEADER},
     director::{Director, RouteInput},
-    endpoints::ENGINE_LABEL,
+    endpoints::{ENGINE_LABEL, Endpoint},
 };
+
+/// Each subscribed rank's event state; empty without a subscription.
+fn kv_events_ranks(e: &Endpoint) -> Vec<KvEventsRank> {
+    let Some(view) = e.kv_events.view() else {
+        return Vec::new();
+    };
+    view.ranks
+        .iter()
+        .enumerate()
+        .map(|(r, state)| {
+            let s = state.snapshot();
+            KvEventsRank {
+                rank: u32::try_from(r).unwrap_or(u32::MAX),
+                connected: s.connected,
+                known: s.known,
+                last_seq: s.last_seq,
+                batches: s.batches,
+                gaps: s.gaps,
+                replays: s.replays,
+                restarts: s.restarts,
+                decode_errors: s.decode_errors,
+                protocol_errors: s.protocol_errors,
+                lag_seconds: s.lag.as_secs_f64(),
+                blocks: s.blocks,
+                block_size_tokens: state.block_size().unwrap_or(0),
+            }
+        })
+        .collect()
+}
 
 #[derive(Debug, Clone)]
 pub struct AdminService {
@@ -59,6 +88,7 @@ impl Admin for AdminService {
                 in_flight: e.in_flight(),
                 consecutive_scrape_failures: e.metrics.consecutive_failures(),
                 prefix_index_blocks: index.blocks_for(e.slot, e.uid),
+                kv_events: kv_events_ranks(e),
             })
             .collect();
         Ok(Response::new(ListEndpointsResponse {

@@ -6,6 +6,8 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use clap::{ArgAction, Parser, ValueEnum};
 
+use super::kv_events_flags::KvEventsFlags;
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "epp",
@@ -225,6 +227,9 @@ pub struct Flags {
     /// Go picker's log encoder flag: json or console (overrides --log-format).
     #[arg(long, help_heading = "Telemetry")]
     pub zap_encoder: Option<String>,
+
+    #[command(flatten)]
+    pub kv_events: KvEventsFlags,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

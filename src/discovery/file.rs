@@ -9,7 +9,13 @@
 //!   port: 8000               # number or string
 //!   labels: {inference.networking.k8s.io/engine-type: vllm}
 //!   metricsPort: 8000        # optional
+//!   kvEvents: {port: 5557, replayPort: 5558, topic: "", ranks: 1}  # optional
 //! ```
+//!
+//! `kvEvents` overrides the `--kv-events-*` flags for one endpoint, each
+//! field optional (two servers on one host need different ports: this is
+//! how); `kvEvents: false` or `{enabled: false}` turns events off for it.
+//! Without `--kv-events` the field is checked but no subscription starts.
 //!
 //! It is polled (cheap: one read per interval) rather than watched, which
 //! also works for Kubernetes ConfigMap mounts, where the file is replaced
@@ -28,6 +34,7 @@ use std::{
 use serde::Deserialize;
 use tokio::sync::watch;
 
+use super::kv_events::{KvEventsOverride, KvEventsSettings};
 use crate::{
     endpoints::{EndpointSpec, EndpointStore},
     telemetry::logging::chain,
@@ -77,6 +84,64 @@ struct FileEndpoint {
     labels: BTreeMap<String, String>,
     #[serde(default)]
     metrics_port: Option<Port>,
+    #[serde(default)]
+    kv_events: Option<FileKvEvents>,
+}
+
+/// `kvEvents:` of one endpoint: a switch, or the fields to override.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum FileKvEvents {
+    Switch(bool),
+    Fields(FileKvEventsFields),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FileKvEventsFields {
+    #[serde(default)]
+    enabled: Option<bool>,
+    #[serde(default)]
+    port: Option<Port>,
+    /// 0 turns replay off for this endpoint.
+    #[serde(default)]
+    replay_port: Option<u64>,
+    #[serde(default)]
+    topic: Option<String>,
+    #[serde(default)]
+    ranks: Option<u64>,
+}
+
+impl FileKvEvents {
+    fn to_override(&self) -> Result<KvEventsOverride, String> {
+        let f = match self {
+            Self::Switch(on) => {
+                return Ok(KvEventsOverride {
+                    enabled: Some(*on),
+                    ..KvEventsOverride::default()
+                });
+            }
+            Self::Fields(f) => f,
+        };
+        let replay_port = f
+            .replay_port
+            .map(|p| {
+                u16::try_from(p)
+                    .map_err(|_| format!("kvEvents replayPort {p} is out of range 0-65535"))
+            })
+            .transpose()?;
+        let ranks = f
+            .ranks
+            .map(|r| u16::try_from(r).map_err(|_| format!("kvEvents ranks {r} is out of range")))
+            .transpose()?;
+        Ok(KvEventsOverride {
+            enabled: f.enabled,
+            port: f.port.as_ref().map(Port::value).transpose()?,
+            replay_port,
+            topic: f.topic.clone(),
+            ranks,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -102,8 +167,18 @@ impl Port {
     }
 }
 
-/// Parses and validates an endpoints file.
+/// Parses and validates an endpoints file, with events off (the `kvEvents`
+/// fields are still checked).
 pub fn parse_endpoints(text: &str) -> Result<Vec<EndpointSpec>, FileError> {
+    parse_endpoints_with(text, &KvEventsSettings::default())
+}
+
+/// Parses and validates an endpoints file, resolving each endpoint's event
+/// settings over `kv_events` (the flags').
+pub fn parse_endpoints_with(
+    text: &str,
+    kv_events: &KvEventsSettings,
+) -> Result<Vec<EndpointSpec>, FileError> {
     let file: EndpointsFile = if text.trim().is_empty() {
         EndpointsFile {
             endpoints: Vec::new(),
@@ -128,6 +203,21 @@ pub fn parse_endpoints(text: &str) -> Result<Vec<EndpointSpec>, FileError> {
             .map(|p| p.value())
             .transpose()
             .map_err(invalid)?;
+        let kv = e
+            .kv_events
+            .as_ref()
+            .map(FileKvEvents::to_override)
+            .transpose()
+            .map_err(invalid)?
+            .unwrap_or_default();
+        // Checked with events on, so a file that works only without them
+        // fails now rather than when they are turned on.
+        let check = KvEventsSettings {
+            enabled: true,
+            ..kv_events.clone()
+        };
+        check.resolve(&kv, 0).map_err(invalid)?;
+        let kv_events = kv_events.resolve(&kv, 0).map_err(invalid)?;
         let name = e.name.unwrap_or_else(|| format!("{address}:{port}"));
         if !names.insert(name.clone()) {
             return Err(invalid(format!("name {name:?} is used twice")));
@@ -138,6 +228,7 @@ pub fn parse_endpoints(text: &str) -> Result<Vec<EndpointSpec>, FileError> {
             port,
             labels: e.labels,
             metrics_port,
+            kv_events,
         });
     }
     Ok(out)
@@ -149,6 +240,7 @@ pub struct FileDiscovery {
     path: PathBuf,
     interval: Duration,
     store: Arc<EndpointStore>,
+    kv_events: KvEventsSettings,
 }
 
 impl FileDiscovery {
@@ -157,7 +249,14 @@ impl FileDiscovery {
             path,
             interval: interval.max(Duration::from_millis(10)),
             store,
+            kv_events: KvEventsSettings::default(),
         }
+    }
+
+    /// Resolves each endpoint's event settings over `settings` (the flags').
+    pub fn with_kv_events(mut self, settings: KvEventsSettings) -> Self {
+        self.kv_events = settings;
+        self
     }
 
     /// Reads the file once; `last` is the content last applied (or rejected).
@@ -186,7 +285,7 @@ impl FileDiscovery {
             return;
         }
         let text = String::from_utf8_lossy(&content);
-        match parse_endpoints(&text) {
+        match parse_endpoints_with(&text, &self.kv_events) {
             Ok(specs) => {
                 let n = specs.len();
                 match self.store.replace(specs) {
@@ -287,6 +386,55 @@ mod tests {
         ] {
             let err = chain(&parse_endpoints(text).unwrap_err()).to_string();
             assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn kv_events_field_overrides_the_flags_per_endpoint() {
+        use crate::endpoints::KvEventsSpec;
+        let on = KvEventsSettings {
+            enabled: true,
+            ..KvEventsSettings::default()
+        };
+        let yaml = "endpoints:
+- {name: a, address: 127.0.0.1, port: 8000, kvEvents: {port: 6000, replayPort: 0, topic: 'kv@', ranks: 2}}
+- {name: b, address: 127.0.0.1, port: 8001}
+- {name: c, address: 127.0.0.1, port: 8002, kvEvents: false}
+- {name: d, address: 127.0.0.1, port: 8003, kvEvents: {enabled: false, port: 7000}}
+- {name: e, address: 127.0.0.1, port: 8004, kvEvents: {replayPort: 6001}}
+";
+        let e = parse_endpoints_with(yaml, &on).unwrap();
+        let spec = |port, replay_port, topic: &str, ranks| {
+            Some(KvEventsSpec {
+                port,
+                replay_port,
+                topic: topic.into(),
+                ranks,
+            })
+        };
+        assert_eq!(e[0].kv_events, spec(6000, None, "kv@", 2));
+        assert_eq!(e[1].kv_events, spec(5557, Some(5558), "", 1));
+        assert_eq!(e[2].kv_events, None);
+        assert_eq!(e[3].kv_events, None);
+        assert_eq!(e[4].kv_events, spec(5557, Some(6001), "", 1));
+        assert!(
+            parse_endpoints(yaml)
+                .unwrap()
+                .iter()
+                .all(|e| e.kv_events.is_none()),
+            "no subscription without --kv-events"
+        );
+        for (field, needle) in [
+            ("{port: 0}", "out of range"),
+            ("{ranks: 0}", "out of range"),
+            ("{port: 65535, ranks: 2}", "passes 65535"),
+            ("{replayPort: 70000}", "out of range"),
+            ("{colour: red}", "kvEvents"),
+        ] {
+            let text = format!("endpoints:\n- {{address: 1.2.3.4, port: 1, kvEvents: {field}}}\n");
+            // Checked even with events off.
+            let err = chain(&parse_endpoints(&text).unwrap_err()).to_string();
+            assert!(err.contains(needle), "{field}: {err}");
         }
     }
 

@@ -9,8 +9,10 @@
 
 pub mod file;
 pub mod kube;
+pub mod kv_events;
 mod metrics;
 
-pub use file::{FileDiscovery, FileError, parse_endpoints};
+pub use file::{FileDiscovery, FileError, parse_endpoints, parse_endpoints_with};
 pub use kube::{KubeDiscovery, KubeDiscoveryError, KubeDiscoveryOptions};
+pub use kv_events::{KvEventsOverride, KvEventsSettings};
 pub use metrics::{DiscoveryMetrics, DiscoverySource};

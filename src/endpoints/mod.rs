@@ -52,6 +52,22 @@ pub struct EndpointSpec {
     pub labels: BTreeMap<String, String>,
     /// Port to scrape `/metrics` on; the serving port when `None`.
     pub metrics_port: Option<u16>,
+    /// Where its KV-cache events are published; `None` when not subscribed.
+    pub kv_events: Option<KvEventsSpec>,
+}
+
+/// Where an endpoint publishes its KV-cache events, resolved from the flags
+/// and the endpoint's own settings (`discovery::kv_events`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KvEventsSpec {
+    /// PUB port of rank 0; rank `r` publishes on `port + r`.
+    pub port: u16,
+    /// Replay ROUTER port of rank 0, if the publisher keeps a replay buffer.
+    pub replay_port: Option<u16>,
+    /// Topic prefix subscribed to; empty for every topic.
+    pub topic: String,
+    /// Data-parallel ranks, at least 1.
+    pub ranks: u16,
 }
 
 impl EndpointSpec {
@@ -436,6 +452,7 @@ pub(crate) mod testing {
             port,
             labels: BTreeMap::new(),
             metrics_port: None,
+            kv_events: None,
         }
     }
 

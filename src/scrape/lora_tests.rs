@@ -150,6 +150,7 @@ async fn scrapes_publish_lora_state_only_when_it_changes() {
             port: addr.port(),
             labels: Default::default(),
             metrics_port: None,
+            kv_events: None,
         }])
         .unwrap();
     let endpoint = Arc::clone(&store.snapshot().endpoints()[0]);

@@ -416,6 +416,7 @@ mod tests {
             port: addr.port(),
             labels: BTreeMap::new(),
             metrics_port: None,
+            kv_events: None,
         }
     }
 

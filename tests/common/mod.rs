@@ -9,6 +9,7 @@ pub mod envoy;
 pub mod epp;
 pub mod faults;
 pub mod http;
+pub mod kv_events;
 pub mod otlp;
 
 use std::{

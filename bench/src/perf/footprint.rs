@@ -59,6 +59,7 @@ pub fn store(endpoints: usize) -> Arc<EndpointStore> {
             port: 8000,
             labels: BTreeMap::new(),
             metrics_port: None,
+            kv_events: None,
         })
         .collect();
     // Pools beyond u16::MAX endpoints are rejected by the store; none here.

@@ -194,6 +194,8 @@ pub struct KubeDiscoveryOptions {
     /// How often to look again for an InferenceObjective or
     /// InferenceModelRewrite CRD that is not installed (or not readable).
     pub objectives_retry: Duration,
+    /// The flags' KV-event settings, which pod annotations override.
+    pub kv_events: crate::discovery::kv_events::KvEventsSettings,
 }
 
 impl KubeDiscoveryOptions {
@@ -203,6 +205,7 @@ impl KubeDiscoveryOptions {
             target,
             debounce: Duration::from_millis(50),
             objectives_retry: Duration::from_secs(300),
+            kv_events: crate::discovery::kv_events::KvEventsSettings::default(),
         }
     }
 }

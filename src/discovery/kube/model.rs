@@ -18,7 +18,10 @@ use kube::core::{ApiResource, DynamicObject};
 use serde::Deserialize;
 
 use super::KubeDiscoveryError;
-use crate::endpoints::EndpointSpec;
+use crate::{
+    discovery::kv_events::{KvEventsOverride, KvEventsSettings},
+    endpoints::EndpointSpec,
+};
 
 /// Pod annotation listing the target ports a pod really serves ("8000,8001").
 pub const ACTIVE_PORTS_ANNOTATION: &str = "inference.networking.k8s.io/active-ports";
@@ -347,6 +350,8 @@ pub struct PodView {
     /// Ports from the active-ports annotation; `None` when absent (all
     /// target ports). Entries that are not port numbers are dropped, as GIE does.
     pub active_ports: Option<BTreeSet<u16>>,
+    /// The `epp/kv-events*` annotations.
+    pub kv_events: KvEventsOverride,
 }
 
 impl PodView {
@@ -366,6 +371,15 @@ impl PodView {
                     .or_else(|| a.get(LLMD_ACTIVE_PORTS_ANNOTATION))
             })
             .map(|v| parse_active_ports(v));
+        let mut invalid = Vec::new();
+        let kv_events = KvEventsOverride::from_annotations(
+            |k| annotations.and_then(|a| a.get(k)).map(String::as_str),
+            &mut invalid,
+        );
+        if !invalid.is_empty() {
+            tracing::debug!(pod = ?pod.metadata.name, annotations = ?invalid,
+                "ignoring KV-event annotations that are not valid values");
+        }
         Self {
             name: pod.metadata.name.clone().unwrap_or_default(),
             ip,
@@ -373,6 +387,7 @@ impl PodView {
             terminating: pod.metadata.deletion_timestamp.is_some(),
             labels: pod.metadata.labels.clone().unwrap_or_default(),
             active_ports,
+            kv_events,
         }
     }
 
@@ -392,9 +407,12 @@ fn parse_active_ports(value: &str) -> BTreeSet<u16> {
 
 /// The endpoint set of `pool` over `pods`, sorted by name so equal inputs give
 /// equal outputs (the caller compares sets to skip no-op publications).
+/// Event settings resolve over `kv_events` (the flags'); a pod whose
+/// annotations cannot work (ports past 65535) gets no subscription.
 pub fn endpoints<'a>(
     pool: &PoolSpec,
     pods: impl IntoIterator<Item = &'a PodView>,
+    kv_events: &KvEventsSettings,
 ) -> Vec<EndpointSpec> {
     let mut out = Vec::new();
     for pod in pods {
@@ -409,12 +427,24 @@ pub fn endpoints<'a>(
             {
                 continue;
             }
+            let ranks = pod.kv_events.ranks.unwrap_or(kv_events.ranks);
+            let offset = u16::try_from(rank)
+                .ok()
+                .and_then(|r| r.checked_mul(ranks))
+                .unwrap_or(u16::MAX);
+            let events = kv_events
+                .resolve(&pod.kv_events, offset)
+                .unwrap_or_else(|e| {
+                    tracing::debug!(pod = %pod.name, error = %e, "no KV-event subscription");
+                    None
+                });
             out.push(EndpointSpec {
                 name: format!("{}-rank-{rank}", pod.name),
                 address,
                 port,
                 labels: pod.labels.clone(),
                 metrics_port: None,
+                kv_events: events,
             });
         }
     }
@@ -751,7 +781,7 @@ pub(crate) mod tests {
             view(json!({"metadata": {"name": "no-ip", "labels": app},
                         "status": {"conditions": [{"type": "Ready", "status": "True"}]}})),
         ];
-        let eps = endpoints(&pool(&[8000]), &pods);
+        let eps = endpoints(&pool(&[8000]), &pods, &KvEventsSettings::default());
         assert_eq!(eps.len(), 1);
         assert_eq!(eps[0].name, "ready-rank-0");
         assert_eq!(eps[0].host_port(), "10.0.0.1:8000");
@@ -769,7 +799,11 @@ pub(crate) mod tests {
             view(narrowed),
             view(none),
         ];
-        let eps = endpoints(&pool(&[8000, 8001, 8002]), &pods);
+        let eps = endpoints(
+            &pool(&[8000, 8001, 8002]),
+            &pods,
+            &KvEventsSettings::default(),
+        );
         let names: Vec<(&str, String)> = eps
             .iter()
             .map(|e| (e.name.as_str(), e.host_port()))
@@ -783,6 +817,63 @@ pub(crate) mod tests {
                 ("b-rank-2", "10.0.0.2:8002".to_owned()),
             ],
             "the rank is the port's index in the pool, not in the annotation"
+        );
+    }
+
+    #[test]
+    fn kv_events_from_flags_then_annotations_offset_per_target_port() {
+        use crate::{
+            discovery::kv_events::{
+                KV_EVENTS_ANNOTATION, KV_EVENTS_PORT_ANNOTATION, KV_EVENTS_RANKS_ANNOTATION,
+                KV_EVENTS_TOPIC_ANNOTATION,
+            },
+            endpoints::KvEventsSpec,
+        };
+        let mut annotated = pod_json("b", "10.0.0.2", true, json!({"app": "vllm"}));
+        annotated["metadata"]["annotations"] = json!({
+            KV_EVENTS_PORT_ANNOTATION: "6000",
+            KV_EVENTS_RANKS_ANNOTATION: "2",
+            KV_EVENTS_TOPIC_ANNOTATION: "kv@",
+        });
+        let mut off = pod_json("c", "10.0.0.3", true, json!({"app": "vllm"}));
+        off["metadata"]["annotations"] = json!({KV_EVENTS_ANNOTATION: "false"});
+        let pods = [
+            view(pod_json("a", "10.0.0.1", true, json!({"app": "vllm"}))),
+            view(annotated),
+            view(off),
+        ];
+        let on = KvEventsSettings {
+            enabled: true,
+            ..KvEventsSettings::default()
+        };
+        let eps = endpoints(&pool(&[8000, 8001]), &pods, &on);
+        let got: Vec<(&str, Option<KvEventsSpec>)> = eps
+            .iter()
+            .map(|e| (e.name.as_str(), e.kv_events.clone()))
+            .collect();
+        let spec = |port, replay, topic: &str, ranks| {
+            Some(KvEventsSpec {
+                port,
+                replay_port: Some(replay),
+                topic: topic.into(),
+                ranks,
+            })
+        };
+        assert_eq!(
+            got,
+            vec![
+                ("a-rank-0", spec(5557, 5558, "", 1)),
+                ("a-rank-1", spec(5558, 5559, "", 1)),
+                ("b-rank-0", spec(6000, 5558, "kv@", 2)),
+                ("b-rank-1", spec(6002, 5560, "kv@", 2)),
+                ("c-rank-0", None),
+                ("c-rank-1", None),
+            ]
+        );
+        let eps = endpoints(&pool(&[8000]), &pods, &KvEventsSettings::default());
+        assert!(
+            eps.iter().all(|e| e.kv_events.is_none()),
+            "annotations alone do not turn events on"
         );
     }
 

@@ -22,6 +22,7 @@ use super::{
     stats::{DiscoveryStats, WatchedResource},
 };
 use crate::{
+    discovery::kv_events::KvEventsSettings,
     endpoints::{EndpointSpec, EndpointStore},
     telemetry::logging::chain,
 };
@@ -161,6 +162,7 @@ impl KubeDiscovery {
             Arc::clone(&self.stats),
             self.options.debounce,
         );
+        publisher.kv_events = self.options.kv_events.clone();
 
         loop {
             let deadline = publisher.pending;
@@ -330,6 +332,8 @@ struct Publisher {
     published: Option<Vec<EndpointSpec>>,
     /// The "pool not found" warning was given.
     warned_missing: bool,
+    /// The flags' event settings, resolved per pod.
+    kv_events: KvEventsSettings,
 }
 
 impl Publisher {
@@ -341,6 +345,7 @@ impl Publisher {
             pending: None,
             published: None,
             warned_missing: false,
+            kv_events: KvEventsSettings::default(),
         }
     }
 
@@ -368,7 +373,7 @@ impl Publisher {
     fn publish(&mut self, pool: &PoolTracker, pods: &Mirror<PodView>) {
         self.pending = None;
         let specs = match &pool.spec {
-            Some(spec) => endpoints(spec, pods.current.values()),
+            Some(spec) => endpoints(spec, pods.current.values(), &self.kv_events),
             None => Vec::new(),
         };
         if self.published.as_ref() == Some(&specs) {
