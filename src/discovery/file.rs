@@ -429,7 +429,7 @@ mod tests {
             ("{ranks: 0}", "out of range"),
             ("{port: 65535, ranks: 2}", "passes 65535"),
             ("{replayPort: 70000}", "out of range"),
-            ("{colour: red}", "kvEvents"),
+            ("{colour: red}", "did not match"),
         ] {
             let text = format!("endpoints:\n- {{address: 1.2.3.4, port: 1, kvEvents: {field}}}\n");
             // Checked even with events off.

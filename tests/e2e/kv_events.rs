@@ -138,8 +138,7 @@ async fn events_per_endpoint_are_visible_isolated_and_garbage_does_not_stop_rout
     // A's stream turns to garbage (bounded: 2,000 messages) while requests
     // keep being routed.
     let flood = tokio::spawn(async move {
-        let mut seq = seq_a;
-        for i in 0..2_000u32 {
+        for (i, seq) in (seq_a..seq_a + 2_000).enumerate() {
             let len = fastrand::usize(1..512);
             let mut junk: Vec<u8> = std::iter::repeat_with(|| fastrand::u8(..))
                 .take(len)
@@ -149,7 +148,6 @@ async fn events_per_endpoint_are_visible_isolated_and_garbage_does_not_stop_rout
                 junk[0] = 0xc1;
             }
             pa.send("kv@test", seq, junk).await;
-            seq += 1;
             if i % 64 == 0 {
                 tokio::task::yield_now().await;
             }
