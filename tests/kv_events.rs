@@ -613,9 +613,10 @@ async fn a_flooding_publisher_stays_within_capacity() {
     // The flood's tail may have been dropped: mark its end until a marker
     // is seen (bounded).
     let mut caught_up = false;
+    let first_marker = seq;
     for _ in 0..500 {
         p.send("kv@a", seq, batch(false, vec![])).await;
-        if state.snapshot().last_seq.is_some_and(|l| l >= seq) {
+        if state.snapshot().last_seq.is_some_and(|l| l >= first_marker) {
             caught_up = true;
             break;
         }
