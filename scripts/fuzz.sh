@@ -22,7 +22,7 @@ shift || true
 if [ $# -gt 0 ]; then
   targets=("$@")
 else
-  targets=(request_body prometheus_text endpoints_file extproc_stream)
+  targets=(request_body prometheus_text endpoints_file extproc_stream kv_events_decode)
 fi
 jobs=${FUZZ_JOBS:-1}
 niceness=${FUZZ_NICE:-15}

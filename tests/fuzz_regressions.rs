@@ -225,3 +225,293 @@ async fn huge_chunk_size_fails_one_scrape_only() {
     scraping.await.expect("scraper stops cleanly");
     server.abort();
 }
+
+/// The kv_events_decode target's checks (fuzz/fuzz_targets/kv_events_decode.rs)
+/// over its committed seeds, so CI runs the corpus without a fuzzer: every
+/// seed decodes or fails cleanly, the index keeps its invariants and its
+/// capacity, and the seeds that are real batches decode.
+#[test]
+fn kv_events_decode_corpus_keeps_the_index_invariants() {
+    use epp::kv_events::{Batch, BlockIndex, decode_into};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/kv_events_decode");
+    let mut seeds: Vec<_> = std::fs::read_dir(&dir)
+        .expect("the seed corpus")
+        .map(|e| e.expect("a directory entry").path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("seed-"))
+        })
+        .collect();
+    seeds.sort();
+    assert!(seeds.len() >= 8, "{} seeds", seeds.len());
+    let mut decoded = 0;
+    for path in &seeds {
+        let data = std::fs::read(path).unwrap();
+        let Some((&cap, rest)) = data.split_first() else {
+            continue;
+        };
+        let capacity = usize::from(cap % 32) + 1;
+        let mut index = BlockIndex::new(capacity);
+        let (mut batch, mut again) = (Batch::default(), Batch::default());
+        for payload in rest.split_inclusive_seq() {
+            let first = decode_into(payload, &mut batch);
+            let second = decode_into(payload, &mut again);
+            assert_eq!(first.is_ok(), second.is_ok(), "{path:?}");
+            if first.is_err() {
+                continue;
+            }
+            decoded += 1;
+            assert_eq!(batch, again, "{path:?}");
+            index.apply(&batch);
+            index
+                .check_invariants()
+                .unwrap_or_else(|e| panic!("{path:?}: {e}"));
+            assert!(index.len() <= capacity, "{path:?}");
+        }
+    }
+    assert!(decoded >= 8, "only {decoded} payloads in the corpus decode");
+}
+
+/// Splits a fuzz input into payloads at `c1 c1 c1`, as the target does.
+trait SplitPayloads {
+    fn split_inclusive_seq(&self) -> Vec<&[u8]>;
+}
+
+impl SplitPayloads for [u8] {
+    fn split_inclusive_seq(&self) -> Vec<&[u8]> {
+        let mut out = Vec::new();
+        let mut d = self;
+        while let Some(i) = d.windows(3).position(|w| w == [0xc1, 0xc1, 0xc1]) {
+            out.push(&d[..i]);
+            d = &d[i + 3..];
+        }
+        out.push(d);
+        out
+    }
+}
+
+/// Writes the kv_events_decode seeds (run by hand after a schema change:
+/// `cargo test -p epp --test fuzz_regressions -- --ignored write_kv_events_seeds`).
+/// Each seed is a capacity byte and payloads separated by `c1 c1 c1`.
+#[test]
+#[ignore = "writes fuzz/corpus/kv_events_decode; run by hand"]
+fn write_kv_events_seeds() {
+    use rmpv::Value;
+    fn enc(v: &Value) -> Vec<u8> {
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, v).unwrap();
+        out
+    }
+    let s = |x: &str| Value::from(x);
+    let ints = |xs: &[i64]| Value::Array(xs.iter().map(|&x| Value::from(x)).collect());
+    let toks = |n: i64, from: i64| ints(&(from..from + n).collect::<Vec<_>>());
+    let stored_map =
+        |hashes: &[i64], parent: Value, tokens: Value, bs: i64, extra: Value, lora: Value| {
+            Value::Map(vec![
+                (s("type"), s("BlockStored")),
+                (s("block_hashes"), ints(hashes)),
+                (s("parent_block_hash"), parent),
+                (s("token_ids"), tokens),
+                (s("block_size"), Value::from(bs)),
+                (s("lora_id"), Value::Nil),
+                (s("medium"), s("GPU")),
+                (s("lora_name"), lora),
+                (s("extra_keys"), extra),
+                (s("group_idx"), Value::from(0)),
+                (s("kv_cache_spec_kind"), s("full_attention")),
+            ])
+        };
+    let stored_arr = |hashes: &[i64], parent: Value, tokens: Value, bs: i64, medium: &str| {
+        Value::Array(vec![
+            s("BlockStored"),
+            ints(hashes),
+            parent,
+            tokens,
+            Value::from(bs),
+            Value::Nil,
+            s(medium),
+            Value::Nil,
+        ])
+    };
+    let batch_map = |events: Vec<Value>| {
+        Value::Map(vec![
+            (s("ts"), Value::F64(1.7e9)),
+            (s("events"), Value::Array(events)),
+            (s("data_parallel_rank"), Value::from(0)),
+        ])
+    };
+    let batch_arr =
+        |events: Vec<Value>| Value::Array(vec![Value::F64(1.7e9), Value::Array(events)]);
+    let nils = |n: usize| Value::Array(vec![Value::Nil; n]);
+    let seeds: Vec<(&str, u8, Vec<Value>)> = vec![
+        (
+            "map-stored-removed-cleared",
+            8,
+            vec![
+                batch_map(vec![stored_map(
+                    &[1, 2],
+                    Value::Nil,
+                    toks(8, 0),
+                    4,
+                    nils(2),
+                    Value::Nil,
+                )]),
+                batch_map(vec![
+                    stored_map(&[3], Value::from(2), toks(4, 8), 4, nils(1), Value::Nil),
+                    Value::Map(vec![
+                        (s("type"), s("BlockRemoved")),
+                        (s("block_hashes"), ints(&[1])),
+                        (s("medium"), s("GPU")),
+                    ]),
+                ]),
+                batch_map(vec![Value::Map(vec![(s("type"), s("AllBlocksCleared"))])]),
+            ],
+        ),
+        (
+            "array-stored-chain-cpu",
+            3,
+            vec![
+                batch_arr(vec![stored_arr(
+                    &[10, 11, 12, 13],
+                    Value::Nil,
+                    toks(64, 100),
+                    16,
+                    "GPU",
+                )]),
+                batch_arr(vec![
+                    stored_arr(&[10], Value::Nil, toks(16, 100), 16, "CPU"),
+                    stored_arr(&[14], Value::from(13), toks(16, 164), 16, "GPU"),
+                    Value::Array(vec![s("BlockRemoved"), ints(&[11, 12]), s("GPU")]),
+                ]),
+            ],
+        ),
+        (
+            "map-salt-lora-multimodal",
+            16,
+            vec![batch_map(vec![
+                stored_map(
+                    &[20, 21],
+                    Value::Nil,
+                    toks(8, 0),
+                    4,
+                    Value::Array(vec![
+                        Value::Array(vec![s("adapter"), s("tenant")]),
+                        Value::Array(vec![
+                            s("adapter"),
+                            Value::Array(vec![s("img"), Value::from(1)]),
+                        ]),
+                    ]),
+                    s("adapter"),
+                ),
+                stored_map(
+                    &[22],
+                    Value::from(21),
+                    toks(4, 8),
+                    4,
+                    Value::Array(vec![Value::Array(vec![Value::Binary(vec![7; 32])])]),
+                    Value::Nil,
+                ),
+            ])],
+        ),
+        (
+            "sglang-pages-eagle",
+            4,
+            vec![batch_arr(vec![
+                Value::Array(vec![
+                    s("BlockStored"),
+                    ints(&[-5]),
+                    Value::Nil,
+                    ints(&[1]),
+                    Value::from(1),
+                    Value::Nil,
+                ]),
+                Value::Array(vec![
+                    s("BlockStored"),
+                    ints(&[-6]),
+                    Value::Nil,
+                    Value::Array(vec![Value::Array(vec![Value::from(2), Value::from(3)])]),
+                    Value::from(1),
+                    Value::Nil,
+                ]),
+                Value::Array(vec![s("BlockRemoved"), ints(&[-5])]),
+            ])],
+        ),
+        (
+            "bytes-hashes-unknown-type",
+            5,
+            vec![batch_map(vec![
+                Value::Map(vec![
+                    (s("type"), s("BlockPinned")),
+                    (s("block_hashes"), ints(&[1])),
+                ]),
+                Value::Map(vec![
+                    (s("token_ids"), toks(2, 0)),
+                    (s("type"), s("BlockStored")),
+                    (
+                        s("block_hashes"),
+                        Value::Array(vec![Value::Binary(vec![1; 32])]),
+                    ),
+                    (s("block_size"), Value::from(2)),
+                    (s("parent_block_hash"), Value::Nil),
+                ]),
+            ])],
+        ),
+        (
+            "capacity-one-churn",
+            0,
+            (0..6)
+                .map(|i| {
+                    batch_arr(vec![stored_arr(
+                        &[i, i + 100],
+                        Value::Nil,
+                        toks(4, i),
+                        2,
+                        if i % 2 == 0 { "GPU" } else { "CPU" },
+                    )])
+                })
+                .collect(),
+        ),
+        (
+            "map-group-and-orphan",
+            8,
+            vec![batch_map(vec![
+                stored_map(
+                    &[30],
+                    Value::from(999),
+                    toks(4, 0),
+                    4,
+                    Value::Nil,
+                    Value::Nil,
+                ),
+                {
+                    let mut v =
+                        stored_map(&[31], Value::Nil, toks(4, 0), 4, Value::Nil, Value::Nil);
+                    if let Value::Map(m) = &mut v {
+                        m[9].1 = Value::from(1);
+                    }
+                    v
+                },
+            ])],
+        ),
+        (
+            "empty-batches",
+            2,
+            vec![batch_arr(vec![]), batch_map(vec![])],
+        ),
+    ];
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/kv_events_decode");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, cap, payloads) in seeds {
+        let mut data = vec![cap];
+        for (i, p) in payloads.iter().enumerate() {
+            if i > 0 {
+                data.extend_from_slice(&[0xc1, 0xc1, 0xc1]);
+            }
+            data.extend_from_slice(&enc(p));
+        }
+        std::fs::write(dir.join(format!("seed-{name}")), &data).unwrap();
+        // A truncated copy of each: malformed input the decoder must refuse.
+        data.truncate(data.len() * 2 / 3);
+        std::fs::write(dir.join(format!("seed-{name}-truncated")), &data).unwrap();
+    }
+}

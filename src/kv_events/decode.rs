@@ -28,31 +28,17 @@
 
 use std::ops::Range;
 
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
-use super::msgpack::{MsgpackError, Reader};
+use super::{
+    error::{Error, Result},
+    msgpack::Reader,
+};
 
 /// Events accepted in one batch (vLLM publishes one batch per engine step).
 pub const MAX_EVENTS: usize = 1 << 16;
 /// Largest `block_size` accepted, in tokens.
 pub const MAX_BLOCK_SIZE: u32 = 1 << 16;
-
-/// Why a payload was rejected.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DecodeError {
-    #[error("malformed msgpack")]
-    Msgpack(#[source] MsgpackError),
-    #[error("{0}")]
-    Schema(&'static str),
-}
-
-impl From<MsgpackError> for DecodeError {
-    fn from(e: MsgpackError) -> Self {
-        Self::Msgpack(e)
-    }
-}
-
-type Result<T> = std::result::Result<T, DecodeError>;
 
 /// Where a block lives on the model server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -85,6 +71,14 @@ pub enum Event {
         medium: Medium,
         /// xxh3 of the LoRA adapter's name, when the blocks belong to one.
         lora: Option<u64>,
+        /// xxh3 of the request's cache salt, read from the first block's
+        /// extra keys (vLLM puts the salt there only for a chain's first
+        /// block, so it only matters when `parent` is `None`).
+        salt: Option<u64>,
+        /// Per block, a hash of the extra keys the picker cannot reproduce
+        /// from text (multimodal items, prompt embeddings), 0 for none;
+        /// indexes [`Batch::extra`]. `None` when no block has any.
+        extra: Option<Range<usize>>,
         /// KV-cache group (hybrid models); `None` for single-group models.
         group: Option<u32>,
     },
@@ -105,6 +99,8 @@ pub struct Batch {
     pub events: Vec<Event>,
     pub hashes: Vec<u64>,
     pub tokens: Vec<u32>,
+    /// See [`Event::Stored::extra`].
+    pub extra: Vec<u64>,
     pub unknown_events: u32,
 }
 
@@ -115,6 +111,7 @@ impl Batch {
         self.events.clear();
         self.hashes.clear();
         self.tokens.clear();
+        self.extra.clear();
         self.unknown_events = 0;
     }
 
@@ -140,7 +137,7 @@ pub fn decode_into(payload: &[u8], out: &mut Batch) -> Result<()> {
         0x90..=0x9f | 0xdc | 0xdd => {
             let n = r.array_len()?;
             if n < 2 {
-                return Err(DecodeError::Schema("batch array shorter than [ts, events]"));
+                return Err(Error::Schema("batch array shorter than [ts, events]"));
             }
             out.ts = r.f64()?;
             events(&mut r, out)?;
@@ -169,12 +166,12 @@ pub fn decode_into(payload: &[u8], out: &mut Batch) -> Result<()> {
                 }
             }
             if !(ts && ev) {
-                return Err(DecodeError::Schema("batch map without ts or events"));
+                return Err(Error::Schema("batch map without ts or events"));
             }
         }
     }
     if !r.is_empty() {
-        return Err(DecodeError::Schema("trailing bytes after the batch"));
+        return Err(Error::Schema("trailing bytes after the batch"));
     }
     Ok(())
 }
@@ -198,7 +195,7 @@ fn opt_str<'a>(r: &mut Reader<'a>) -> Result<Option<&'a [u8]>> {
 fn events(r: &mut Reader<'_>, out: &mut Batch) -> Result<()> {
     let n = r.array_len()?;
     if n > MAX_EVENTS {
-        return Err(DecodeError::Schema("too many events in one batch"));
+        return Err(Error::Schema("too many events in one batch"));
     }
     for _ in 0..n {
         event(r, out)?;
@@ -216,6 +213,9 @@ struct Fields<'a> {
     block_size: Option<u32>,
     medium: Option<&'a [u8]>,
     lora_name: Option<&'a [u8]>,
+    /// `extra_keys` as encoded, read once `lora_name` and `parent` are known
+    /// (a map may list them in any order).
+    extra_keys: Option<&'a [u8]>,
     group: Option<u32>,
 }
 
@@ -239,7 +239,7 @@ fn event(r: &mut Reader<'_>, out: &mut Batch) -> Result<()> {
         0x90..=0x9f | 0xdc | 0xdd => {
             let n = r.array_len()?;
             if n == 0 {
-                return Err(DecodeError::Schema("empty event array"));
+                return Err(Error::Schema("empty event array"));
             }
             let tag = r.str()?;
             f.tag = Some(tag);
@@ -271,21 +271,25 @@ fn event(r: &mut Reader<'_>, out: &mut Batch) -> Result<()> {
         Some(b"BlockStored") => {
             let hashes = f
                 .hashes
-                .ok_or(DecodeError::Schema("BlockStored without block_hashes"))?;
+                .ok_or(Error::Schema("BlockStored without block_hashes"))?;
             let tokens = f
                 .tokens
-                .ok_or(DecodeError::Schema("BlockStored without token_ids"))?;
+                .ok_or(Error::Schema("BlockStored without token_ids"))?;
             let block_size = f
                 .block_size
-                .ok_or(DecodeError::Schema("BlockStored without block_size"))?;
+                .ok_or(Error::Schema("BlockStored without block_size"))?;
             if block_size == 0 || block_size > MAX_BLOCK_SIZE {
-                return Err(DecodeError::Schema("block_size out of range"));
+                return Err(Error::Schema("block_size out of range"));
             }
             if tokens.len() != hashes.len() * block_size as usize {
-                return Err(DecodeError::Schema(
+                return Err(Error::Schema(
                     "token_ids is not block_hashes x block_size tokens",
                 ));
             }
+            let (salt, extra) = match f.extra_keys {
+                Some(raw) => extra_keys(raw, hashes.len(), f.lora_name, f.parent, out)?,
+                None => (None, None),
+            };
             Event::Stored {
                 hashes,
                 parent: f.parent,
@@ -293,13 +297,15 @@ fn event(r: &mut Reader<'_>, out: &mut Batch) -> Result<()> {
                 block_size,
                 medium: Medium::parse(f.medium),
                 lora: f.lora_name.map(xxh3_64),
+                salt,
+                extra,
                 group: f.group,
             }
         }
         Some(b"BlockRemoved") => Event::Removed {
             hashes: f
                 .hashes
-                .ok_or(DecodeError::Schema("BlockRemoved without block_hashes"))?,
+                .ok_or(Error::Schema("BlockRemoved without block_hashes"))?,
             medium: Medium::parse(f.medium),
             group: f.group,
         },
@@ -311,7 +317,7 @@ fn event(r: &mut Reader<'_>, out: &mut Batch) -> Result<()> {
             out.unknown_events += 1;
             return Ok(());
         }
-        None => return Err(DecodeError::Schema("event without a type")),
+        None => return Err(Error::Schema("event without a type")),
     };
     out.events.push(ev);
     Ok(())
@@ -336,17 +342,107 @@ fn field<'a>(r: &mut Reader<'a>, name: &[u8], f: &mut Fields<'a>, out: &mut Batc
             let start = out.tokens.len();
             out.tokens.reserve(n);
             for _ in 0..n {
-                out.tokens.push(r.u32()?);
+                out.tokens.push(token(r)?);
             }
             f.tokens = Some(start..out.tokens.len());
         }
         b"block_size" => f.block_size = Some(r.u32()?),
         b"medium" => f.medium = opt_str(r)?,
         b"lora_name" => f.lora_name = opt_str(r)?,
+        b"extra_keys" => f.extra_keys = Some(r.raw()?),
         b"group_idx" => f.group = opt_u32(r)?,
         _ => r.skip()?,
     }
     Ok(())
+}
+
+/// A token id, or (SGLang under EAGLE speculative decoding, whose radix
+/// keys are bigrams) a `[token, next]` pair, of which the first is the
+/// token at that position.
+fn token(r: &mut Reader<'_>) -> Result<u32> {
+    match r.peek()? {
+        0x90..=0x9f | 0xdc | 0xdd => {
+            let n = r.array_len()?;
+            if n == 0 {
+                return Err(Error::Schema("empty token pair"));
+            }
+            let t = r.u32()?;
+            for _ in 1..n {
+                r.skip()?;
+            }
+            Ok(t)
+        }
+        _ => r.u32(),
+    }
+}
+
+/// Reads `extra_keys` (one entry per block: nil or a tuple) into the cache
+/// salt and per-block hashes of what text cannot reproduce.
+///
+/// vLLM builds each tuple as `lora_name? + (mm_identifier, offset)* +
+/// cache_salt? + prompt_embeds_hash?` (`generate_block_hash_extra_keys`),
+/// the salt only on a request's first block. So: a leading str equal to
+/// `lora_name` is the adapter (already in the chain seed); another str on
+/// the first block of a chain start is the salt; everything else (tuples,
+/// bytes, a str elsewhere) is mixed into that block's key from its encoded
+/// bytes, which a text prompt's chain never contains, so such blocks (and
+/// the blocks chained after them) never match a text prompt. Misreading an
+/// unusual tuple as a salt has the same harmless outcome.
+fn extra_keys(
+    raw: &[u8],
+    blocks: usize,
+    lora_name: Option<&[u8]>,
+    parent: Option<u64>,
+    out: &mut Batch,
+) -> Result<(Option<u64>, Option<Range<usize>>)> {
+    let mut r = Reader::new(raw);
+    if r.nil()? {
+        return Ok((None, None));
+    }
+    let n = r.array_len()?;
+    if n != blocks {
+        return Err(Error::Schema("extra_keys is not one entry per block"));
+    }
+    let start = out.extra.len();
+    let mut salt = None;
+    let mut any = false;
+    for i in 0..n {
+        let mut mix = 0u64;
+        let mut mixed = false;
+        if !r.nil()? {
+            let m = r.array_len()?;
+            for j in 0..m {
+                let is_str = matches!(r.peek()?, 0xa0..=0xbf | 0xd9..=0xdb);
+                if is_str {
+                    let s = r.str()?;
+                    if j == 0 && lora_name == Some(s) {
+                        continue;
+                    }
+                    if i == 0 && parent.is_none() && salt.is_none() {
+                        if !s.is_empty() {
+                            salt = Some(xxh3_64(s));
+                        }
+                        continue;
+                    }
+                    mix = xxh3_64_with_seed(s, mix ^ 1);
+                } else {
+                    mix = xxh3_64_with_seed(r.raw()?, mix ^ 2);
+                }
+                mixed = true;
+            }
+            // 0 means "nothing"; a real mix of 0 is remapped.
+            if mixed && mix == 0 {
+                mix = 1;
+            }
+        }
+        any |= mix != 0;
+        out.extra.push(mix);
+    }
+    if !any {
+        out.extra.truncate(start);
+        return Ok((salt, None));
+    }
+    Ok((salt, Some(start..out.extra.len())))
 }
 
 /// An engine block hash: an int (as its 64-bit two's complement) or bytes
@@ -360,9 +456,7 @@ fn block_hash(r: &mut Reader<'_>) -> Result<u64> {
             if let Ok(u) = u64::try_from(v) {
                 Ok(u)
             } else {
-                i64::try_from(v)
-                    .map(|i| i as u64)
-                    .map_err(|_| DecodeError::Msgpack(MsgpackError::Range))
+                i64::try_from(v).map(|i| i as u64).map_err(|_| Error::Range)
             }
         }
     }
@@ -623,6 +717,207 @@ pub(crate) mod tests {
                 "case {i} decoded"
             );
         }
+    }
+
+    fn with_extra(mut ev: Value, lora: Option<&str>, extra: Value) -> Value {
+        if let Value::Map(m) = &mut ev {
+            for (k, v) in m.iter_mut() {
+                match k.as_str() {
+                    Some("extra_keys") => *v = extra.clone(),
+                    Some("lora_name") => *v = lora.map_or(Value::Nil, s),
+                    _ => {}
+                }
+            }
+        }
+        ev
+    }
+
+    fn stored_of(b: &Batch) -> (Option<u64>, Option<u64>, Vec<u64>) {
+        match &b.events[0] {
+            Event::Stored {
+                lora, salt, extra, ..
+            } => (
+                *lora,
+                *salt,
+                extra.clone().map_or(Vec::new(), |r| b.extra[r].to_vec()),
+            ),
+            e => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn extra_keys_give_the_salt_and_mark_multimodal_blocks() {
+        let tokens: Vec<u64> = (0..8).collect();
+        let base = stored_map(&[1, 2], None, &tokens, 4, "GPU");
+        // vLLM's tuples: lora name first, salt on the first block only.
+        let salted = with_extra(
+            base.clone(),
+            Some("ad"),
+            Value::Array(vec![
+                Value::Array(vec![s("ad"), s("tenant-1")]),
+                Value::Array(vec![s("ad")]),
+            ]),
+        );
+        let b = decode(&batch_map(0.0, vec![salted], None)).unwrap();
+        assert_eq!(
+            stored_of(&b),
+            (Some(xxh3_64(b"ad")), Some(xxh3_64(b"tenant-1")), vec![])
+        );
+        // A multimodal item on block 2: only that block is marked.
+        let mm = with_extra(
+            base.clone(),
+            None,
+            Value::Array(vec![
+                Value::Nil,
+                Value::Array(vec![Value::Array(vec![s("img-sha"), Value::from(3)])]),
+            ]),
+        );
+        let b = decode(&batch_map(0.0, vec![mm], None)).unwrap();
+        let (_, salt, extra) = stored_of(&b);
+        assert_eq!(salt, None);
+        assert_eq!(extra.len(), 2);
+        assert_eq!(extra[0], 0);
+        assert_ne!(extra[1], 0);
+        // Prompt-embedding bytes are unreproducible too; nil everywhere is nothing.
+        let embeds = with_extra(
+            base.clone(),
+            None,
+            Value::Array(vec![
+                Value::Array(vec![Value::Binary(vec![9; 32])]),
+                Value::Nil,
+            ]),
+        );
+        let b = decode(&batch_map(0.0, vec![embeds], None)).unwrap();
+        assert_ne!(stored_of(&b).2[0], 0);
+        let b = decode(&batch_map(0.0, vec![base.clone()], None)).unwrap();
+        assert_eq!(stored_of(&b), (None, None, vec![]));
+        // Not one entry per block, or not a list: rejected.
+        for bad in [
+            Value::Array(vec![Value::Nil]),
+            Value::from(5),
+            Value::Array(vec![Value::from(1), Value::Nil]),
+        ] {
+            let ev = with_extra(base.clone(), None, bad.clone());
+            assert!(decode(&batch_map(0.0, vec![ev], None)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn sglang_shapes_decode() {
+        // SGLang: [ts, events], BlockStored without medium/lora_name/extra
+        // keys, Python hash() ints (negative), BlockRemoved without medium.
+        let stored = Value::Array(vec![
+            s("BlockStored"),
+            Value::Array(vec![Value::from(-7i64)]),
+            Value::Nil,
+            ints(&[5, 6]),
+            Value::from(2),
+            Value::Nil,
+        ]);
+        let removed = Value::Array(vec![
+            s("BlockRemoved"),
+            Value::Array(vec![Value::from(-7i64)]),
+        ]);
+        // EAGLE bigram keys: token pairs.
+        let eagle = Value::Array(vec![
+            s("BlockStored"),
+            ints(&[8]),
+            Value::Nil,
+            Value::Array(vec![
+                Value::Array(vec![Value::from(5), Value::from(6)]),
+                Value::Array(vec![Value::from(6), Value::from(7)]),
+            ]),
+            Value::from(2),
+            Value::Nil,
+        ]);
+        let b = decode(&batch_array(1.0, vec![stored, removed, eagle], None)).unwrap();
+        assert_eq!(b.events.len(), 3);
+        assert_eq!(b.tokens, vec![5, 6, 5, 6]);
+        assert_eq!(b.hashes, vec![(-7i64) as u64, (-7i64) as u64, 8]);
+        assert!(matches!(
+            b.events[1],
+            Event::Removed {
+                medium: Medium::Gpu,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn wrong_field_types_are_errors_not_panics() {
+        let tokens: Vec<u64> = (0..4).collect();
+        let fields: [(&str, Value); 7] = [
+            ("block_hashes", s("x")),
+            ("block_hashes", Value::Array(vec![Value::F64(1.5)])),
+            ("token_ids", Value::Array(vec![Value::from(-1)])),
+            ("token_ids", Value::Array(vec![Value::Array(vec![])])),
+            ("block_size", s("4")),
+            ("medium", Value::from(1)),
+            ("parent_block_hash", Value::Boolean(true)),
+        ];
+        for (name, v) in fields {
+            let mut ev = stored_map(&[1], None, &tokens, 4, "GPU");
+            if let Value::Map(m) = &mut ev {
+                for (k, val) in m.iter_mut() {
+                    if k.as_str() == Some(name) {
+                        *val = v.clone();
+                    }
+                }
+            }
+            let r = decode(&batch_map(0.0, vec![ev], None));
+            assert!(r.is_err(), "{name} = {v:?} decoded");
+            assert_eq!(r.unwrap_err().kind(), crate::kv_events::ErrorKind::Decode);
+        }
+        // The batch's own fields.
+        for bad in [
+            Value::Map(vec![
+                (s("ts"), s("now")),
+                (s("events"), Value::Array(vec![])),
+            ]),
+            Value::Map(vec![
+                (s("ts"), Value::F64(0.0)),
+                (s("events"), Value::Map(vec![])),
+            ]),
+            Value::Array(vec![Value::F64(0.0), Value::Array(vec![]), s("rank")]),
+        ] {
+            assert!(decode(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn absurd_declared_sizes_fail_fast_without_allocating() {
+        let mut b = Batch::default();
+        // events: array32 of 2^32-1 entries, then nothing.
+        let mut p = vec![0x92, 0xcb];
+        p.extend_from_slice(&0f64.to_be_bytes());
+        p.extend_from_slice(&[0xdd, 0xff, 0xff, 0xff, 0xff]);
+        assert!(matches!(decode_into(&p, &mut b), Err(Error::Truncated)));
+        // One event whose block_hashes and token_ids claim 2^32-1 entries.
+        for field in [1usize, 3] {
+            let mut ev = vec![0x98, 0xab];
+            ev.extend_from_slice(b"BlockStored");
+            for i in 1..8 {
+                if i == field {
+                    ev.extend_from_slice(&[0xdd, 0xff, 0xff, 0xff, 0xff, 0x01]);
+                } else if i == 1 {
+                    ev.push(0x90);
+                } else {
+                    ev.push(0xc0);
+                }
+            }
+            let mut p = vec![0x92, 0xcb];
+            p.extend_from_slice(&0f64.to_be_bytes());
+            p.push(0x91);
+            p.extend_from_slice(&ev);
+            assert!(decode_into(&p, &mut b).is_err());
+            assert!(b.hashes.capacity() < 1024 && b.tokens.capacity() < 1024);
+        }
+        // More events than MAX_EVENTS, each one byte: refused by count.
+        let mut p = vec![0x92, 0x00, 0xdd];
+        p.extend_from_slice(&((MAX_EVENTS + 1) as u32).to_be_bytes());
+        p.extend(std::iter::repeat_n(0xc0, MAX_EVENTS + 1));
+        assert!(matches!(decode_into(&p, &mut b), Err(Error::Schema(_))));
+        assert!(b.events.capacity() < 1024);
     }
 
     #[test]

@@ -5,40 +5,74 @@
 //! random per process unless PYTHONHASHSEED is fixed, so the picker could
 //! never recompute them from a prompt. A block's key is the xxh3 of its
 //! `block_size` token ids (u32 little-endian), seeded with the previous
-//! block's key; the first block is seeded by [`chain_seed`] (the LoRA
-//! adapter). [`block_keys`] computes the same chain from a tokenized prompt.
+//! block's key; the first block is seeded by [`chain_seed`] (LoRA adapter and
+//! cache salt, the two extra keys of vLLM's block hash a text request
+//! carries). [`block_keys`] computes the same chain from a tokenized prompt.
+//! A block whose extra keys text cannot reproduce (multimodal items, prompt
+//! embeddings) has those keys' bytes mixed into its key, so it and every
+//! block chained after it never match a text prompt.
 //!
-//! Layout (per endpoint, nothing shared between endpoints):
-//! - `nodes`: a slab of 24-byte nodes, one per (engine hash, medium) stored,
+//! Layout (per endpoint, nothing shared between endpoints), sized for the
+//! bytes-per-block target:
+//! - `nodes`: a slab of 20-byte nodes, one per (engine hash, medium) stored,
 //!   linked in insertion order (a FIFO; the oldest is evicted first);
-//! - `by_engine`: engine hash mixed with the medium -> node, so
-//!   `BlockRemoved` (engine hashes only) finds its node;
-//! - `by_key`: our key -> how many nodes hold it per medium, which is what
-//!   a prefix query reads.
+//! - `keys`: a slab of 16-byte entries, one per distinct key held, counting
+//!   the nodes holding it per medium;
+//! - `by_engine` and `by_key`: hash tables of slab indices (4 bytes a
+//!   bucket), hashed by the engine hash (mixed with a per-index random seed
+//!   and the medium, so a publisher cannot choose colliding hashes) and by
+//!   our key (already an xxh3 output). A table of indices rather than a map
+//!   of (u64, value) pairs is what keeps a bucket at 5 bytes.
+//! Both slabs grow by doubling up to `capacity` and no further.
 //!
-//! Invariants: `by_engine` and the node list hold the same nodes; every
-//! count in `by_key` equals the nodes with that key and medium, and a key
-//! with no node left is removed; at most `capacity` nodes exist. A stored
-//! block whose parent is unknown (evicted here, or stored before we
-//! subscribed) cannot be keyed and is skipped, counted as an orphan.
+//! Invariants (checked by [`BlockIndex::check_invariants`], which the fuzz
+//! target and the tests call): `by_engine` indexes exactly the nodes on the
+//! list, at most `capacity` of them; every live key entry is in `by_key`
+//! and its counts equal the nodes pointing to it per medium; an entry whose
+//! counts reach zero is freed at once. A stored block whose parent is
+//! unknown (evicted here, or stored before we subscribed) cannot be keyed
+//! and is skipped, counted as an orphan.
 
+use hashbrown::HashTable;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use super::decode::{Batch, Event, Medium};
 
 const NIL: u32 = u32::MAX;
-/// Mixed into an engine hash for the non-GPU medium, so a block held on both
-/// tiers has two distinct entries.
+const TIER_BIT: u32 = 1 << 31;
+/// Largest capacity: node indices must stay below the tier bit.
+const MAX_CAPACITY: usize = (TIER_BIT - 2) as usize;
 const CPU_MIX: u64 = 0x9e37_79b9_7f4a_7c15;
+const SALT_MIX: u64 = 0xc2b2_ae3d_27d4_eb4f;
 
-/// The start of a key chain: the base model's blocks, or a LoRA adapter's
-/// (`lora` = xxh3 of its name, as [`Event::Stored`] carries it).
-pub fn chain_seed(lora: Option<u64>) -> u64 {
-    let base = xxh3_64(b"epp-kv-events");
-    match lora {
-        Some(l) => xxh3_64_with_seed(&l.to_le_bytes(), base),
-        None => base,
+/// The start of a key chain.
+///
+/// `lora` is the xxh3 of the LoRA adapter's name ([`lora_key`]; what
+/// [`Event::Stored`] carries), `cache_salt` the request's `cache_salt`
+/// (vLLM: only a request's first block hashes it, which a chain seed is
+/// equivalent to). An empty salt is no salt, as in vLLM. The picker calls
+/// this with the request's adapter and salt; the index with what the event
+/// reports, so a salted request only ever matches blocks stored for the
+/// same salt.
+pub fn chain_seed(lora: Option<u64>, cache_salt: Option<&[u8]>) -> u64 {
+    seed_hashed(lora, cache_salt.filter(|s| !s.is_empty()).map(xxh3_64))
+}
+
+/// The `lora` argument of [`chain_seed`] for an adapter name.
+pub fn lora_key(name: &str) -> u64 {
+    xxh3_64(name.as_bytes())
+}
+
+/// [`chain_seed`] with the salt already hashed (as decoded events hold it).
+fn seed_hashed(lora: Option<u64>, salt: Option<u64>) -> u64 {
+    let mut seed = xxh3_64(b"epp-kv-events");
+    if let Some(l) = lora {
+        seed = xxh3_64_with_seed(&l.to_le_bytes(), seed);
     }
+    if let Some(s) = salt {
+        seed = xxh3_64_with_seed(&s.to_le_bytes(), seed ^ SALT_MIX);
+    }
+    seed
 }
 
 /// Appends the chained keys of the full blocks of `tokens` to `out`,
@@ -47,37 +81,50 @@ pub fn block_keys(mut prev: u64, tokens: &[u32], block_size: usize, out: &mut Ve
     if block_size == 0 {
         return;
     }
-    let mut buf = [0u8; 256];
     for block in tokens.chunks_exact(block_size) {
-        let mut h = xxhash_rust::xxh3::Xxh3::with_seed(prev);
-        for part in block.chunks(64) {
-            for (i, t) in part.iter().enumerate() {
-                buf[i * 4..i * 4 + 4].copy_from_slice(&t.to_le_bytes());
-            }
-            h.update(&buf[..part.len() * 4]);
-        }
-        prev = h.digest();
+        prev = block_key(prev, block);
         out.push(prev);
     }
 }
 
-type Map<V> = crate::prefix::BlockKeyMap<V>;
+fn block_key(prev: u64, block: &[u32]) -> u64 {
+    let mut buf = [0u8; 256];
+    if block.len() <= 64 {
+        for (i, t) in block.iter().enumerate() {
+            buf[i * 4..i * 4 + 4].copy_from_slice(&t.to_le_bytes());
+        }
+        return xxh3_64_with_seed(&buf[..block.len() * 4], prev);
+    }
+    let mut h = xxhash_rust::xxh3::Xxh3::with_seed(prev);
+    for part in block.chunks(64) {
+        for (i, t) in part.iter().enumerate() {
+            buf[i * 4..i * 4 + 4].copy_from_slice(&t.to_le_bytes());
+        }
+        h.update(&buf[..part.len() * 4]);
+    }
+    h.digest()
+}
 
+/// A stored (engine hash, medium); 20 bytes (no u64 field, so 4-aligned).
 #[derive(Debug, Clone, Copy)]
 struct Node {
-    engine: u64,
-    key: u64,
+    engine: [u32; 2],
+    /// Index into `keys`.
+    key: u32,
     prev: u32,
-    /// Next node in insertion order; the top bit is set for the CPU medium.
+    /// Next node in insertion order (or the next free node); the top bit is
+    /// set for the CPU medium.
     next_and_tier: u32,
 }
 
 impl Node {
+    fn engine(&self) -> u64 {
+        u64::from(self.engine[0]) | (u64::from(self.engine[1]) << 32)
+    }
     fn next(&self) -> u32 {
-        if self.next_and_tier & !TIER_BIT == NIL & !TIER_BIT {
-            NIL
-        } else {
-            self.next_and_tier & !TIER_BIT
+        match self.next_and_tier & !TIER_BIT {
+            n if n == NIL & !TIER_BIT => NIL,
+            n => n,
         }
     }
     fn medium(&self) -> Medium {
@@ -89,13 +136,14 @@ impl Node {
     }
 }
 
-const TIER_BIT: u32 = 1 << 31;
-
-/// Per medium: nodes holding a key.
-#[derive(Debug, Clone, Copy, Default)]
-struct Holds {
+/// One distinct key and the nodes holding it per medium.
+#[derive(Debug, Clone, Copy)]
+struct KeyEntry {
+    key: u64,
     gpu: u16,
     cpu: u16,
+    /// Next free entry while this one is free.
+    next_free: u32,
 }
 
 /// The longest cached prefix of a query, in blocks.
@@ -126,10 +174,33 @@ pub struct BlockIndex {
     free: u32,
     head: u32,
     tail: u32,
-    by_engine: Map<u32>,
-    by_key: Map<Holds>,
+    live: usize,
+    keys: Vec<KeyEntry>,
+    free_key: u32,
+    by_engine: HashTable<u32>,
+    by_key: HashTable<u32>,
     capacity: usize,
+    seed: u64,
     scratch: Vec<u64>,
+}
+
+/// A 64-bit finaliser (murmur3's): engine hashes may be small integers or
+/// chosen by the publisher, and the table uses both ends of the hash.
+fn fmix(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// Grows a slab towards `cap` by doubling, never past it, so a full index
+/// holds no slack.
+fn grow<T>(v: &mut Vec<T>, cap: usize) {
+    if v.len() == v.capacity() {
+        let want = (v.len() * 2).clamp(16, cap.max(16));
+        v.reserve_exact(want.saturating_sub(v.len()).max(1));
+    }
 }
 
 impl BlockIndex {
@@ -139,74 +210,83 @@ impl BlockIndex {
             free: NIL,
             head: NIL,
             tail: NIL,
-            by_engine: Map::default(),
-            by_key: Map::default(),
-            capacity: capacity.clamp(1, (NIL & !TIER_BIT) as usize - 1),
+            live: 0,
+            keys: Vec::new(),
+            free_key: NIL,
+            by_engine: HashTable::new(),
+            by_key: HashTable::new(),
+            capacity: capacity.clamp(1, MAX_CAPACITY),
+            seed: fastrand::u64(..),
             scratch: Vec::new(),
         }
     }
 
     /// Blocks indexed (per medium entries).
     pub fn len(&self) -> usize {
-        self.by_engine.len()
+        self.live
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_engine.is_empty()
+        self.live == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Lowers or raises the bound; shrinking evicts the oldest at once.
     pub fn set_capacity(&mut self, capacity: usize) -> u64 {
-        self.capacity = capacity.clamp(1, (NIL & !TIER_BIT) as usize - 1);
+        self.capacity = capacity.clamp(1, MAX_CAPACITY);
         let mut evicted = 0;
-        while self.len() > self.capacity {
+        while self.live > self.capacity {
             self.evict_oldest();
             evicted += 1;
         }
         evicted
     }
 
-    /// Heap bytes held (from capacities: what the allocator gave, not what
-    /// is in use), for the bytes-per-block figure.
+    /// Heap bytes held (what the allocator gave, not what is in use), for
+    /// the bytes-per-block figure.
     pub fn heap_bytes(&self) -> usize {
-        // hashbrown: one entry plus one control byte per bucket; buckets are
-        // the capacity rounded up so that it is at most 7/8 of them.
-        fn map_bytes<V>(m: &Map<V>) -> usize {
-            let cap = m.capacity();
-            if cap == 0 {
-                return 0;
-            }
-            let buckets = (cap * 8 / 7).next_power_of_two();
-            buckets * (std::mem::size_of::<(u64, V)>() + 1)
-        }
         self.nodes.capacity() * std::mem::size_of::<Node>()
-            + map_bytes(&self.by_engine)
-            + map_bytes(&self.by_key)
+            + self.keys.capacity() * std::mem::size_of::<KeyEntry>()
+            + self.by_engine.allocation_size()
+            + self.by_key.allocation_size()
             + self.scratch.capacity() * 8
     }
 
     pub fn clear(&mut self) {
         self.nodes.clear();
+        self.keys.clear();
         self.free = NIL;
+        self.free_key = NIL;
         self.head = NIL;
         self.tail = NIL;
+        self.live = 0;
         self.by_engine.clear();
         self.by_key.clear();
     }
 
-    fn engine_key(engine: u64, medium: Medium) -> u64 {
-        match medium {
-            Medium::Gpu => engine,
-            Medium::Cpu => engine.rotate_left(17) ^ CPU_MIX,
-        }
+    fn engine_hash(&self, engine: u64, medium: Medium) -> u64 {
+        let tier = if medium == Medium::Cpu { CPU_MIX } else { 0 };
+        fmix(engine ^ self.seed ^ tier)
+    }
+
+    fn find_node(&self, engine: u64, medium: Medium) -> Option<u32> {
+        let nodes = &self.nodes;
+        self.by_engine
+            .find(self.engine_hash(engine, medium), |&i| {
+                let n = &nodes[i as usize];
+                n.engine() == engine && n.medium() == medium
+            })
+            .copied()
     }
 
     /// The key of the block with engine hash `engine`, on any medium.
     fn key_of(&self, engine: u64) -> Option<u64> {
         [Medium::Gpu, Medium::Cpu].into_iter().find_map(|m| {
-            self.by_engine
-                .get(&Self::engine_key(engine, m))
-                .map(|&n| self.nodes[n as usize].key)
+            self.find_node(engine, m)
+                .map(|n| self.keys[self.nodes[n as usize].key as usize].key)
         })
     }
 
@@ -227,10 +307,12 @@ impl BlockIndex {
                     block_size,
                     medium,
                     lora,
+                    salt,
+                    extra,
                     ..
                 } => {
                     let prev = match parent {
-                        None => chain_seed(*lora),
+                        None => seed_hashed(*lora, *salt),
                         Some(p) => match self.key_of(*p) {
                             Some(k) => k,
                             None => {
@@ -241,12 +323,23 @@ impl BlockIndex {
                     };
                     let mut keys = std::mem::take(&mut self.scratch);
                     keys.clear();
-                    block_keys(
-                        prev,
-                        &batch.tokens[tokens.clone()],
-                        *block_size as usize,
-                        &mut keys,
-                    );
+                    let tokens = &batch.tokens[tokens.clone()];
+                    let bs = *block_size as usize;
+                    match extra {
+                        None => block_keys(prev, tokens, bs, &mut keys),
+                        Some(extra) => {
+                            let mut prev = prev;
+                            for (block, &x) in
+                                tokens.chunks_exact(bs).zip(&batch.extra[extra.clone()])
+                            {
+                                prev = block_key(prev, block);
+                                if x != 0 {
+                                    prev = xxh3_64_with_seed(&x.to_le_bytes(), prev);
+                                }
+                                keys.push(prev);
+                            }
+                        }
+                    }
                     for (&engine, &key) in batch.hashes[hashes.clone()].iter().zip(&keys) {
                         if self.insert(engine, key, *medium, &mut a.evicted) {
                             a.stored += 1;
@@ -260,7 +353,13 @@ impl BlockIndex {
                 }
                 Event::Removed { hashes, medium, .. } => {
                     for &engine in &batch.hashes[hashes.clone()] {
-                        if let Some(n) = self.by_engine.remove(&Self::engine_key(engine, *medium)) {
+                        let h = self.engine_hash(engine, *medium);
+                        let nodes = &self.nodes;
+                        if let Ok(e) = self.by_engine.find_entry(h, |&i| {
+                            let n = &nodes[i as usize];
+                            n.engine() == engine && n.medium() == *medium
+                        }) {
+                            let (n, _) = e.remove();
                             self.unlink(n);
                             a.removed += 1;
                         }
@@ -275,21 +374,53 @@ impl BlockIndex {
         a
     }
 
+    /// The key entry for `key`, created with zero counts if new.
+    fn key_slot(&mut self, key: u64) -> u32 {
+        let keys = &self.keys;
+        if let Some(&k) = self.by_key.find(key, |&i| keys[i as usize].key == key) {
+            return k;
+        }
+        let entry = KeyEntry {
+            key,
+            gpu: 0,
+            cpu: 0,
+            next_free: NIL,
+        };
+        let k = if self.free_key != NIL {
+            let k = self.free_key;
+            self.free_key = self.keys[k as usize].next_free;
+            self.keys[k as usize] = entry;
+            k
+        } else {
+            grow(&mut self.keys, self.capacity);
+            self.keys.push(entry);
+            (self.keys.len() - 1) as u32
+        };
+        let keys = &self.keys;
+        self.by_key.insert_unique(key, k, |&i| keys[i as usize].key);
+        k
+    }
+
     fn insert(&mut self, engine: u64, key: u64, medium: Medium, evicted: &mut u64) -> bool {
-        let ek = Self::engine_key(engine, medium);
-        if self.by_engine.contains_key(&ek) {
+        if self.find_node(engine, medium).is_some() {
             return false;
         }
-        while self.len() >= self.capacity {
+        while self.live >= self.capacity {
             self.evict_oldest();
             *evicted += 1;
         }
+        let k = self.key_slot(key);
+        let e = &mut self.keys[k as usize];
+        match medium {
+            Medium::Gpu => e.gpu = e.gpu.saturating_add(1),
+            Medium::Cpu => e.cpu = e.cpu.saturating_add(1),
+        }
         let tier = if medium == Medium::Cpu { TIER_BIT } else { 0 };
         let node = Node {
-            engine: ek,
-            key,
+            engine: [engine as u32, (engine >> 32) as u32],
+            key: k,
             prev: self.tail,
-            next_and_tier: NIL & !TIER_BIT | tier,
+            next_and_tier: (NIL & !TIER_BIT) | tier,
         };
         let idx = if self.free != NIL {
             let i = self.free;
@@ -297,6 +428,7 @@ impl BlockIndex {
             self.nodes[i as usize] = node;
             i
         } else {
+            grow(&mut self.nodes, self.capacity);
             self.nodes.push(node);
             (self.nodes.len() - 1) as u32
         };
@@ -307,12 +439,18 @@ impl BlockIndex {
             self.head = idx;
         }
         self.tail = idx;
-        self.by_engine.insert(ek, idx);
-        let h = self.by_key.entry(key).or_default();
-        match medium {
-            Medium::Gpu => h.gpu = h.gpu.saturating_add(1),
-            Medium::Cpu => h.cpu = h.cpu.saturating_add(1),
-        }
+        let h = self.engine_hash(engine, medium);
+        let (nodes, seed) = (&self.nodes, self.seed);
+        self.by_engine.insert_unique(h, idx, |&i| {
+            let n = &nodes[i as usize];
+            let tier = if n.medium() == Medium::Cpu {
+                CPU_MIX
+            } else {
+                0
+            };
+            fmix(n.engine() ^ seed ^ tier)
+        });
+        self.live += 1;
         true
     }
 
@@ -321,13 +459,17 @@ impl BlockIndex {
         if n == NIL {
             return;
         }
-        let ek = self.nodes[n as usize].engine;
-        self.by_engine.remove(&ek);
+        let node = self.nodes[n as usize];
+        let (engine, medium) = (node.engine(), node.medium());
+        let h = self.engine_hash(engine, medium);
+        if let Ok(e) = self.by_engine.find_entry(h, |&i| i == n) {
+            e.remove();
+        }
         self.unlink(n);
     }
 
-    /// Takes node `n` (already out of `by_engine`) off the list and the key
-    /// counts, and frees it.
+    /// Takes node `n` (already out of `by_engine`) off the list and its key
+    /// entry's counts, and frees it.
     fn unlink(&mut self, n: u32) {
         let node = self.nodes[n as usize];
         let next = node.next();
@@ -342,27 +484,33 @@ impl BlockIndex {
         } else {
             self.tail = node.prev;
         }
-        if let Some(h) = self.by_key.get_mut(&node.key) {
-            match node.medium() {
-                Medium::Gpu => h.gpu = h.gpu.saturating_sub(1),
-                Medium::Cpu => h.cpu = h.cpu.saturating_sub(1),
+        let e = &mut self.keys[node.key as usize];
+        match node.medium() {
+            Medium::Gpu => e.gpu = e.gpu.saturating_sub(1),
+            Medium::Cpu => e.cpu = e.cpu.saturating_sub(1),
+        }
+        if e.gpu == 0 && e.cpu == 0 {
+            let key = e.key;
+            if let Ok(entry) = self.by_key.find_entry(key, |&i| i == node.key) {
+                entry.remove();
             }
-            if h.gpu == 0 && h.cpu == 0 {
-                self.by_key.remove(&node.key);
-            }
+            self.keys[node.key as usize].next_free = self.free_key;
+            self.free_key = node.key;
         }
         self.nodes[n as usize].next_and_tier = self.free & !TIER_BIT;
         self.free = n;
+        self.live -= 1;
     }
 
     /// The longest leading run of `keys` held, per tier.
     pub fn longest_prefix(&self, keys: &[u64]) -> PrefixMatch {
         let mut m = PrefixMatch::default();
         let mut gpu_run = true;
-        for k in keys {
-            match self.by_key.get(k) {
-                Some(h) => {
-                    if gpu_run && h.gpu > 0 {
+        let slab = &self.keys;
+        for &k in keys {
+            match self.by_key.find(k, |&i| slab[i as usize].key == k) {
+                Some(&i) => {
+                    if gpu_run && slab[i as usize].gpu > 0 {
                         m.gpu += 1;
                     } else {
                         gpu_run = false;
@@ -373,6 +521,80 @@ impl BlockIndex {
             }
         }
         m
+    }
+
+    /// Checks every invariant in the module header, walking the whole
+    /// index: for tests and the fuzz target, not for the request path.
+    #[doc(hidden)]
+    pub fn check_invariants(&self) -> Result<(), String> {
+        if self.live > self.capacity {
+            return Err(format!(
+                "{} blocks over capacity {}",
+                self.live, self.capacity
+            ));
+        }
+        if self.by_engine.len() != self.live {
+            return Err(format!(
+                "by_engine has {} of {} nodes",
+                self.by_engine.len(),
+                self.live
+            ));
+        }
+        let mut counts = vec![(0u32, 0u32); self.keys.len()];
+        let (mut n, mut prev, mut walked) = (self.head, NIL, 0usize);
+        while n != NIL {
+            let node = self
+                .nodes
+                .get(n as usize)
+                .ok_or("list points past the slab")?;
+            if node.prev != prev {
+                return Err(format!("node {n}: prev {} not {prev}", node.prev));
+            }
+            if self.find_node(node.engine(), node.medium()) != Some(n) {
+                return Err(format!("node {n} not found by its engine hash"));
+            }
+            let c = counts
+                .get_mut(node.key as usize)
+                .ok_or("node points past the key slab")?;
+            match node.medium() {
+                Medium::Gpu => c.0 += 1,
+                Medium::Cpu => c.1 += 1,
+            }
+            walked += 1;
+            if walked > self.live {
+                return Err("list longer than the live count (a cycle?)".into());
+            }
+            prev = n;
+            n = node.next();
+        }
+        if walked != self.live || prev != self.tail {
+            return Err(format!("list has {walked} nodes, live {}", self.live));
+        }
+        let mut live_keys = 0;
+        for (i, (g, c)) in counts.iter().enumerate() {
+            if *g == 0 && *c == 0 {
+                continue;
+            }
+            live_keys += 1;
+            let e = &self.keys[i];
+            if (u32::from(e.gpu), u32::from(e.cpu)) != (*g, *c) {
+                return Err(format!(
+                    "key {i}: counts {}/{} but {g}/{c} nodes",
+                    e.gpu, e.cpu
+                ));
+            }
+            let slab = &self.keys;
+            if self.by_key.find(e.key, |&j| slab[j as usize].key == e.key) != Some(&(i as u32)) {
+                return Err(format!("key {i} not found by its key"));
+            }
+        }
+        if live_keys != self.by_key.len() {
+            return Err(format!(
+                "by_key has {} entries, {live_keys} keys live",
+                self.by_key.len()
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -402,6 +624,8 @@ mod tests {
             block_size: bs,
             medium,
             lora: None,
+            salt: None,
+            extra: None,
             group: None,
         });
     }
@@ -428,14 +652,14 @@ mod tests {
         let a = idx.apply(&b);
         assert_eq!((a.stored, a.orphans), (4, 1));
         let mut keys = Vec::new();
-        block_keys(chain_seed(None), &tokens, 4, &mut keys);
+        block_keys(chain_seed(None, None), &tokens, 4, &mut keys);
         assert_eq!(idx.longest_prefix(&keys), PrefixMatch { gpu: 3, any: 3 });
         let mut b = Batch::default();
         removed(&mut b, &[100], Medium::Gpu);
         idx.apply(&b);
         assert_eq!(idx.longest_prefix(&keys), PrefixMatch { gpu: 0, any: 3 });
         let mut other = Vec::new();
-        block_keys(chain_seed(Some(7)), &tokens, 4, &mut other);
+        block_keys(chain_seed(Some(7), None), &tokens, 4, &mut other);
         assert_eq!(
             idx.longest_prefix(&other),
             PrefixMatch::default(),
@@ -488,7 +712,7 @@ mod tests {
                         let hashes: Vec<u64> = (0..n).map(|_| rng.u64(0..40)).collect();
                         stored(&mut b, &hashes, parent, &tokens, 2, medium);
                         let prev = match parent {
-                            None => Some(chain_seed(None)),
+                            None => Some(chain_seed(None, None)),
                             Some(p) => model.key_of(p),
                         };
                         if let Some(prev) = prev {
@@ -518,6 +742,7 @@ mod tests {
                     }
                 }
                 idx.apply(&b);
+                idx.check_invariants().unwrap();
                 assert_eq!(idx.len(), model.fifo.len(), "seed {seed}");
                 // Every key the model holds, and queries along random chains.
                 let mut counts: StdMap<u64, (bool, bool)> = StdMap::new();
@@ -530,7 +755,7 @@ mod tests {
                 }
                 let tokens: Vec<u32> = (0..8).map(|_| rng.u32(0..3)).collect();
                 let mut keys = Vec::new();
-                block_keys(chain_seed(None), &tokens, 2, &mut keys);
+                block_keys(chain_seed(None, None), &tokens, 2, &mut keys);
                 let mut want = PrefixMatch::default();
                 let mut gpu_run = true;
                 for k in &keys {
@@ -548,6 +773,88 @@ mod tests {
     }
 
     #[test]
+    fn salt_and_lora_seed_the_chain_on_both_sides() {
+        let tokens: Vec<u32> = (0..8).collect();
+        let mut idx = BlockIndex::new(100);
+        let mut b = Batch::default();
+        stored(&mut b, &[1, 2], None, &tokens, 4, Medium::Gpu);
+        if let Some(Event::Stored { salt, lora, .. }) = b.events.last_mut() {
+            *salt = Some(xxh3_64(b"tenant"));
+            *lora = Some(lora_key("ad"));
+        }
+        idx.apply(&b);
+        let q = |lora, salt| {
+            let mut k = Vec::new();
+            block_keys(chain_seed(lora, salt), &tokens, 4, &mut k);
+            idx.longest_prefix(&k).any
+        };
+        assert_eq!(q(Some(lora_key("ad")), Some(&b"tenant"[..])), 2);
+        assert_eq!(q(Some(lora_key("ad")), None), 0, "unsalted misses salted");
+        assert_eq!(
+            q(None, Some(&b"tenant"[..])),
+            0,
+            "base model misses the adapter"
+        );
+        assert_eq!(q(Some(lora_key("ad")), Some(&b"other"[..])), 0);
+        assert_eq!(chain_seed(None, Some(b"")), chain_seed(None, None));
+        assert_ne!(chain_seed(None, Some(b"x")), chain_seed(None, None));
+    }
+
+    #[test]
+    fn multimodal_blocks_never_match_text() {
+        let tokens: Vec<u32> = (0..12).collect();
+        let mut idx = BlockIndex::new(100);
+        let mut b = Batch::default();
+        stored(&mut b, &[1, 2, 3], None, &tokens, 4, Medium::Gpu);
+        b.extra = vec![0, 77, 0];
+        if let Some(Event::Stored { extra, .. }) = b.events.last_mut() {
+            *extra = Some(0..3);
+        }
+        idx.apply(&b);
+        idx.check_invariants().unwrap();
+        assert_eq!(idx.len(), 3);
+        let mut k = Vec::new();
+        block_keys(chain_seed(None, None), &tokens, 4, &mut k);
+        // The text block before the image matches; the image block and what
+        // is chained after it do not.
+        assert_eq!(idx.longest_prefix(&k), PrefixMatch { gpu: 1, any: 1 });
+        assert_eq!(idx.longest_prefix(&k[2..]).any, 0);
+    }
+
+    #[test]
+    fn chosen_colliding_engine_hashes_stay_correct() {
+        // Multiples of 2^40: the same low bits everywhere, which an identity
+        // hasher would pile into one bucket.
+        let mut idx = BlockIndex::new(5000);
+        let mut b = Batch::default();
+        let hashes: Vec<u64> = (0..4000u64).map(|i| i << 40).collect();
+        let tokens: Vec<u32> = (0..4000).collect();
+        stored(&mut b, &hashes, None, &tokens, 1, Medium::Gpu);
+        removed(&mut b, &hashes[..2000], Medium::Gpu);
+        let a = idx.apply(&b);
+        assert_eq!((a.stored, a.removed), (4000, 2000));
+        idx.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn bytes_per_block_at_capacity() {
+        for cap in [100_000usize] {
+            let mut idx = BlockIndex::new(cap);
+            let mut rng = fastrand::Rng::with_seed(1);
+            for round in 0..3 * cap / 1000 {
+                let mut b = Batch::default();
+                let hashes: Vec<u64> = (0..1000).map(|_| rng.u64(..)).collect();
+                let tokens: Vec<u32> = (0..1000).map(|i| (round * 1000 + i) as u32).collect();
+                stored(&mut b, &hashes, None, &tokens, 1, Medium::Gpu);
+                idx.apply(&b);
+            }
+            assert_eq!(idx.len(), cap);
+            let per = idx.heap_bytes() as f64 / cap as f64;
+            assert!(per <= 64.0, "{cap}: {per} bytes per block");
+        }
+    }
+
+    #[test]
     fn a_pod_claiming_huge_numbers_of_blocks_stays_within_capacity() {
         let mut idx = BlockIndex::new(1000);
         let mut b = Batch::default();
@@ -558,6 +865,7 @@ mod tests {
         assert_eq!(idx.len(), 1000);
         assert_eq!(a.evicted, 99_000);
         assert!(idx.heap_bytes() < 1000 * 200, "{}", idx.heap_bytes());
+        idx.check_invariants().unwrap();
         assert_eq!(idx.set_capacity(10), 990);
         assert_eq!(idx.len(), 10);
     }

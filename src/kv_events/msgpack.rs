@@ -3,7 +3,7 @@
 //! Only what the KV-event schema needs: nil, bool, ints, floats, str, bin,
 //! arrays and maps, plus skipping any value (ext included). Invariants:
 //! - never reads past the slice; every read is checked and fails with
-//!   [`MsgpackError::Truncated`] instead;
+//!   [`Error::Truncated`] instead;
 //! - a declared length is never trusted for allocation: callers reserve at
 //!   most [`Reader::remaining`] elements (each element takes at least one
 //!   byte), so an array claiming 2^32 entries in a 30-byte payload costs
@@ -11,20 +11,7 @@
 //! - skipping is iterative (a count of values still to skip), so deep
 //!   nesting cannot overflow the stack.
 
-/// What a malformed payload looked like.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum MsgpackError {
-    #[error("payload ends inside a value")]
-    Truncated,
-    #[error("expected {expected}, found marker 0x{marker:02x}")]
-    Type { expected: &'static str, marker: u8 },
-    #[error("integer out of range")]
-    Range,
-    #[error("reserved marker 0xc1")]
-    Reserved,
-}
-
-type Result<T> = std::result::Result<T, MsgpackError>;
+use super::error::{Error, Result};
 
 /// A cursor over one MessagePack payload.
 #[derive(Debug, Clone)]
@@ -49,10 +36,7 @@ impl<'a> Reader<'a> {
     }
 
     pub fn peek(&self) -> Result<u8> {
-        self.buf
-            .get(self.pos)
-            .copied()
-            .ok_or(MsgpackError::Truncated)
+        self.buf.get(self.pos).copied().ok_or(Error::Truncated)
     }
 
     fn byte(&mut self) -> Result<u8> {
@@ -63,7 +47,7 @@ impl<'a> Reader<'a> {
 
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         if n > self.remaining() {
-            return Err(MsgpackError::Truncated);
+            return Err(Error::Truncated);
         }
         let s = &self.buf[self.pos..self.pos + n];
         self.pos += n;
@@ -83,7 +67,7 @@ impl<'a> Reader<'a> {
         Ok(usize::from(u16::from_be_bytes(self.be()?)))
     }
     fn len_u32(&mut self) -> Result<usize> {
-        usize::try_from(u32::from_be_bytes(self.be()?)).map_err(|_| MsgpackError::Range)
+        usize::try_from(u32::from_be_bytes(self.be()?)).map_err(|_| Error::Range)
     }
 
     /// Consumes a nil if one is next.
@@ -115,7 +99,7 @@ impl<'a> Reader<'a> {
             _ => return Err(self.type_err("array")),
         };
         if n > self.remaining() {
-            return Err(MsgpackError::Truncated);
+            return Err(Error::Truncated);
         }
         Ok(n)
     }
@@ -139,15 +123,15 @@ impl<'a> Reader<'a> {
             _ => return Err(self.type_err("map")),
         };
         if n.saturating_mul(2) > self.remaining() {
-            return Err(MsgpackError::Truncated);
+            return Err(Error::Truncated);
         }
         Ok(n)
     }
 
-    fn type_err(&self, expected: &'static str) -> MsgpackError {
+    fn type_err(&self, expected: &'static str) -> Error {
         match self.peek() {
-            Ok(0xc1) => MsgpackError::Reserved,
-            Ok(marker) => MsgpackError::Type { expected, marker },
+            Ok(0xc1) => Error::Reserved,
+            Ok(marker) => Error::Type { expected, marker },
             Err(e) => e,
         }
     }
@@ -222,7 +206,7 @@ impl<'a> Reader<'a> {
 
     /// A non-negative integer that fits `u32`.
     pub fn u32(&mut self) -> Result<u32> {
-        u32::try_from(self.int()?).map_err(|_| MsgpackError::Range)
+        u32::try_from(self.int()?).map_err(|_| Error::Range)
     }
 
     /// A float, or an integer taken as one (msgspec writes `ts` as float, a
@@ -241,6 +225,14 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// The encoded bytes of the next value (consumed), to be read again
+    /// later with a fresh reader or hashed as they are.
+    pub fn raw(&mut self) -> Result<&'a [u8]> {
+        let start = self.pos;
+        self.skip()?;
+        Ok(&self.buf[start..self.pos])
+    }
+
     /// Skips one value of any type, iteratively.
     pub fn skip(&mut self) -> Result<()> {
         let mut pending: usize = 1;
@@ -252,7 +244,7 @@ impl<'a> Reader<'a> {
                 0x80..=0x8f => (0, 2 * usize::from(m & 0x0f)),
                 0x90..=0x9f => (0, usize::from(m & 0x0f)),
                 0xa0..=0xbf => (usize::from(m & 0x1f), 0),
-                0xc1 => return Err(MsgpackError::Reserved),
+                0xc1 => return Err(Error::Reserved),
                 0xc4 | 0xd9 => (self.len_u8()?, 0),
                 0xc5 | 0xda => (self.len_u16()?, 0),
                 0xc6 | 0xdb => (self.len_u32()?, 0),
@@ -278,7 +270,7 @@ impl<'a> Reader<'a> {
             self.take(data)?;
             pending = pending.saturating_add(children);
             if pending > self.remaining() {
-                return Err(MsgpackError::Truncated);
+                return Err(Error::Truncated);
             }
         }
         Ok(())
@@ -328,10 +320,10 @@ mod tests {
     fn lengths_beyond_the_payload_are_truncation_not_allocation() {
         // array32 claiming u32::MAX entries, then nothing.
         let b = [0xdd, 0xff, 0xff, 0xff, 0xff];
-        assert_eq!(Reader::new(&b).array_len(), Err(MsgpackError::Truncated));
-        assert_eq!(Reader::new(&b).skip(), Err(MsgpackError::Truncated));
+        assert!(matches!(Reader::new(&b).array_len(), Err(Error::Truncated)));
+        assert!(matches!(Reader::new(&b).skip(), Err(Error::Truncated)));
         let b = [0xdb, 0xff, 0xff, 0xff, 0xff, b'a'];
-        assert_eq!(Reader::new(&b).str(), Err(MsgpackError::Truncated));
+        assert!(matches!(Reader::new(&b).str(), Err(Error::Truncated)));
     }
 
     #[test]
@@ -341,6 +333,9 @@ mod tests {
         let mut r = Reader::new(&b);
         r.skip().unwrap();
         assert!(r.is_empty());
-        assert_eq!(Reader::new(&b[..50]).skip(), Err(MsgpackError::Truncated));
+        assert!(matches!(
+            Reader::new(&b[..50]).skip(),
+            Err(Error::Truncated)
+        ));
     }
 }

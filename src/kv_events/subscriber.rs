@@ -32,8 +32,9 @@ use tokio::sync::watch;
 
 use super::{
     decode::{Batch, Event, decode_into},
+    error::{Error, ErrorKind},
     index::{BlockIndex, PrefixMatch},
-    zmtp::{Connection, Message, ZmtpError},
+    zmtp::{Connection, Message},
 };
 use crate::telemetry::log_limit::LogLimiter;
 
@@ -68,7 +69,12 @@ pub struct RankState {
     pub replay_failures: AtomicU64,
     pub restarts: AtomicU64,
     pub decode_errors: AtomicU64,
+    /// A peer that is not a ZeroMQ publisher, an oversized or misframed
+    /// message, a stalled handshake or message.
     pub protocol_errors: AtomicU64,
+    /// Of `protocol_errors`, peers that stopped inside a message or the
+    /// handshake.
+    pub stalls: AtomicU64,
     pub unknown_events: AtomicU64,
     pub orphans: AtomicU64,
     pub evicted: AtomicU64,
@@ -110,6 +116,7 @@ impl RankState {
             restarts: AtomicU64::new(0),
             decode_errors: AtomicU64::new(0),
             protocol_errors: AtomicU64::new(0),
+            stalls: AtomicU64::new(0),
             unknown_events: AtomicU64::new(0),
             orphans: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
@@ -199,7 +206,11 @@ impl RankState {
     }
 }
 
+/// One limiter per kind of trouble, so a flood of one cannot hide another.
 static LOG: LogLimiter = LogLimiter::new(Duration::from_secs(30));
+static LOG_DECODE: LogLimiter = LogLimiter::new(Duration::from_secs(30));
+static LOG_FRAMES: LogLimiter = LogLimiter::new(Duration::from_secs(30));
+static LOG_UNKNOWN: LogLimiter = LogLimiter::new(Duration::from_secs(30));
 
 /// Runs one subscription until `stop` turns true.
 pub async fn run(
@@ -223,8 +234,11 @@ pub async fn run(
         let healthy = match result {
             Ok(applied) => applied,
             Err((e, applied)) => {
-                if matches!(e, ZmtpError::NotZmtp | ZmtpError::TooLarge(_)) {
+                if e.kind() == ErrorKind::Protocol {
                     sub.state.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                if matches!(e, Error::Stalled(_) | Error::HandshakeTimeout) {
+                    sub.state.stalls.fetch_add(1, Ordering::Relaxed);
                 }
                 if let Some(suppressed) = LOG.allow(Instant::now()) {
                     tracing::warn!(error = %crate::telemetry::logging::chain(&e), events = %sub.target.events, suppressed, "KV-event subscription failed; reconnecting");
@@ -253,7 +267,7 @@ struct Subscriber {
 
 impl Subscriber {
     /// One connection; the error carries whether any batch was applied.
-    async fn session(&mut self) -> Result<bool, (ZmtpError, bool)> {
+    async fn session(&mut self) -> Result<bool, (Error, bool)> {
         let t = &self.target;
         let mut conn = Connection::connect(t.events, "SUB", t.handshake_timeout, t.max_message)
             .await
@@ -283,11 +297,11 @@ impl Subscriber {
         let (Some(_topic), Some(seq), Some(payload), None) =
             (msg.frame(0), msg.frame(1), msg.frame(2), msg.frame(3))
         else {
-            self.state.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            self.misframed(msg.frames.len());
             return false;
         };
         let Ok(seq) = <[u8; 8]>::try_from(seq).map(u64::from_be_bytes) else {
-            self.state.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            self.misframed(msg.frames.len());
             return false;
         };
         let s = &self.state;
@@ -311,16 +325,29 @@ impl Subscriber {
         self.decode_and_apply(payload)
     }
 
+    /// A message that is not `[topic, seq u64, payload]`.
+    fn misframed(&self, frames: usize) {
+        self.state.protocol_errors.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = LOG_FRAMES.allow(Instant::now()) {
+            tracing::warn!(events = %self.target.events, frames, suppressed, "KV-event message is not [topic, seq, payload]; ignored");
+        }
+    }
+
     fn decode_and_apply(&mut self, payload: &[u8]) -> bool {
         match decode_into(payload, &mut self.batch) {
             Ok(()) => {
                 self.state.apply(&self.batch);
+                if self.batch.unknown_events > 0
+                    && let Some(suppressed) = LOG_UNKNOWN.allow(Instant::now())
+                {
+                    tracing::info!(events = %self.target.events, unknown = self.batch.unknown_events, suppressed, "KV-event batch has event types this picker does not know; skipped them");
+                }
                 true
             }
             Err(e) => {
                 self.state.decode_errors.fetch_add(1, Ordering::Relaxed);
                 self.state.drop_entries();
-                if let Some(suppressed) = LOG.allow(Instant::now()) {
+                if let Some(suppressed) = LOG_DECODE.allow(Instant::now()) {
                     tracing::warn!(error = %crate::telemetry::logging::chain(&e), events = %self.target.events, suppressed, "undecodable KV-event batch; this endpoint's entries dropped");
                 }
                 false

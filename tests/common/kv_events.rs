@@ -89,7 +89,7 @@ pub fn batch(map: bool, events: Vec<Value>) -> Vec<u8> {
 
 pub fn keys(tokens: &[u32]) -> Vec<u64> {
     let mut k = Vec::new();
-    block_keys(chain_seed(None), tokens, 4, &mut k);
+    block_keys(chain_seed(None, None), tokens, 4, &mut k);
     k
 }
 
