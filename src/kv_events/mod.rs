@@ -5,8 +5,8 @@
 //! socket. This subsystem decodes those batches (`decode`, over the bounded
 //! reader in `msgpack`).
 //!
-//! Not wired into scheduling yet: the precise prefix scorer that reads it
-//! comes with tokenization.
+//! The scheduler reads it through each endpoint's `KvEventsCell`, matching
+//! a tokenized prompt's block keys (`scheduling::precise`).
 
 pub mod decode;
 pub mod index;

@@ -753,7 +753,12 @@ impl Scheduler {
         let prompt_bytes = u64::try_from(prompt.len()).unwrap_or(u64::MAX).max(1);
         let block_bytes = block_bytes as u64;
         for (i, c) in candidates.iter_mut().enumerate() {
-            let m = s.matches.get(i).copied().filter(|_| !s.hashes.is_empty()).unwrap_or(0);
+            let m = s
+                .matches
+                .get(i)
+                .copied()
+                .filter(|_| !s.hashes.is_empty())
+                .unwrap_or(0);
             c.prefix_blocks = m;
             let tokens = match cycle.facts.tokens {
                 None => m.saturating_mul(block_tokens),

@@ -144,8 +144,11 @@ impl KeyChains {
                 let start = self.keys.len();
                 crate::kv_events::block_keys(seed, tokens, block_size as usize, &mut self.keys);
                 let len = self.keys.len() - start;
-                self.sets
-                    .push((block_size, u32::try_from(start).unwrap_or(u32::MAX), len as u32));
+                self.sets.push((
+                    block_size,
+                    u32::try_from(start).unwrap_or(u32::MAX),
+                    len as u32,
+                ));
                 (start, len)
             }
         };
@@ -183,7 +186,14 @@ struct SpecMap {
 
 impl Speculative {
     /// Remembers `keys` as cached on endpoint `uid` until `now + ttl`.
-    pub(super) fn record(&self, uid: u64, block_size: u32, keys: &[u64], now: Instant, ttl: Duration) {
+    pub(super) fn record(
+        &self,
+        uid: u64,
+        block_size: u32,
+        keys: &[u64],
+        now: Instant,
+        ttl: Duration,
+    ) {
         if keys.is_empty() {
             return;
         }
@@ -297,7 +307,8 @@ pub(super) fn match_events(
         gpu = gpu.max(spec);
         any = any.max(spec);
     }
-    let to_tokens = |blocks: usize| u32::try_from(blocks.saturating_mul(bs as usize)).unwrap_or(u32::MAX);
+    let to_tokens =
+        |blocks: usize| u32::try_from(blocks.saturating_mul(bs as usize)).unwrap_or(u32::MAX);
     c.cached = CachedPrefix {
         source: PrefixSource::Events,
         gpu_tokens: to_tokens(gpu),
@@ -306,10 +317,9 @@ pub(super) fn match_events(
     // The approximate index's blocks stand for equal shares of the matched
     // span, so the share held converts to a block count.
     let span = (tokens.len() as u64).max(1);
-    c.prefix_blocks = u32::try_from(
-        u64::from(c.cached.any_tokens).min(span) * u64::from(prompt_blocks) / span,
-    )
-    .unwrap_or(u32::MAX);
+    c.prefix_blocks =
+        u32::try_from(u64::from(c.cached.any_tokens).min(span) * u64::from(prompt_blocks) / span)
+            .unwrap_or(u32::MAX);
     true
 }
 
@@ -397,7 +407,10 @@ pub struct PreciseConfig {
 impl PreciseParams {
     /// Checks and applies the parameters; `ignored` gets each accepted
     /// parameter that has no effect here, with why.
-    pub fn config(self, ignored: &mut Vec<(String, &'static str)>) -> Result<PreciseConfig, String> {
+    pub fn config(
+        self,
+        ignored: &mut Vec<(String, &'static str)>,
+    ) -> Result<PreciseConfig, String> {
         let mut scorer = PrecisePrefixCacheScorer::default();
         let mut block_size_tokens = None;
         if let Some(tp) = self.token_processor_config {
@@ -417,7 +430,10 @@ impl PreciseParams {
         if let Some(ix) = self.indexer_config {
             for b in ix.kv_cache_backend_configs.unwrap_or_default() {
                 if !(b.weight.is_finite() && b.weight >= 0.0) {
-                    return Err(format!("backend {:?}: weight must be a finite number >= 0", b.name));
+                    return Err(format!(
+                        "backend {:?}: weight must be a finite number >= 0",
+                        b.name
+                    ));
                 }
                 match b.name.to_ascii_lowercase().as_str() {
                     "gpu" => scorer.gpu_weight = b.weight,
@@ -443,10 +459,13 @@ impl PreciseParams {
             ));
         }
         let ttl = match self.speculative_ttl.as_deref() {
-            Some(t) => crate::config::parse_duration(t).map_err(|e| format!("speculativeTTL: {e}"))?,
+            Some(t) => {
+                crate::config::parse_duration(t).map_err(|e| format!("speculativeTTL: {e}"))?
+            }
             None => DEFAULT_SPECULATIVE_TTL,
         };
-        let speculative_ttl = (self.speculative_indexing == Some(true) && !ttl.is_zero()).then_some(ttl);
+        let speculative_ttl =
+            (self.speculative_indexing == Some(true) && !ttl.is_zero()).then_some(ttl);
         Ok(PreciseConfig {
             scorer,
             block_size_tokens,

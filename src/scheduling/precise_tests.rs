@@ -113,9 +113,16 @@ fn a_pod_known_by_events_beats_an_approximate_guess() {
     let f = facts_with(&p, Some(&t));
     let ex = explain(&s, &store, &f);
     assert_eq!(ex[0].cached.source, PrefixSource::Events);
-    assert_eq!(ex[0].cached.gpu_tokens, 0, "the approximate guess is not used");
     assert_eq!(
-        (ex[1].cached.source, ex[1].cached.gpu_tokens, ex[1].cached.any_tokens),
+        ex[0].cached.gpu_tokens, 0,
+        "the approximate guess is not used"
+    );
+    assert_eq!(
+        (
+            ex[1].cached.source,
+            ex[1].cached.gpu_tokens,
+            ex[1].cached.any_tokens
+        ),
         (PrefixSource::Events, 256, 256)
     );
     let d = s.schedule(&f, &store.snapshot(), Purpose::Route).unwrap();
@@ -160,7 +167,12 @@ fn gpu_blocks_beat_offloaded_ones_and_tier_weights_apply() {
     events(&store, 1, Some(&stored(&t, 16, 16, Medium::Cpu, None)));
     events(&store, 2, Some(&stored(&t, 16, 16, Medium::Gpu, None)));
     let f = facts_with(&p, Some(&t));
-    let s = build("plugins:\n- type: precise-prefix-cache-scorer\n", &store, true).unwrap();
+    let s = build(
+        "plugins:\n- type: precise-prefix-cache-scorer\n",
+        &store,
+        true,
+    )
+    .unwrap();
     let ex = explain(&s, &store, &f);
     assert_eq!((ex[0].cached.gpu_tokens, ex[0].cached.any_tokens), (0, 256));
     assert_eq!(ex[0].scores[0].1, 0.8, "llm-d's cpu weight");
@@ -221,7 +233,11 @@ fn lora_blocks_match_only_requests_for_that_adapter() {
     let store = store_with(&[1, 2], &[idle(), idle()]);
     let t = tokens(128);
     let p = prompt(TEXT);
-    events(&store, 1, Some(&stored(&t, 16, 8, Medium::Gpu, Some("sql"))));
+    events(
+        &store,
+        1,
+        Some(&stored(&t, 16, 8, Medium::Gpu, Some("sql"))),
+    );
     events(&store, 2, Some(&stored(&t, 16, 8, Medium::Gpu, None)));
     let snap = store.snapshot();
     snap.get("127.0.0.1:1")
@@ -260,7 +276,11 @@ fn explain_and_the_log_line_say_which_index_answered() {
     events(&store, 1, Some(&stored(&t, 16, 2, Medium::Gpu, None)));
     let s = build(DEFAULT_CONFIG, &store, true).unwrap();
     let d = s
-        .schedule(&facts_with(&p, Some(&t)), &store.snapshot(), Purpose::Explain)
+        .schedule(
+            &facts_with(&p, Some(&t)),
+            &store.snapshot(),
+            Purpose::Explain,
+        )
         .unwrap();
     let ex = d.explanation.unwrap();
     let by_port = |p: &str| {
@@ -280,7 +300,10 @@ fn explain_and_the_log_line_say_which_index_answered() {
     );
     assert_eq!(by_port(":2").source, PrefixSource::Approximate);
     let line = ex.to_string();
-    assert!(line.contains("127.0.0.1:1 total=") && line.contains("prefix=events:32/32"), "{line}");
+    assert!(
+        line.contains("127.0.0.1:1 total=") && line.contains("prefix=events:32/32"),
+        "{line}"
+    );
     assert!(line.contains("prefix=approximate:0/0"), "{line}");
     // No prefix-aware plugin: no index answers.
     let s = build("plugins:\n- type: queue-scorer\n", &store, true).unwrap();
@@ -303,7 +326,10 @@ fn a_request_without_tokens_behaves_as_before() {
     let f = facts_with(&p, None);
     for s in [&with, &without] {
         let ex = explain(s, &store, &f);
-        assert!(ex.iter().all(|c| c.cached.source == PrefixSource::Approximate));
+        assert!(
+            ex.iter()
+                .all(|c| c.cached.source == PrefixSource::Approximate)
+        );
         let d = s.schedule(&f, &store.snapshot(), Purpose::Route).unwrap();
         assert_eq!(port(&d), "2", "the approximate index's guess");
         assert_eq!(d.prompt_tokens, TEXT.len() as u32 / BYTES_PER_TOKEN);
@@ -315,7 +341,10 @@ fn a_request_without_tokens_behaves_as_before() {
     }
     // With tokens but events off, the approximate index answers too.
     let ex = explain(&without, &store, &facts_with(&p, Some(&t)));
-    assert!(ex.iter().all(|c| c.cached.source == PrefixSource::Approximate));
+    assert!(
+        ex.iter()
+            .all(|c| c.cached.source == PrefixSource::Approximate)
+    );
 }
 
 #[test]
@@ -372,7 +401,12 @@ fn precise_scorer_parameters_follow_llm_d() {
             speculative_ttl: Some(Duration::from_millis(500)),
         })
     );
-    let plain = build("plugins:\n- type: precise-prefix-cache-scorer\n", &store, false).unwrap();
+    let plain = build(
+        "plugins:\n- type: precise-prefix-cache-scorer\n",
+        &store,
+        false,
+    )
+    .unwrap();
     assert_eq!(
         plain.event_settings().map(|e| e.speculative_ttl),
         Some(None),
@@ -384,11 +418,18 @@ fn precise_scorer_parameters_follow_llm_d() {
     for (bad, why) in [
         ("tokenProcessorConfig: {blockSize: 16, bogus: 1}", "bogus"),
         ("tokenProcessorConfig: {blockSize: 0}", "blockSize"),
-        ("indexerConfig: {kvCacheBackendConfigs: [{name: disk, weight: 0.5}]}", "disk"),
-        ("indexerConfig: {kvCacheBackendConfigs: [{name: cpu, weight: -1}]}", "weight"),
+        (
+            "indexerConfig: {kvCacheBackendConfigs: [{name: disk, weight: 0.5}]}",
+            "disk",
+        ),
+        (
+            "indexerConfig: {kvCacheBackendConfigs: [{name: cpu, weight: -1}]}",
+            "weight",
+        ),
         ("speculativeTTL: soon", "speculativeTTL"),
     ] {
-        let cfg = format!("plugins:\n- type: precise-prefix-cache-scorer\n  parameters:\n    {bad}\n");
+        let cfg =
+            format!("plugins:\n- type: precise-prefix-cache-scorer\n  parameters:\n    {bad}\n");
         let e = build(&cfg, &store, true).unwrap_err();
         assert!(
             matches!(&e, BuildError::Parameters { message, .. } if message.contains(why)),

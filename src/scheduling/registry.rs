@@ -348,8 +348,14 @@ pub fn build_scheduler(
                         for (parameter, why) in ignored {
                             tracing::info!(plugin = spec.name(), %parameter, why, "plugin parameter has no effect here");
                         }
-                        if precise.is_some_and(|p| p.block_size_tokens != c.block_size_tokens || p.speculative_ttl != c.speculative_ttl) {
-                            return Err(invalid(spec, "every precise-prefix-cache-scorer must use the same blockSize and speculative indexing"));
+                        if precise.is_some_and(|p| {
+                            p.block_size_tokens != c.block_size_tokens
+                                || p.speculative_ttl != c.speculative_ttl
+                        }) {
+                            return Err(invalid(
+                                spec,
+                                "every precise-prefix-cache-scorer must use the same blockSize and speculative indexing",
+                            ));
                         }
                         precise = Some(c);
                         Box::new(c.scorer)
@@ -434,7 +440,9 @@ pub fn build_scheduler(
         }
     });
     if precise.is_some() && !opts.kv_events {
-        tracing::warn!("precise-prefix-cache-scorer without KV events enabled: it scores from the approximate index");
+        tracing::warn!(
+            "precise-prefix-cache-scorer without KV events enabled: it scores from the approximate index"
+        );
     }
     // An adapter's blocks have their own key chain: tell adapters apart.
     lora_aware |= events.is_some();
