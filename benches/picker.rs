@@ -12,12 +12,15 @@
 use std::hint::black_box;
 
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
+use std::{sync::Arc, time::Duration};
+
 use epp::{
-    config::{DEFAULT_CONFIG, GIE_DEFAULT_CONFIG},
-    endpoints::EndpointStore,
+    config::{DEFAULT_CONFIG, EndpointPickerConfig, GIE_DEFAULT_CONFIG},
+    endpoints::{EndpointStore, KvView},
+    kv_events::{Batch, Event, Medium, subscriber::RankState},
     prefix::{BlockHasher, PrefixIndex, chain_seed},
     request::{ApiKind, Prompt, parse, parse_cutting},
-    scheduling::{Purpose, RequestFacts, Scheduler},
+    scheduling::{Purpose, RequestFacts, Scheduler, SchedulerOptions, build_scheduler},
     scrape::{EngineMapping, extract},
 };
 use epp_bench::perf::footprint::{self, prompt_text, store, warm};
@@ -234,6 +237,118 @@ fn bench_decision(c: &mut Criterion) {
     g.finish();
 }
 
+/// Token ids of query `i`: its group's 3,500-token system prompt, then 596
+/// tokens of its own (4,096 tokens, 16 KiB at 4 bytes per token).
+fn query_tokens(i: usize) -> Vec<u32> {
+    let g = (i % 50) as u32;
+    (0..3500u32)
+        .map(|j| g * 100_000 + j)
+        .chain((0..596u32).map(|j| 10_000_000 + i as u32 * 1000 + j))
+        .collect()
+}
+
+/// Stores the leading full blocks of `tokens` (block size 16) on `rank`.
+fn store_chain(rank: &RankState, tokens: &[u32], engine: &mut u64) {
+    let blocks = tokens.len() / 16;
+    let mut b = Batch::default();
+    b.hashes.extend((0..blocks as u64).map(|i| *engine + i));
+    *engine += blocks as u64;
+    b.tokens.extend_from_slice(&tokens[..blocks * 16]);
+    b.events.push(Event::Stored {
+        hashes: 0..blocks,
+        parent: None,
+        tokens: 0..blocks * 16,
+        block_size: 16,
+        medium: Medium::Gpu,
+        lora: None,
+        group: None,
+    });
+    rank.apply_batch(&b);
+}
+
+/// Every endpoint known by its KV events. `hot`: every endpoint holds every
+/// group's system prompt (the worst case: each candidate walks ~219
+/// blocks); else each group's is on two endpoints, and every endpoint also
+/// holds 40 unrelated 4,096-token prompts.
+fn events_store(endpoints: usize, hot: bool) -> Arc<EndpointStore> {
+    let store = store(endpoints);
+    let mut engine = 1u64;
+    for (e, ep) in store.snapshot().endpoints().iter().enumerate() {
+        let rank = Arc::new(RankState::new(20_000));
+        for g in 0..50usize {
+            if hot || g % endpoints == e || (g * 7 + 3) % endpoints == e {
+                store_chain(&rank, &query_tokens(g)[..3500], &mut engine);
+            }
+        }
+        if !hot {
+            for k in 0..40usize {
+                let other: Vec<u32> = (0..4096u32)
+                    .map(|j| 50_000_000 + (e * 40 + k) as u32 * 5000 + j)
+                    .collect();
+                store_chain(&rank, &other, &mut engine);
+            }
+        }
+        ep.kv_events.set(Some(Arc::new(KvView {
+            ranks: vec![rank].into_boxed_slice(),
+        })));
+    }
+    store
+}
+
+/// The decision with token ids and every endpoint known by events, next to
+/// the same store without tokens (the approximate path).
+fn bench_events_decision(c: &mut Criterion) {
+    let mut g = c.benchmark_group("decision");
+    let endpoints = 64usize;
+    for (label, hot) in [("events", false), ("events_hot_prefix", true)] {
+        let store = events_store(endpoints, hot);
+        let s = build_scheduler(
+            &EndpointPickerConfig::parse(DEFAULT_CONFIG).unwrap(),
+            &SchedulerOptions {
+                fallback_endpoints: 2,
+                max_scrape_failures: 3,
+                staleness: Duration::from_secs(3600),
+                epoch: store.epoch(),
+                kv_events: true,
+            },
+            Arc::new(PrefixIndex::new()),
+        )
+        .unwrap();
+        warm(&s, &store, 50, 2000, 16 << 10);
+        let snap = store.snapshot();
+        let texts: Vec<String> = (0..64)
+            .map(|i| prompt_text(i % 50, 10_000 + i, 16 << 10))
+            .collect();
+        let tokens: Vec<Vec<u32>> = (0..64).map(query_tokens).collect();
+        for with_tokens in [true, false] {
+            let name = if with_tokens {
+                format!("default_{label}_4096_tokens")
+            } else {
+                format!("default_{label}_store_no_tokens_16KiB")
+            };
+            let mut q = 0usize;
+            g.bench_function(BenchmarkId::new(name, endpoints), |b| {
+                b.iter(|| {
+                    q = (q + 1) % texts.len();
+                    let mut p = Prompt::default();
+                    p.push(texts[q].as_str());
+                    let facts = RequestFacts {
+                        model: "m",
+                        prompt: Some(&p),
+                        tokens: with_tokens.then_some(tokens[q].as_slice()),
+                        ..RequestFacts::default()
+                    };
+                    black_box(
+                        s.schedule(&facts, &snap, Purpose::Route)
+                            .map(|d| d.endpoints.len()),
+                    )
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 fn bench_parse(c: &mut Criterion) {
     let mut g = c.benchmark_group("parse");
     for kib in [16usize, 220] {
@@ -322,6 +437,7 @@ fn main() {
     bench_hashing(&mut c);
     bench_index(&mut c);
     bench_decision(&mut c);
+    bench_events_decision(&mut c);
     bench_parse(&mut c);
     c.final_summary();
     if filter

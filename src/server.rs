@@ -234,6 +234,8 @@ impl Core {
                 max_scrape_failures: flags.max_scrape_failures,
                 staleness: flags.metrics_staleness_threshold,
                 epoch: store.epoch(),
+                // Set from --kv-events once the KV-event supervisor is wired.
+                kv_events: false,
             },
             Arc::clone(&index),
         )?;

@@ -142,12 +142,16 @@ impl Admin for AdminService {
                             scores: c.scores.iter().cloned().collect(),
                             total: c.total,
                             filtered_by: c.filtered_by.clone().unwrap_or_default(),
+                            prefix_source: c.cached.source.as_str().to_owned(),
+                            cached_tokens_gpu: c.cached.gpu_tokens,
+                            cached_tokens_any: c.cached.any_tokens,
                         })
                         .collect(),
                     error: None,
                     model: routed.model,
                     target_model: routed.target_model,
                     prompt_blocks: d.prompt_blocks,
+                    prompt_tokens: d.prompt_tokens,
                 }
             }
             Err(e) => ExplainResponse {

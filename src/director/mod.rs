@@ -447,6 +447,10 @@ impl Director {
             subset: input.subset,
             test_selection: input.test_selection.filter(|_| self.trust_test_selection),
             session_token: input.session_token,
+            // TOKENS: the prompt's token ids go here once the director
+            // tokenizes (`epp::tokenize`, for a model with a tokenizer);
+            // `None` keeps the byte estimate and the approximate index.
+            tokens: None,
         };
         let decision = self.scheduler.schedule(&facts, &snapshot, purpose)?;
         let new_body = match (&req.model_span, target != req.model) {
@@ -487,6 +491,7 @@ pub(crate) mod testing {
                 max_scrape_failures: 3,
                 staleness: Duration::from_secs(2),
                 epoch: store.epoch(),
+                kv_events: false,
             },
             Arc::new(PrefixIndex::new()),
         )

@@ -31,6 +31,9 @@
 //!   block. This is SGLang's schema limit, not something a consumer can
 //!   repair; such endpoints get little from the precise index until SGLang
 //!   links pages.
+//!
+//! The scheduler reads it through each endpoint's `KvEventsCell`, matching
+//! a tokenized prompt's block keys (`scheduling::precise`).
 
 pub mod decode;
 mod error;

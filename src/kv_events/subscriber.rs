@@ -177,6 +177,12 @@ impl RankState {
         self.blocks.store(0, Ordering::Relaxed);
     }
 
+    /// Applies a decoded batch as if it had arrived in order (for feeding a
+    /// rank from somewhere other than a subscription: tests, benchmarks).
+    pub fn apply_batch(&self, batch: &Batch) {
+        self.apply(batch);
+    }
+
     fn apply(&self, batch: &Batch) {
         let a = {
             let mut idx = self.index.lock();

@@ -165,9 +165,10 @@ impl Filter for PrefixAffinityFilter {
         if self.exploration_probability > 0.0 && fastrand::f64() < self.exploration_probability {
             return;
         }
-        let total = f64::from(cycle.prompt_blocks);
-        let sticky =
-            |c: &Candidate<'_>| f64::from(c.prefix_blocks) / total >= self.affinity_threshold;
+        let sticky = |c: &Candidate<'_>| {
+            cycle.prefix_fraction(c, 1.0, super::precise::DEFAULT_OFFLOAD_WEIGHT)
+                >= self.affinity_threshold
+        };
         if candidates.iter().any(sticky) {
             candidates.retain(sticky);
         }

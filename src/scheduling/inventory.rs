@@ -209,11 +209,17 @@ pub const INVENTORY: &[PluginType] = &[
         Scorer,
         &["label", "enableFiltering"],
     ),
-    refused(
+    works(
         "precise-prefix-cache-scorer",
         Router,
-        "prefix scoring from vLLM KV-cache events and a real tokenizer",
-        "prefix-cache-scorer",
+        Scorer,
+        &[
+            "tokenProcessorConfig",
+            "indexerConfig",
+            "kvEventsConfig",
+            "speculativeIndexing",
+            "speculativeTTL",
+        ],
     ),
     refused(
         "mm-embeddings-cache-scorer",

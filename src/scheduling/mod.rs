@@ -8,14 +8,19 @@
 //! 4. request data: each candidate's LoRA adapters are read against the
 //!    model if a LoRA-aware plugin is configured (see `adapters`); the
 //!    prompt is hashed into blocks once and matched against the prefix
-//!    index, if any configured plugin uses it;
+//!    index, if any configured plugin uses it; with events enabled and the
+//!    prompt's token ids known, candidates whose KV events are known are
+//!    matched token-exactly instead (see `precise`), each candidate getting
+//!    one [`CachedPrefix`] that every prefix-aware plugin reads;
 //! 5. filters, in configured order; an empty result is an error;
 //! 6. scorers: each gives every candidate a score in 0..1, the total is the
 //!    weighted sum (GIE's rule, no normalisation by the sum of weights);
 //! 7. the picker orders candidates; the first is the pick, the next ones the
-//!    fallbacks; the pick's blocks are recorded in the prefix index and
-//!    scorers that learn from their decisions are told the pick (routing
-//!    only, never when explaining).
+//!    fallbacks; the pick's blocks are recorded in the prefix index (also
+//!    for a pick answered by events: the approximate index is the fallback
+//!    when its event stream drops), its key chain in the speculative
+//!    entries when enabled, and scorers that learn from their decisions are
+//!    told the pick (routing only, never when explaining).
 //!
 //! Nothing here knows about gRPC or HTTP: the input is [`RequestFacts`], the
 //! output a [`Decision`] or a [`ScheduleError`] that the protocol layer maps to
@@ -25,6 +30,7 @@ mod adapters;
 pub mod filters;
 pub mod inventory;
 pub mod pickers;
+pub mod precise;
 mod registry;
 mod saturation;
 pub mod scorers;
@@ -37,6 +43,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use precise::{CachedPrefix, EventSettings, PrecisePrefixCacheScorer, PrefixSource};
 pub use registry::{BuildError, SchedulerOptions, build_scheduler};
 pub use saturation::{
     ConcurrencyDetector, ConcurrencyMode, SaturationDetector, UtilizationDetector,
@@ -67,6 +74,10 @@ pub struct RequestFacts<'a> {
     pub test_selection: Option<&'a str>,
     /// The session token the client sent back (see `session`).
     pub session_token: Option<&'a str>,
+    /// The prompt's token ids (chat template applied), when a tokenizer
+    /// exists for the model. The director fills it (`epp::tokenize`); with
+    /// it, `prompt_tokens` is exact and events answer token-exactly.
+    pub tokens: Option<&'a [u32]>,
 }
 
 /// One candidate endpoint with its signals read once for this request.
@@ -88,8 +99,14 @@ pub struct Candidate<'s> {
     pub prefill_backlog: u64,
     /// Scraped within the staleness threshold.
     pub fresh: bool,
-    /// Leading prompt blocks this endpoint probably has cached.
+    /// Leading prompt blocks (of `Cycle::block_tokens`) this endpoint
+    /// holds: the approximate index's guess, or for an endpoint answered by
+    /// events, its cached share of the prompt in those blocks.
     pub prefix_blocks: u32,
+    /// The cached leading run every prefix-aware plugin reads (through
+    /// [`Cycle::cached_tokens`] and [`Cycle::prefix_fraction`]), and which
+    /// index answered.
+    pub cached: CachedPrefix,
     /// The request's model among the endpoint's LoRA adapters (read only
     /// when a LoRA-aware plugin is configured).
     pub lora: LoraFit,
@@ -131,6 +148,7 @@ impl<'s> Candidate<'s> {
             prefill_backlog: endpoint.prefill_backlog(),
             fresh,
             prefix_blocks: 0,
+            cached: CachedPrefix::default(),
             lora: LoraFit::default(),
         }
     }
@@ -141,8 +159,13 @@ impl<'s> Candidate<'s> {
 pub struct Cycle<'a> {
     pub facts: &'a RequestFacts<'a>,
     pub now: Instant,
-    /// Estimated prompt length in tokens.
+    /// Prompt length in tokens: exact when the request carries its token
+    /// ids, else estimated (bytes / [`BYTES_PER_TOKEN`]).
     pub prompt_tokens: u32,
+    /// Leading prompt tokens an events-answered match can cover (the prompt,
+    /// up to the prefix plugin's match limit): the denominator of an
+    /// events-answered prefix score.
+    pub match_tokens: u32,
     /// Tokens per prefix block used for this request.
     pub block_tokens: u32,
     /// Prompt blocks hashed (the denominator of the prefix score).
@@ -154,10 +177,37 @@ pub struct Cycle<'a> {
 }
 
 impl Cycle<'_> {
+    /// Prompt tokens the candidate's cache saves prefilling: GPU tokens
+    /// fully, offloaded ones [`precise::OFFLOADED_TOKEN_CREDIT`] each.
+    pub fn cached_tokens(&self, c: &Candidate<'_>) -> u32 {
+        let p = &c.cached;
+        let offloaded = f64::from(p.offloaded_tokens()) * precise::OFFLOADED_TOKEN_CREDIT;
+        p.gpu_tokens.saturating_add(offloaded as u32)
+    }
+
     /// Prompt tokens the candidate would still have to prefill.
     pub fn uncached_tokens(&self, c: &Candidate<'_>) -> u32 {
-        self.prompt_tokens
-            .saturating_sub(c.prefix_blocks.saturating_mul(self.block_tokens))
+        self.prompt_tokens.saturating_sub(self.cached_tokens(c))
+    }
+
+    /// The prompt's cached share on `c` in 0..1, GPU tokens weighted
+    /// `gpu_weight`, offloaded ones `offload_weight`. An approximate answer
+    /// is GIE's block ratio (matched blocks / prompt blocks hashed).
+    pub fn prefix_fraction(&self, c: &Candidate<'_>, gpu_weight: f64, offload_weight: f64) -> f64 {
+        match c.cached.source {
+            PrefixSource::None => 0.0,
+            PrefixSource::Approximate if self.prompt_blocks == 0 => 0.0,
+            PrefixSource::Approximate => {
+                gpu_weight * f64::from(c.prefix_blocks) / f64::from(self.prompt_blocks)
+            }
+            PrefixSource::Events if self.match_tokens == 0 => 0.0,
+            PrefixSource::Events => {
+                let p = &c.cached;
+                (gpu_weight * f64::from(p.gpu_tokens)
+                    + offload_weight * f64::from(p.offloaded_tokens()))
+                    / f64::from(self.match_tokens)
+            }
+        }
     }
 }
 
@@ -264,10 +314,14 @@ pub struct Decision {
     pub endpoints: Vec<Arc<Endpoint>>,
     /// Estimated prompt tokens the pick still has to prefill.
     pub prefill_tokens: u32,
+    /// Prompt length in tokens (exact with token ids, else estimated).
+    pub prompt_tokens: u32,
     pub prompt_blocks: u32,
     /// Leading prompt blocks the pick probably holds.
     pub matched_blocks: u32,
     pub block_tokens: u32,
+    /// The pick's cached leading run and which index answered.
+    pub cached: CachedPrefix,
     pub explanation: Option<Explanation>,
 }
 
@@ -300,6 +354,9 @@ pub struct ExplainedCandidate {
     pub total: f64,
     /// The filter (or built-in check) that removed it, if any.
     pub filtered_by: Option<String>,
+    /// Its cached leading run of the prompt and which index answered
+    /// (default for a filtered candidate).
+    pub cached: CachedPrefix,
 }
 
 impl fmt::Display for Explanation {
@@ -315,6 +372,15 @@ impl fmt::Display for Explanation {
                 continue;
             }
             write!(f, " total={:.3}", c.total)?;
+            if c.cached.source != PrefixSource::None {
+                write!(
+                    f,
+                    " prefix={}:{}/{}",
+                    c.cached.source.as_str(),
+                    c.cached.gpu_tokens,
+                    c.cached.any_tokens
+                )?;
+            }
             for (name, s) in &c.scores {
                 write!(f, " {name}={s:.3}")?;
             }
@@ -328,6 +394,7 @@ impl fmt::Display for Explanation {
 struct Scratch {
     hasher: BlockHasher,
     hashes: Vec<u64>,
+    chains: precise::KeyChains,
     slots: Vec<(u16, u64)>,
     matches: Vec<u32>,
     scores: Vec<f64>,
@@ -365,6 +432,9 @@ impl Purpose {
 pub struct Scheduler {
     profile: Profile,
     prefix: Option<PrefixSettings>,
+    /// Token-exact matching against KV events (see `precise`).
+    events: Option<EventSettings>,
+    speculative: precise::Speculative,
     index: Arc<PrefixIndex>,
     saturation: SaturationDetector,
     /// Some plugin reads the endpoints' LoRA adapters.
@@ -389,6 +459,11 @@ impl Scheduler {
 
     pub fn prefix_settings(&self) -> Option<PrefixSettings> {
         self.prefix
+    }
+
+    /// How events are used; `None` when they are not.
+    pub fn event_settings(&self) -> Option<EventSettings> {
+        self.events
     }
 
     /// The request and response header carrying session tokens, when a
@@ -430,9 +505,12 @@ impl Scheduler {
             return Err(ScheduleError::Shed);
         }
 
-        let prompt_tokens = facts.prompt.map_or(0, |p| {
-            u32::try_from(p.len()).unwrap_or(u32::MAX) / BYTES_PER_TOKEN
-        });
+        let prompt_tokens = match facts.tokens {
+            Some(t) => u32::try_from(t.len()).unwrap_or(u32::MAX),
+            None => facts.prompt.map_or(0, |p| {
+                u32::try_from(p.len()).unwrap_or(u32::MAX) / BYTES_PER_TOKEN
+            }),
+        };
         let mut adapter_request = false;
         if self.lora_aware {
             for c in &mut candidates {
@@ -448,6 +526,7 @@ impl Scheduler {
             facts,
             now,
             prompt_tokens,
+            match_tokens: 0,
             block_tokens: 0,
             prompt_blocks: 0,
             adapter_request,
@@ -516,6 +595,12 @@ impl Scheduler {
             self.index
                 .record(pick.endpoint.slot, pick.endpoint.uid, capacity, &s.hashes);
         }
+        if purpose.records()
+            && pick.cached.source == PrefixSource::Events
+            && let Some(ttl) = self.events.and_then(|e| e.speculative_ttl)
+        {
+            self.speculate(s, pick, now, ttl);
+        }
 
         if let Some(ex) = explanation.as_mut() {
             for (i, c) in candidates.iter().enumerate() {
@@ -531,6 +616,7 @@ impl Scheduler {
                         .collect(),
                     total: s.totals[i],
                     filtered_by: None,
+                    cached: c.cached,
                 });
             }
         }
@@ -542,9 +628,11 @@ impl Scheduler {
                 .map(|&i| Arc::clone(candidates[i].endpoint))
                 .collect(),
             prefill_tokens: decision_prefill,
+            prompt_tokens: cycle.prompt_tokens,
             prompt_blocks: cycle.prompt_blocks,
             matched_blocks: pick.prefix_blocks,
             block_tokens: cycle.block_tokens,
+            cached: pick.cached,
             explanation,
         })
     }
@@ -574,9 +662,11 @@ impl Scheduler {
                 .map(|&i| Arc::clone(candidates[i].endpoint))
                 .collect(),
             prefill_tokens: 0,
+            prompt_tokens: 0,
             prompt_blocks: 0,
             matched_blocks: 0,
             block_tokens: 0,
+            cached: CachedPrefix::default(),
             explanation: None,
         })
     }
@@ -651,16 +741,72 @@ impl Scheduler {
         );
         cycle.block_tokens = block_tokens;
         cycle.prompt_blocks = u32::try_from(s.hashes.len()).unwrap_or(u32::MAX);
-        if s.hashes.is_empty() {
-            return;
+        if !s.hashes.is_empty() {
+            s.slots.clear();
+            s.slots
+                .extend(candidates.iter().map(|c| (c.endpoint.slot, c.endpoint.uid)));
+            self.index
+                .longest_matches(&s.hashes, &s.slots, &mut s.matches);
         }
-        s.slots.clear();
-        s.slots
-            .extend(candidates.iter().map(|c| (c.endpoint.slot, c.endpoint.uid)));
-        self.index
-            .longest_matches(&s.hashes, &s.slots, &mut s.matches);
-        for (c, &m) in candidates.iter_mut().zip(&s.matches) {
+        // The approximate index's blocks stand for text; with token ids the
+        // prompt's real token count scales them.
+        let prompt_bytes = u64::try_from(prompt.len()).unwrap_or(u64::MAX).max(1);
+        let block_bytes = block_bytes as u64;
+        for (i, c) in candidates.iter_mut().enumerate() {
+            let m = s
+                .matches
+                .get(i)
+                .copied()
+                .filter(|_| !s.hashes.is_empty())
+                .unwrap_or(0);
             c.prefix_blocks = m;
+            let tokens = match cycle.facts.tokens {
+                None => m.saturating_mul(block_tokens),
+                Some(_) => {
+                    let bytes = (u64::from(m) * block_bytes).min(prompt_bytes);
+                    u32::try_from(bytes * u64::from(cycle.prompt_tokens) / prompt_bytes)
+                        .unwrap_or(u32::MAX)
+                }
+            };
+            c.cached = CachedPrefix {
+                source: PrefixSource::Approximate,
+                gpu_tokens: tokens,
+                any_tokens: tokens,
+            };
+        }
+
+        let (Some(events), Some(tokens)) = (self.events.as_ref(), cycle.facts.tokens) else {
+            return;
+        };
+        // Matched span: the prompt up to the prefix plugin's limit, as the
+        // approximate index hashes at most `max_blocks` blocks.
+        let limit = (settings.max_blocks as usize).saturating_mul(block_tokens.max(1) as usize);
+        let tokens = &tokens[..tokens.len().min(limit)];
+        cycle.match_tokens = u32::try_from(tokens.len()).unwrap_or(u32::MAX);
+        s.chains.clear();
+        let seed = events_seed(cycle);
+        for c in candidates.iter_mut() {
+            precise::match_events(
+                c,
+                events,
+                &mut s.chains,
+                seed,
+                tokens,
+                &self.speculative,
+                cycle.now,
+                cycle.prompt_blocks,
+            );
+        }
+    }
+
+    /// Remembers the pick's key chain as cached there until its events
+    /// arrive (see `precise`).
+    fn speculate(&self, s: &Scratch, pick: &Candidate<'_>, now: Instant, ttl: Duration) {
+        let Some(events) = &self.events else { return };
+        let bs = precise::block_size_for(pick.endpoint, events);
+        if let Some((bs, keys)) = s.chains.chains().find(|(b, _)| *b == bs) {
+            self.speculative
+                .record(pick.endpoint.uid, bs, keys, now, ttl);
         }
     }
 
@@ -675,6 +821,17 @@ impl Scheduler {
             settings.lru_capacity_per_server
         }
     }
+}
+
+/// The first key of an events chain: the base model's, or the request's
+/// LoRA adapter's (vLLM names an adapter's blocks by its served name, the
+/// request's model). Cache salts join the chain here when the event index
+/// keys them.
+fn events_seed(cycle: &Cycle<'_>) -> u64 {
+    let lora = cycle
+        .adapter_request
+        .then(|| crate::kv_events::lora_key(cycle.facts.model));
+    crate::kv_events::chain_seed(lora, cycle.facts.cache_salt.map(str::as_bytes))
 }
 
 fn addresses(c: &[Candidate<'_>]) -> Vec<Arc<str>> {
@@ -696,5 +853,7 @@ fn filtered(e: &Endpoint, by: &str) -> ExplainedCandidate {
 mod destination_tests;
 #[cfg(test)]
 mod plugin_tests;
+#[cfg(test)]
+mod precise_tests;
 #[cfg(test)]
 mod tests;

@@ -372,6 +372,7 @@ fn no_hit_lru_remembers_at_most_lru_size_endpoints() {
         facts: &f,
         now: Instant::now(),
         prompt_tokens: 0,
+        match_tokens: 0,
         block_tokens: 16,
         prompt_blocks: 1,
         adapter_request: false,

@@ -9,6 +9,21 @@
 //! dangling references and malformed parameters are startup errors, each
 //! reported once. Data-layer and parser plugin types are accepted here and
 //! read by their own subsystems.
+//!
+//! KV events ([`SchedulerOptions::kv_events`], the `--kv-events` flag): the
+//! config text does not change. The built-in default stays one
+//! `prefill-cost-scorer` and the max-score picker; what changes is where its
+//! cached tokens come from: for a request with token ids, each endpoint
+//! whose events are known answers from them (GPU tokens fully, offloaded
+//! ones at `OFFLOADED_TOKEN_CREDIT`), the others from the approximate
+//! index, which keeps recording every routed pick as the fallback; and a
+//! routed prompt counts as cached on its pick for 2 s until its events
+//! arrive (speculation, see `precise`). The same holds for every
+//! prefix-aware plugin of any config. A `precise-prefix-cache-scorer`
+//! turns the token-exact path on even without the option (its endpoints
+//! then have no event data, and it scores from the approximate index); its
+//! parameters set the default block size and speculation (llm-d's
+//! `speculativeIndexing`, off unless set, overrides the 2 s default).
 
 use std::{sync::Arc, time::Duration, time::Instant};
 
@@ -23,6 +38,7 @@ use super::{
     },
     inventory::{self, Kind, Status},
     pickers::{MaxScorePicker, RandomPicker, RoundRobinPicker, WeightedRandomPicker},
+    precise::{EventSettings, PreciseParams},
     scorers::{
         ActiveRequestScorer, ContextLengthAware, KvCacheUtilizationScorer, LoadAwareScorer,
         LoraAffinityScorer, NoHitLruParams, NoHitLruScorer, PrefillCostScorer, PrefixCacheScorer,
@@ -43,6 +59,9 @@ pub struct SchedulerOptions {
     pub staleness: Duration,
     /// The endpoint store's epoch (reference of metric timestamps).
     pub epoch: Instant,
+    /// KV-cache events are subscribed (`--kv-events`): prefix-aware plugins
+    /// read event-based cached tokens where an endpoint's events are known.
+    pub kv_events: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -90,6 +109,7 @@ fn kind_of(plugin_type: &str) -> Option<(Kind, &'static str, &'static [&'static 
 /// Plugins whose presence means prompts must be hashed and matched.
 const PREFIX_USERS: &[&str] = &[
     "prefix-cache-scorer",
+    "precise-prefix-cache-scorer",
     "prefill-cost-scorer",
     "prefix-cache-affinity-filter",
     // Tells cold requests from warm ones by their prefix match, as llm-d's
@@ -248,6 +268,7 @@ pub fn build_scheduler(
     let mut picker: Option<(Named<dyn Picker>, usize)> = None;
     let mut needs_prefix = false;
     let mut lora_aware = false;
+    let mut precise: Option<super::precise::PreciseConfig> = None;
     let mut session_header: Option<String> = None;
 
     for (plugin_ref, weight) in refs {
@@ -319,6 +340,26 @@ pub fn build_scheduler(
                         Box::new(NoHitLruScorer::new(&params::<NoHitLruParams>(spec)?))
                     }
                     "prefill-cost-scorer" => Box::new(params::<PrefillCostScorer>(spec)?),
+                    "precise-prefix-cache-scorer" => {
+                        let mut ignored = Vec::new();
+                        let c = params::<PreciseParams>(spec)?
+                            .config(&mut ignored)
+                            .map_err(|m| invalid(spec, m))?;
+                        for (parameter, why) in ignored {
+                            tracing::info!(plugin = spec.name(), %parameter, why, "plugin parameter has no effect here");
+                        }
+                        if precise.is_some_and(|p| {
+                            p.block_size_tokens != c.block_size_tokens
+                                || p.speculative_ttl != c.speculative_ttl
+                        }) {
+                            return Err(invalid(
+                                spec,
+                                "every precise-prefix-cache-scorer must use the same blockSize and speculative indexing",
+                            ));
+                        }
+                        precise = Some(c);
+                        Box::new(c.scorer)
+                    }
                     other => return Err(unwired(other)),
                 };
                 scorers.push((
@@ -388,6 +429,24 @@ pub fn build_scheduler(
         None
     };
 
+    let events = (needs_prefix && (opts.kv_events || precise.is_some())).then(|| {
+        let d = EventSettings::default();
+        EventSettings {
+            block_size_tokens: precise
+                .and_then(|p| p.block_size_tokens)
+                .or(prefix.map(|p| p.block_size_tokens))
+                .unwrap_or(d.block_size_tokens),
+            speculative_ttl: precise.map_or(d.speculative_ttl, |p| p.speculative_ttl),
+        }
+    });
+    if precise.is_some() && !opts.kv_events {
+        tracing::warn!(
+            "precise-prefix-cache-scorer without KV events enabled: it scores from the approximate index"
+        );
+    }
+    // An adapter's blocks have their own key chain: tell adapters apart.
+    lora_aware |= events.is_some();
+
     Ok(Scheduler {
         profile: Profile {
             name: profile_name,
@@ -397,6 +456,8 @@ pub fn build_scheduler(
             picker_min_endpoints,
         },
         prefix,
+        events,
+        speculative: Default::default(),
         index,
         saturation: detector,
         lora_aware,

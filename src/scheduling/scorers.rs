@@ -78,15 +78,13 @@ impl Scorer for KvCacheUtilizationScorer {
 #[derive(Debug, Default)]
 pub struct PrefixCacheScorer;
 
+/// GIE's formula on the approximate index; an endpoint answered by its KV
+/// events scores its cached share of the prompt instead, offloaded tokens
+/// weighted as the precise scorer's default.
 impl Scorer for PrefixCacheScorer {
     fn score(&self, cycle: &Cycle<'_>, c: &[Candidate<'_>], out: &mut [f64]) {
-        let total = f64::from(cycle.prompt_blocks);
         for (o, c) in out.iter_mut().zip(c) {
-            *o = if total > 0.0 {
-                f64::from(c.prefix_blocks) / total
-            } else {
-                0.0
-            };
+            *o = cycle.prefix_fraction(c, 1.0, super::precise::DEFAULT_OFFLOAD_WEIGHT);
         }
     }
 }
@@ -192,7 +190,7 @@ impl Scorer for LoadAwareScorer {
 ///
 /// ```text
 /// cost = backlog                       prompt tokens routed there, not yet prefilled
-///      + uncached x uncached_weight    this prompt minus the blocks it caches
+///      + uncached x uncached_weight    this prompt minus what it caches
 ///      + decode  x in_flight           the running batch slows every step
 ///      + foreign x untracked           requests the scrape sees that we did not route
 ///      + (uncached + kv_request) x kv_pressure
@@ -222,6 +220,10 @@ impl Scorer for LoadAwareScorer {
 /// requests drain, costing `loraEvictTokens` and always more than any
 /// candidate that has the adapter loaded or a slot free, whatever their
 /// queues: such an endpoint is the last resort, never preferred.
+///
+/// What an endpoint caches is [`Cycle::cached_tokens`]: its KV events' answer
+/// when they are known (GPU tokens fully, offloaded ones mostly: see
+/// `precise`), else the approximate index's.
 ///
 /// Uncached tokens weigh more than queued ones (`uncached_weight`, 2 by
 /// default): a miss does not only delay this request, the prefill it creates
@@ -586,7 +588,8 @@ impl NoHitLruScorer {
     }
 
     fn is_cold(c: &[Candidate<'_>]) -> bool {
-        c.iter().all(|c| c.prefix_blocks == 0)
+        c.iter()
+            .all(|c| c.prefix_blocks == 0 && c.cached.any_tokens == 0)
     }
 }
 

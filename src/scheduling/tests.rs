@@ -23,6 +23,7 @@ pub(super) fn try_scheduler(
             max_scrape_failures: 3,
             staleness: Duration::from_secs(2),
             epoch: store.epoch(),
+            kv_events: false,
         },
         Arc::new(PrefixIndex::new()),
     )

@@ -724,6 +724,7 @@ pub fn epp_config(objs: &[Obj], _: &Ctx<'_>) -> Vec<Violation> {
                 max_scrape_failures: flags.max_scrape_failures,
                 staleness: flags.metrics_staleness_threshold,
                 epoch: std::time::Instant::now(),
+                kv_events: false,
             },
             Arc::new(PrefixIndex::new()),
         );

@@ -91,6 +91,7 @@ pub fn scheduler(config: &str, store: &EndpointStore) -> Result<Scheduler, Strin
             max_scrape_failures: 3,
             staleness: Duration::from_secs(3600),
             epoch: store.epoch(),
+            kv_events: false,
         },
         Arc::new(PrefixIndex::new()),
     )
