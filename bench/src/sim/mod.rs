@@ -77,9 +77,11 @@ pub mod api;
 pub mod config;
 pub mod engine;
 pub mod kv;
+pub mod kv_events;
 pub mod lora;
 pub mod metrics;
 pub mod server;
+pub mod tokens;
 
 pub use config::SimConfig;
 pub use server::{SimFleet, SimPodHandle, spawn_fleet};
@@ -99,6 +101,8 @@ pub enum SimError {
     QueueFull,
     #[error("the pod dropped a queued request")]
     LostInQueue,
+    #[error("the engine restarted")]
+    Restarted,
     #[error("the pod's metrics registry")]
     Metrics(#[source] prometheus::Error),
 }
