@@ -723,3 +723,48 @@ pub async fn start_envoy(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_file_lists_event_ports_per_pod() {
+        let pods: Vec<SocketAddr> = vec![
+            "127.0.0.1:8000".parse().unwrap(),
+            "127.0.0.1:8001".parse().unwrap(),
+        ];
+        let kv = KvEventsAddrs {
+            events: "127.0.0.1:5557".parse().unwrap(),
+            replay: Some("127.0.0.1:5558".parse().unwrap()),
+        };
+        let text = endpoints_yaml_with_events(&pods, &[Some(kv), None]);
+        assert_eq!(text.matches("kvEvents").count(), 1, "{text}");
+        assert!(
+            text.contains("  port: 8000\n  labels: {inference.networking.k8s.io/engine-type: vllm}\n  kvEvents: {port: 5557, replayPort: 5558}\n- name: sim-1"),
+            "{text}"
+        );
+        assert_eq!(
+            endpoints_yaml(&pods),
+            endpoints_yaml_with_events(&pods, &[None, None])
+        );
+    }
+
+    #[test]
+    fn a_flag_is_offered_only_by_its_exact_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("epp");
+        fs::write(
+            &fake,
+            "#!/bin/sh\necho '      --kv-events-port <P>'\necho '      --other'\n",
+        )
+        .unwrap();
+        let mut perms = fs::metadata(&fake).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        fs::set_permissions(&fake, perms).unwrap();
+        assert!(!epp_offers_flag(&fake, "--kv-events"));
+        assert!(epp_offers_flag(&fake, "--kv-events-port"));
+        assert!(epp_offers_flag(&fake, "--other"));
+        assert!(!epp_offers_flag(&dir.path().join("missing"), "--other"));
+    }
+}
