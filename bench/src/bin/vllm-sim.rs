@@ -33,6 +33,15 @@ async fn main() -> anyhow::Result<()> {
     for p in &fleet.pods {
         // Stdout, one line per pod, so a script can wait for readiness.
         println!("{} listening on {}", p.name, p.url());
+        if let Some(kv) = &p.kv_events {
+            let replay = kv
+                .replay
+                .map_or_else(|| "off".to_owned(), |r| format!("tcp://{r}"));
+            println!(
+                "{} kv events on tcp://{} replay {replay}",
+                p.name, kv.events
+            );
+        }
     }
     tracing::info!(pods = fleet.pods.len(), model = %cli.sim.model, "vllm-sim ready");
     shutdown_signal().await;

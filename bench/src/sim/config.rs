@@ -2,9 +2,10 @@
 //! (Qwen/Qwen2.5-3B-Instruct on a TPU v6e-4): see bench/README.md for the
 //! measured table.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 use super::SimError;
 
@@ -19,6 +20,17 @@ pub enum Served {
     Base,
     /// Index into [`SimConfig::lora_adapters`].
     Adapter(usize),
+}
+
+/// How KV-event payloads are shaped (both decode the same in the picker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KvEventsEncoding {
+    /// Current vLLM: the batch `[ts, events, rank?]`, each event a map
+    /// keyed by `"type"`.
+    Map,
+    /// vLLM before its mid-2026 change (and SGLang): batch and events
+    /// positional arrays, the event's tag first.
+    Array,
 }
 
 /// One set of engine and server parameters, shared by every pod of a fleet.
@@ -100,6 +112,33 @@ pub struct SimConfig {
     /// is loaded from.
     #[arg(long, default_value_t = 100.0)]
     pub lora_load_ms: f64,
+
+    /// Directory holding the model's `tokenizer.json` and chat template, so
+    /// the pods cache the token ids the picker computes. Without it a token
+    /// is a `--chars-per-token` chunk of the prompt text.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Publish KV-cache events (vLLM's ZeroMQ PUB) on this port for pod 0,
+    /// pod i on port + i; 0 picks a free port per pod. Bound on --host.
+    #[arg(long)]
+    pub kv_events_port: Option<u16>,
+    /// Serve replays of buffered event batches (vLLM's ROUTER
+    /// `replay_endpoint`) on this port for pod 0, pod i on port + i; 0
+    /// picks a free port per pod. Needs --kv-events-port.
+    #[arg(long)]
+    pub kv_events_replay_port: Option<u16>,
+    /// Topic frame of every event message (vLLM's `topic`).
+    #[arg(long, default_value = "")]
+    pub kv_events_topic: String,
+    /// Payload shape: current vLLM's maps or the older positional arrays.
+    #[arg(long, value_enum, default_value_t = KvEventsEncoding::Map)]
+    pub kv_events_encoding: KvEventsEncoding,
+    /// Batches kept for replay (vLLM's `buffer_steps`).
+    #[arg(long, default_value_t = 10000)]
+    pub kv_events_buffer: usize,
+    /// `data_parallel_rank` written into every batch; omitted when unset.
+    #[arg(long)]
+    pub kv_events_dp_rank: Option<u32>,
 }
 
 impl Default for SimConfig {
@@ -126,6 +165,13 @@ impl Default for SimConfig {
             lora_adapters: Vec::new(),
             max_loras: 1,
             lora_load_ms: 100.0,
+            tokenizer: None,
+            kv_events_port: None,
+            kv_events_replay_port: None,
+            kv_events_topic: String::new(),
+            kv_events_encoding: KvEventsEncoding::Map,
+            kv_events_buffer: 10000,
+            kv_events_dp_rank: None,
         }
     }
 }
@@ -183,8 +229,20 @@ impl SimConfig {
                 )));
             }
         }
-        if self.base_port != 0 && u32::from(self.base_port) + u32::from(self.pods) - 1 > 65535 {
-            return err("--base-port + --pods exceeds 65535");
+        for (port, name) in [
+            (Some(self.base_port), "--base-port"),
+            (self.kv_events_port, "--kv-events-port"),
+            (self.kv_events_replay_port, "--kv-events-replay-port"),
+        ] {
+            if let Some(p) = port
+                && p != 0
+                && u32::from(p) + u32::from(self.pods) - 1 > 65535
+            {
+                return Err(SimError::Config(format!("{name} + --pods exceeds 65535")));
+            }
+        }
+        if self.kv_events_replay_port.is_some() && self.kv_events_port.is_none() {
+            return err("--kv-events-replay-port needs --kv-events-port");
         }
         Ok(())
     }
@@ -291,6 +349,15 @@ mod tests {
             },
             SimConfig {
                 lora_load_ms: f64::NAN,
+                ..SimConfig::default()
+            },
+            SimConfig {
+                kv_events_replay_port: Some(0),
+                ..SimConfig::default()
+            },
+            SimConfig {
+                kv_events_port: Some(65535),
+                pods: 2,
                 ..SimConfig::default()
             },
         ] {

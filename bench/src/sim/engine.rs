@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use super::SimError;
 use super::config::SimConfig;
 use super::kv::{Allocation, KvCache};
+use super::kv_events::{EventSink, SimEvent};
 use super::lora::{Acquired, LoraSlots, bit};
 use super::metrics::{Gauges, PodMetrics};
 
@@ -30,8 +31,11 @@ use super::metrics::{Gauges, PodMetrics};
 pub struct Prepared {
     pub prompt_tokens: usize,
     pub max_tokens: usize,
-    /// Chained hashes of the prompt's full blocks.
+    /// Chained hashes of the prompt's full blocks (see [`Pod::chain_seed`]).
     pub hashes: Vec<u64>,
+    /// Token ids of the prompt's full blocks; only needed (and kept) when
+    /// the pod publishes KV events, which carry them.
+    pub tokens: Vec<u32>,
     /// The LoRA adapter the request runs with (index into the configured
     /// adapters); `None` for the base model.
     pub adapter: Option<usize>,
@@ -78,6 +82,8 @@ struct PodState {
     next_id: u64,
     prefill_free_at: Instant,
     rng: fastrand::Rng,
+    /// KV events of the current scheduling pass, published as one batch.
+    pending: Vec<SimEvent>,
 }
 
 pub struct Pod {
@@ -88,6 +94,12 @@ pub struct Pod {
     running: AtomicUsize,
     state: Mutex<PodState>,
     metrics: PodMetrics,
+    events: Option<EventSink>,
+    /// Seeds every block-hash chain; random per engine start, as vLLM's
+    /// without PYTHONHASHSEED, so hashes are opaque to subscribers.
+    hash_seed: AtomicU64,
+    /// Engine starts (restarts) so far: a ticket from an earlier epoch fails.
+    epoch: AtomicU64,
 }
 
 /// Gaussian multiplier `1 + jitter * z`, clamped to [0.3, 1.7] like the
@@ -110,6 +122,17 @@ impl Pod {
         port: u16,
         cfg: Arc<SimConfig>,
     ) -> Result<Self, SimError> {
+        Self::with_events(index, name, port, cfg, None)
+    }
+
+    /// A pod that publishes its cache changes to `events`.
+    pub fn with_events(
+        index: usize,
+        name: String,
+        port: u16,
+        cfg: Arc<SimConfig>,
+        events: Option<EventSink>,
+    ) -> Result<Self, SimError> {
         let seed = cfg.seed.wrapping_add(index as u64);
         let mut metrics = PodMetrics::new(&cfg.model, cfg.block_size, cfg.kv_blocks)
             .map_err(SimError::Metrics)?;
@@ -119,8 +142,13 @@ impl Pod {
                 .enable_lora(&cfg.lora_adapters, cfg.max_loras)
                 .map_err(SimError::Metrics)?;
         }
+        if let Some(sink) = &events {
+            metrics
+                .register_kv_events(&sink.counters)
+                .map_err(SimError::Metrics)?;
+        }
         let state = PodState {
-            kv: KvCache::new(cfg.kv_blocks),
+            kv: Self::fresh_cache(&cfg, events.is_some()),
             waiting: VecDeque::new(),
             allocs: HashMap::new(),
             lora,
@@ -128,6 +156,7 @@ impl Pod {
             next_id: 0,
             prefill_free_at: Instant::now(),
             rng: fastrand::Rng::with_seed(seed),
+            pending: Vec::new(),
         };
         Ok(Self {
             index,
@@ -137,7 +166,138 @@ impl Pod {
             running: AtomicUsize::new(0),
             state: Mutex::new(state),
             metrics,
+            events,
+            hash_seed: AtomicU64::new(fastrand::u64(..)),
+            epoch: AtomicU64::new(0),
         })
+    }
+
+    fn fresh_cache(cfg: &SimConfig, logged: bool) -> KvCache {
+        if logged {
+            KvCache::with_log(cfg.kv_blocks)
+        } else {
+            KvCache::new(cfg.kv_blocks)
+        }
+    }
+
+    /// Whether this pod publishes KV events (callers then keep
+    /// [`Prepared::tokens`]).
+    pub fn publishes_events(&self) -> bool {
+        self.events.is_some()
+    }
+
+    /// Where the block-hash chain of a request starts: the engine's random
+    /// seed mixed with the request's adapter (`adapter_seed`, 0 for the base
+    /// model), so adapters never share blocks.
+    pub fn chain_seed(&self, adapter_seed: u64) -> u64 {
+        xxhash_rust::xxh3::xxh3_64_with_seed(
+            &adapter_seed.to_le_bytes(),
+            self.hash_seed.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Whether the KV-event publisher has handled every batch the engine
+    /// produced (always true without events).
+    pub fn events_idle(&self) -> bool {
+        self.events.as_ref().is_none_or(EventSink::idle)
+    }
+
+    /// Engine starts so far (0 until the first [`Pod::restart`]).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Restarts the engine in place, as a vLLM process restart would: the
+    /// cache empties (without events: a new process does not report what
+    /// the old one held), the hash seed changes, the event `seq` starts
+    /// again at 0 with an empty replay buffer, and every in-flight request
+    /// fails (queued ones at once, running ones at their next token).
+    pub fn restart(&self) {
+        let dropped_waiters = {
+            let mut st = self.state.lock();
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+            self.hash_seed.store(fastrand::u64(..), Ordering::Relaxed);
+            st.kv = Self::fresh_cache(&self.cfg, self.events.is_some());
+            st.allocs.clear();
+            st.waiting_by_adapter.iter_mut().for_each(|n| *n = 0);
+            if let Some(slots) = &mut st.lora {
+                *slots = LoraSlots::new(self.cfg.max_loras);
+            }
+            st.prefill_free_at = Instant::now();
+            st.pending.clear();
+            self.running.store(0, Ordering::Relaxed);
+            if let Some(sink) = &self.events {
+                sink.restart();
+            }
+            self.publish_lora(&st);
+            std::mem::take(&mut st.waiting)
+        };
+        // Their tickets see the closed channel and fail.
+        drop(dropped_waiters);
+    }
+
+    /// Drops every cached block, as vLLM's `/reset_prefix_cache` does, and
+    /// publishes `AllBlocksCleared`. Refused (false) while a running request
+    /// holds cached blocks.
+    pub fn reset_prefix_cache(&self) -> bool {
+        let mut st = self.state.lock();
+        if !st.kv.reset() {
+            return false;
+        }
+        if self.events.is_some() {
+            st.pending.push(SimEvent::Cleared);
+            self.flush_events(&mut st);
+        }
+        true
+    }
+
+    /// Publishes this pass's events as one batch.
+    fn flush_events(&self, st: &mut PodState) {
+        if let Some(sink) = &self.events
+            && !st.pending.is_empty()
+        {
+            sink.send(std::mem::take(&mut st.pending));
+        }
+    }
+
+    /// Turns the cache's change log of one allocation into events: removals
+    /// first (they made room), then one `BlockStored` per run of
+    /// consecutive new blocks, parented on the block before the run.
+    fn collect_events(st: &mut PodState, req: &Prepared, bs: usize) {
+        let PodState { kv, pending, .. } = st;
+        let Some(log) = kv.log_mut() else {
+            return;
+        };
+        if !log.evicted.is_empty() {
+            pending.push(SimEvent::Removed {
+                hashes: std::mem::take(&mut log.evicted),
+            });
+        }
+        let mut i = 0;
+        while i < log.stored.len() {
+            let first = log.stored[i];
+            let mut end = first + 1;
+            i += 1;
+            while i < log.stored.len() && log.stored[i] == end {
+                end += 1;
+                i += 1;
+            }
+            let (Some(hashes), Some(tokens)) = (
+                req.hashes.get(first..end),
+                req.tokens.get(first * bs..end * bs),
+            ) else {
+                continue;
+            };
+            pending.push(SimEvent::Stored {
+                parent: first
+                    .checked_sub(1)
+                    .and_then(|p| req.hashes.get(p).copied()),
+                hashes: hashes.to_vec(),
+                tokens: tokens.to_vec(),
+                adapter: req.adapter,
+            });
+        }
+        log.stored.clear();
     }
 
     pub fn config(&self) -> &SimConfig {
@@ -160,7 +320,7 @@ impl Pod {
         }
         // The ticket is built only after the lock is released: dropping a
         // ticket takes the lock, so one must never be dropped under it.
-        let (id, rx) = {
+        let (id, rx, epoch) = {
             let mut st = self.state.lock();
             let id = st.next_id;
             st.next_id += 1;
@@ -184,13 +344,14 @@ impl Pod {
                 self.publish_lora(&st);
                 return Err(SimError::QueueFull);
             }
-            (id, rx)
+            (id, rx, self.epoch())
         };
         Ok(Ticket {
             pod: Arc::clone(self),
             id,
             arrival: now,
             rx: Some(rx),
+            epoch,
             admission: None,
             next_token_at: now,
             rng: fastrand::Rng::with_seed(0),
@@ -239,6 +400,7 @@ impl Pod {
         let max_hit_blocks = req.prompt_tokens.saturating_sub(1) / bs;
         let private = req.total_blocks(bs).saturating_sub(req.hashes.len());
         let alloc = st.kv.try_allocate(&req.hashes, max_hit_blocks, private)?;
+        Self::collect_events(st, req, bs);
         let acquired = match (req.adapter, st.lora.as_mut()) {
             (Some(a), Some(slots)) => match slots.acquire(a) {
                 Some(acquired) => Some(acquired),
@@ -321,6 +483,7 @@ impl Pod {
             }
         }
         self.publish_lora(st);
+        self.flush_events(st);
     }
 
     /// Releases request `id` wherever it is (queue or running).
@@ -403,6 +566,8 @@ pub struct Ticket {
     id: u64,
     arrival: Instant,
     rx: Option<oneshot::Receiver<Admission>>,
+    /// The engine start this request was submitted to.
+    epoch: u64,
     admission: Option<Admission>,
     next_token_at: Instant,
     rng: fastrand::Rng,
@@ -421,29 +586,47 @@ impl Ticket {
         self.arrival
     }
 
+    /// Fails once the engine restarted under this request.
+    fn alive(&self) -> Result<(), SimError> {
+        if self.pod.epoch() == self.epoch {
+            Ok(())
+        } else {
+            Err(SimError::Restarted)
+        }
+    }
+
     /// Waits through the queue and the prefill; returns when the first token
     /// is due (and counts it as emitted).
     pub async fn first_token(&mut self) -> Result<Admission, SimError> {
         if self.admission.is_none() {
             let rx = self.rx.take().ok_or(SimError::LostInQueue)?;
-            let adm = rx.await.map_err(|_| SimError::LostInQueue)?;
+            let adm = match rx.await {
+                Ok(adm) => adm,
+                Err(_) => {
+                    self.alive()?;
+                    return Err(SimError::LostInQueue);
+                }
+            };
             self.set_admission(adm);
         }
         let adm = self.admission.ok_or(SimError::LostInQueue)?;
         tokio::time::sleep_until(adm.first_token_at).await;
+        self.alive()?;
         self.emitted = 1;
         Ok(adm)
     }
 
     /// Waits until the next output token is due. Deadlines accumulate from
     /// the first token, so timer rounding does not add up over long outputs.
-    pub async fn next_token(&mut self) {
+    pub async fn next_token(&mut self) -> Result<(), SimError> {
         let cfg = self.pod.config();
         let factor = cfg.load_factor(self.pod.running());
         let itl = jittered(cfg.itl_base().mul_f64(factor), cfg.jitter, &mut self.rng);
         self.next_token_at += itl;
         tokio::time::sleep_until(self.next_token_at).await;
+        self.alive()?;
         self.emitted += 1;
+        Ok(())
     }
 
     /// Completes the request successfully, recording its latencies.
@@ -481,6 +664,7 @@ impl Drop for Ticket {
 mod tests {
     use super::*;
     use crate::sim::kv::block_hashes;
+    use crate::sim::tokens::chunk_token_ids;
 
     fn cfg() -> SimConfig {
         SimConfig {
@@ -522,12 +706,15 @@ mod tests {
     }
 
     fn req(text: &str, max_tokens: usize) -> Prepared {
+        let mut tokens = Vec::new();
+        chunk_token_ids(text.as_bytes(), 1, &mut tokens);
         let mut hashes = Vec::new();
-        block_hashes(text.as_bytes(), 4, &mut hashes);
+        block_hashes(&tokens, 4, 0, &mut hashes);
         Prepared {
             prompt_tokens: text.len(),
             max_tokens,
             hashes,
+            tokens: Vec::new(),
             adapter: None,
         }
     }
@@ -535,7 +722,7 @@ mod tests {
     async fn run(mut t: Ticket, tokens: usize) -> (Admission, Instant) {
         let adm = t.first_token().await.unwrap();
         for _ in 1..tokens {
-            t.next_token().await;
+            t.next_token().await.unwrap();
         }
         let end = Instant::now();
         t.finish();
@@ -578,7 +765,7 @@ mod tests {
         let hb = tokio::spawn(run(b, 2));
         let hc = tokio::spawn(run(c, 2));
         let adm_a = a.first_token().await.unwrap();
-        a.next_token().await;
+        a.next_token().await.unwrap();
         let end_a = Instant::now();
         a.finish();
         let (adm_b, end_b) = hb.await.unwrap();
@@ -648,7 +835,7 @@ mod tests {
         // All five decode concurrently, so each ITL sees a full batch.
         futures_util::future::join_all(tickets.iter_mut().map(|t| async move {
             t.first_token().await.unwrap();
-            t.next_token().await;
+            t.next_token().await.unwrap();
         }))
         .await;
         assert_eq!(
@@ -735,11 +922,11 @@ mod tests {
         let adm_c = c.first_token().await.unwrap();
         assert!(!adm_c.loaded_adapter);
         assert!(adm_c.admitted_at < adm_a.first_token_at, "c did not queue");
-        c.next_token().await;
+        c.next_token().await.unwrap();
         c.finish();
         assert_eq!(p.gauges().waiting, 1, "a0 still in use by a");
-        a.next_token().await;
-        a.next_token().await;
+        a.next_token().await.unwrap();
+        a.next_token().await.unwrap();
         let a_done = Instant::now();
         a.finish();
         // a0 is idle now: a1 replaces it, and pays the load.

@@ -8,26 +8,46 @@
 //! whose `refs == 0`, keyed by a strictly increasing release tick, so its first
 //! key is always the least recently used block.
 
+use std::collections::hash_map::Entry as Slot;
 use std::collections::{BTreeMap, HashMap};
 
-use xxhash_rust::xxh3::xxh3_64_with_seed;
+use xxhash_rust::xxh3::Xxh3;
 
-/// Chained hashes of the full blocks of `text`, `block_bytes` bytes each. The
+/// Chained hashes of the full blocks of `tokens`, `block_size` ids each,
+/// the chain started from `seed` (appended to `out`, cleared first). The
 /// trailing partial block is not hashed: vLLM only caches full blocks.
-pub fn block_hashes(text: &[u8], block_bytes: usize, out: &mut Vec<u64>) {
-    block_hashes_seeded(text, block_bytes, 0, out);
-}
-
-/// [`block_hashes`] with the chain started from `seed` instead of 0: vLLM
-/// puts a request's LoRA adapter into every block's hash, so the same text
-/// under another adapter (or the base model, seed 0) shares no block.
-pub fn block_hashes_seeded(text: &[u8], block_bytes: usize, seed: u64, out: &mut Vec<u64>) {
+/// The seed carries what else vLLM puts in a block's hash: the pod's hash
+/// seed (random per process) and the request's LoRA adapter, so the same
+/// tokens under another adapter share no block.
+pub fn block_hashes(tokens: &[u32], block_size: usize, seed: u64, out: &mut Vec<u64>) {
     out.clear();
+    if block_size == 0 {
+        return;
+    }
     let mut parent = seed;
-    for block in text.chunks_exact(block_bytes) {
-        parent = xxh3_64_with_seed(block, parent);
+    let mut buf = [0u8; 256];
+    for block in tokens.chunks_exact(block_size) {
+        let mut h = Xxh3::with_seed(parent);
+        for part in block.chunks(64) {
+            for (dst, t) in buf.chunks_exact_mut(4).zip(part) {
+                dst.copy_from_slice(&t.to_le_bytes());
+            }
+            h.update(&buf[..part.len() * 4]);
+        }
+        parent = h.digest();
         out.push(parent);
     }
+}
+
+/// What the cache did since the log was last drained: the source of the
+/// KV events. Kept only when enabled, so a pod without events pays nothing.
+#[derive(Debug, Default)]
+pub struct ChangeLog {
+    /// Blocks evicted, in eviction order.
+    pub evicted: Vec<u64>,
+    /// Indices (into the hashes passed to the last successful
+    /// [`KvCache::try_allocate`]) of the blocks it stored anew.
+    pub stored: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -60,6 +80,7 @@ pub struct KvCache {
     evictable: BTreeMap<u64, u64>,
     private: usize,
     tick: u64,
+    log: Option<ChangeLog>,
 }
 
 impl KvCache {
@@ -70,7 +91,36 @@ impl KvCache {
             evictable: BTreeMap::new(),
             private: 0,
             tick: 0,
+            log: None,
         }
+    }
+
+    /// A cache that records its changes in a [`ChangeLog`].
+    pub fn with_log(capacity: usize) -> Self {
+        Self {
+            log: Some(ChangeLog::default()),
+            ..Self::new(capacity)
+        }
+    }
+
+    /// The change log (when recording); the caller drains it.
+    pub fn log_mut(&mut self) -> Option<&mut ChangeLog> {
+        self.log.as_mut()
+    }
+
+    /// Drops every cached block (vLLM's `reset_prefix_cache`). Refused
+    /// (false, nothing changed) while a running request references one.
+    pub fn reset(&mut self) -> bool {
+        if self.entries.len() != self.evictable.len() {
+            return false;
+        }
+        self.entries.clear();
+        self.evictable.clear();
+        if let Some(log) = &mut self.log {
+            log.evicted.clear();
+            log.stored.clear();
+        }
+        true
     }
 
     pub fn capacity(&self) -> usize {
@@ -140,11 +190,19 @@ impl KvCache {
                 break;
             };
             self.entries.remove(&victim);
+            if let Some(log) = &mut self.log {
+                log.evicted.push(victim);
+            }
         }
         // Pinned blocks have refs >= 1 and survived eviction, so an absent
         // hash here is exactly one that was absent before: a new block.
-        for &h in hashes {
-            self.entries.entry(h).or_insert(Entry { refs: 1, tick: 0 });
+        for (i, &h) in hashes.iter().enumerate() {
+            if let Slot::Vacant(v) = self.entries.entry(h) {
+                v.insert(Entry { refs: 1, tick: 0 });
+                if let Some(log) = &mut self.log {
+                    log.stored.push(i);
+                }
+            }
         }
         self.private += private;
         Some(Allocation {
@@ -190,10 +248,15 @@ impl KvCache {
 mod tests {
     use super::*;
 
-    fn hashes(text: &str) -> Vec<u64> {
+    fn seeded(text: &str, seed: u64) -> Vec<u64> {
+        let tokens: Vec<u32> = text.bytes().map(u32::from).collect();
         let mut v = Vec::new();
-        block_hashes(text.as_bytes(), 4, &mut v);
+        block_hashes(&tokens, 4, seed, &mut v);
         v
+    }
+
+    fn hashes(text: &str) -> Vec<u64> {
+        seeded(text, 0)
     }
 
     #[test]
@@ -209,12 +272,10 @@ mod tests {
         assert_ne!(a[2], c[2]);
         // Another seed (another LoRA adapter) shares no block, not even the
         // first; seed 0 is the plain chain.
-        let mut seeded = Vec::new();
-        block_hashes_seeded(b"aaaabbbbccccdd", 4, 7, &mut seeded);
-        assert_eq!(seeded.len(), 3);
-        assert!(seeded.iter().all(|h| !a.contains(h)), "{seeded:?} {a:?}");
-        block_hashes_seeded(b"aaaabbbbccccdd", 4, 0, &mut seeded);
-        assert_eq!(seeded, a);
+        let other = seeded("aaaabbbbccccdd", 7);
+        assert_eq!(other.len(), 3);
+        assert!(other.iter().all(|h| !a.contains(h)), "{other:?} {a:?}");
+        assert_eq!(seeded("aaaabbbbccccdd", 0), a);
     }
 
     #[test]
@@ -300,6 +361,27 @@ mod tests {
         kv.release(n);
         kv.release(h);
         assert_eq!(kv.used_blocks(), 0);
+        kv.check_invariants();
+    }
+
+    #[test]
+    fn log_records_new_blocks_and_every_eviction() {
+        let mut kv = KvCache::with_log(4);
+        let a = kv.try_allocate(&hashes("aaaabbbb"), usize::MAX, 0).unwrap();
+        let log = kv.log_mut().unwrap();
+        assert_eq!((log.stored.clone(), log.evicted.len()), (vec![0, 1], 0));
+        log.stored.clear();
+        kv.release(a);
+        // Shares "aaaa", stores 2 new blocks, evicts the tail "bbbb" only.
+        let shared = hashes("aaaaccccdddd");
+        let b = kv.try_allocate(&shared, usize::MAX, 1).unwrap();
+        let log = kv.log_mut().unwrap();
+        assert_eq!(log.stored, [1, 2]);
+        assert_eq!(log.evicted, [hashes("aaaabbbb")[1]]);
+        assert!(!kv.reset(), "referenced blocks refuse a reset");
+        kv.release(b);
+        assert!(kv.reset());
+        assert_eq!(kv.cached_unreferenced(), 0);
         kv.check_invariants();
     }
 

@@ -105,6 +105,47 @@ pub struct PodMetrics {
     model: String,
 }
 
+/// The KV-event publisher's counters (registered on the pod's page).
+#[derive(Debug, Clone)]
+pub struct KvEventCounters {
+    pub published: IntCounter,
+    pub dropped: IntCounter,
+    pub replayed: IntCounter,
+    pub bad_requests: IntCounter,
+}
+
+impl KvEventCounters {
+    /// Fresh counters for a pod serving `model` (registered later, with
+    /// [`PodMetrics::register_kv_events`]).
+    pub fn new(model: &str) -> prometheus::Result<Self> {
+        let counter = |name: &str, help: &str| {
+            IntCounter::with_opts(
+                Opts::new(name, help)
+                    .const_label("engine", "0")
+                    .const_label("model_name", model),
+            )
+        };
+        Ok(Self {
+            published: counter(
+                "vllm_sim_kv_event_batches_published_total",
+                "KV-event batches sent on the PUB socket (vllm-sim's own metric).",
+            )?,
+            dropped: counter(
+                "vllm_sim_kv_event_batches_dropped_total",
+                "KV-event batches dropped because the publisher fell behind the engine (vllm-sim's own metric).",
+            )?,
+            replayed: counter(
+                "vllm_sim_kv_event_replays_total",
+                "Replay requests answered on the ROUTER socket (vllm-sim's own metric).",
+            )?,
+            bad_requests: counter(
+                "vllm_sim_kv_event_bad_replay_requests_total",
+                "Replay requests that were not [\"\", seq u64] (vllm-sim's own metric).",
+            )?,
+        })
+    }
+}
+
 /// The LoRA families of a pod serving adapters.
 #[derive(Debug)]
 struct LoraMetrics {
@@ -359,6 +400,14 @@ impl PodMetrics {
             evictions,
             series: Mutex::new(LoraSeries::default()),
         });
+        Ok(())
+    }
+
+    /// Puts the KV-event publisher's counters on this pod's page.
+    pub fn register_kv_events(&mut self, c: &KvEventCounters) -> prometheus::Result<()> {
+        for counter in [&c.published, &c.dropped, &c.replayed, &c.bad_requests] {
+            register(&self.registry, counter.clone())?;
+        }
         Ok(())
     }
 

@@ -16,7 +16,7 @@
 //!   behind it is admitted (vLLM's FCFS scheduler).
 //! * **KV cache.** `--kv-blocks` blocks of `--block-size` tokens. The prompt's
 //!   full blocks are identified by chained hashes (each block's hash covers the
-//!   block's text and its parent's hash, so equal hashes mean equal prefixes).
+//!   block's token ids and its parent's hash, so equal hashes mean equal prefixes).
 //!   On admission a request references: the longest run of its leading blocks
 //!   already in the cache (hits), new hashed blocks for the rest of its full
 //!   prompt blocks, and private blocks for the partial last prompt block plus
@@ -60,6 +60,12 @@
 //!   `vllm:lora_requests_info` and counters of loads and evictions of the
 //!   simulator's own ([`metrics`]).
 //!
+//! * **Token ids and KV events.** The cache works on blocks of token ids
+//!   ([`tokens`]: text chunks, or the model's tokenizer once
+//!   `epp::tokenize` lands), hashed in a chain from a per-start random seed.
+//!   With `--kv-events-port` each pod publishes vLLM's ZeroMQ KV events
+//!   ([`kv_events`]); `POST /admin/restart` restarts its engine in place.
+//!
 //! Decode does not stall during another request's prefill (vLLM's chunked
 //! prefill interleaves them); the load factor stands for that interference.
 //!
@@ -77,9 +83,11 @@ pub mod api;
 pub mod config;
 pub mod engine;
 pub mod kv;
+pub mod kv_events;
 pub mod lora;
 pub mod metrics;
 pub mod server;
+pub mod tokens;
 
 pub use config::SimConfig;
 pub use server::{SimFleet, SimPodHandle, spawn_fleet};
@@ -99,6 +107,8 @@ pub enum SimError {
     QueueFull,
     #[error("the pod dropped a queued request")]
     LostInQueue,
+    #[error("the engine restarted")]
+    Restarted,
     #[error("the pod's metrics registry")]
     Metrics(#[source] prometheus::Error),
 }

@@ -31,7 +31,9 @@ use super::SimError;
 use super::api::{self, ApiError, Endpoint, ResponseMeta, Usage};
 use super::config::SimConfig;
 use super::engine::{Pod, Prepared, Ticket};
-use super::kv::block_hashes_seeded;
+use super::kv::block_hashes;
+use super::kv_events::{self, KvEventsAddrs};
+use super::tokens::PromptTokenizer;
 
 pub type RespBody = UnsyncBoxBody<Bytes, Infallible>;
 
@@ -48,6 +50,7 @@ struct PodCtx {
     adapter_json: Arc<Vec<String>>,
     /// Block-hash seeds per adapter (the base model's is 0).
     adapter_seeds: Arc<Vec<u64>>,
+    tokenizer: Arc<PromptTokenizer>,
     pod_header: HeaderValue,
     port_header: HeaderValue,
 }
@@ -117,6 +120,24 @@ async fn handle(
         (&Method::POST, _, Some(ep)) => infer(&ctx, req, ep).await,
         (&Method::GET, "/health", _) => ctx.respond(StatusCode::OK, "application/json", full("")),
         (&Method::GET, "/v1/models", _) => models(&ctx),
+        (&Method::POST, "/admin/restart", _) => {
+            ctx.pod.restart();
+            ctx.json(
+                StatusCode::OK,
+                format!(r#"{{"restarted":true,"epoch":{}}}"#, ctx.pod.epoch()),
+            )
+        }
+        (&Method::POST, "/reset_prefix_cache", _) => {
+            if ctx.pod.reset_prefix_cache() {
+                ctx.json(StatusCode::OK, "true".to_owned())
+            } else {
+                ctx.error(&ApiError {
+                    status: 409,
+                    kind: "ConflictError",
+                    message: "running requests hold cached blocks".to_owned(),
+                })
+            }
+        }
         (&Method::GET, "/metrics", _) => {
             // `name[]` filters like vLLM's prometheus_client does.
             let names = crate::prom::requested_names(req.uri().query());
@@ -138,7 +159,12 @@ async fn handle(
                 }
             }
         }
-        (_, "/health" | "/v1/models" | "/metrics", _) | (_, _, Some(_)) => ctx.json(
+        (
+            _,
+            "/health" | "/v1/models" | "/metrics" | "/admin/restart" | "/reset_prefix_cache",
+            _,
+        )
+        | (_, _, Some(_)) => ctx.json(
             StatusCode::METHOD_NOT_ALLOWED,
             r#"{"detail":"Method Not Allowed"}"#.to_owned(),
         ),
@@ -195,21 +221,29 @@ async fn infer(
         Ok(v) => v,
         Err(e) => return ctx.error(&e),
     };
-    let mut hashes = Vec::with_capacity(v.prompt_tokens / cfg.block_size + 1);
-    let seed = v
+    let mut tokens = Vec::new();
+    ctx.tokenizer.tokenize(&v, &mut tokens);
+    let mut hashes = Vec::with_capacity(tokens.len() / cfg.block_size + 1);
+    let adapter_seed = v
         .adapter
         .and_then(|a| ctx.adapter_seeds.get(a).copied())
         .unwrap_or(0);
-    block_hashes_seeded(
-        v.text.as_bytes(),
-        cfg.block_size * cfg.chars_per_token,
-        seed,
+    block_hashes(
+        &tokens,
+        cfg.block_size,
+        ctx.pod.chain_seed(adapter_seed),
         &mut hashes,
     );
+    if ctx.pod.publishes_events() {
+        tokens.truncate(hashes.len() * cfg.block_size);
+    } else {
+        tokens = Vec::new();
+    }
     let prepared = Prepared {
         prompt_tokens: v.prompt_tokens,
         max_tokens: v.max_tokens,
         hashes,
+        tokens,
         adapter: v.adapter,
     };
     let ticket = match ctx.pod.submit(prepared) {
@@ -289,7 +323,7 @@ impl Job {
         self.ctx.error(&ApiError {
             status: 500,
             kind: "InternalServerError",
-            message: "the request was lost in the queue".to_owned(),
+            message: "the request was lost (queue dropped or engine restarted)".to_owned(),
         })
     }
 
@@ -298,7 +332,9 @@ impl Job {
             return self.internal_error();
         };
         for _ in 1..self.max_tokens {
-            ticket.next_token().await;
+            if ticket.next_token().await.is_err() {
+                return self.internal_error();
+            }
         }
         ticket.finish();
         let usage = Usage {
@@ -324,7 +360,11 @@ impl Job {
         for i in 0..self.max_tokens {
             if i > 0 {
                 tokio::select! {
-                    () = ticket.next_token() => {}
+                    r = ticket.next_token() => if r.is_err() {
+                        // The engine restarted: the stream ends without
+                        // [DONE], as when a vLLM process dies.
+                        return;
+                    },
                     () = tx.closed() => return,
                 }
             }
@@ -356,6 +396,8 @@ pub struct SimPodHandle {
     pub name: String,
     pub addr: SocketAddr,
     pub pod: Arc<Pod>,
+    /// The KV-event sockets, when the pod publishes events.
+    pub kv_events: Option<KvEventsAddrs>,
 }
 
 impl SimPodHandle {
@@ -442,6 +484,7 @@ pub async fn spawn_fleet(cfg: SimConfig) -> Result<SimFleet, SimError> {
             .map(|a| xxhash_rust::xxh3::xxh3_64(a.as_bytes()).max(1))
             .collect::<Vec<_>>(),
     );
+    let tokenizer = Arc::new(PromptTokenizer::from_config(&cfg)?);
     let (shutdown, rx) = watch::channel(false);
     let mut pods = Vec::with_capacity(usize::from(cfg.pods));
     let mut tasks = Vec::with_capacity(usize::from(cfg.pods));
@@ -463,11 +506,19 @@ pub async fn spawn_fleet(cfg: SimConfig) -> Result<SimFleet, SimError> {
             source,
         })?;
         let name = format!("{}{i}", cfg.pod_name_prefix);
-        let pod = Arc::new(Pod::new(
+        let (sink, kv_addrs) = match kv_events::start(&cfg, usize::from(i), rx.clone()).await? {
+            Some((sink, addrs, task)) => {
+                tasks.push(task);
+                (Some(sink), Some(addrs))
+            }
+            None => (None, None),
+        };
+        let pod = Arc::new(Pod::with_events(
             usize::from(i),
             name.clone(),
             addr.port(),
             Arc::clone(&cfg),
+            sink,
         )?);
         let pod_header = HeaderValue::from_str(&name).map_err(|_| {
             SimError::Config(format!("pod name {name:?} is not a valid header value"))
@@ -477,11 +528,17 @@ pub async fn spawn_fleet(cfg: SimConfig) -> Result<SimFleet, SimError> {
             model_json: model_json.clone(),
             adapter_json: Arc::clone(&adapter_json),
             adapter_seeds: Arc::clone(&adapter_seeds),
+            tokenizer: Arc::clone(&tokenizer),
             pod_header,
             port_header: HeaderValue::from(addr.port()),
         });
         tasks.push(tokio::spawn(accept_loop(listener, ctx, rx.clone())));
-        pods.push(SimPodHandle { name, addr, pod });
+        pods.push(SimPodHandle {
+            name,
+            addr,
+            pod,
+            kv_events: kv_addrs,
+        });
     }
     Ok(SimFleet {
         pods,

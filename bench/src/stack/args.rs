@@ -31,6 +31,12 @@ pub struct StackArgs {
     /// Keep the picker's and Envoy's logs in this directory.
     #[arg(long)]
     pub log_dir: Option<PathBuf>,
+    /// Pods publish KV events (vLLM's ZeroMQ format, each pod its own event
+    /// and replay port); the endpoints file lists them per endpoint
+    /// (`kvEvents: {port, replayPort}`) and the picker gets `--kv-events`
+    /// when it has that flag. Shape and topic: --sim-arg=--kv-events-encoding=array etc.
+    #[arg(long)]
+    pub kv_events: bool,
 }
 
 impl StackArgs {
@@ -46,6 +52,7 @@ impl StackArgs {
         opts.epp_tls = !self.plaintext;
         opts.envoy_concurrency = self.envoy_concurrency;
         opts.log_dir = self.log_dir.clone();
+        opts.kv_events = self.kv_events;
         Ok(opts)
     }
 

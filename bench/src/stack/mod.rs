@@ -38,7 +38,7 @@ use crate::{
         client::{HttpClient, http_client},
         runner::get_text,
     },
-    sim::{SimConfig, SimFleet, spawn_fleet},
+    sim::{SimConfig, SimFleet, kv_events::KvEventsAddrs, spawn_fleet},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -207,6 +207,10 @@ pub struct StackOptions {
     pub envoy_concurrency: usize,
     /// Keep the picker's and Envoy's logs here (else a temporary directory).
     pub log_dir: Option<PathBuf>,
+    /// Pods publish KV events (each its own PUB and replay port), the
+    /// endpoints file lists them (`kvEvents: {port, replayPort}`), and the
+    /// picker gets `--kv-events` when its `--help` offers that flag.
+    pub kv_events: bool,
 }
 
 impl StackOptions {
@@ -219,6 +223,7 @@ impl StackOptions {
             epp_tls: true,
             envoy_concurrency: 1,
             log_dir: None,
+            kv_events: false,
         }
     }
 }
@@ -349,6 +354,8 @@ pub struct Stack {
     pub gateway: String,
     /// Base URLs of the pods (for their /metrics).
     pub pod_urls: Vec<String>,
+    /// Each pod's KV-event sockets (all `None` without `kv_events`).
+    pub pod_kv_events: Vec<Option<KvEventsAddrs>>,
     /// The picker's /metrics address, when there is a picker.
     pub epp_metrics: Option<SocketAddr>,
     /// The picker's health/admin address.
@@ -396,8 +403,13 @@ impl Stack {
         let mut sim = opts.sim.clone();
         sim.base_port = 0;
         sim.host = "127.0.0.1".into();
+        if opts.kv_events {
+            sim.kv_events_port = Some(0);
+            sim.kv_events_replay_port = Some(0);
+        }
         let fleet = sim_runtime.spawn_fleet(sim).await?;
         let pod_urls = fleet.urls();
+        let pod_kv_events: Vec<_> = fleet.pods.iter().map(|p| p.kv_events).collect();
         let pods: Vec<SocketAddr> = pod_urls
             .iter()
             .filter_map(|u| u.trim_start_matches("http://").parse().ok())
@@ -406,6 +418,7 @@ impl Stack {
         let mut stack = Self {
             gateway: pod_urls.first().cloned().unwrap_or_default(),
             pod_urls,
+            pod_kv_events,
             epp_metrics: None,
             epp_health: None,
             epp_admin: None,
@@ -423,9 +436,16 @@ impl Stack {
             Router::EnvoyRoundRobin => 0,
             Router::Epp { config, extra_args } => {
                 let endpoints = stack._dir.path().join("endpoints.yaml");
-                fs::write(&endpoints, endpoints_yaml(&pods))?;
+                fs::write(
+                    &endpoints,
+                    endpoints_yaml_with_events(&pods, &stack.pod_kv_events),
+                )?;
+                let mut args = extra_args.clone();
+                if opts.kv_events && epp_offers_flag(&bin.epp, "--kv-events") {
+                    args.push("--kv-events".to_owned());
+                }
                 let (proc_, addrs) =
-                    start_epp(bin, config, extra_args, &endpoints, opts.epp_tls, &logs).await?;
+                    start_epp(bin, config, &args, &endpoints, opts.epp_tls, &logs).await?;
                 stack.epp = Some(proc_);
                 stack.epp_metrics = Some(addrs.metrics);
                 stack.epp_health = Some(addrs.health);
@@ -476,6 +496,16 @@ impl Stack {
 
 /// An endpoints file for the picker.
 pub fn endpoints_yaml(pods: &[SocketAddr]) -> String {
+    endpoints_yaml_with_events(pods, &[])
+}
+
+/// An endpoints file whose pod i also lists its KV-event ports when
+/// `kv_events[i]` is set (`kvEvents: {port: P, replayPort: R}`; a picker
+/// that does not know the field refuses the file).
+pub fn endpoints_yaml_with_events(
+    pods: &[SocketAddr],
+    kv_events: &[Option<KvEventsAddrs>],
+) -> String {
     let mut s = String::from("endpoints:\n");
     if pods.is_empty() {
         return "endpoints: []\n".into();
@@ -486,8 +516,34 @@ pub fn endpoints_yaml(pods: &[SocketAddr]) -> String {
             a.ip(),
             a.port()
         ));
+        if let Some(Some(kv)) = kv_events.get(i) {
+            match kv.replay {
+                Some(r) => s.push_str(&format!(
+                    "  kvEvents: {{port: {}, replayPort: {}}}\n",
+                    kv.events.port(),
+                    r.port()
+                )),
+                None => s.push_str(&format!("  kvEvents: {{port: {}}}\n", kv.events.port())),
+            }
+        }
     }
     s
+}
+
+/// Whether `epp --help` lists `flag` itself (not merely a longer flag
+/// starting with it), so the stack passes new picker flags only to pickers
+/// that have them.
+pub fn epp_offers_flag(epp: &Path, flag: &str) -> bool {
+    let Ok(out) = Command::new(epp).arg("--help").output() else {
+        return false;
+    };
+    let help = String::from_utf8_lossy(&out.stdout);
+    help.match_indices(flag).any(|(at, _)| {
+        help[at + flag.len()..]
+            .chars()
+            .next()
+            .is_none_or(|c| !(c.is_alphanumeric() || c == '-' || c == '_'))
+    })
 }
 
 /// Addresses the picker bound.
@@ -665,5 +721,50 @@ pub async fn start_envoy(
             });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_file_lists_event_ports_per_pod() {
+        let pods: Vec<SocketAddr> = vec![
+            "127.0.0.1:8000".parse().unwrap(),
+            "127.0.0.1:8001".parse().unwrap(),
+        ];
+        let kv = KvEventsAddrs {
+            events: "127.0.0.1:5557".parse().unwrap(),
+            replay: Some("127.0.0.1:5558".parse().unwrap()),
+        };
+        let text = endpoints_yaml_with_events(&pods, &[Some(kv), None]);
+        assert_eq!(text.matches("kvEvents").count(), 1, "{text}");
+        assert!(
+            text.contains("  port: 8000\n  labels: {inference.networking.k8s.io/engine-type: vllm}\n  kvEvents: {port: 5557, replayPort: 5558}\n- name: sim-1"),
+            "{text}"
+        );
+        assert_eq!(
+            endpoints_yaml(&pods),
+            endpoints_yaml_with_events(&pods, &[None, None])
+        );
+    }
+
+    #[test]
+    fn a_flag_is_offered_only_by_its_exact_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("epp");
+        fs::write(
+            &fake,
+            "#!/bin/sh\necho '      --kv-events-port <P>'\necho '      --other'\n",
+        )
+        .unwrap();
+        let mut perms = fs::metadata(&fake).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        fs::set_permissions(&fake, perms).unwrap();
+        assert!(!epp_offers_flag(&fake, "--kv-events"));
+        assert!(epp_offers_flag(&fake, "--kv-events-port"));
+        assert!(epp_offers_flag(&fake, "--other"));
+        assert!(!epp_offers_flag(&dir.path().join("missing"), "--other"));
     }
 }

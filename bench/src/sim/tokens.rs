@@ -1,0 +1,107 @@
+//! How a pod turns a request's prompt into token ids: the KV model caches
+//! blocks of token ids, and the KV events carry them, so a subscriber keys
+//! its index from exactly the ids the pod cached.
+//!
+//! Two sources:
+//! - [`PromptTokenizer::Chunks`] (the default, and every existing bench):
+//!   the rendered prompt text cut into `--chars-per-token` byte chunks, each
+//!   chunk one id. A chunk of at most 4 bytes is its bytes packed
+//!   little-endian (injective for full chunks, free to compute); a longer
+//!   chunk is the low 32 bits of its xxh3. Equal text therefore gives equal
+//!   ids, and a prefix of the text a prefix of the ids, which is all the
+//!   cache model needs; hit rates are those of the byte-block model it
+//!   replaced (a block of `block_size` ids is `block_size x chars_per_token`
+//!   bytes).
+//! - `--tokenizer DIR`: the model's real tokenizer and chat template, so
+//!   the pod computes the ids the picker computes. Backed by
+//!   `epp::tokenize` once that lands; see [`PromptTokenizer::from_config`],
+//!   the single place to plug it in.
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::SimError;
+use super::api::Validated;
+use super::config::SimConfig;
+
+/// The token ids of `text` in chunk mode, appended to `out` (cleared first).
+/// Public so tests can compute what a pod caches for a prompt.
+pub fn chunk_token_ids(text: &[u8], chars_per_token: usize, out: &mut Vec<u32>) {
+    out.clear();
+    if chars_per_token == 0 {
+        return;
+    }
+    out.reserve(text.len().div_ceil(chars_per_token));
+    if chars_per_token <= 4 {
+        out.extend(text.chunks(chars_per_token).map(|c| {
+            let mut b = [0u8; 4];
+            b[..c.len()].copy_from_slice(c);
+            u32::from_le_bytes(b)
+        }));
+    } else {
+        out.extend(text.chunks(chars_per_token).map(|c| xxh3_64(c) as u32));
+    }
+}
+
+/// A pod's tokenizer (shared by its connections; immutable).
+#[derive(Debug, Clone)]
+pub enum PromptTokenizer {
+    /// Fixed-size byte chunks of the rendered prompt text.
+    Chunks { chars_per_token: usize },
+}
+
+impl PromptTokenizer {
+    /// The tokenizer the flags ask for.
+    ///
+    /// PLUG-IN POINT for `epp::tokenize`: when `--tokenizer DIR` is set,
+    /// load `DIR/tokenizer.json` and the chat template there (a
+    /// `PromptTokenizer::Model(..)` variant wrapping the picker's
+    /// `ModelTokenizer`) and tokenize the parsed request in
+    /// [`PromptTokenizer::tokenize`]. Until then the flag is refused, so no
+    /// bench silently runs with ids the picker would not compute.
+    pub fn from_config(cfg: &SimConfig) -> Result<Self, SimError> {
+        if let Some(dir) = &cfg.tokenizer {
+            return Err(SimError::Config(format!(
+                "--tokenizer {}: real tokenization is not available yet (it comes with epp::tokenize); use the chunk model (--chars-per-token)",
+                dir.display()
+            )));
+        }
+        Ok(Self::Chunks {
+            chars_per_token: cfg.chars_per_token,
+        })
+    }
+
+    /// The prompt's token ids into `out` (cleared first).
+    pub fn tokenize(&self, v: &Validated, out: &mut Vec<u32>) {
+        match self {
+            Self::Chunks { chars_per_token } => {
+                chunk_token_ids(v.text.as_bytes(), *chars_per_token, out);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_deterministic_and_prefix_stable() {
+        for cpt in [1, 3, 4, 5, 9] {
+            let mut a = Vec::new();
+            let mut b = Vec::new();
+            let x = b"the same system prompt, then a question";
+            chunk_token_ids(x, cpt, &mut a);
+            chunk_token_ids(b"the same system prompt, then another", cpt, &mut b);
+            assert_eq!(a.len(), x.len().div_ceil(cpt));
+            let common = 29 / cpt; // chunks wholly inside the shared text
+            assert_eq!(a[..common], b[..common], "cpt {cpt}");
+            assert_ne!(a, b);
+        }
+        let mut v = Vec::new();
+        chunk_token_ids(b"abcdabce", 4, &mut v);
+        assert_eq!(
+            v,
+            [u32::from_le_bytes(*b"abcd"), u32::from_le_bytes(*b"abce")]
+        );
+    }
+}
