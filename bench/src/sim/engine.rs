@@ -356,6 +356,17 @@ impl Pod {
         self.drain_queue(&mut st);
     }
 
+    /// Restarts the engine's cache: every cached block is forgotten, so the
+    /// next request of any prefix misses.
+    ///
+    /// MINIMAL STAND-IN (proof-harness): the sim-events work owns the real
+    /// restart (event sequence back to 0, an `AllBlocksCleared`); it should
+    /// extend or replace this. Requests running at the restart are not
+    /// aborted: they finish and their blocks are cached when released.
+    pub fn restart(&self) {
+        self.state.lock().kv.clear_unreferenced();
+    }
+
     /// The engine's state as the gauges report it.
     pub fn gauges(&self) -> Gauges {
         let st = self.state.lock();

@@ -82,7 +82,7 @@ pub mod metrics;
 pub mod server;
 
 pub use config::SimConfig;
-pub use server::{SimFleet, SimPodHandle, spawn_fleet};
+pub use server::{FleetRestarter, SimFleet, SimPodHandle, spawn_fleet};
 
 /// Errors of the simulator: start-up failures, and the engine's refusals
 /// (turned into HTTP errors by the server).

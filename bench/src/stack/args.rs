@@ -31,6 +31,10 @@ pub struct StackArgs {
     /// Keep the picker's and Envoy's logs in this directory.
     #[arg(long)]
     pub log_dir: Option<PathBuf>,
+    /// Picker replicas behind Envoy, each with its own index (round robin
+    /// over their ext_proc servers).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub epp_replicas: u16,
 }
 
 impl StackArgs {
@@ -46,6 +50,7 @@ impl StackArgs {
         opts.epp_tls = !self.plaintext;
         opts.envoy_concurrency = self.envoy_concurrency;
         opts.log_dir = self.log_dir.clone();
+        opts.epp_replicas = usize::from(self.epp_replicas);
         Ok(opts)
     }
 

@@ -22,6 +22,7 @@
 pub mod args;
 pub mod cli;
 pub mod envoy;
+pub mod replicas;
 
 use std::{
     fs,
@@ -38,7 +39,7 @@ use crate::{
         client::{HttpClient, http_client},
         runner::get_text,
     },
-    sim::{SimConfig, SimFleet, spawn_fleet},
+    sim::{FleetRestarter, SimConfig, SimFleet, spawn_fleet},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -207,6 +208,8 @@ pub struct StackOptions {
     pub envoy_concurrency: usize,
     /// Keep the picker's and Envoy's logs here (else a temporary directory).
     pub log_dir: Option<PathBuf>,
+    /// Picker processes behind Envoy (see [`replicas`]).
+    pub epp_replicas: usize,
 }
 
 impl StackOptions {
@@ -219,6 +222,7 @@ impl StackOptions {
             epp_tls: true,
             envoy_concurrency: 1,
             log_dir: None,
+            epp_replicas: 1,
         }
     }
 }
@@ -356,8 +360,13 @@ pub struct Stack {
     /// The picker's admin API (epp.admin.v1.Admin), when there is a picker.
     pub epp_admin: Option<SocketAddr>,
     pub envoy_admin: Option<SocketAddr>,
+    /// Every picker replica's /metrics address, replica 0 (`epp_metrics`)
+    /// first.
+    pub epp_replica_metrics: Vec<SocketAddr>,
     envoy: Option<Proc>,
     epp: Option<Proc>,
+    /// Replicas 1.. (replica 0 is `epp`).
+    epp_replicas: Vec<Proc>,
     fleet: Option<SimFleet>,
     sim_runtime: SimRuntime,
     _dir: tempfile::TempDir,
@@ -368,6 +377,7 @@ impl Drop for Stack {
         // Order: gateway first, then the picker, then the pods.
         self.envoy.take();
         self.epp.take();
+        self.epp_replicas.clear();
         self.fleet.take();
     }
 }
@@ -410,32 +420,55 @@ impl Stack {
             epp_health: None,
             epp_admin: None,
             envoy_admin: None,
+            epp_replica_metrics: Vec::new(),
             envoy: None,
             epp: None,
+            epp_replicas: Vec::new(),
             fleet: Some(fleet),
             sim_runtime,
             _dir: dir,
         };
         let client = http_client(4);
 
+        let mut extra_epp_ports = Vec::new();
         let epp_port = match &opts.router {
             Router::Direct => return Ok(stack),
             Router::EnvoyRoundRobin => 0,
             Router::Epp { config, extra_args } => {
                 let endpoints = stack._dir.path().join("endpoints.yaml");
                 fs::write(&endpoints, endpoints_yaml(&pods))?;
-                let (proc_, addrs) =
-                    start_epp(bin, config, extra_args, &endpoints, opts.epp_tls, &logs).await?;
+                let mut started = replicas::start_replicas(
+                    bin,
+                    config,
+                    extra_args,
+                    &endpoints,
+                    opts.epp_tls,
+                    &logs,
+                    opts.epp_replicas,
+                    pods.len(),
+                    &client,
+                )
+                .await?
+                .into_iter();
+                let Some((proc_, addrs)) = started.next() else {
+                    return Err(StackError::Sim("no picker replica started".into()));
+                };
                 stack.epp = Some(proc_);
                 stack.epp_metrics = Some(addrs.metrics);
                 stack.epp_health = Some(addrs.health);
                 stack.epp_admin = addrs.admin;
-                wait_scraped(&client, addrs.metrics, pods.len(), stack.epp.as_mut()).await?;
+                stack.epp_replica_metrics.push(addrs.metrics);
+                for (p, a) in started {
+                    stack.epp_replicas.push(p);
+                    stack.epp_replica_metrics.push(a.metrics);
+                    extra_epp_ports.push(a.ext_proc.port());
+                }
                 addrs.ext_proc.port()
             }
         };
 
         let mut envoy_opts = EnvoyOptions::new(epp_port, pods);
+        envoy_opts.extra_epp_ports = extra_epp_ports;
         envoy_opts.without_epp = matches!(opts.router, Router::EnvoyRoundRobin);
         envoy_opts.epp_tls = opts.epp_tls;
         envoy_opts.body_mode = opts.body_mode;
@@ -464,10 +497,16 @@ impl Stack {
         self.envoy.as_ref().map(Proc::pid)
     }
 
+    /// Restarts the simulated pods mid-run (`--restart-pods-at`).
+    pub fn restarter(&self) -> Option<FleetRestarter> {
+        self.fleet.as_ref().map(SimFleet::restarter)
+    }
+
     /// Stops everything (also done on drop).
     pub async fn stop(mut self) {
         self.envoy.take();
         self.epp.take();
+        self.epp_replicas.clear();
         if let Some(f) = self.fleet.take() {
             self.sim_runtime.shutdown_fleet(f).await;
         }
@@ -510,6 +549,19 @@ pub async fn start_epp(
     tls: bool,
     logs: &Path,
 ) -> Result<(Proc, EppAddrs), StackError> {
+    start_epp_logged(bin, config, extra, endpoints, tls, logs, "epp.log").await
+}
+
+/// [`start_epp`] logging to `logs/log_name` (one file per replica).
+pub async fn start_epp_logged(
+    bin: &Binaries,
+    config: &Path,
+    extra: &[String],
+    endpoints: &Path,
+    tls: bool,
+    logs: &Path,
+    log_name: &str,
+) -> Result<(Proc, EppAddrs), StackError> {
     let mut cmd = Command::new(&bin.epp);
     cmd.args(["--listen-address", "127.0.0.1"])
         .args([
@@ -529,7 +581,7 @@ pub async fn start_epp(
         .arg(format!("--secure-serving={tls}"))
         .args(extra)
         .env("NO_COLOR", "1");
-    let mut p = Proc::spawn(cmd, "epp", logs.join("epp.log"))?;
+    let mut p = Proc::spawn(cmd, "epp", logs.join(log_name))?;
     let line = p.wait_for_line("endpoint picker listening").await?;
     let field = |name: &str| -> Option<SocketAddr> {
         let start = line.find(&format!("{name}="))? + name.len() + 1;
