@@ -261,6 +261,8 @@ fn store_chain(rank: &RankState, tokens: &[u32], engine: &mut u64) {
         block_size: 16,
         medium: Medium::Gpu,
         lora: None,
+        salt: None,
+        extra: None,
         group: None,
     });
     rank.apply_batch(&b);

@@ -341,7 +341,7 @@ async fn a_publisher_stalling_mid_message_or_handshake_is_dropped_and_retried() 
         loop {
             let (mut c, _) = listener.accept().await.unwrap();
             let n = acc.fetch_add(1, Ordering::SeqCst);
-            if n % 2 == 0 {
+            if n.is_multiple_of(2) {
                 // A whole message first (idle after it is fine), then half
                 // of a frame announcing 5 bytes, then nothing.
                 if zmtp_server_handshake(&mut c).await.is_ok() {

@@ -19,7 +19,7 @@ use crate::{
         workload::LoraMix,
     },
     report::{self, ReportError},
-    stack::{Binaries, Router, Stack, StackError, args::StackArgs},
+    stack::{Binaries, Router, Stack, StackError, args::StackArgs, replicas::routed_per_replica},
 };
 
 #[derive(Debug, Subcommand)]
@@ -62,6 +62,7 @@ pub struct CompareArgs {
     pub stack: StackArgs,
     /// Routing policies, in order: epp-default, gie-default, any bench/configs/<name>,
     /// a config file path, envoy-rr (Envoy round robin, no picker) or direct (pod 0, no gateway).
+    /// `LABEL=POLICY` names a policy's runs LABEL (e.g. approximate=epp-default).
     #[arg(
         long,
         value_delimiter = ',',
@@ -133,10 +134,12 @@ impl CompareWorkload {
         stack
     }
 
-    /// Runs the workload through `stack`, labelled `policy`.
+    /// Runs the workload through `stack`, labelled `policy`; the pods hold
+    /// `kv_blocks` blocks each.
     async fn run_through(
         &self,
         stack: &Stack,
+        kv_blocks: usize,
         policy: &str,
         command: &str,
     ) -> Result<BenchRun, LoadError> {
@@ -150,6 +153,8 @@ impl CompareWorkload {
             Self::SharedPrefix { args, .. } => {
                 let mut a = args.clone();
                 a.common.point_at(gateway, pods, policy);
+                a.restarter = stack.restarter();
+                a.kv_blocks_per_pod.get_or_insert(kv_blocks);
                 load::run_shared_prefix(&a, command).await
             }
             Self::LongPrompt { args, .. } => {
@@ -181,23 +186,34 @@ pub async fn run(workload: CompareWorkload, command: &str) -> Result<(), Compare
     })?;
     let stack_args = workload.stack_args();
     let mut runs = Vec::new();
-    for policy in &compare.policies {
+    for spec in &compare.policies {
+        let (label, policy) = spec.split_once('=').unwrap_or((spec, spec));
+        let (label, policy) = (&label.to_owned(), policy);
         let router = Router::policy(policy, &bin.repo)?;
         let opts = stack_args.options(router)?;
         let stack = Stack::start(&bin, &opts)
             .await
             .map_err(|source| CompareError::Start {
-                policy: policy.clone(),
+                policy: label.clone(),
                 source,
             })?;
-        eprintln!("{policy}: stack up at {}", stack.gateway);
-        let run = workload.run_through(&stack, policy, command).await?;
+        eprintln!("{label}: stack up at {}", stack.gateway);
+        let mut run = workload
+            .run_through(&stack, opts.sim.kv_blocks, label, command)
+            .await?;
+        if stack.epp_replica_metrics.len() > 1 {
+            let client = crate::load::client::http_client(2);
+            let counts = routed_per_replica(&client, &stack.epp_replica_metrics).await;
+            if let Some(p) = run.phases.last_mut() {
+                p.epp_replica_requests = Some(counts);
+            }
+        }
         stack.stop().await;
         print!("{}", report::phase_table(&run));
-        let path = compare.out.join(format!("{}.json", file_name(policy)));
+        let path = compare.out.join(format!("{}.json", file_name(label)));
         let json =
             serde_json::to_string_pretty(&run).map_err(|source| CompareError::Serialize {
-                policy: policy.clone(),
+                policy: label.clone(),
                 source,
             })?;
         std::fs::write(&path, json).map_err(|source| CompareError::Io {
@@ -205,7 +221,7 @@ pub async fn run(workload: CompareWorkload, command: &str) -> Result<(), Compare
             path: path.clone(),
             source,
         })?;
-        runs.push((policy.clone(), run));
+        runs.push((label.clone(), run));
     }
     report::cli::write_and_print(&compare.out, compare.title.clone(), command, &runs)?;
     Ok(())

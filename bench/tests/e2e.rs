@@ -8,6 +8,7 @@
 
 use clap::Parser;
 use epp_bench::load::args::{LoraArgs, MultiTurnArgs, SharedPrefixArgs};
+use epp_bench::load::direct::DirectSplit;
 use epp_bench::load::{run_lora, run_multi_turn, run_shared_prefix};
 use epp_bench::sim::{SimConfig, SimFleet, spawn_fleet};
 use http_body_util::BodyExt;
@@ -511,4 +512,136 @@ async fn soak_survives_a_pod_kill_and_writes_its_report() {
         md.contains("## Totals") && md.contains("| pod0-0 |"),
         "{md}"
     );
+}
+
+/// `--direct-fraction` sends exactly the requests its seeded draw picks
+/// straight to a pod (the rest to --target), and reports both shares.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_fraction_sends_the_drawn_requests_around_the_target() {
+    let fleet = spawn_fleet(fast_sim(3)).await.expect("pods start");
+    let urls = fleet.urls();
+    let cli = SharedPrefixCli::parse_from([
+        "t",
+        "--target",
+        &urls[0],
+        "--pod-metrics",
+        &urls.join(","),
+        "--groups",
+        "6",
+        "--prompts-per-group",
+        "5",
+        "--system-tokens",
+        "64",
+        "--question-tokens",
+        "8",
+        "--output-tokens",
+        "2",
+        "--concurrency",
+        "3",
+        "--direct-fraction",
+        "0.4",
+        "--max-duration",
+        "30",
+        "--request-timeout",
+        "10",
+    ]);
+    let run = run_shared_prefix(&cli.args, "test").await.expect("run");
+    fleet.shutdown().await;
+    let p = &run.phases[0];
+    assert_eq!(p.requests_ok, 30, "{:?}", p.errors);
+    let split = p.split.as_ref().expect("split stats");
+    let draw = DirectSplit::new(0.4, 0, &urls, "/v1/completions").unwrap();
+    let direct: Vec<usize> = (0..30).filter(|&i| draw.pod_for(i).is_some()).collect();
+    assert!(!direct.is_empty() && direct.len() < 30, "{direct:?}");
+    assert_eq!(split.direct.requests_ok, direct.len());
+    assert_eq!(split.via_picker.requests_ok, 30 - direct.len());
+    // The gateway here is pod 0 itself: every request through it lands there;
+    // the direct ones land where the draw sent them.
+    assert_eq!(
+        split.via_picker.pod_requests.keys().collect::<Vec<_>>(),
+        ["sim-0"]
+    );
+    for (pod, n) in &split.direct.pod_requests {
+        let i: usize = pod.trim_start_matches("sim-").parse().unwrap();
+        let want = direct
+            .iter()
+            .filter(|&&j| draw.pod_for(j) == Some(i))
+            .count();
+        assert_eq!(*n, want, "{pod}");
+    }
+    assert!(split.via_picker.ttft_ms.is_some() && split.direct.ttft_ms.is_some());
+    assert!(split.via_picker.usage_hit_rate.is_some());
+}
+
+/// `--restart-pods-at` empties every pod's cache once, before the chosen
+/// request: each group's next request misses, and the ideal counts it so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_empties_the_caches_before_the_chosen_request() {
+    let argv = |restart: bool| {
+        let mut v = vec![
+            "t",
+            "--groups",
+            "3",
+            "--prompts-per-group",
+            "4",
+            "--system-tokens",
+            "64",
+            "--question-tokens",
+            "8",
+            "--output-tokens",
+            "2",
+            // One at a time: nothing is running when the pod restarts.
+            "--concurrency",
+            "1",
+            "--max-duration",
+            "30",
+        ];
+        if restart {
+            v.extend(["--restart-pods-at", "50%"]);
+        }
+        v
+    };
+    let mut results = Vec::new();
+    for restart in [false, true] {
+        let (fleet, url) = fleet(1).await;
+        let mut cli = SharedPrefixCli::parse_from(argv(restart));
+        cli.args.common.target = url.clone();
+        cli.args.common.pod_metrics = vec![url];
+        if restart {
+            let err = run_shared_prefix(&cli.args, "test").await.unwrap_err();
+            assert!(err.to_string().contains("--restart-pods-at"), "{err}");
+            cli.args.restarter = Some(fleet.restarter());
+        }
+        let run = run_shared_prefix(&cli.args, "test").await.expect("run");
+        fleet.shutdown().await;
+        results.push(run.phases[0].clone());
+    }
+    let (plain, restarted) = (&results[0], &results[1]);
+    assert!(plain.restart.is_none());
+    let r = restarted.restart.as_ref().expect("restart stats");
+    assert!(r.happened);
+    assert_eq!(r.at_request, 6);
+    // Requests 6..9 are each group's third prompt (round-robin order): a hit
+    // without the restart, a miss right after it; the fourth hits again.
+    assert_eq!(r.first_after_restart_hit_rate, Some(0.0));
+    assert!(r.after_restart_hit_rate.unwrap() > 0.0);
+    let (hit, hit_restarted) = (
+        plain.prefix_cache.unwrap().hit_rate,
+        restarted.prefix_cache.unwrap().hit_rate,
+    );
+    assert!(hit_restarted < hit, "{hit_restarted} vs {hit}");
+    // One pod with room for every group, one request at a time: each run
+    // reaches its own ideal exactly, and the restart's is two thirds.
+    for p in &results {
+        let ideal = p.ideal_hit_rate.unwrap();
+        assert!(
+            (p.prefix_cache.unwrap().hit_rate - ideal).abs() < 1e-9,
+            "{p:?}"
+        );
+    }
+    let (i0, i1) = (
+        plain.ideal_hit_rate.unwrap(),
+        restarted.ideal_hit_rate.unwrap(),
+    );
+    assert!((i1 - i0 * 2.0 / 3.0).abs() < 1e-9, "{i1} vs {i0}");
 }

@@ -47,7 +47,7 @@ fn sim(encoding: KvEventsEncoding) -> SimConfig {
 /// The picker's chain seed for a model (`None`: the base model). The one
 /// place to adapt when `chain_seed` gains a cache-salt argument.
 fn seed(lora: Option<&str>) -> u64 {
-    chain_seed(lora.map(|n| xxhash_rust::xxh3::xxh3_64(n.as_bytes())))
+    chain_seed(lora.map(epp::kv_events::lora_key), None)
 }
 
 /// The picker's keys for a completion prompt as the pod tokenizes it.

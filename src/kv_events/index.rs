@@ -23,6 +23,7 @@
 //!   and the medium, so a publisher cannot choose colliding hashes) and by
 //!   our key (already an xxh3 output). A table of indices rather than a map
 //!   of (u64, value) pairs is what keeps a bucket at 5 bytes.
+//!
 //! Both slabs grow by doubling up to `capacity` and no further.
 //!
 //! Invariants (checked by [`BlockIndex::check_invariants`], which the fuzz

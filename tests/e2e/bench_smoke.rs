@@ -10,7 +10,7 @@ use epp_bench::{
         args::{LoraArgs, MultiTurnArgs, SharedPrefixArgs},
     },
     sim::SimConfig,
-    stack::{Binaries, Router, Stack, StackOptions},
+    stack::{Binaries, Router, Stack, StackOptions, replicas::routed_per_replica},
 };
 
 use crate::common::repo_root;
@@ -210,4 +210,46 @@ async fn ext_proc_driver_gets_every_request_routed_by_the_picker() {
         assert!(p.picker_cpu_us_per_request.is_finite(), "{p:?}");
         assert!(p.picker_peak_rss_mb > 0.0, "{p:?}");
     }
+}
+
+/// `--epp-replicas 3`: Envoy balances the ext_proc streams over three
+/// picker processes, so each routes some of the requests and together they
+/// route every one exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_picker_replicas_each_route_a_share() {
+    let bin = Binaries::with_epp(env!("CARGO_BIN_EXE_epp").into(), repo_root()).expect("binaries");
+    let router = Router::policy("epp-default", &repo_root()).expect("policy");
+    let mut opts = StackOptions::new(fast_pods(2), router);
+    opts.epp_replicas = 3;
+    let stack = Stack::start(&bin, &opts).await.expect("stack");
+    assert_eq!(stack.epp_replica_metrics.len(), 3);
+    let mut args: SharedPrefixArgs = parse(&[
+        "--groups",
+        "6",
+        "--prompts-per-group",
+        "5",
+        "--system-tokens",
+        "100",
+        "--question-tokens",
+        "10",
+        "--output-tokens",
+        "2",
+        "--concurrency",
+        "2",
+        "--max-duration",
+        "60",
+    ]);
+    args.common.target = stack.gateway.clone();
+    args.common.pod_metrics = stack.pod_urls.clone();
+    let run = load::run_shared_prefix(&args, "smoke").await.expect("run");
+    assert_eq!(run.phases[0].requests_ok, 30, "{:?}", run.phases[0].errors);
+    let client = epp_bench::load::client::http_client(2);
+    let counts = routed_per_replica(&client, &stack.epp_replica_metrics).await;
+    stack.stop().await;
+    let counts: Vec<f64> = counts
+        .into_iter()
+        .map(|c| c.expect("replica metrics"))
+        .collect();
+    assert!(counts.iter().all(|&c| c > 0.0), "{counts:?}");
+    assert_eq!(counts.iter().sum::<f64>(), 30.0, "{counts:?}");
 }

@@ -125,6 +125,21 @@ pub struct SharedPrefixArgs {
     pub shuffle: bool,
     #[arg(long, value_enum, default_value_t = Api::Completions)]
     pub api: Api,
+    /// Send this fraction of the requests (0..=1) straight to a pod, drawn
+    /// uniformly at random per request, instead of through --target.
+    #[arg(long, default_value_t = 0.0)]
+    pub direct_fraction: f64,
+    /// KV-cache blocks of each pod, for the ideal hit rate of bounded caches
+    /// (default: unbounded; `compare` gives the simulated pods' size).
+    #[arg(long)]
+    pub kv_blocks_per_pod: Option<usize>,
+    /// Restart every pod just before this fraction of the requests has been
+    /// sent (0.5 or 50%); needs pods in this process (`compare`, `local`).
+    #[arg(long, value_parser = super::direct::parse_fraction)]
+    pub restart_pods_at: Option<f64>,
+    /// How to restart the pods: set by the command that owns them.
+    #[arg(skip)]
+    pub restarter: Option<crate::sim::FleetRestarter>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -18,6 +18,7 @@
 pub mod args;
 pub mod cli;
 pub mod client;
+pub mod direct;
 pub mod result;
 pub mod run;
 pub mod runner;

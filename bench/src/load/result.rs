@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::direct::{RestartStats, SplitStats};
 use super::stats::LatencySummary;
 
 /// Version of this schema.
@@ -92,6 +93,16 @@ pub struct PhaseResult {
     /// base model's) and pod.
     #[serde(default)]
     pub target_pods: Option<BTreeMap<String, BTreeMap<String, usize>>>,
+    /// With `--direct-fraction`: requests through the picker and around it.
+    #[serde(default)]
+    pub split: Option<SplitStats>,
+    /// With `--restart-pods-at`.
+    #[serde(default)]
+    pub restart: Option<RestartStats>,
+    /// Requests each picker replica routed (its own
+    /// `inference_objective_request_total`), with `--epp-replicas` > 1.
+    #[serde(default)]
+    pub epp_replica_requests: Option<Vec<Option<f64>>>,
 }
 
 /// Adapter swaps summed over the pods, as deltas over one phase.

@@ -14,12 +14,14 @@ use super::args::{
     Api, CommonArgs, LongPromptArgs, LoraArgs, MultiTurnArgs, PaceArgs, SeedArgs, SharedPrefixArgs,
 };
 use super::client::{HttpClient, Record, RequestSpec, http_client, send};
+use super::direct::{DirectSplit, RestartGate, restart_stats, routed_job, split_stats};
 use super::result::{BenchRun, PhaseResult, SCHEMA_VERSION};
 use super::runner::{
     JobFn, Pace, PhaseMeta, PodSet, cache_delta, drive, lora_delta, scrape_fleet, summarize,
 };
 use super::workload::{
-    LongPrompt, LoraMix, MultiTurn, SharedPrefix, ideal_hit_rate_of_sent, seed_prompt,
+    LongPrompt, LoraMix, MultiTurn, SharedPrefix, ideal_hit_rate_bounded, ideal_hit_rate_of_sent,
+    seed_prompt,
 };
 
 /// The seed deployment's four scenarios: (name, requests, concurrency).
@@ -275,7 +277,49 @@ pub async fn run_shared_prefix(
     };
     let systems: Arc<Vec<String>> = Arc::new((0..w.groups).map(|g| w.system_prompt(g)).collect());
     let order = Arc::new(w.order());
-    let ideal_full = w.ideal_hit_rate(args.common.block_size);
+    let split = (args.direct_fraction > 0.0)
+        .then(|| {
+            DirectSplit::new(
+                args.direct_fraction,
+                args.common.seed,
+                &ctx.pods.urls,
+                uri.path(),
+            )
+        })
+        .transpose()?;
+    let gate = match (args.restart_pods_at, &args.restarter) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(LoadError::Args(
+                "--restart-pods-at needs pods this process runs (epp-bench compare or local)"
+                    .into(),
+            ));
+        }
+        (Some(f), Some(r)) => Some(RestartGate::new(
+            (f * w.len() as f64).ceil() as usize,
+            r.clone(),
+        )),
+    };
+    let cache = args
+        .kv_blocks_per_pod
+        .map(|blocks| (ctx.pods.urls.len(), blocks));
+    let restart_at = gate.as_ref().map(|g| g.at);
+    let (bs, sys_tokens, prompt_tokens) = (
+        args.common.block_size,
+        args.system_tokens,
+        args.system_tokens + args.question_tokens,
+    );
+    let ideal_unbounded = w.ideal_hit_rate(bs);
+    let ideal_full = ideal_hit_rate_bounded(
+        order
+            .iter()
+            .enumerate()
+            .map(|(i, &(g, _))| (i, g, prompt_tokens)),
+        sys_tokens,
+        bs,
+        restart_at,
+        cache,
+    );
     let maker = {
         let (w, systems, order) = (w.clone(), Arc::clone(&systems), Arc::clone(&order));
         let (api, stream, out, uri) = (args.api, ctx.stream, args.output_tokens, uri.clone());
@@ -297,16 +341,17 @@ pub async fn run_shared_prefix(
             }
         }
     };
-    let job = single_request_job(ctx.client.clone(), ctx.timeout, Arc::new(maker));
-    let (bs, sys_tokens, prompt_tokens) = (
-        args.common.block_size,
-        args.system_tokens,
-        args.system_tokens + args.question_tokens,
+    let job = routed_job(
+        ctx.client.clone(),
+        ctx.timeout,
+        Arc::new(maker),
+        split.clone(),
+        gate.clone(),
     );
-    let order_for_ideal = Arc::clone(&order);
+    let (order_for_ideal, order_for_groups) = (Arc::clone(&order), Arc::clone(&order));
     let total = w.len();
     let phase = ctx
-        .phase(
+        .phase_with(
             "shared-prefix".to_owned(),
             total,
             pace,
@@ -317,14 +362,22 @@ pub async fn run_shared_prefix(
                 }
                 let mut sent: Vec<_> = records.iter().map(|r| r.job).collect();
                 sent.sort_unstable();
-                Some(ideal_hit_rate_of_sent(
+                Some(ideal_hit_rate_bounded(
                     sent.into_iter()
-                        .map(|j| (order_for_ideal[j].0, prompt_tokens)),
+                        .map(|j| (j, order_for_ideal[j].0, prompt_tokens)),
                     sys_tokens,
                     bs,
+                    restart_at,
+                    cache,
                 ))
             },
             false,
+            move |result, records| {
+                result.split = split.as_ref().map(|s| split_stats(s, records));
+                result.restart = gate
+                    .as_ref()
+                    .map(|g| restart_stats(g, records, |j| order_for_groups[j].0));
+            },
         )
         .await;
     let params = json!({
@@ -339,6 +392,11 @@ pub async fn run_shared_prefix(
         "rate": args.pace.rate,
         "block_size": args.common.block_size,
         "ideal_hit_rate": ideal_full,
+        "ideal_hit_rate_unbounded": ideal_unbounded,
+        "kv_blocks_per_pod": args.kv_blocks_per_pod,
+        "direct_fraction": args.direct_fraction,
+        "restart_pods_at": args.restart_pods_at,
+        "restart_at_request": restart_at,
         "stream": ctx.stream,
     });
     Ok(ctx.run("shared-prefix", command, params, vec![phase]))

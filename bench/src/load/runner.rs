@@ -327,6 +327,9 @@ pub fn summarize(meta: PhaseMeta, driven: &Driven, with_stickiness: bool) -> Pha
             },
         }),
         target_pods: None,
+        split: None,
+        restart: None,
+        epp_replica_requests: None,
     }
 }
 

@@ -167,6 +167,69 @@ pub fn ideal_hit_rate_of_sent(
     }
 }
 
+/// The ideal of [`ideal_hit_rate_of_sent`] for pods whose caches are
+/// bounded, with an optional restart: `sent` lists (request index, group,
+/// prompt tokens) in send order.
+///
+/// * **Restart.** Every pod is emptied before request `restart_at`: each
+///   group's first request from there on misses, like its very first one.
+/// * **Bounded caches.** A group's shared prefix takes `s = system_tokens /
+///   block_size` blocks, so a pod of `kv_blocks` blocks can keep `floor(
+///   kv_blocks / s)` groups and the fleet `K = pods x floor(kv_blocks / s)`.
+///   An oracle router that knows the whole workload keeps the K groups with
+///   the most repeats resident, each on a pod with room for it, and sends
+///   every other group's requests where they evict none of them: its hits
+///   are the repeats of those K groups only. With K >= the group count this
+///   is the unbounded ideal. The bound ignores the blocks running requests
+///   hold for their own question and output (a few blocks each, against
+///   caches of thousands), so it is an upper bound, and a static placement:
+///   for groups of equal popularity sent in random order (`--shuffle`) it
+///   is also what LRU caches reach with a good router (under independent
+///   uniform requests a cache of K of G groups hits K/G of the repeats,
+///   whatever it evicts); for the round-robin order a pod's LRU evicts each
+///   group just before its next request, so no router reaches it there.
+pub fn ideal_hit_rate_bounded(
+    sent: impl IntoIterator<Item = (usize, usize, usize)>,
+    system_tokens: usize,
+    block_size: usize,
+    restart_at: Option<usize>,
+    cache: Option<(usize, usize)>,
+) -> f64 {
+    let block_size = block_size.max(1);
+    let shared_blocks = system_tokens / block_size;
+    let shared = shared_blocks * block_size;
+    let (mut seen, mut seen_after) = (
+        std::collections::HashSet::new(),
+        std::collections::HashSet::new(),
+    );
+    let mut hits_by_group: std::collections::HashMap<usize, usize> =
+        std::collections::HashMap::new();
+    let mut total = 0usize;
+    for (index, group, tokens) in sent {
+        total += tokens;
+        let after = restart_at.is_some_and(|at| index >= at);
+        let first = if after {
+            seen_after.insert(group)
+        } else {
+            seen.insert(group)
+        };
+        let entry = hits_by_group.entry(group).or_default();
+        if !first {
+            *entry += shared;
+        }
+    }
+    if total == 0 {
+        return 0.0;
+    }
+    let mut hits: Vec<usize> = hits_by_group.into_values().collect();
+    let resident = match cache {
+        Some((pods, kv_blocks)) if shared_blocks > 0 => pods * (kv_blocks / shared_blocks),
+        _ => hits.len(),
+    };
+    hits.sort_unstable_by(|a, b| b.cmp(a));
+    hits.iter().take(resident).sum::<usize>() as f64 / total as f64
+}
+
 /// Long, unshared prompts: a per-request header first, so no two prompts
 /// share even their first block, then a common body (generated once).
 #[derive(Debug, Clone)]
@@ -386,6 +449,38 @@ mod tests {
         assert!((ideal_hit_rate_of_sent(full, 40, 16) - want).abs() < 1e-12);
         let first_round = w.order().into_iter().take(3).map(|(g, _)| (g, 48));
         assert_eq!(ideal_hit_rate_of_sent(first_round, 40, 16), 0.0);
+    }
+
+    #[test]
+    fn bounded_ideal_keeps_the_groups_that_fit_and_restarts_miss() {
+        let w = sp();
+        let sent = || {
+            w.order()
+                .into_iter()
+                .enumerate()
+                .map(|(i, (g, _))| (i, g, 48))
+        };
+        let unbounded = w.ideal_hit_rate(16);
+        // Room for every group (2 blocks each): the unbounded ideal.
+        let roomy = ideal_hit_rate_bounded(sent(), 40, 16, None, Some((2, 4)));
+        assert!((roomy - unbounded).abs() < 1e-12);
+        assert!((ideal_hit_rate_bounded(sent(), 40, 16, None, None) - unbounded).abs() < 1e-12);
+        // One pod of 5 blocks keeps 2 of the 3 groups: two thirds of the hits.
+        let tight = ideal_hit_rate_bounded(sent(), 40, 16, None, Some((1, 5)));
+        assert!((tight - unbounded * 2.0 / 3.0).abs() < 1e-12, "{tight}");
+        // A restart before request 6 (round 2 of 4): each group's prompt 2
+        // misses again, so 2 of 3 repeats per group still hit.
+        let restarted = ideal_hit_rate_bounded(sent(), 40, 16, Some(6), None);
+        assert!(
+            (restarted - unbounded * 2.0 / 3.0).abs() < 1e-12,
+            "{restarted}"
+        );
+        let both = ideal_hit_rate_bounded(sent(), 40, 16, Some(6), Some((1, 2)));
+        assert!((both - unbounded * 2.0 / 9.0).abs() < 1e-12, "{both}");
+        assert_eq!(
+            ideal_hit_rate_bounded(std::iter::empty(), 40, 16, None, None),
+            0.0
+        );
     }
 
     #[test]

@@ -189,9 +189,17 @@ pub fn comparison_markdown(title: &str, command: &str, runs: &[(String, BenchRun
             code(&first.params.to_string())
         );
         if let Some(ideal) = first.phases.iter().find_map(|p| p.ideal_hit_rate) {
+            let unbounded = first.params["ideal_hit_rate_unbounded"].as_f64();
+            let how = match unbounded {
+                Some(u) if (u - ideal).abs() > 1e-9 => format!(
+                    "every repeated block a hit that an oracle placement keeps cached, after any restart; {} with unbounded caches and no restart, see bench/results/README.md",
+                    pct(Some(u))
+                ),
+                _ => "every repeated block a hit".to_owned(),
+            };
             let _ = writeln!(
                 out,
-                "Ideal prefix-cache hit rate of the workload (every repeated block a hit): **{}**\n",
+                "Ideal prefix-cache hit rate of the workload ({how}): **{}**\n",
                 pct(Some(ideal))
             );
         }
@@ -264,6 +272,7 @@ pub fn comparison_markdown(title: &str, command: &str, runs: &[(String, BenchRun
             let _ = writeln!(out, "**{label}**\n\n{table}");
         }
     }
+    scenario_details(&mut out, runs);
     let _ = writeln!(out, "\n## Runs\n");
     for (label, run) in runs {
         let _ = writeln!(
@@ -274,6 +283,68 @@ pub fn comparison_markdown(title: &str, command: &str, runs: &[(String, BenchRun
         );
     }
     out
+}
+
+/// The proof scenarios' figures (bench/results/precise-prefix): hit rate
+/// against the ideal, traffic through the picker and around it, the
+/// restart, and per-replica request counts; nothing when no run has them.
+fn scenario_details(out: &mut String, runs: &[(String, BenchRun)]) {
+    let phases: Vec<(&String, &PhaseResult)> = runs
+        .iter()
+        .flat_map(|(l, r)| r.phases.iter().map(move |p| (l, p)))
+        .filter(|(_, p)| {
+            p.split.is_some() || p.restart.is_some() || p.epp_replica_requests.is_some()
+        })
+        .collect();
+    if phases.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\n## Scenario details\n\n| Policy | Hit rate / ideal | Via picker: TTFT p95 | Via picker: hit rate (usage) | Direct: TTFT p95 | Direct: hit rate (usage) | First request per group after the restart: hit rate | Requests per picker replica |\n|---|---|---|---|---|---|---|---|"
+    );
+    for (label, p) in phases {
+        let of_ideal = match (p.prefix_cache, p.ideal_hit_rate) {
+            (Some(c), Some(i)) if i > 0.0 => ratio(Some(c.hit_rate / i)),
+            _ => "-".to_owned(),
+        };
+        let share = |s: Option<&crate::load::direct::ShareStats>| {
+            (
+                ms(s.and_then(|s| s.ttft_ms.map(|t| t.p95_ms))),
+                pct(s.and_then(|s| s.usage_hit_rate)),
+            )
+        };
+        let (via_ttft, via_hit) = share(p.split.as_ref().map(|s| &s.via_picker));
+        let (direct_ttft, direct_hit) = share(p.split.as_ref().map(|s| &s.direct));
+        let restart = p.restart.as_ref().map_or_else(
+            || "-".to_owned(),
+            |r| {
+                if r.happened {
+                    format!(
+                        "{} (from request {})",
+                        pct(r.first_after_restart_hit_rate),
+                        r.at_request
+                    )
+                } else {
+                    "not reached".to_owned()
+                }
+            },
+        );
+        let replicas = p.epp_replica_requests.as_ref().map_or_else(
+            || "-".to_owned(),
+            |counts| {
+                counts
+                    .iter()
+                    .map(|c| c.map_or_else(|| "?".to_owned(), |c| format!("{c:.0}")))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            },
+        );
+        let _ = writeln!(
+            out,
+            "| {label} | {of_ideal} | {via_ttft} | {via_hit} | {direct_ttft} | {direct_hit} | {restart} | {replicas} |"
+        );
+    }
 }
 
 /// Files written by [`write_report`].
@@ -551,6 +622,9 @@ mod tests {
             stickiness: None,
             lora: None,
             target_pods: None,
+            split: None,
+            restart: None,
+            epp_replica_requests: None,
         }
     }
 

@@ -233,6 +233,15 @@ impl KvCache {
         }
     }
 
+    /// Forgets every cached block no running request references, as a
+    /// restarted engine would (see [`super::engine::Pod::restart`]). Blocks
+    /// of running requests stay until they are released.
+    pub fn clear_unreferenced(&mut self) {
+        for (_, h) in std::mem::take(&mut self.evictable) {
+            self.entries.remove(&h);
+        }
+    }
+
     #[cfg(test)]
     fn check_invariants(&self) {
         assert!(self.entries.len() + self.private <= self.capacity);
@@ -395,6 +404,21 @@ mod tests {
         );
         assert_eq!(kv.used_blocks(), 2);
         kv.release(a);
+        kv.check_invariants();
+    }
+
+    #[test]
+    fn clearing_forgets_cached_blocks_but_not_running_ones() {
+        let mut kv = KvCache::new(10);
+        let cached = kv.try_allocate(&hashes("aaaabbbb"), usize::MAX, 0).unwrap();
+        kv.release(cached);
+        let running = kv.try_allocate(&hashes("ccccdddd"), usize::MAX, 1).unwrap();
+        kv.clear_unreferenced();
+        kv.check_invariants();
+        assert_eq!(kv.cached_unreferenced(), 0);
+        assert_eq!(kv.leading_hits(&hashes("aaaabbbb")), 0);
+        assert_eq!(kv.used_blocks(), 3, "the running request keeps its blocks");
+        kv.release(running);
         kv.check_invariants();
     }
 }

@@ -90,7 +90,7 @@ pub mod server;
 pub mod tokens;
 
 pub use config::SimConfig;
-pub use server::{SimFleet, SimPodHandle, spawn_fleet};
+pub use server::{FleetRestarter, SimFleet, SimPodHandle, spawn_fleet};
 
 /// Errors of the simulator: start-up failures, and the engine's refusals
 /// (turned into HTTP errors by the server).

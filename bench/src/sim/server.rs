@@ -406,6 +406,26 @@ impl SimPodHandle {
     }
 }
 
+/// What [`SimFleet::restarter`] returns.
+#[derive(Clone)]
+pub struct FleetRestarter(Vec<Arc<Pod>>);
+
+impl FleetRestarter {
+    /// The one place a harness restarts the pods: every pod's
+    /// [`Pod::restart`].
+    pub fn restart_all(&self) {
+        for p in &self.0 {
+            p.restart();
+        }
+    }
+}
+
+impl std::fmt::Debug for FleetRestarter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FleetRestarter({} pods)", self.0.len())
+    }
+}
+
 /// All pods of one process. Dropping it stops accepting connections.
 pub struct SimFleet {
     pub pods: Vec<SimPodHandle>,
@@ -416,6 +436,17 @@ pub struct SimFleet {
 impl SimFleet {
     pub fn urls(&self) -> Vec<String> {
         self.pods.iter().map(SimPodHandle::url).collect()
+    }
+
+    /// Restarts every pod's engine (see [`super::engine::Pod::restart`]).
+    pub fn restart_all(&self) {
+        self.restarter().restart_all();
+    }
+
+    /// A handle that restarts these pods from anywhere (the load generator
+    /// holds one for `--restart-pods-at`), without owning the fleet.
+    pub fn restarter(&self) -> FleetRestarter {
+        FleetRestarter(self.pods.iter().map(|p| Arc::clone(&p.pod)).collect())
     }
 
     /// Stops the accept loops and waits for them to exit.

@@ -37,6 +37,10 @@ pub struct StackArgs {
     /// when it has that flag. Shape and topic: --sim-arg=--kv-events-encoding=array etc.
     #[arg(long)]
     pub kv_events: bool,
+    /// Picker replicas behind Envoy, each with its own index (round robin
+    /// over their ext_proc servers).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub epp_replicas: u16,
 }
 
 impl StackArgs {
@@ -53,6 +57,7 @@ impl StackArgs {
         opts.envoy_concurrency = self.envoy_concurrency;
         opts.log_dir = self.log_dir.clone();
         opts.kv_events = self.kv_events;
+        opts.epp_replicas = usize::from(self.epp_replicas);
         Ok(opts)
     }
 

@@ -15,6 +15,10 @@ pub enum BodyMode {
 pub struct EnvoyOptions {
     /// Port of the picker's ext_proc server.
     pub epp_port: u16,
+    /// Ports of further picker replicas: cluster "epp" then lists every
+    /// replica and Envoy balances ext_proc streams over them round robin
+    /// (its default policy), one stream per request.
+    pub extra_epp_ports: Vec<u16>,
     /// Talk TLS (ALPN h2) to the picker.
     pub epp_tls: bool,
     pub body_mode: BodyMode,
@@ -47,6 +51,7 @@ impl EnvoyOptions {
     pub fn new(epp_port: u16, pool: Vec<SocketAddr>) -> Self {
         Self {
             epp_port,
+            extra_epp_ports: Vec::new(),
             epp_tls: false,
             body_mode: BodyMode::FullDuplex,
             pool,
@@ -100,6 +105,7 @@ pub fn render(envoy_dir: &Path, opts: &EnvoyOptions) -> io::Result<String> {
     } else {
         String::new()
     };
+    let template = with_epp_replicas(template, &opts.extra_epp_ports)?;
     let lb = part(
         envoy_dir,
         if opts.without_epp && !opts.client_routes {
@@ -129,6 +135,28 @@ pub fn render(envoy_dir: &Path, opts: &EnvoyOptions) -> io::Result<String> {
         .replace("{{ADMIN_PORT}}", &opts.admin_port.to_string())
         .replace("{{LISTEN_PORT}}", &opts.listen_port.to_string())
         .replace("{{EPP_PORT}}", &opts.epp_port.to_string()))
+}
+
+/// The picker's endpoint in the template's "epp" cluster.
+const EPP_ENDPOINT: &str = "        - endpoint:\n            address:\n              socket_address: {address: 127.0.0.1, port_value: {{EPP_PORT}}}\n";
+
+/// The template with one "epp" cluster endpoint per extra replica after the
+/// first one's.
+fn with_epp_replicas(template: String, extra: &[u16]) -> io::Result<String> {
+    if extra.is_empty() {
+        return Ok(template);
+    }
+    if !template.contains(EPP_ENDPOINT) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "envoy.yaml.tmpl: the epp cluster's endpoint is not where picker replicas are added",
+        ));
+    }
+    let mut endpoints = EPP_ENDPOINT.to_owned();
+    for port in extra {
+        endpoints.push_str(&EPP_ENDPOINT.replace("{{EPP_PORT}}", &port.to_string()));
+    }
+    Ok(template.replacen(EPP_ENDPOINT, &endpoints, 1))
 }
 
 #[cfg(test)]
@@ -163,5 +191,18 @@ mod tests {
             assert_eq!(text.contains("UpstreamTlsContext"), tls);
             assert!(text.contains("port_value: 8001"));
         }
+    }
+
+    #[test]
+    fn lists_every_picker_replica_in_the_epp_cluster() {
+        let mut o = EnvoyOptions::new(9002, vec!["127.0.0.1:8000".parse().unwrap()]);
+        o.extra_epp_ports = vec![9003, 9004];
+        let text = render(&envoy_dir(), &o).unwrap();
+        let epp = &text[text.find("- name: epp").unwrap()..text.find("- name: pool").unwrap()];
+        for port in [9002, 9003, 9004] {
+            assert!(epp.contains(&format!("port_value: {port}}}")), "{epp}");
+        }
+        assert_eq!(epp.matches("- endpoint:").count(), 3);
+        assert!(!epp.contains("lb_policy"), "round robin, Envoy's default");
     }
 }

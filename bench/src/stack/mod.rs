@@ -22,6 +22,7 @@
 pub mod args;
 pub mod cli;
 pub mod envoy;
+pub mod replicas;
 
 use std::{
     fs,
@@ -38,7 +39,7 @@ use crate::{
         client::{HttpClient, http_client},
         runner::get_text,
     },
-    sim::{SimConfig, SimFleet, kv_events::KvEventsAddrs, spawn_fleet},
+    sim::{FleetRestarter, SimConfig, SimFleet, kv_events::KvEventsAddrs, spawn_fleet},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -211,6 +212,8 @@ pub struct StackOptions {
     /// endpoints file lists them (`kvEvents: {port, replayPort}`), and the
     /// picker gets `--kv-events` when its `--help` offers that flag.
     pub kv_events: bool,
+    /// Picker processes behind Envoy (see [`replicas`]).
+    pub epp_replicas: usize,
 }
 
 impl StackOptions {
@@ -224,6 +227,7 @@ impl StackOptions {
             envoy_concurrency: 1,
             log_dir: None,
             kv_events: false,
+            epp_replicas: 1,
         }
     }
 }
@@ -363,8 +367,13 @@ pub struct Stack {
     /// The picker's admin API (epp.admin.v1.Admin), when there is a picker.
     pub epp_admin: Option<SocketAddr>,
     pub envoy_admin: Option<SocketAddr>,
+    /// Every picker replica's /metrics address, replica 0 (`epp_metrics`)
+    /// first.
+    pub epp_replica_metrics: Vec<SocketAddr>,
     envoy: Option<Proc>,
     epp: Option<Proc>,
+    /// Replicas 1.. (replica 0 is `epp`).
+    epp_replicas: Vec<Proc>,
     fleet: Option<SimFleet>,
     sim_runtime: SimRuntime,
     _dir: tempfile::TempDir,
@@ -375,6 +384,7 @@ impl Drop for Stack {
         // Order: gateway first, then the picker, then the pods.
         self.envoy.take();
         self.epp.take();
+        self.epp_replicas.clear();
         self.fleet.take();
     }
 }
@@ -423,14 +433,17 @@ impl Stack {
             epp_health: None,
             epp_admin: None,
             envoy_admin: None,
+            epp_replica_metrics: Vec::new(),
             envoy: None,
             epp: None,
+            epp_replicas: Vec::new(),
             fleet: Some(fleet),
             sim_runtime,
             _dir: dir,
         };
         let client = http_client(4);
 
+        let mut extra_epp_ports = Vec::new();
         let epp_port = match &opts.router {
             Router::Direct => return Ok(stack),
             Router::EnvoyRoundRobin => 0,
@@ -444,18 +457,38 @@ impl Stack {
                 if opts.kv_events && epp_offers_flag(&bin.epp, "--kv-events") {
                     args.push("--kv-events".to_owned());
                 }
-                let (proc_, addrs) =
-                    start_epp(bin, config, &args, &endpoints, opts.epp_tls, &logs).await?;
+                let mut started = replicas::start_replicas(
+                    bin,
+                    config,
+                    &args,
+                    &endpoints,
+                    opts.epp_tls,
+                    &logs,
+                    opts.epp_replicas,
+                    pods.len(),
+                    &client,
+                )
+                .await?
+                .into_iter();
+                let Some((proc_, addrs)) = started.next() else {
+                    return Err(StackError::Sim("no picker replica started".into()));
+                };
                 stack.epp = Some(proc_);
                 stack.epp_metrics = Some(addrs.metrics);
                 stack.epp_health = Some(addrs.health);
                 stack.epp_admin = addrs.admin;
-                wait_scraped(&client, addrs.metrics, pods.len(), stack.epp.as_mut()).await?;
+                stack.epp_replica_metrics.push(addrs.metrics);
+                for (p, a) in started {
+                    stack.epp_replicas.push(p);
+                    stack.epp_replica_metrics.push(a.metrics);
+                    extra_epp_ports.push(a.ext_proc.port());
+                }
                 addrs.ext_proc.port()
             }
         };
 
         let mut envoy_opts = EnvoyOptions::new(epp_port, pods);
+        envoy_opts.extra_epp_ports = extra_epp_ports;
         envoy_opts.without_epp = matches!(opts.router, Router::EnvoyRoundRobin);
         envoy_opts.epp_tls = opts.epp_tls;
         envoy_opts.body_mode = opts.body_mode;
@@ -484,10 +517,16 @@ impl Stack {
         self.envoy.as_ref().map(Proc::pid)
     }
 
+    /// Restarts the simulated pods mid-run (`--restart-pods-at`).
+    pub fn restarter(&self) -> Option<FleetRestarter> {
+        self.fleet.as_ref().map(SimFleet::restarter)
+    }
+
     /// Stops everything (also done on drop).
     pub async fn stop(mut self) {
         self.envoy.take();
         self.epp.take();
+        self.epp_replicas.clear();
         if let Some(f) = self.fleet.take() {
             self.sim_runtime.shutdown_fleet(f).await;
         }
@@ -566,6 +605,19 @@ pub async fn start_epp(
     tls: bool,
     logs: &Path,
 ) -> Result<(Proc, EppAddrs), StackError> {
+    start_epp_logged(bin, config, extra, endpoints, tls, logs, "epp.log").await
+}
+
+/// [`start_epp`] logging to `logs/log_name` (one file per replica).
+pub async fn start_epp_logged(
+    bin: &Binaries,
+    config: &Path,
+    extra: &[String],
+    endpoints: &Path,
+    tls: bool,
+    logs: &Path,
+    log_name: &str,
+) -> Result<(Proc, EppAddrs), StackError> {
     let mut cmd = Command::new(&bin.epp);
     cmd.args(["--listen-address", "127.0.0.1"])
         .args([
@@ -585,7 +637,7 @@ pub async fn start_epp(
         .arg(format!("--secure-serving={tls}"))
         .args(extra)
         .env("NO_COLOR", "1");
-    let mut p = Proc::spawn(cmd, "epp", logs.join("epp.log"))?;
+    let mut p = Proc::spawn(cmd, "epp", logs.join(log_name))?;
     let line = p.wait_for_line("endpoint picker listening").await?;
     let field = |name: &str| -> Option<SocketAddr> {
         let start = line.find(&format!("{name}="))? + name.len() + 1;
