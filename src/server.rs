@@ -59,6 +59,7 @@ use crate::{
         register_build_info, serve_metrics,
         traces::RequestTracer,
     },
+    tokenize::{TokenizeError, Tokenizers},
 };
 
 /// Flow-control window, per stream and per connection, on the ext_proc
@@ -79,6 +80,8 @@ pub enum ServerError {
     Scrape(#[from] SettingsError),
     #[error("TLS")]
     Tls(#[from] TlsError),
+    #[error("loading tokenizers")]
+    Tokenizers(#[from] TokenizeError),
     #[error(transparent)]
     Telemetry(#[from] TelemetryError),
     #[error(transparent)]
@@ -142,7 +145,7 @@ pub async fn run(
     let addrs = listeners.addrs();
     tracing::info!(ext_proc = %addrs.ext_proc, health = %addrs.health, metrics = %addrs.metrics,
         admin = %addrs.admin, tls = flags.secure_serving, config = ?flags.config_file,
-        "endpoint picker listening");
+        tokenizers = core.tokenizers.len(), "endpoint picker listening");
     if !addrs.admin.ip().is_loopback() {
         tracing::warn!(admin = %addrs.admin, "the admin API (pod addresses, scores, Explain) is reachable beyond localhost without authentication");
     }
@@ -196,6 +199,9 @@ struct Core {
     registry: Registry,
     pool_name: String,
     echo_served: bool,
+    /// The served models' tokenizers (`--tokenizer`, `--tokenizers-dir`),
+    /// for token-exact prefix keys.
+    tokenizers: Arc<Tokenizers>,
 }
 
 impl Core {
@@ -208,6 +214,7 @@ impl Core {
             .unwrap_or_else(|| "default".to_owned());
         let store = Arc::new(EndpointStore::new(flags.metrics_staleness_threshold));
         let index = Arc::new(PrefixIndex::new());
+        let tokenizers = Arc::new(Tokenizers::load(&flags.tokenizer)?);
         let scheduler = build_scheduler(
             cfg,
             &SchedulerOptions {
@@ -257,6 +264,7 @@ impl Core {
             registry,
             pool_name,
             echo_served,
+            tokenizers,
         };
         core.register(PoolMetrics::new(Arc::clone(&core.store), &core.pool_name))?;
         core.register(IndexMetrics::new(Arc::clone(&core.index)))?;

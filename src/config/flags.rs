@@ -225,6 +225,9 @@ pub struct Flags {
     /// Go picker's log encoder flag: json or console (overrides --log-format).
     #[arg(long, help_heading = "Telemetry")]
     pub zap_encoder: Option<String>,
+
+    #[command(flatten)]
+    pub tokenizer: super::TokenizerFlags,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
