@@ -22,10 +22,11 @@
 //! The cache (`cache`) is bounded in bytes per model, sharded, CLOCK.
 //!
 //! Regex backend: the `tokenizers` crate's `onig` feature (Oniguruma, C,
-//! built by the cc crate). Its pure-Rust alternative, `fancy-regex`, was
-//! slower on the cold-prompt benchmark (bench/results/perf.md, section
-//! "Tokenization"), and cold prompts are the cost that the cache cannot
-//! remove.
+//! built with the cc crate), the engine the Python `tokenizers` package and
+//! so vLLM use: pre-tokenizer patterns such as Qwen's `\s+(?!\S)` and
+//! `\p{L}` classes then match exactly as on the model server. The pure-Rust
+//! `fancy-regex` alternative is not yet compared on speed (see
+//! bench/results/perf.md, "Tokenization").
 
 mod cache;
 mod load;
