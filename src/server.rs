@@ -65,6 +65,7 @@ use crate::{
         register_build_info, serve_metrics,
         traces::RequestTracer,
     },
+    tokenize::{TokenizeError, Tokenizers},
 };
 
 /// Flow-control window, per stream and per connection, on the ext_proc
@@ -85,6 +86,8 @@ pub enum ServerError {
     Scrape(#[from] SettingsError),
     #[error("TLS")]
     Tls(#[from] TlsError),
+    #[error("loading tokenizers")]
+    Tokenizers(#[from] TokenizeError),
     #[error(transparent)]
     Telemetry(#[from] TelemetryError),
     #[error(transparent)]
@@ -160,7 +163,7 @@ pub async fn run(
     let addrs = listeners.addrs();
     tracing::info!(ext_proc = %addrs.ext_proc, health = %addrs.health, metrics = %addrs.metrics,
         admin = %addrs.admin, tls = flags.secure_serving, config = ?flags.config_file,
-        "endpoint picker listening");
+        tokenizers = core.tokenizers.len(), "endpoint picker listening");
     if !addrs.admin.ip().is_loopback() {
         tracing::warn!(admin = %addrs.admin, "the admin API (pod addresses, scores, Explain) is reachable beyond localhost without authentication");
     }
@@ -215,6 +218,9 @@ struct Core {
     registry: Registry,
     pool_name: String,
     echo_served: bool,
+    /// The served models' tokenizers (`--tokenizer`, `--tokenizers-dir`),
+    /// for token-exact prefix keys.
+    tokenizers: Arc<Tokenizers>,
 }
 
 impl Core {
@@ -227,6 +233,7 @@ impl Core {
             .unwrap_or_else(|| "default".to_owned());
         let store = Arc::new(EndpointStore::new(flags.metrics_staleness_threshold));
         let index = Arc::new(PrefixIndex::new());
+        let tokenizers = Arc::new(Tokenizers::load(&flags.tokenizer)?);
         let scheduler = build_scheduler(
             cfg,
             &SchedulerOptions {
@@ -278,6 +285,7 @@ impl Core {
             registry,
             pool_name,
             echo_served,
+            tokenizers,
         };
         core.register(PoolMetrics::new(Arc::clone(&core.store), &core.pool_name))?;
         core.register(IndexMetrics::new(Arc::clone(&core.index)))?;

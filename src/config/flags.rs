@@ -230,6 +230,8 @@ pub struct Flags {
 
     #[command(flatten)]
     pub kv_events: KvEventsFlags,
+    #[command(flatten)]
+    pub tokenizer: super::TokenizerFlags,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

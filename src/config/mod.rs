@@ -3,6 +3,7 @@
 mod flags;
 mod kv_events_flags;
 mod picker_config;
+mod tokenizer_flags;
 
 pub use flags::{
     Flags, IGNORED_FLAGS, LogFormat, ResponseProcessing, ignored_flags, parse_bytes, parse_duration,
@@ -13,3 +14,4 @@ pub use picker_config::{
     MODEL_REWRITE_HEADER, ModelRewriteSpec, ObjectiveSpec, PluginRef, PluginSpec, ProfilePluginRef,
     ProfileSpec, RewriteTarget, TEST_SELECTION_HEADER, TRUSTABLE_HEADERS,
 };
+pub use tokenizer_flags::{TokenizerFlags, TokenizerSpec};

@@ -81,9 +81,51 @@ pub struct InferenceRequest<'a> {
 
 /// Prompt text as a sequence of pieces. Hashing consumes the pieces in order
 /// as one byte stream, so a chat prompt never has to be concatenated.
+///
+/// The parser also records the prompt's structure over the same pieces (no
+/// copy): where each chat message's role and text content lie, or that a
+/// completions prompt was one string. Tokenizing with the model's chat
+/// template needs the messages, not the flattened stream.
 #[derive(Debug, Default)]
 pub struct Prompt<'a> {
     pieces: Vec<Cow<'a, str>>,
+    /// Chat messages, in order; empty for other APIs.
+    messages: Vec<MessageSpan>,
+    /// The prompt is exactly one string: `pieces` holds it (or nothing, if
+    /// it was empty).
+    single_text: bool,
+}
+
+/// One chat message as indices into [`Prompt`]'s pieces.
+#[derive(Debug, Clone)]
+struct MessageSpan {
+    role: usize,
+    /// The text content's pieces (one per text part); meaningful when plain.
+    text: Range<usize>,
+    plain: bool,
+}
+
+/// A chat message as the model's chat template sees it: a role and text.
+#[derive(Debug, Clone, Copy)]
+pub struct ChatMessage<'p> {
+    pub role: &'p str,
+    parts: &'p [Cow<'p, str>],
+    plain: bool,
+}
+
+impl<'p> ChatMessage<'p> {
+    /// The content's text parts; a string content is one part. The server
+    /// joins parts with a newline (vLLM's chat parsing does).
+    pub fn text_parts(&self) -> impl Iterator<Item = &'p str> + use<'p> {
+        self.parts.iter().map(|p| p.as_ref())
+    }
+
+    /// The message is only a role and text (a string, null, or text parts,
+    /// none empty), with no other field (tool calls, names, images): its
+    /// rendering needs nothing the span does not hold.
+    pub fn is_plain(&self) -> bool {
+        self.plain
+    }
 }
 
 impl<'a> Prompt<'a> {
@@ -105,6 +147,41 @@ impl<'a> Prompt<'a> {
 
     pub fn is_empty(&self) -> bool {
         self.pieces.is_empty()
+    }
+
+    /// The prompt as one string, when the request gave exactly one (a
+    /// completions `prompt` string), else None.
+    pub fn single_text(&self) -> Option<&str> {
+        if !self.single_text {
+            return None;
+        }
+        Some(self.pieces.first().map_or("", |p| p.as_ref()))
+    }
+
+    /// The chat messages, in order (none unless the request was a chat).
+    pub fn messages(&self) -> impl ExactSizeIterator<Item = ChatMessage<'_>> {
+        self.messages.iter().map(|m| ChatMessage {
+            role: self.pieces.get(m.role).map_or("", |p| p.as_ref()),
+            parts: self.pieces.get(m.text.clone()).unwrap_or(&[]),
+            plain: m.plain,
+        })
+    }
+
+    /// Marks the prompt as one string (the parser, after pushing it).
+    pub(crate) fn mark_single_text(&mut self) {
+        self.single_text = true;
+    }
+
+    /// Pieces pushed so far: the parser's bookmarks for [`Self::end_message`].
+    pub(crate) fn mark(&self) -> usize {
+        self.pieces.len()
+    }
+
+    /// Records a message whose role is the piece at `role` (`usize::MAX`:
+    /// empty) and whose text parts are `text`. Never plain without a role.
+    pub(crate) fn end_message(&mut self, role: usize, text: Range<usize>, plain: bool) {
+        let plain = plain && role < text.start && text.end <= self.pieces.len();
+        self.messages.push(MessageSpan { role, text, plain });
     }
 }
 

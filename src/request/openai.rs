@@ -117,11 +117,15 @@ fn parse_skeleton(
                     expected: "must be a string, an array of strings, or token ids",
                 });
             }
+            let single = matches!(p, TextOrRaw::Text(_));
             if !p.append_to(&mut prompt, &mut map)? {
                 return Err(ParseError::InvalidField {
                     field: "prompt",
                     expected: "must be a non-empty string or array",
                 });
+            }
+            if single {
+                prompt.mark_single_text();
             }
         }
         ApiKind::ChatCompletions => {
@@ -133,12 +137,30 @@ fn parse_skeleton(
                 });
             }
             for m in messages.0 {
+                let mut role = prompt.mark();
                 prompt.push(map.text(m.role)?);
+                if prompt.mark() == role {
+                    role = usize::MAX; // empty: no piece, never plain
+                }
                 prompt.push(ROLE_END);
-                for piece in m.pieces {
-                    prompt.push(piece.resolve(&mut map)?);
+                let text_start = prompt.mark();
+                let mut text_end = text_start;
+                // Plain: no field but role and content, and every content
+                // part a non-empty text (an empty one, not pushed, would
+                // change how the parts join).
+                let mut plain = m.content_len == m.pieces.len();
+                let parts = m.content_len;
+                for (i, piece) in m.pieces.into_iter().enumerate() {
+                    let before = prompt.mark();
+                    let (text, is_text) = piece.resolve(&mut map)?;
+                    prompt.push(text);
+                    if i < parts {
+                        plain &= is_text && (prompt.mark() > before || parts == 1);
+                        text_end = prompt.mark();
+                    }
                 }
                 prompt.push(MESSAGE_END);
+                prompt.end_message(role, text_start..text_end, plain);
             }
         }
         ApiKind::Responses => {
@@ -317,7 +339,10 @@ struct Messages<'a>(Vec<Message<'a>>);
 /// One chat message reduced to the pieces that identify it.
 struct Message<'a> {
     role: Cow<'a, str>,
+    /// Content's pieces, then other fields' JSON.
     pieces: Vec<Piece<'a>>,
+    /// How many of `pieces` are the content.
+    content_len: usize,
 }
 
 /// Part of a message's text as serde found it. Content parts are judged only
@@ -329,9 +354,11 @@ enum Piece<'a> {
 }
 
 impl Piece<'_> {
-    fn resolve<'b>(self, map: &mut BodyMap<'b>) -> Result<Cow<'b, str>, ParseError> {
+    /// The piece's text, and whether it is message text (a string content
+    /// or a text part) rather than some value's JSON.
+    fn resolve<'b>(self, map: &mut BodyMap<'b>) -> Result<(Cow<'b, str>, bool), ParseError> {
         match self {
-            Self::Text(t) => map.text(t),
+            Self::Text(t) => Ok((map.text(t)?, true)),
             Self::Part(raw) => part_text(raw, map),
         }
     }
@@ -382,10 +409,12 @@ impl<'de: 'a, 'a> Deserialize<'de> for Message<'a> {
                     }
                 }
                 let role = role.ok_or_else(|| de::Error::missing_field("role"))?;
+                let content_len = content.len();
                 content.append(&mut extra);
                 Ok(Message {
                     role,
                     pieces: content,
+                    content_len,
                 })
             }
         }
@@ -461,8 +490,12 @@ impl<'de: 'a, 'a> Deserialize<'de> for Content<'a> {
     }
 }
 
-/// The text of a `{"type":"text","text":...}` part, else the part's JSON.
-fn part_text<'b>(raw: &RawValue, map: &mut BodyMap<'b>) -> Result<Cow<'b, str>, ParseError> {
+/// The text of a `{"type":"text","text":...}` part (true), else the part's
+/// JSON (false).
+fn part_text<'b>(
+    raw: &RawValue,
+    map: &mut BodyMap<'b>,
+) -> Result<(Cow<'b, str>, bool), ParseError> {
     #[derive(Deserialize)]
     struct TextPart<'a> {
         #[serde(borrow, rename = "type")]
@@ -477,10 +510,10 @@ fn part_text<'b>(raw: &RawValue, map: &mut BodyMap<'b>) -> Result<Cow<'b, str>, 
     {
         let kind = map.text(kind.0)?;
         if kind == "text" || kind == "input_text" {
-            return map.text(text.0);
+            return Ok((map.text(text.0)?, true));
         }
     }
-    map.text(Cow::Borrowed(raw.get()))
+    Ok((map.text(Cow::Borrowed(raw.get()))?, false))
 }
 
 #[cfg(test)]
@@ -567,6 +600,54 @@ mod tests {
         assert!(t.starts_with("system\nbe brief\n\nuser\nhi"), "{t}");
         assert!(t.contains("image_url"));
         assert!(t.contains("assistant\n[{\"id\":\"1\"}]"), "{t}");
+    }
+
+    fn messages(r: &InferenceRequest<'_>) -> Vec<(String, String, bool)> {
+        r.prompt
+            .messages()
+            .map(|m| {
+                let text: Vec<&str> = m.text_parts().collect();
+                (m.role.to_owned(), text.join("\n"), m.is_plain())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn chat_records_messages_over_the_pieces() {
+        let body = br#"{"model":"m","messages":[
+            {"role":"system","content":"be brief"},
+            {"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b\u00e9"}]},
+            {"role":"assistant","content":null},
+            {"role":"assistant","content":""},
+            {"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]},
+            {"role":"assistant","content":"c","tool_calls":[{"id":"1"}]},
+            {"role":"user","content":[{"type":"text","text":""},{"type":"text","text":"d"}]},
+            {"role":"","content":"e"}
+        ]}"#;
+        let r = parse(body, ApiKind::ChatCompletions).unwrap();
+        let got = messages(&r);
+        let s = |r: &str, t: &str, p: bool| (r.to_owned(), t.to_owned(), p);
+        assert_eq!(got[0], s("system", "be brief", true));
+        assert_eq!(got[1], s("user", "a\nb\u{e9}", true));
+        assert_eq!(got[2], s("assistant", "", true));
+        assert_eq!(got[3], s("assistant", "", true));
+        assert!(!got[4].2, "an image part is not plain text");
+        assert!(!got[5].2, "tool calls are not plain");
+        assert!(!got[6].2, "an empty text part changes the join");
+        assert!(!got[7].2, "an empty role");
+        assert_eq!(got.len(), 8);
+        // The flattened stream is unchanged by the recording.
+        assert!(text(&r.prompt).starts_with("system\nbe brief\n\nuser\nab\u{e9}\n\n"));
+        assert!(r.prompt.single_text().is_none());
+    }
+
+    #[test]
+    fn completions_single_string_is_marked() {
+        let r = parse(br#"{"model":"m","prompt":"hi"}"#, ApiKind::Completions).unwrap();
+        assert_eq!(r.prompt.single_text(), Some("hi"));
+        assert_eq!(r.prompt.messages().len(), 0);
+        let r = parse(br#"{"model":"m","prompt":["hi"]}"#, ApiKind::Completions).unwrap();
+        assert_eq!(r.prompt.single_text(), None);
     }
 
     #[test]

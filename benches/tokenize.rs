@@ -1,0 +1,223 @@
+//! Tokenizing chat prompts with the model's tokenizer (Qwen3's, installed by
+//! scripts/setup-tools.sh) through the segment cache.
+//!
+//! `cargo bench --bench tokenize` runs the criterion groups, then prints the
+//! latency distribution (p50/p90/p99/max, one sample per request) that
+//! criterion's mean does not show. Cases: a 16 KiB chat whose earlier
+//! messages were seen (only the last user message is new: the common case
+//! of a growing conversation), the same size fully cold (every message new),
+//! and a 220 KiB cold chat. Bodies are built and parsed outside the timing:
+//! what is timed is [`ModelTokenizer::tokenize`] alone (render + encode).
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    fmt::Write,
+    hint::black_box,
+    time::{Duration, Instant},
+};
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use epp::{
+    request::{ApiKind, parse},
+    tokenize::{ModelTokenizer, qwen3_test_dir},
+};
+
+const WORDS: &[&str] = &[
+    "the",
+    "request",
+    "model",
+    "cache",
+    "token",
+    "prefix",
+    "server",
+    "latency",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "for",
+    "with",
+    "on",
+    "that",
+    "by",
+    "this",
+    "it",
+    "routing",
+    "endpoint",
+    "a",
+    "picker",
+    "block",
+    "events",
+    "index",
+    "Kubernetes",
+    "pod",
+    "memory",
+    "quickly",
+    "under",
+    "load,",
+    "which",
+    "returns",
+    "values;",
+    "if",
+    "else",
+    "fn",
+    "main()",
+    "{",
+    "}",
+    "12",
+    "3.14",
+    "über",
+    "naïve",
+    "東京",
+    "数据",
+    "🙂",
+    "(see",
+    "below).",
+    "\n",
+    "\n\n",
+    "  ",
+    "don't",
+    "we'll",
+];
+
+/// Text of about `bytes` bytes, different for each `seed`.
+fn text(seed: u64, bytes: usize) -> String {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut s = String::with_capacity(bytes + 16);
+    while s.len() < bytes {
+        if !s.is_empty() && !s.ends_with('\n') {
+            s.push(' ');
+        }
+        s.push_str(WORDS[rng.usize(0..WORDS.len())]);
+    }
+    s
+}
+
+/// A chat body of about `bytes` bytes: a system prompt, alternating turns of
+/// ~1 KiB, and a last user message of ~512 bytes. `history` seeds every
+/// message but the last, `last` seeds the last one.
+fn chat(history: u64, last: u64, bytes: usize) -> Vec<u8> {
+    let mut messages = vec![serde_json::json!({"role": "system", "content": text(history, 2048)})];
+    let mut size = 2048;
+    let mut turn = 0;
+    while size + 512 < bytes {
+        let role = if turn % 2 == 0 { "user" } else { "assistant" };
+        let n = 1024.min(bytes - 512 - size).max(16);
+        messages.push(serde_json::json!({"role": role, "content": text(history * 1000 + turn, n)}));
+        size += n;
+        turn += 1;
+    }
+    if turn % 2 == 1 {
+        messages.push(serde_json::json!({"role": "assistant", "content": "ok"}));
+    }
+    let mut q = String::new();
+    let _ = write!(q, "Question {last}: ");
+    q.push_str(&text(last ^ 0x5eed, 512));
+    messages.push(serde_json::json!({"role": "user", "content": q}));
+    serde_json::to_vec(&serde_json::json!({"model": "qwen3", "messages": messages})).unwrap()
+}
+
+fn tokenizer() -> ModelTokenizer {
+    let dir = qwen3_test_dir().unwrap_or_else(|e| panic!("{e}"));
+    ModelTokenizer::from_dir(&dir, 256 << 20).unwrap()
+}
+
+/// Times one tokenize of `body` (parsed outside the timing).
+fn time_one(t: &ModelTokenizer, body: &[u8], out: &mut Vec<u32>) -> Duration {
+    let req = parse(body, ApiKind::ChatCompletions).unwrap();
+    out.clear();
+    let start = Instant::now();
+    t.tokenize(&req, out).unwrap();
+    let d = start.elapsed();
+    black_box(out.len());
+    d
+}
+
+/// The cases: (name, body size, whether the history is shared). Warm
+/// bodies share one history and differ in the last message; cold bodies
+/// share nothing.
+const CASES: &[(&str, usize, bool)] = &[
+    ("warm_16KiB", 16 << 10, true),
+    ("cold_16KiB", 16 << 10, false),
+    ("cold_220KiB", 220 << 10, false),
+];
+
+fn body_for(case: usize, i: u64) -> Vec<u8> {
+    let (_, bytes, warm) = CASES[case];
+    let history = if warm { 1 } else { 1_000_000 + i };
+    chat(history, i, bytes)
+}
+
+fn bench_tokenize(c: &mut Criterion, t: &ModelTokenizer) {
+    let mut g = c.benchmark_group("tokenize_chat");
+    let mut seq = 0u64;
+    for (case, (name, bytes, _)) in CASES.iter().enumerate() {
+        g.throughput(Throughput::Bytes(*bytes as u64));
+        if *bytes > 100_000 {
+            g.sample_size(20);
+        }
+        // Warm the shared history once.
+        time_one(t, &body_for(case, 0), &mut Vec::new());
+        let mut out = Vec::new();
+        g.bench_function(BenchmarkId::from_parameter(name), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    seq += 1;
+                    total += time_one(t, &body_for(case, seq), &mut out);
+                }
+                total
+            })
+        });
+    }
+    g.finish();
+}
+
+/// Latency percentiles, one sample per request.
+fn percentiles(t: &ModelTokenizer) {
+    println!("\nTokenizing a chat request (render + encode), one sample per request:");
+    println!("| case | tokens | requests | p50 | p90 | p99 | max |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut seq = 10_000_000u64;
+    for (case, (name, bytes, _)) in CASES.iter().enumerate() {
+        let n = if *bytes > 100_000 { 100 } else { 2_000 };
+        let mut out = Vec::new();
+        time_one(t, &body_for(case, 0), &mut out);
+        let mut samples: Vec<Duration> = (0..n)
+            .map(|_| {
+                seq += 1;
+                time_one(t, &body_for(case, seq), &mut out)
+            })
+            .collect();
+        samples.sort_unstable();
+        let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        println!(
+            "| {name} | {} | {n} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs |",
+            out.len(),
+            us(at(0.5)),
+            us(at(0.9)),
+            us(at(0.99)),
+            us(samples[samples.len() - 1])
+        );
+    }
+    let s = t.cache_stats();
+    println!(
+        "segment cache: {} hits, {} misses, {} entries, {} bytes",
+        s.hits, s.misses, s.entries, s.bytes
+    );
+}
+
+fn main() {
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let t = tokenizer();
+    let mut c = Criterion::default().configure_from_args();
+    bench_tokenize(&mut c, &t);
+    c.final_summary();
+    if filter.as_deref().is_none_or(|f| "percentiles".contains(f)) {
+        percentiles(&t);
+    }
+}
