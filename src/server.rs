@@ -241,8 +241,7 @@ impl Core {
                 max_scrape_failures: flags.max_scrape_failures,
                 staleness: flags.metrics_staleness_threshold,
                 epoch: store.epoch(),
-                // Set from --kv-events once the KV-event supervisor is wired.
-                kv_events: false,
+                kv_events: flags.kv_events.enabled,
             },
             Arc::clone(&index),
         )?;
@@ -272,12 +271,10 @@ impl Core {
         let registry = Registry::new();
         let request_metrics = Arc::new(RequestMetrics::new(&registry)?);
         register_build_info(&registry)?;
-        let director = Arc::new(Director::new(
-            Arc::clone(&store),
-            scheduler,
-            cfg,
-            request_metrics,
-        ));
+        let director = Arc::new(
+            Director::new(Arc::clone(&store), scheduler, cfg, request_metrics)
+                .with_tokenizers(Arc::clone(&tokenizers)),
+        );
         let core = Self {
             store,
             index,

@@ -33,9 +33,10 @@ pub const MAX_SESSION_TOKEN_BYTES: usize = crate::scheduling::session::MAX_TOKEN
 use crate::{
     config::{EndpointPickerConfig, MODEL_REWRITE_HEADER, ModelRewriteSpec, TEST_SELECTION_HEADER},
     endpoints::EndpointStore,
-    request::{self, ApiKind, ParseError},
+    request::{self, ApiKind, InferenceRequest, ParseError},
     scheduling::{BYTES_PER_TOKEN, Decision, Purpose, RequestFacts, ScheduleError, Scheduler},
     telemetry::{RequestMetrics, logging::Clip},
+    tokenize::Tokenizers,
 };
 
 /// What the protocol layer knows about a request.
@@ -202,6 +203,17 @@ impl Rewrites {
     }
 }
 
+/// Token ids a thread keeps between requests (most prompts fit).
+const MAX_KEPT_TOKENS: usize = 1 << 16;
+
+thread_local! {
+    /// The prompt's token ids, reused across requests on this thread.
+    static TOKENS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+static TOKENIZE_LOG: crate::telemetry::log_limit::LogLimiter =
+    crate::telemetry::log_limit::LogLimiter::new(std::time::Duration::from_secs(30));
+
 #[derive(Debug)]
 pub struct Director {
     store: Arc<EndpointStore>,
@@ -218,6 +230,9 @@ pub struct Director {
     trust_model_rewrite: bool,
     trust_test_selection: bool,
     metrics: Arc<RequestMetrics>,
+    /// The served models' tokenizers: a request for a model with one is
+    /// matched token-exactly against its pods' KV events.
+    tokenizers: Arc<Tokenizers>,
 }
 
 /// A scheduled request before it becomes a [`Routed`] or an [`Explained`].
@@ -250,7 +265,14 @@ impl Director {
             trust_model_rewrite: cfg.trusts(MODEL_REWRITE_HEADER),
             trust_test_selection: cfg.trusts(TEST_SELECTION_HEADER),
             metrics,
+            tokenizers: Arc::default(),
         }
+    }
+
+    /// Tokenize prompts of the models these tokenizers serve.
+    pub fn with_tokenizers(mut self, tokenizers: Arc<Tokenizers>) -> Self {
+        self.tokenizers = tokenizers;
+        self
     }
 
     pub fn store(&self) -> &Arc<EndpointStore> {
@@ -420,6 +442,51 @@ impl Director {
         e
     }
 
+    /// Fills `out` with the prompt's token ids when a tokenizer serves the
+    /// model: the served (target) model's, else the requested name's, else
+    /// the only one configured (a pool serves one base model; its LoRA
+    /// adapters share its tokenizer). False means no tokens: the scheduler
+    /// then uses the byte estimate and the approximate index, so a prompt
+    /// the tokenizer cannot take (a template error, token-id prompts) is
+    /// still routed.
+    fn tokenize(&self, req: &InferenceRequest<'_>, target: &str, out: &mut Vec<u32>) -> bool {
+        out.clear();
+        // A pathological prompt must not pin a huge buffer to the thread.
+        out.shrink_to(MAX_KEPT_TOKENS);
+        if self.tokenizers.is_empty() {
+            return false;
+        }
+        let tokenizer = self
+            .tokenizers
+            .get(target)
+            .or_else(|| self.tokenizers.get(&req.model))
+            .or_else(|| {
+                let mut all = self.tokenizers.models();
+                match (all.next(), all.next()) {
+                    (Some(only), None) => self.tokenizers.get(only),
+                    _ => None,
+                }
+            });
+        let outcome = match tokenizer.map(|t| t.tokenize(req, out)) {
+            None => "no_tokenizer",
+            Some(Ok(())) => "ok",
+            Some(Err(e)) => {
+                if let Some(suppressed) = TOKENIZE_LOG.allow(std::time::Instant::now()) {
+                    tracing::debug!(error = %crate::telemetry::logging::chain(&e), model = target, suppressed, "prompt not tokenized; routing by the approximate index");
+                }
+                e.code()
+            }
+        };
+        self.metrics
+            .tokenize_total
+            .with_label_values(&[outcome])
+            .inc();
+        if outcome != "ok" {
+            out.clear();
+        }
+        outcome == "ok"
+    }
+
     fn plan(&self, input: &RouteInput<'_>, purpose: Purpose) -> Result<Plan, RouteError> {
         let snapshot = self.store.snapshot();
         let api = ApiKind::from_path(input.path);
@@ -439,20 +506,21 @@ impl Director {
             .filter(|m| self.trust_model_rewrite && !m.is_empty())
             .or_else(|| self.rewrites.target_with(&dynamic, &req.model))
             .unwrap_or(&req.model);
-        let facts = RequestFacts {
-            model: target,
-            prompt: Some(&req.prompt),
-            cache_salt: req.cache_salt.as_deref(),
-            priority: input.objective.map_or(0, |o| self.objective_priority(o)),
-            subset: input.subset,
-            test_selection: input.test_selection.filter(|_| self.trust_test_selection),
-            session_token: input.session_token,
-            // TOKENS: the prompt's token ids go here once the director
-            // tokenizes (`epp::tokenize`, for a model with a tokenizer);
-            // `None` keeps the byte estimate and the approximate index.
-            tokens: None,
-        };
-        let decision = self.scheduler.schedule(&facts, &snapshot, purpose)?;
+        let decision = TOKENS.with(|tokens| {
+            let mut tokens = tokens.borrow_mut();
+            let tokenized = self.tokenize(&req, target, &mut tokens);
+            let facts = RequestFacts {
+                model: target,
+                prompt: Some(&req.prompt),
+                cache_salt: req.cache_salt.as_deref(),
+                priority: input.objective.map_or(0, |o| self.objective_priority(o)),
+                subset: input.subset,
+                test_selection: input.test_selection.filter(|_| self.trust_test_selection),
+                session_token: input.session_token,
+                tokens: tokenized.then_some(tokens.as_slice()),
+            };
+            self.scheduler.schedule(&facts, &snapshot, purpose)
+        })?;
         let new_body = match (&req.model_span, target != req.model) {
             (Some(span), true) => Some(request::rewrite_model(body, span.clone(), target)),
             _ => None,

@@ -184,6 +184,8 @@ pub struct RequestMetrics {
     pub scheduler_attempts: IntCounterVec,
     pub prefix_hit_ratio: Histogram,
     pub prefix_hit_bytes: Histogram,
+    /// Prompts tokenized for the token-exact prefix match, by outcome.
+    pub tokenize_total: IntCounterVec,
 }
 
 impl RequestMetrics {
@@ -245,6 +247,13 @@ impl RequestMetrics {
                     "Time to parse a request and choose its endpoint, in seconds.",
                 )
                 .buckets(SCHEDULER_BUCKETS.to_vec()),
+            )?)?,
+            tokenize_total: register(r, IntCounterVec::new(
+                Opts::new(
+                    "epp_tokenize_total",
+                    "Prompts tokenized for the token-exact prefix match, by outcome: ok, no_tokenizer (the model has none: approximate index), or the tokenizer's error code (the request is still routed, by the approximate index).",
+                ),
+                &["outcome"],
             )?)?,
             scheduler_attempts: register(r, IntCounterVec::new(
                 Opts::new("inference_extension_scheduler_attempts_total", "Scheduling attempts by outcome."),
