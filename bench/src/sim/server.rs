@@ -222,7 +222,7 @@ async fn infer(
         Err(e) => return ctx.error(&e),
     };
     let mut tokens = Vec::new();
-    ctx.tokenizer.tokenize(&v, &mut tokens);
+    ctx.tokenizer.tokenize(&v, &body, endpoint, &mut tokens);
     let mut hashes = Vec::with_capacity(tokens.len() / cfg.block_size + 1);
     let adapter_seed = v
         .adapter

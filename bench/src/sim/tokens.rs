@@ -12,15 +12,22 @@
 //!   cache model needs; hit rates are those of the byte-block model it
 //!   replaced (a block of `block_size` ids is `block_size x chars_per_token`
 //!   bytes).
-//! - `--tokenizer DIR`: the model's real tokenizer and chat template, so
-//!   the pod computes the ids the picker computes. Backed by
-//!   `epp::tokenize` once that lands; see [`PromptTokenizer::from_config`],
-//!   the single place to plug it in.
+//! - `--tokenizer DIR`: the model's real tokenizer and chat template
+//!   (`tokenizer.json`, `tokenizer_config.json`), through the picker's own
+//!   `epp::tokenize`, so the pod caches exactly the ids the picker computes
+//!   from the same request, as a vLLM pod and the picker share a tokenizer.
+//!   A prompt the template cannot render is encoded as plain text.
 
+use std::sync::Arc;
+
+use epp::{
+    request::{ApiKind, parse},
+    tokenize::ModelTokenizer,
+};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::SimError;
-use super::api::Validated;
+use super::api::{Endpoint, Validated};
 use super::config::SimConfig;
 
 /// The token ids of `text` in chunk mode, appended to `out` (cleared first).
@@ -47,34 +54,52 @@ pub fn chunk_token_ids(text: &[u8], chars_per_token: usize, out: &mut Vec<u32>) 
 pub enum PromptTokenizer {
     /// Fixed-size byte chunks of the rendered prompt text.
     Chunks { chars_per_token: usize },
+    /// The model's tokenizer and chat template.
+    Model(Arc<ModelTokenizer>),
 }
+
+/// Segment cache of a simulated pod's tokenizer (one per fleet process).
+const SIM_TOKENIZER_CACHE_BYTES: usize = 64 << 20;
 
 impl PromptTokenizer {
     /// The tokenizer the flags ask for.
-    ///
-    /// PLUG-IN POINT for `epp::tokenize`: when `--tokenizer DIR` is set,
-    /// load `DIR/tokenizer.json` and the chat template there (a
-    /// `PromptTokenizer::Model(..)` variant wrapping the picker's
-    /// `ModelTokenizer`) and tokenize the parsed request in
-    /// [`PromptTokenizer::tokenize`]. Until then the flag is refused, so no
-    /// bench silently runs with ids the picker would not compute.
     pub fn from_config(cfg: &SimConfig) -> Result<Self, SimError> {
         if let Some(dir) = &cfg.tokenizer {
-            return Err(SimError::Config(format!(
-                "--tokenizer {}: real tokenization is not available yet (it comes with epp::tokenize); use the chunk model (--chars-per-token)",
-                dir.display()
-            )));
+            let t = ModelTokenizer::from_dir(dir, SIM_TOKENIZER_CACHE_BYTES).map_err(|e| {
+                SimError::Config(format!(
+                    "--tokenizer {}: {}",
+                    dir.display(),
+                    epp::telemetry::logging::chain(&e)
+                ))
+            })?;
+            return Ok(Self::Model(Arc::new(t)));
         }
         Ok(Self::Chunks {
             chars_per_token: cfg.chars_per_token,
         })
     }
 
-    /// The prompt's token ids into `out` (cleared first).
-    pub fn tokenize(&self, v: &Validated, out: &mut Vec<u32>) {
+    /// The prompt's token ids into `out` (cleared first). `body` is the
+    /// request as received (the real tokenizer renders its messages).
+    pub fn tokenize(&self, v: &Validated, body: &[u8], endpoint: Endpoint, out: &mut Vec<u32>) {
         match self {
             Self::Chunks { chars_per_token } => {
                 chunk_token_ids(v.text.as_bytes(), *chars_per_token, out);
+            }
+            Self::Model(t) => {
+                out.clear();
+                let api = match endpoint {
+                    Endpoint::Chat => ApiKind::ChatCompletions,
+                    Endpoint::Completions => ApiKind::Completions,
+                };
+                let ok = parse(body, api)
+                    .ok()
+                    .is_some_and(|req| t.tokenize(&req, out).is_ok());
+                if !ok {
+                    out.clear();
+                    // The text the sim validated; never empty for a valid request.
+                    let _ = t.encode(&v.text, true, out);
+                }
             }
         }
     }
