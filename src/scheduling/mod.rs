@@ -39,7 +39,7 @@ use std::{
 
 pub use registry::{BuildError, SchedulerOptions, build_scheduler};
 pub use saturation::{
-    ConcurrencyDetector, ConcurrencyMode, SaturationDetector, UtilizationDetector,
+    ConcurrencyDetector, ConcurrencyMode, SaturationDetector, SaturationProbe, UtilizationDetector,
 };
 
 use crate::{
