@@ -7,6 +7,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use epp_bench::stack::envoy::BodyMode;
+
 use crate::common::{Stack, eventually, http};
 
 /// How long the pods take to answer: long enough that what the tests
@@ -33,9 +35,9 @@ flowControl:
     )
 }
 
-async fn stack(max_requests: u32, ttft_ms: u64) -> Stack {
+async fn stack(max_requests: u32, ttft_ms: u64, mode: BodyMode) -> Stack {
     let cfg = config(max_requests);
-    let stack = Stack::start(2, &["--config-text", &cfg]).await;
+    let stack = Stack::start_with(2, &["--config-text", &cfg], |o| o.body_mode = mode).await;
     for b in &stack.backends {
         b.state.ttft_ms.store(ttft_ms, Ordering::SeqCst);
     }
@@ -112,7 +114,7 @@ fn spawn_completion(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_critical_request_overtakes_queued_sheddable_ones() {
-    let stack = stack(16, TTFT_MS).await;
+    let stack = stack(16, TTFT_MS, BodyMode::FullDuplex).await;
     let running = fill(&stack).await;
     let mut batch = Vec::new();
     for i in 0..3 {
@@ -153,7 +155,13 @@ async fn a_critical_request_overtakes_queued_sheddable_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_429_and_a_client_that_leaves_frees_its_place() {
-    let stack = stack(1, LONG_TTFT_MS).await;
+    for mode in [BodyMode::FullDuplex, BodyMode::Buffered] {
+        full_queue_and_cancel(mode).await;
+    }
+}
+
+async fn full_queue_and_cancel(mode: BodyMode) {
+    let stack = stack(1, LONG_TTFT_MS, mode).await;
     let running = fill(&stack).await;
     let waiting = spawn_completion(&stack, "batch", "waits".into());
     eventually("request queued", Duration::from_secs(10), || async {
@@ -161,6 +169,21 @@ async fn a_full_queue_answers_429_and_a_client_that_leaves_frees_its_place() {
     })
     .await;
 
+    // The picker asked the gateway to wait longer for the queued message.
+    // Envoy runs a per-message timer only on a message it waits for
+    // (buffered bodies), so in full-duplex mode it has nothing to extend.
+    let extended = stack
+        .envoy
+        .stat("http.gateway.ext_proc.override_message_timeout_received")
+        .await;
+    let ignored = stack
+        .envoy
+        .stat("http.gateway.ext_proc.override_message_timeout_ignored")
+        .await;
+    match mode {
+        BodyMode::Buffered => assert_eq!((extended, ignored), (1, 0), "{mode:?}"),
+        BodyMode::FullDuplex => assert_eq!((extended, ignored), (0, 1), "{mode:?}"),
+    }
     let (full, _) = completion(&stack, "critical", "no room").await;
     assert_eq!(full.status, 429, "{}", full.text());
     assert_eq!(full.json()["error"]["code"], "flow_control_queue_full");
