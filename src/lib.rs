@@ -10,7 +10,8 @@
 //! the /metrics server, logs), `admin` (gRPC health, admin API), `listener`
 //! (binding, accepting, TLS), `config` (flags and the scheduler config
 //! file), `text` (byte scanning shared by the parsers), and `server`, which
-//! wires everything together.
+//! wires everything together. `flow_control` (GIE's `flowControl` gate)
+//! queues requests between parsing and scheduling while the pool is saturated.
 
 pub mod admin;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod director;
 pub mod discovery;
 pub mod endpoints;
 pub mod extproc;
+pub mod flow_control;
 pub mod kv_events;
 pub mod listener;
 pub mod prefix;

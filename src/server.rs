@@ -50,6 +50,7 @@ use crate::{
     },
     endpoints::{EndpointStore, PoolMetrics},
     extproc::{ExtProcService, StreamSettings},
+    flow_control::{FlowControlConfigError, FlowControlSettings, FlowController},
     kv_events::{KvEventsMetrics, Supervisor, SupervisorSettings},
     listener::{
         BindError, Listener,
@@ -90,6 +91,8 @@ pub enum ServerError {
     Tokenizers(#[from] TokenizeError),
     #[error(transparent)]
     Telemetry(#[from] TelemetryError),
+    #[error(transparent)]
+    FlowControl(#[from] FlowControlConfigError),
     #[error(transparent)]
     Bind(#[from] BindError),
     #[error(transparent)]
@@ -271,10 +274,15 @@ impl Core {
         let registry = Registry::new();
         let request_metrics = Arc::new(RequestMetrics::new(&registry)?);
         register_build_info(&registry)?;
-        let director = Arc::new(
-            Director::new(Arc::clone(&store), scheduler, cfg, request_metrics)
-                .with_tokenizers(Arc::clone(&tokenizers)),
-        );
+        let mut director = Director::new(Arc::clone(&store), scheduler, cfg, request_metrics)
+            .with_tokenizers(Arc::clone(&tokenizers));
+        if let Some(settings) = FlowControlSettings::from_config(cfg)? {
+            let flow =
+                FlowController::new(settings, director.pool_capacity(), &registry, &pool_name)?;
+            tracing::info!(settings = ?flow.settings(), "flow control on");
+            director = director.with_flow_control(flow);
+        }
+        let director = Arc::new(director);
         let core = Self {
             store,
             index,
@@ -579,6 +587,9 @@ fn start_background(
         Arc::clone(&core.index),
         stop.clone(),
     ));
+    if let Some(flow) = core.director.flow_control() {
+        tokio::spawn(Arc::clone(flow).run_ticker(stop.clone()));
+    }
     tokio::spawn(serve_metrics(
         metrics,
         core.registry.clone(),

@@ -59,8 +59,8 @@ pub struct EndpointPickerConfig {
     /// are configured through their `parameters`; the wiring itself is fixed.
     #[serde(default)]
     pub data_layer: Option<serde_json::Value>,
-    /// GIE's flow control (queueing with fairness). Not implemented: accepted
-    /// so configs load, with a warning.
+    /// GIE's flow control (queueing with fairness), read by `flow_control`
+    /// when `featureGates` lists `flowControl`.
     #[serde(default)]
     pub flow_control: Option<serde_json::Value>,
     #[serde(default)]

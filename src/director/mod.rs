@@ -33,8 +33,11 @@ pub const MAX_SESSION_TOKEN_BYTES: usize = crate::scheduling::session::MAX_TOKEN
 use crate::{
     config::{EndpointPickerConfig, MODEL_REWRITE_HEADER, ModelRewriteSpec, TEST_SELECTION_HEADER},
     endpoints::EndpointStore,
+    flow_control::{Admission, Capacity, FlowController, FlowRequest, Rejection, Waiting},
     request::{self, ApiKind, InferenceRequest, ParseError},
-    scheduling::{BYTES_PER_TOKEN, Decision, Purpose, RequestFacts, ScheduleError, Scheduler},
+    scheduling::{
+        BYTES_PER_TOKEN, Decision, Purpose, RequestFacts, SaturationProbe, ScheduleError, Scheduler,
+    },
     telemetry::{RequestMetrics, logging::Clip},
     tokenize::Tokenizers,
 };
@@ -47,6 +50,8 @@ pub struct RouteInput<'a> {
     pub body: Option<&'a [u8]>,
     /// `x-gateway-inference-objective`
     pub objective: Option<&'a str>,
+    /// `x-gateway-inference-fairness-id` (flow control's flow).
+    pub fairness_id: Option<&'a str>,
     /// `x-gateway-model-name-rewrite`, as the client sent it (honoured only
     /// when the config trusts it).
     pub model_rewrite: Option<&'a str>,
@@ -96,6 +101,8 @@ pub enum RouteError {
     Schedule(#[from] ScheduleError),
     #[error("request body exceeds the limit of {0} bytes")]
     BodyTooLarge(usize),
+    #[error(transparent)]
+    FlowControl(#[from] Rejection),
 }
 
 impl RouteError {
@@ -104,6 +111,7 @@ impl RouteError {
             Self::Parse(_) => 400,
             Self::BodyTooLarge(_) => 413,
             Self::Schedule(e) => e.http_status(),
+            Self::FlowControl(r) => r.http_status(),
         }
     }
 
@@ -113,6 +121,7 @@ impl RouteError {
             Self::Parse(e) => e.code(),
             Self::BodyTooLarge(_) => "request_too_large",
             Self::Schedule(e) => e.code(),
+            Self::FlowControl(r) => r.code(),
         }
     }
 
@@ -233,6 +242,8 @@ pub struct Director {
     /// The served models' tokenizers: a request for a model with one is
     /// matched token-exactly against its pods' KV events.
     tokenizers: Arc<Tokenizers>,
+    /// Flow control, when the config's feature gate turns it on.
+    flow: Option<Arc<FlowController>>,
 }
 
 /// A scheduled request before it becomes a [`Routed`] or an [`Explained`].
@@ -266,6 +277,7 @@ impl Director {
             trust_test_selection: cfg.trusts(TEST_SELECTION_HEADER),
             metrics,
             tokenizers: Arc::default(),
+            flow: None,
         }
     }
 
@@ -273,6 +285,51 @@ impl Director {
     pub fn with_tokenizers(mut self, tokenizers: Arc<Tokenizers>) -> Self {
         self.tokenizers = tokenizers;
         self
+    }
+
+    /// Puts `flow` between parsing and scheduling (see [`Director::admit`]).
+    pub fn with_flow_control(mut self, flow: Arc<FlowController>) -> Self {
+        self.flow = Some(flow);
+        self
+    }
+
+    pub fn flow_control(&self) -> Option<&Arc<FlowController>> {
+        self.flow.as_ref()
+    }
+
+    /// The pool's saturation as the configured detector reads it, for flow
+    /// control's dispatch decisions.
+    pub fn pool_capacity(&self) -> Arc<dyn Capacity> {
+        Arc::new(PoolCapacity {
+            store: Arc::clone(&self.store),
+            probe: self.scheduler.saturation_probe(),
+        })
+    }
+
+    /// Flow control's admission, asked before [`Director::route`]: `None`
+    /// means route now; a [`Waiting`] handle means route once it is
+    /// dispatched (late binding: scheduling then sees the pool as it is).
+    /// A refusal is counted like every other.
+    pub fn admit(&self, input: &RouteInput<'_>) -> Result<Option<Waiting>, RouteError> {
+        let Some(flow) = &self.flow else {
+            return Ok(None);
+        };
+        let req = FlowRequest {
+            fairness_id: input.fairness_id,
+            priority: input.objective.map_or(0, |o| self.objective_priority(o)),
+            bytes: input.body.map_or(0, |b| b.len() as u64),
+        };
+        match flow.admit(&req) {
+            Admission::Go => Ok(None),
+            Admission::Wait(w) => Ok(Some(w)),
+            Admission::Reject(r) => Err(self.flow_rejected(input, r)),
+        }
+    }
+
+    /// A queued request that flow control gave up on (its TTL), counted
+    /// like every refusal.
+    pub fn flow_rejected(&self, input: &RouteInput<'_>, r: Rejection) -> RouteError {
+        self.rejected(input, r.into())
     }
 
     pub fn store(&self) -> &Arc<EndpointStore> {
@@ -324,9 +381,9 @@ impl Director {
     /// in-flight accounting until it is dropped.
     pub fn route(&self, input: &RouteInput<'_>) -> Result<Routed, RouteError> {
         let started = Instant::now();
-        // Flow control (a later issue) will queue requests here, before
-        // they are scheduled; its wait is to be the
-        // `traces::names::FLOW_CONTROL_QUEUE` span under `input.trace`.
+        // Flow control, when on, has admitted the request before this
+        // (`admit`); its wait is not yet traced as the
+        // `traces::names::FLOW_CONTROL_QUEUE` span.
         let traced = input.trace.filter(|s| !s.is_disabled());
         let span = traced.map(trace::schedule_span);
         // The per-candidate explanation costs allocations; only build it
@@ -407,6 +464,9 @@ impl Director {
         );
         if let Some(request) = traced {
             ticket.trace(request.clone());
+        }
+        if let Some(flow) = &self.flow {
+            ticket.on_release(flow.release_hook());
         }
         Ok(Routed {
             destination,
@@ -531,6 +591,20 @@ impl Director {
             decision,
             new_body,
         })
+    }
+}
+
+/// The pool's saturation for flow control: the scheduler's detector over
+/// the current snapshot.
+#[derive(Debug)]
+struct PoolCapacity {
+    store: Arc<EndpointStore>,
+    probe: SaturationProbe,
+}
+
+impl Capacity for PoolCapacity {
+    fn saturation(&self) -> f64 {
+        self.probe.saturation(&self.store.snapshot())
     }
 }
 

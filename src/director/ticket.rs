@@ -23,6 +23,7 @@ use tracing::{Span, field::Empty};
 
 use crate::{
     endpoints::{Endpoint, InFlightGuard},
+    flow_control::ReleaseHook,
     request::{ResponseRename, SseUsageScanner, Usage, parse_json_usage},
     scheduling::session,
     telemetry::{RequestMetrics, traces::TARGET},
@@ -46,6 +47,9 @@ pub struct RequestTicket {
     request_span: Span,
     response_span: Span,
     session: Option<SessionReply>,
+    /// Flow control's hook, last so that it drops after `guard`: when it
+    /// fires, the endpoint's in-flight accounting is released already.
+    release: Option<ReleaseHook>,
 }
 
 /// The session header to set on the response: a token for each endpoint of
@@ -105,7 +109,13 @@ impl RequestTicket {
             session,
             request_span: Span::none(),
             response_span: Span::none(),
+            release: None,
         }
+    }
+
+    /// Fires `hook` when the request ends (flow control's dispatch signal).
+    pub(super) fn on_release(&mut self, hook: ReleaseHook) {
+        self.release = Some(hook);
     }
 
     /// Traces the response under the (sampled) request span.

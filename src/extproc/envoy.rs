@@ -299,6 +299,19 @@ pub fn response(r: Response) -> ProcessingResponse {
     }
 }
 
+/// Asks the gateway to wait up to `timeout` for the answer to the message it
+/// is waiting on (Envoy honours the first such answer per message, and only
+/// up to the filter's `max_message_timeout`).
+pub fn override_message_timeout(timeout: std::time::Duration) -> ProcessingResponse {
+    ProcessingResponse {
+        override_message_timeout: Some(envoy_types::pb::google::protobuf::Duration {
+            seconds: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+            nanos: i32::try_from(timeout.subsec_nanos()).unwrap_or(0),
+        }),
+        ..ProcessingResponse::default()
+    }
+}
+
 /// An error answered by the gateway itself, with an OpenAI-style JSON body.
 pub fn immediate_error(
     status: u16,

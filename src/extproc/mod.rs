@@ -6,6 +6,9 @@
 //! each message to the state machine, then yields whatever answers it queued.
 //! No task is spawned and nothing is awaited while routing, so a stream costs
 //! one allocation for its state and its answers go out as soon as they exist.
+//! The one wait is flow control's queue: the stream then polls the queued
+//! request's handle beside Envoy's messages, and answers when it is
+//! dispatched.
 
 /// Message builders; public so the bench's no-op ext_proc server sends the
 /// very same message shapes as the picker.
@@ -96,6 +99,13 @@ impl Stream for ResponseStream {
             }
             if this.ended {
                 return Poll::Ready(None);
+            }
+            // A request waiting in flow control's queue: its answers come
+            // when it is dispatched. Envoy's side is polled as well, so a
+            // client that goes away frees its place at once.
+            if this.state.is_queued() && this.state.poll_queued(cx, &mut this.scratch).is_ready() {
+                this.pending.extend(this.scratch.drain(..));
+                continue;
             }
             match Pin::new(&mut this.inbound).poll_next(cx) {
                 Poll::Ready(Some(Ok(msg))) => {

@@ -50,7 +50,11 @@
 //!   replies (431 for too many headers, 400 for malformed HTTP) pass through
 //!   the filter although the request never did. They are answered as usual.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
 
 use envoy_types::pb::envoy::{
     config::core::v3::HeaderValueOption,
@@ -64,6 +68,7 @@ use super::envoy::{self, DESTINATION, LB_NAMESPACE};
 use crate::{
     config::{MODEL_REWRITE_HEADER, TEST_SELECTION_HEADER},
     director::{Director, MAX_SESSION_TOKEN_BYTES, RequestTicket, RouteError, RouteInput, Routed},
+    flow_control::{FAIRNESS_ID_HEADER, Waiting},
     request::ApiKind,
     telemetry::{logging::Clip, traces::RequestTracer},
 };
@@ -114,6 +119,10 @@ enum RequestPhase {
     Headers,
     /// Collecting the body; the destination is not sent yet.
     Body,
+    /// The whole request is here and waits in flow control's queue; no
+    /// request message may follow, and nothing is answered until it is
+    /// dispatched (then routed) or rejected.
+    Queued,
     /// The destination went out; further request messages are passed through.
     Routed,
     /// An immediate response was sent; Envoy ends the request.
@@ -133,6 +142,7 @@ pub struct ExtProcStream {
     path: String,
     request_id: String,
     objective: Option<String>,
+    fairness_id: Option<String>,
     model_rewrite: Option<String>,
     test_selection: Option<String>,
     /// The session token sent back, when the director has a session header.
@@ -157,6 +167,18 @@ pub struct ExtProcStream {
     observability_only: bool,
     /// The request's trace span: disabled unless the request is sampled.
     span: tracing::Span,
+    /// The request waiting in flow control's queue.
+    queued: Option<Queued>,
+}
+
+/// A request waiting for flow control to dispatch it.
+#[derive(Debug)]
+struct Queued {
+    waiting: Waiting,
+    body: Option<Vec<u8>>,
+    trailers_follow: bool,
+    /// The request trailers arrived and their answer must follow the route.
+    answer_trailers: bool,
 }
 
 impl ExtProcStream {
@@ -171,6 +193,7 @@ impl ExtProcStream {
             path: String::new(),
             request_id: String::new(),
             objective: None,
+            fairness_id: None,
             model_rewrite: None,
             test_selection: None,
             session_token: None,
@@ -184,7 +207,52 @@ impl ExtProcStream {
             response_done: false,
             observability_only: false,
             span: tracing::Span::none(),
+            queued: None,
         }
+    }
+
+    /// Whether the request waits in flow control's queue: the caller must
+    /// then poll [`ExtProcStream::poll_queued`] as well as Envoy's messages.
+    pub fn is_queued(&self) -> bool {
+        self.queued.is_some()
+    }
+
+    /// Polls the queued request; once flow control dispatches it, it is
+    /// routed (with the pool's state at that moment) and the answers are
+    /// appended to `out`; a rejection (TTL) answers with the error.
+    pub fn poll_queued(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Vec<ProcessingResponse>,
+    ) -> Poll<()> {
+        let Some(q) = &mut self.queued else {
+            return Poll::Ready(());
+        };
+        let result = match q.waiting.poll_dispatch(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(r) => r,
+        };
+        let Some(q) = self.queued.take() else {
+            return Poll::Ready(());
+        };
+        match result {
+            Ok(token) => {
+                self.route_now(q.body, q.trailers_follow, out);
+                // Scheduled: its in-flight accounting shows now, so the
+                // next dispatch may be decided.
+                drop(token);
+                if q.answer_trailers && self.phase != RequestPhase::Rejected {
+                    out.push(envoy::response(envoy::trailers_response(true)));
+                }
+            }
+            Err(rejection) => {
+                let e = self
+                    .director
+                    .flow_rejected(&self.route_input(None), rejection);
+                self.reject(&e, out);
+            }
+        }
+        Poll::Ready(())
     }
 
     /// Handles one message from Envoy, appending the answers to `out`.
@@ -204,6 +272,7 @@ impl ExtProcStream {
             // Ends the request now rather than whenever the transport drops
             // the stream.
             self.ticket = None;
+            self.queued = None;
             self.body = Vec::new();
             self.phase = RequestPhase::Rejected;
             self.response_done = true;
@@ -251,6 +320,12 @@ impl ExtProcStream {
         if self.response_done && matches!(request, Request::RequestHeaders(_)) {
             return Err(ProtocolError::AfterResponseEnd(what));
         }
+        if !is_request && self.phase == RequestPhase::Queued {
+            // The gateway answered the client itself (its own timeout):
+            // the request will never be routed, so it leaves the queue.
+            self.queued = None;
+            self.phase = RequestPhase::Rejected;
+        }
         if !is_request && self.response_done {
             return match request {
                 // A final chunk repeated, as Envoy can do on the request
@@ -288,6 +363,7 @@ impl ExtProcStream {
         self.path = envoy::header(map, ":path").unwrap_or("/").to_owned();
         self.request_id = envoy::header(map, "x-request-id").unwrap_or("").to_owned();
         self.objective = envoy::header(map, "x-gateway-inference-objective").map(str::to_owned);
+        self.fairness_id = envoy::header(map, FAIRNESS_ID_HEADER).map(str::to_owned);
         self.model_rewrite = envoy::header(map, MODEL_REWRITE_HEADER).map(str::to_owned);
         self.test_selection = envoy::header(map, TEST_SELECTION_HEADER).map(str::to_owned);
         self.session_token = self
@@ -383,6 +459,15 @@ impl ExtProcStream {
                 }
                 return Ok(());
             }
+            // The body ended already; only the repeated final chunk
+            // (envoyproxy/envoy#46237) is tolerated.
+            RequestPhase::Queued => {
+                return if b.end_of_stream && !self.bodiless {
+                    Ok(())
+                } else {
+                    Err(ProtocolError::AfterRequestEnd("request body"))
+                };
+            }
             // Headers: refused by `dispatch`. Rejected: chunks Envoy sent
             // before it saw the ImmediateResponse.
             RequestPhase::Headers | RequestPhase::Rejected => return Ok(()),
@@ -431,10 +516,16 @@ impl ExtProcStream {
                 return Err(ProtocolError::AfterRequestEnd("request trailers"));
             }
             RequestPhase::Routed => self.request_body_done = true,
+            RequestPhase::Queued => {
+                return Err(ProtocolError::AfterRequestEnd("request trailers"));
+            }
             RequestPhase::Headers | RequestPhase::Rejected => {}
         }
-        if self.phase != RequestPhase::Rejected {
-            out.push(envoy::response(envoy::trailers_response(true)));
+        match (&mut self.queued, self.phase) {
+            // Answered after the route, which is still to come.
+            (Some(q), _) => q.answer_trailers = true,
+            (None, RequestPhase::Rejected) => {}
+            (None, _) => out.push(envoy::response(envoy::trailers_response(true))),
         }
         Ok(())
     }
@@ -451,6 +542,7 @@ impl ExtProcStream {
             path: &self.path,
             body,
             objective: self.objective.as_deref(),
+            fairness_id: self.fairness_id.as_deref(),
             model_rewrite: self.model_rewrite.as_deref(),
             test_selection: self.test_selection.as_deref(),
             session_token: self.session_token.as_deref(),
@@ -476,8 +568,39 @@ impl ExtProcStream {
         self.body = Vec::new();
     }
 
-    /// Routes the request and answers with the destination, or rejects it.
+    /// Asks flow control whether the request may be routed now: routes it,
+    /// queues it (asking the gateway to wait longer for the answer), or
+    /// rejects it.
     fn route(
+        &mut self,
+        body: Option<Vec<u8>>,
+        trailers_follow: bool,
+        out: &mut Vec<ProcessingResponse>,
+    ) {
+        if self.observability_only {
+            // The gateway does not wait for answers: nothing to hold back.
+            return self.route_now(body, trailers_follow, out);
+        }
+        match self.director.admit(&self.route_input(body.as_deref())) {
+            Ok(None) => self.route_now(body, trailers_follow, out),
+            Ok(Some(waiting)) => {
+                if let Some(timeout) = waiting.gateway_timeout() {
+                    out.push(envoy::override_message_timeout(timeout));
+                }
+                self.queued = Some(Queued {
+                    waiting,
+                    body,
+                    trailers_follow,
+                    answer_trailers: false,
+                });
+                self.phase = RequestPhase::Queued;
+            }
+            Err(e) => self.reject(&e, out),
+        }
+    }
+
+    /// Routes the request and answers with the destination, or rejects it.
+    fn route_now(
         &mut self,
         body: Option<Vec<u8>>,
         trailers_follow: bool,

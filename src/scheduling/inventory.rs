@@ -156,10 +156,11 @@ const SESSION_PARAMS: &[&str] = &[
     "sessionIdConfig",
 ];
 
-const FLOW_CONTROL: &str =
-    "flow-control policy; flow control (queueing with fairness) is not implemented";
+const FLOW_CONTROL: &str = "flow-control policy we do not implement";
 const SHEDDING: &str =
     "utilization-detector (sheddable requests get 429 while the pool is saturated)";
+const FC_POLICIES: &str =
+    "the flowControl fairness and ordering policies (global-strict, round-robin, fcfs, edf)";
 const PD: &str = "llm-d prefill/decode disaggregation";
 const MULTICLUSTER: &str = "llm-d multi-cluster pool aggregation";
 const LATENCY: &str = "latency predictor (a trained model of TTFT/TPOT)";
@@ -632,32 +633,42 @@ pub const INVENTORY: &[PluginType] = &[
         MULTICLUSTER,
         "the --endpoints-file flag",
     ),
-    // Flow control.
+    // Flow control (`featureGates: [flowControl]`, `flowControl.priorityBands`).
+    works("global-strict-fairness-policy", Both, Other, &[]),
+    works("round-robin-fairness-policy", Both, Other, &[]),
+    refused("program-aware-fairness", Router, FLOW_CONTROL, FC_POLICIES),
+    works("fcfs-ordering-policy", Both, Other, &[]),
+    works("edf-ordering-policy", Both, Other, &[]),
     refused(
-        "global-strict-fairness-policy",
+        "slo-deadline-ordering-policy",
         Both,
         FLOW_CONTROL,
-        SHEDDING,
+        FC_POLICIES,
     ),
-    refused("round-robin-fairness-policy", Both, FLOW_CONTROL, SHEDDING),
-    refused("program-aware-fairness", Router, FLOW_CONTROL, SHEDDING),
-    refused("fcfs-ordering-policy", Both, FLOW_CONTROL, SHEDDING),
-    refused("edf-ordering-policy", Both, FLOW_CONTROL, SHEDDING),
-    refused("slo-deadline-ordering-policy", Both, FLOW_CONTROL, SHEDDING),
-    refused("static-usage-limit-policy", Both, FLOW_CONTROL, SHEDDING),
-    refused("sheddable-eviction-filter", Router, FLOW_CONTROL, SHEDDING),
+    refused("static-usage-limit-policy", Both, FLOW_CONTROL, FC_POLICIES),
+    refused(
+        "sheddable-eviction-filter",
+        Router,
+        FLOW_CONTROL,
+        FC_POLICIES,
+    ),
     refused(
         "priority-then-time-eviction-order-policy",
         Router,
         FLOW_CONTROL,
-        SHEDDING,
+        FC_POLICIES,
     ),
-    refused("priority-holdback-policy", Router, FLOW_CONTROL, SHEDDING),
+    refused(
+        "priority-holdback-policy",
+        Router,
+        FLOW_CONTROL,
+        FC_POLICIES,
+    ),
     refused(
         "soft-reflective-ceiling-policy",
         Router,
         FLOW_CONTROL,
-        SHEDDING,
+        FC_POLICIES,
     ),
 ];
 

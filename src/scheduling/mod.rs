@@ -46,7 +46,7 @@ use std::{
 pub use precise::{CachedPrefix, EventSettings, PrecisePrefixCacheScorer, PrefixSource};
 pub use registry::{BuildError, SchedulerOptions, build_scheduler};
 pub use saturation::{
-    ConcurrencyDetector, ConcurrencyMode, SaturationDetector, UtilizationDetector,
+    ConcurrencyDetector, ConcurrencyMode, SaturationDetector, SaturationProbe, UtilizationDetector,
 };
 
 use crate::{

@@ -239,9 +239,6 @@ pub fn build_scheduler(
             }
         }
     }
-    if cfg.flow_control_requested() {
-        tracing::warn!("flowControl is not implemented; requests are scheduled without queueing");
-    }
 
     let refs: Vec<(String, Option<f64>)> = match cfg.scheduling_profiles.as_slice() {
         [] => cfg

@@ -201,3 +201,59 @@ impl SaturationDetector {
         }
     }
 }
+
+/// The scheduler's saturation detector, detached from the scheduler so flow
+/// control can read the pool's saturation between requests.
+#[derive(Debug, Clone, Copy)]
+pub struct SaturationProbe {
+    detector: SaturationDetector,
+    max_scrape_failures: u32,
+    staleness: std::time::Duration,
+    epoch: std::time::Instant,
+}
+
+impl SaturationProbe {
+    /// The pool's saturation, 1.0 meaning full: the concurrency detector's
+    /// load over capacity; for the utilization detector, the fraction of
+    /// ready endpoints it calls saturated (1.0 exactly when it would shed).
+    /// A pool with no ready endpoint reads 0: requests are then let through
+    /// to scheduling, which answers them at once (503) instead of holding
+    /// them until their TTL.
+    pub fn saturation(&self, set: &crate::endpoints::EndpointSet) -> f64 {
+        let now = std::time::Instant::now();
+        let candidates: Vec<Candidate<'_>> = set
+            .endpoints()
+            .iter()
+            .filter(|e| e.metrics.consecutive_failures() < self.max_scrape_failures)
+            .map(|e| {
+                let fresh = e
+                    .metrics
+                    .age(now, self.epoch)
+                    .is_some_and(|a| a <= self.staleness);
+                Candidate::read(e, fresh)
+            })
+            .collect();
+        if candidates.is_empty() {
+            return 0.0;
+        }
+        match self.detector {
+            SaturationDetector::Concurrency(d) => d.saturation(&candidates),
+            SaturationDetector::Utilization(d) => {
+                let saturated = candidates.iter().filter(|c| d.is_saturated(c)).count();
+                saturated as f64 / candidates.len() as f64
+            }
+        }
+    }
+}
+
+impl super::Scheduler {
+    /// What flow control reads to know whether the pool has room.
+    pub fn saturation_probe(&self) -> SaturationProbe {
+        SaturationProbe {
+            detector: self.saturation,
+            max_scrape_failures: self.max_scrape_failures,
+            staleness: self.staleness,
+            epoch: self.epoch,
+        }
+    }
+}

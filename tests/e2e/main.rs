@@ -12,6 +12,7 @@ mod common;
 mod bad_input;
 mod bench_smoke;
 mod faults;
+mod flow_control;
 mod kv_events;
 mod observability;
 mod operations;

@@ -1,0 +1,429 @@
+//! The queues themselves: a plain, synchronous data structure the
+//! controller keeps behind one lock.
+//!
+//! Layout: bands by priority (highest first); in each band, lanes; in each
+//! lane, an ordered map from (order key, arrival sequence) to the waiting
+//! request. Under global-strict fairness a band has one lane (the order is
+//! the ordering policy's across every flow, so flows need no lanes of their
+//! own); under round robin each flow has its lane and the band keeps the
+//! non-empty lanes in turn order. The order key is 0 for FCFS (so the
+//! arrival sequence orders) and the deadline for EDF.
+//!
+//! Every operation is O(log n) in the requests of a lane, plus O(lanes of
+//! the band) for removing a lane that empties out of turn (a cancelled
+//! request), and lanes are bounded by the flow bound.
+//!
+//! Invariants: `len`/`bytes` (global and per band) equal the sums over the
+//! items present; a lane is in a band's map iff it holds an item, and in the
+//! turn order (round robin) iff it is in the map; a flow id is interned while
+//! an item of it is queued, so flow state is bounded by `max_flows` plus the
+//! shared overflow flow, whatever ids clients invent.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use super::config::{BandSettings, Fairness, FlowControlSettings, Ordering};
+
+/// The lane of every request of a global-strict band, and the flow of ids
+/// beyond the flow bound.
+const SHARED: u32 = u32::MAX;
+
+/// Where a queued request sits, enough to remove it in O(log n).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Key {
+    pub priority: i32,
+    lane: u32,
+    order: u64,
+    seq: u64,
+}
+
+/// One waiting request.
+#[derive(Debug)]
+pub struct Item<T> {
+    pub bytes: u64,
+    /// The interned flow (for round-robin lanes and for releasing the id).
+    flow: u32,
+    pub payload: T,
+}
+
+/// Why a request was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    /// The global request or byte bound.
+    Global,
+    /// The band's request or byte bound.
+    Band,
+}
+
+#[derive(Debug)]
+struct Band<T> {
+    priority: i32,
+    settings: BandSettings,
+    lanes: HashMap<u32, BTreeMap<(u64, u64), Item<T>>>,
+    /// Round robin: the non-empty lanes, next first.
+    turn: VecDeque<u32>,
+    len: u64,
+    bytes: u64,
+}
+
+impl<T> Band<T> {
+    fn new(priority: i32, settings: BandSettings) -> Self {
+        Self {
+            priority,
+            settings,
+            lanes: HashMap::new(),
+            turn: VecDeque::new(),
+            len: 0,
+            bytes: 0,
+        }
+    }
+}
+
+/// Fairness ids interned while they have queued requests.
+#[derive(Debug, Default)]
+struct Flows {
+    ids: HashMap<Box<str>, (u32, u64)>,
+    names: HashMap<u32, Box<str>>,
+    free: Vec<u32>,
+    next: u32,
+    max: usize,
+}
+
+impl Flows {
+    fn intern(&mut self, id: &str) -> u32 {
+        if let Some((slot, refs)) = self.ids.get_mut(id) {
+            *refs += 1;
+            return *slot;
+        }
+        if self.ids.len() >= self.max {
+            return SHARED;
+        }
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.next += 1;
+            self.next - 1
+        });
+        self.ids.insert(id.into(), (slot, 1));
+        self.names.insert(slot, id.into());
+        slot
+    }
+
+    fn release(&mut self, slot: u32) {
+        if slot == SHARED {
+            return;
+        }
+        let Some(name) = self.names.get(&slot) else {
+            return;
+        };
+        let gone = match self.ids.get_mut(name) {
+            Some((_, refs)) if *refs > 1 => {
+                *refs -= 1;
+                false
+            }
+            _ => true,
+        };
+        if gone && let Some(name) = self.names.remove(&slot) {
+            self.ids.remove(&name);
+            self.free.push(slot);
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Queues<T> {
+    settings: FlowControlSettings,
+    /// Highest priority first.
+    bands: Vec<Band<T>>,
+    flows: Flows,
+    len: u64,
+    bytes: u64,
+    seq: u64,
+}
+
+impl<T> Queues<T> {
+    pub fn new(settings: FlowControlSettings) -> Self {
+        let bands = settings
+            .bands
+            .iter()
+            .map(|(p, b)| Band::new(*p, *b))
+            .collect();
+        let flows = Flows {
+            max: settings.max_flows,
+            ..Flows::default()
+        };
+        Self {
+            settings,
+            bands,
+            flows,
+            len: 0,
+            bytes: 0,
+            seq: 0,
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    #[cfg(test)]
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Requests and bytes queued in the band of `priority`.
+    #[cfg(test)]
+    pub fn band_usage(&self, priority: i32) -> (u64, u64) {
+        self.band_index(priority)
+            .ok()
+            .map_or((0, 0), |i| (self.bands[i].len, self.bands[i].bytes))
+    }
+
+    fn band_index(&self, priority: i32) -> Result<usize, usize> {
+        // Sorted by descending priority.
+        self.bands.binary_search_by(|b| priority.cmp(&b.priority))
+    }
+
+    /// Queues a request unless a bound refuses it. `deadline` is the EDF
+    /// order key (nanoseconds on any monotonic scale; `None` sorts last).
+    pub fn push(
+        &mut self,
+        priority: i32,
+        flow_id: &str,
+        bytes: u64,
+        deadline: Option<u64>,
+        payload: T,
+    ) -> Result<Key, (Full, T)> {
+        let s = &self.settings;
+        if (s.max_requests > 0 && self.len + 1 > s.max_requests)
+            || (s.max_bytes > 0 && self.bytes + bytes > s.max_bytes)
+        {
+            return Err((Full::Global, payload));
+        }
+        let i = match self.band_index(priority) {
+            Ok(i) => i,
+            Err(i) => {
+                // Priorities come from InferenceObjectives (operators), not
+                // from clients, so bands made from the template stay few.
+                self.bands
+                    .insert(i, Band::new(priority, self.settings.default_band));
+                i
+            }
+        };
+        let band = &mut self.bands[i];
+        let b = &band.settings;
+        if (b.max_requests > 0 && band.len + 1 > b.max_requests)
+            || (b.max_bytes > 0 && band.bytes + bytes > b.max_bytes)
+        {
+            return Err((Full::Band, payload));
+        }
+        let flow = self.flows.intern(flow_id);
+        let lane = match band.settings.fairness {
+            Fairness::GlobalStrict => SHARED,
+            Fairness::RoundRobin => flow,
+        };
+        let order = match band.settings.ordering {
+            Ordering::Fcfs => 0,
+            Ordering::Edf => deadline.unwrap_or(u64::MAX),
+        };
+        self.seq += 1;
+        let key = Key {
+            priority,
+            lane,
+            order,
+            seq: self.seq,
+        };
+        let items = band.lanes.entry(lane).or_default();
+        if items.is_empty() && band.settings.fairness == Fairness::RoundRobin {
+            band.turn.push_back(lane);
+        }
+        items.insert(
+            (order, key.seq),
+            Item {
+                bytes,
+                flow,
+                payload,
+            },
+        );
+        band.len += 1;
+        band.bytes += bytes;
+        self.len += 1;
+        self.bytes += bytes;
+        Ok(key)
+    }
+
+    /// Takes the next request to dispatch: the highest non-empty band, the
+    /// flow its fairness policy chooses, the head its ordering puts first.
+    pub fn pop(&mut self) -> Option<(Key, Item<T>)> {
+        let band = self.bands.iter_mut().find(|b| b.len > 0)?;
+        let lane = match band.settings.fairness {
+            Fairness::GlobalStrict => SHARED,
+            Fairness::RoundRobin => band.turn.pop_front()?,
+        };
+        let items = band.lanes.get_mut(&lane)?;
+        let ((order, seq), item) = items.pop_first()?;
+        if items.is_empty() {
+            band.lanes.remove(&lane);
+        } else if band.settings.fairness == Fairness::RoundRobin {
+            band.turn.push_back(lane);
+        }
+        let key = Key {
+            priority: band.priority,
+            lane,
+            order,
+            seq,
+        };
+        band.len -= 1;
+        band.bytes -= item.bytes;
+        self.len -= 1;
+        self.bytes -= item.bytes;
+        self.flows.release(item.flow);
+        Some((key, item))
+    }
+
+    /// Removes a request still queued (its client left, or its TTL ran
+    /// out); `None` when it was dispatched already.
+    pub fn remove(&mut self, key: Key) -> Option<Item<T>> {
+        let i = self.band_index(key.priority).ok()?;
+        let band = &mut self.bands[i];
+        let items = band.lanes.get_mut(&key.lane)?;
+        let item = items.remove(&(key.order, key.seq))?;
+        if items.is_empty() {
+            band.lanes.remove(&key.lane);
+            if let Some(pos) = band.turn.iter().position(|l| *l == key.lane) {
+                band.turn.remove(pos);
+            }
+        }
+        band.len -= 1;
+        band.bytes -= item.bytes;
+        self.len -= 1;
+        self.bytes -= item.bytes;
+        self.flows.release(item.flow);
+        Some(item)
+    }
+
+    /// Fairness ids tracked right now (bounded by `maxFlows`).
+    #[cfg(test)]
+    pub fn flows_tracked(&self) -> usize {
+        self.flows.ids.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queues(fairness: Fairness, ordering: Ordering) -> Queues<u32> {
+        Queues::new(FlowControlSettings {
+            default_band: BandSettings {
+                fairness,
+                ordering,
+                ..BandSettings::default()
+            },
+            ..FlowControlSettings::default()
+        })
+    }
+
+    fn drain(q: &mut Queues<u32>) -> Vec<u32> {
+        std::iter::from_fn(|| q.pop().map(|(_, i)| i.payload)).collect()
+    }
+
+    #[test]
+    fn strict_priority_between_bands_fcfs_within() {
+        let mut q = queues(Fairness::GlobalStrict, Ordering::Fcfs);
+        for (n, prio) in [(1, -1), (2, 0), (3, -1), (4, 5), (5, 0)] {
+            q.push(prio, "", 10, None, n).unwrap();
+        }
+        assert_eq!((q.len(), q.bytes()), (5, 50));
+        assert_eq!(drain(&mut q), [4, 2, 5, 1, 3]);
+        assert!(q.is_empty());
+        assert_eq!(q.bytes(), 0);
+    }
+
+    #[test]
+    fn global_strict_ignores_flows_round_robin_alternates() {
+        let arrivals = [("a", 1), ("a", 2), ("a", 3), ("b", 4), ("a", 5), ("b", 6)];
+        let mut strict = queues(Fairness::GlobalStrict, Ordering::Fcfs);
+        let mut rr = queues(Fairness::RoundRobin, Ordering::Fcfs);
+        for (flow, n) in arrivals {
+            strict.push(0, flow, 1, None, n).unwrap();
+            rr.push(0, flow, 1, None, n).unwrap();
+        }
+        assert_eq!(drain(&mut strict), [1, 2, 3, 4, 5, 6]);
+        assert_eq!(drain(&mut rr), [1, 4, 2, 6, 3, 5]);
+        assert_eq!(rr.flows_tracked(), 0, "flows are forgotten once empty");
+    }
+
+    #[test]
+    fn edf_orders_by_deadline_and_puts_none_last() {
+        let mut q = queues(Fairness::GlobalStrict, Ordering::Edf);
+        for (deadline, n) in [(Some(30), 1), (None, 2), (Some(10), 3), (Some(20), 4)] {
+            q.push(0, "", 1, deadline, n).unwrap();
+        }
+        assert_eq!(drain(&mut q), [3, 4, 1, 2]);
+    }
+
+    #[test]
+    fn global_and_band_bounds_in_requests_and_bytes() {
+        let mut q = Queues::new(FlowControlSettings {
+            max_requests: 3,
+            max_bytes: 100,
+            bands: vec![(
+                1,
+                BandSettings {
+                    max_requests: 1,
+                    ..BandSettings::default()
+                },
+            )],
+            ..FlowControlSettings::default()
+        });
+        q.push(1, "", 10, None, 1).unwrap();
+        assert_eq!(q.push(1, "", 10, None, 2).unwrap_err(), (Full::Band, 2));
+        q.push(0, "", 10, None, 3).unwrap();
+        assert_eq!(q.push(0, "", 81, None, 4).unwrap_err(), (Full::Global, 4));
+        q.push(0, "", 80, None, 5).unwrap();
+        assert_eq!(q.push(0, "", 0, None, 6).unwrap_err(), (Full::Global, 6));
+        assert_eq!(q.band_usage(0), (2, 90));
+        q.pop();
+        q.push(1, "", 0, None, 7).unwrap();
+        assert_eq!(drain(&mut q), [7, 3, 5]);
+    }
+
+    #[test]
+    fn removal_keeps_counts_and_turns() {
+        let mut q = queues(Fairness::RoundRobin, Ordering::Fcfs);
+        let a1 = q.push(0, "a", 5, None, 1).unwrap();
+        q.push(0, "b", 5, None, 2).unwrap();
+        let c1 = q.push(0, "c", 5, None, 3).unwrap();
+        q.push(0, "a", 5, None, 4).unwrap();
+        assert_eq!(q.remove(c1).map(|i| i.payload), Some(3));
+        assert_eq!(q.remove(c1).map(|i| i.payload), None, "removed once");
+        assert_eq!(q.remove(a1).map(|i| i.payload), Some(1));
+        assert_eq!((q.len(), q.bytes()), (2, 10));
+        // `a` keeps its turn (it still holds a request), `c` lost its own.
+        assert_eq!(drain(&mut q), [4, 2]);
+        assert_eq!(q.flows_tracked(), 0);
+    }
+
+    #[test]
+    fn invented_fairness_ids_share_one_flow_beyond_the_bound() {
+        let mut q: Queues<u32> = Queues::new(FlowControlSettings {
+            max_flows: 4,
+            default_band: BandSettings {
+                fairness: Fairness::RoundRobin,
+                ..BandSettings::default()
+            },
+            ..FlowControlSettings::default()
+        });
+        for n in 0..1000 {
+            q.push(0, &format!("tenant-{n}"), 1, None, n).unwrap();
+        }
+        assert_eq!(q.flows_tracked(), 4);
+        assert!(q.bands[0].lanes.len() <= 5, "four flows and the shared one");
+        // Four flows and the shared one take turns.
+        assert_eq!(drain(&mut q)[..5], [0, 1, 2, 3, 4]);
+        assert_eq!(q.flows_tracked(), 0);
+    }
+}
