@@ -687,6 +687,23 @@ pub fn picker_tokenizer(objs: &[Obj], ctx: &Ctx<'_>) -> Vec<Violation> {
         if mount.get("readOnly") != Some(&Value::Bool(true)) {
             out.push(format!("{who} must mount {TOKENIZER_DIR} read-only"));
         }
+        // Mounted but unread files would leave the picker on the
+        // approximate index without a word: it must be told where they are,
+        // and, since the pool's vLLM publishes KV events, to subscribe.
+        let flags = e.flags().ok();
+        let dir = flags
+            .as_ref()
+            .and_then(|f| f.tokenizer.tokenizers_dir.clone());
+        if dir.as_deref() != Some(std::path::Path::new(TOKENIZER_DIR)) {
+            out.push(format!(
+                "{who} mounts {TOKENIZER_DIR} but is not run with --tokenizers-dir {TOKENIZER_DIR}"
+            ));
+        }
+        if !flags.is_some_and(|f| f.kv_events.enabled) {
+            out.push(format!(
+                "{who} has the tokenizer files but not --kv-events: the precise prefix path needs both"
+            ));
+        }
         let volume = str_at(mount, "/name").unwrap_or("");
         let spec = e.workload.pod_spec();
         let is_empty_dir = arr_at(spec, "/volumes")

@@ -68,7 +68,7 @@ spec:
       containers:
       - name: epp
         image: registry.example/epp:1.0
-        args: [--pool-name, pool, --pool-namespace, $(NAMESPACE), --config-file, /config/default.yaml, --shutdown-grace-period, 330s]
+        args: [--pool-name, pool, --pool-namespace, $(NAMESPACE), --config-file, /config/default.yaml, --tokenizers-dir=/var/lib/epp/tokenizers, --kv-events, --shutdown-grace-period, 330s]
         env:
         - {name: NAMESPACE, valueFrom: {fieldRef: {fieldPath: metadata.namespace}}}
         - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}

@@ -473,6 +473,28 @@ fn rejects_tokenizer_files_for_another_model_or_writable() {
     );
 }
 
+#[test]
+fn rejects_tokenizer_files_the_picker_does_not_read() {
+    rejects(
+        &with("--tokenizers-dir=/var/lib/epp/tokenizers, ", ""),
+        "picker-tokenizer",
+        "is not run with --tokenizers-dir",
+    );
+    rejects(
+        &with(
+            "--tokenizers-dir=/var/lib/epp/tokenizers, ",
+            "--tokenizers-dir=/tmp/elsewhere, ",
+        ),
+        "picker-tokenizer",
+        "is not run with --tokenizers-dir",
+    );
+    rejects(
+        &with("--kv-events, ", ""),
+        "picker-tokenizer",
+        "not --kv-events",
+    );
+}
+
 // ------------------------------------------------------------ objectives
 
 #[test]
