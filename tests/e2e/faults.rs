@@ -83,13 +83,20 @@ async fn a_model_server_dying_under_load_fails_over_and_is_picked_again_once_bac
     );
     assert_eq!(outcomes.len(), 300);
     assert!(served_before_kill > 0, "the killed pod had taken load");
-    let lost: Vec<&Outcome> = outcomes
+    // An answer the pod had started may also die before Envoy has parsed
+    // its headers: Envoy then answers 502 (a reset after the upstream began
+    // responding, which it does not retry). Those, and the answers cut
+    // mid-body, are bounded by the answers under way at the kill; anything
+    // else is a request that could have been retried and was lost.
+    let (reset, lost): (Vec<&Outcome>, Vec<&Outcome>) = outcomes
         .iter()
         .filter(|o| !matches!(o, Outcome::Served(_) | Outcome::CutMidBody(_)))
-        .collect();
+        .partition(|o| matches!(o, Outcome::Status(502, _)));
     assert!(
-        lost.is_empty(),
-        "requests lost although they could be retried: {lost:?}"
+        lost.is_empty() && reset.len() + cut.len() <= started,
+        "requests lost although they could be retried: {lost:?}; {} resets and {} cuts for {started} answers under way",
+        reset.len(),
+        cut.len()
     );
     assert!(
         cut.iter()

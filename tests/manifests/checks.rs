@@ -663,12 +663,16 @@ pub fn epp_deployment(objs: &[Obj], _: &Ctx<'_>) -> Vec<Violation> {
                 .pointer("/spec/replicas")
                 .and_then(Value::as_u64)
                 .unwrap_or(1);
-            if replicas > 1 && !flags.ha_enable_leader_election {
+            // Several active pickers are supported only with KV events:
+            // each replica then indexes every pod's cache from its events.
+            // Without them each would hold a fraction of a prefix index.
+            let active_active = replicas > 1 && !flags.ha_enable_leader_election;
+            if active_active && !flags.kv_events.enabled {
                 out.push(format!(
-                    "{who} runs {replicas} replicas without --ha-enable-leader-election: each would hold half a prefix index"
+                    "{who} runs {replicas} replicas without --ha-enable-leader-election or --kv-events: each would hold a fraction of a prefix index"
                 ));
             }
-            if str_at(e.workload.obj, "/spec/strategy/type") != Some("Recreate") {
+            if !active_active && str_at(e.workload.obj, "/spec/strategy/type") != Some("Recreate") {
                 out.push(format!(
                     "{who} Deployment strategy must be Recreate (a rolling update runs two pickers, or stalls on leader-gated readiness)"
                 ));

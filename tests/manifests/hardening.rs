@@ -424,6 +424,29 @@ pub fn disruption_budgets(objs: &[Obj], _: &Ctx<'_>) -> Vec<Violation> {
             }
         }
     }
+    // Active-active pickers (several replicas, no lease): every one is
+    // Ready and serving, so a drain must take them one at a time, and a
+    // rollout must not stop them all at once.
+    for e in &pickers {
+        let w = &e.workload;
+        if replicas(w) < 2 || e.leader_election() {
+            continue;
+        }
+        if !covered.contains(&id(w.obj)) {
+            out.push(format!(
+                "{} runs {} active pickers with no PodDisruptionBudget: a drain may take them all at once",
+                id(w.obj),
+                replicas(w)
+            ));
+        }
+        if str_at(w.obj, "/spec/strategy/type") == Some("Recreate") {
+            out.push(format!(
+                "{} runs {} active pickers with the Recreate strategy: a rollout stops every one before starting any",
+                id(w.obj),
+                replicas(w)
+            ));
+        }
+    }
     for w in model_servers(objs) {
         if replicas(&w) > 1 && !covered.contains(&id(w.obj)) {
             out.push(format!(

@@ -84,6 +84,7 @@ const COMPOSITIONS: &[(&str, &[&str])] = &[
         ],
     ),
     ("gke-tpu-2x2", &["gke-network-policy", "objectives-x-k8s"]),
+    ("gke-tpu", &["active-active", "gke-network-policy"]),
     (
         "gke-tpu-internal",
         &["https-listener", "gke-network-policy"],
@@ -137,6 +138,30 @@ fn components_compose_with_the_overlays_and_pass_every_check() {
                 .and_then(|v| v.as_u64());
             assert_eq!(replicas, Some(2), "ha: two picker replicas");
             assert!(epps[0].leader_election(), "ha: --ha-enable-leader-election");
+        }
+        if components.contains(&"active-active") {
+            let w = &epps[0].workload.obj;
+            assert_eq!(
+                w.pointer("/spec/replicas").and_then(|v| v.as_u64()),
+                Some(3),
+                "active-active: three picker replicas"
+            );
+            assert!(!epps[0].leader_election(), "active-active: no lease");
+            assert_eq!(
+                str_at(w, "/spec/strategy/type"),
+                Some("RollingUpdate"),
+                "active-active: rolling updates"
+            );
+            assert_eq!(
+                arr_at(w, "/spec/template/spec/topologySpreadConstraints").len(),
+                2,
+                "active-active: spread over nodes and zones"
+            );
+            assert!(
+                of_kind(&objs, "PodDisruptionBudget")
+                    .any(|p| model::name(p) == "vllm-qwen25-3b-epp"),
+                "active-active: a picker PodDisruptionBudget"
+            );
         }
         if components.contains(&"https-listener") {
             let gw = of_kind(&objs, "Gateway").next().expect("a Gateway");

@@ -537,10 +537,15 @@ fn rejects_an_unsafe_picker_deployment() {
         "epp-deployment",
         "not below terminationGracePeriodSeconds 340",
     );
+    // Two active pickers without KV events: each indexes half the traffic.
     rejects(
-        &with("replicas: 1\n  strategy", "replicas: 2\n  strategy"),
+        &parse(
+            &VALID
+                .replacen("replicas: 1\n  strategy", "replicas: 2\n  strategy", 1)
+                .replacen("--kv-events, ", "", 1),
+        ),
         "epp-deployment",
-        "without --ha-enable-leader-election",
+        "without --ha-enable-leader-election or --kv-events",
     );
     rejects(
         &with("service: liveness", "service: inference-extension"),

@@ -540,3 +540,19 @@ fn rejects_objectives_that_name_no_pool() {
         "must be an integer",
     );
 }
+
+// ------------------------------------------------- active-active pickers
+
+#[test]
+fn rejects_active_pickers_without_a_budget_or_with_recreate() {
+    let three = with(
+        "  replicas: 1\n  strategy: {type: Recreate}",
+        "  replicas: 3\n  strategy: {type: Recreate}",
+    );
+    rejects(
+        &three,
+        "disruption-budgets",
+        "3 active pickers with no PodDisruptionBudget",
+    );
+    rejects(&three, "disruption-budgets", "with the Recreate strategy");
+}
