@@ -134,7 +134,7 @@ async fn events_per_endpoint_are_visible_isolated_and_garbage_does_not_stop_rout
     ] {
         assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
     }
-    promtool_check(&metrics);
+    crate::common::promtool_check(&metrics);
 
     // A's stream turns to garbage (bounded: 2,000 messages) while requests
     // keep being routed.
@@ -195,30 +195,5 @@ async fn events_per_endpoint_are_visible_isolated_and_garbage_does_not_stop_rout
             r#"epp_kv_events_decode_errors_total{model_server_pod="backend-1",name="default",rank="0"} 0"#
         ),
         "{metrics}"
-    );
-}
-
-/// `promtool check metrics` accepts the page (names, help, units).
-fn promtool_check(text: &str) {
-    use std::io::Write;
-    let mut child = std::process::Command::new(crate::common::tool("promtool"))
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
     );
 }

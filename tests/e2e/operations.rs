@@ -6,7 +6,7 @@ use std::{process::Command, time::Duration};
 use epp::admin::pb::{ExplainRequest, ListEndpointsRequest, admin_client::AdminClient};
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::common::{Stack, epp::Epp, eventually, http, tool};
+use crate::common::{Stack, epp::Epp, eventually, http};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_use_gie_names_and_pass_promtool() {
@@ -40,27 +40,7 @@ async fn metrics_use_gie_names_and_pass_promtool() {
     ] {
         assert!(text.contains(name), "missing {name}");
     }
-    let mut child = Command::new(tool("promtool"))
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::common::promtool_check(&text);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
