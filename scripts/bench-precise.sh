@@ -39,7 +39,6 @@ model=Qwen/Qwen2.5-3B-Instruct
 tokenizer=.tools/tokenizers/qwen3
 precise_args=(
   --kv-events
-  "--sim-arg=--tokenizer=$tokenizer"
   "--epp-arg=--tokenizer=$model=$tokenizer"
 )
 
@@ -49,7 +48,10 @@ precise_args=(
 # robin) and each direct pod draw would see the same groups every time, a
 # pattern no real traffic has.
 common=(--pods 4 --system-tokens 2000 --question-tokens 100 --output-tokens 16
-  --rate 6 --shuffle --model "$model")
+  --rate 6 --shuffle --model "$model"
+  # Both halves on the same pods: tokenizing with the model's tokenizer, so
+  # hit rates and prefill times count the same tokens.
+  "--sim-arg=--tokenizer=$tokenizer")
 
 # name | workload and stack flags
 declare -A flags=(
