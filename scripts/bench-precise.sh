@@ -27,22 +27,19 @@ scenarios=("$@")
 
 scripts/setup-tools.sh >/dev/null
 cargo build --release --locked -p epp -p epp-bench --bins
-bench=target/release/epp-bench
+bench=${CARGO_TARGET_DIR:-target}/release/epp-bench
 out=bench/results/precise-prefix
 model=Qwen/Qwen2.5-3B-Instruct
 
-# The precise index: the picker subscribes to the pods' KV events and keys
-# them with the model's tokenizer; the simulated pods tokenize with the same
-# tokenizer and publish real vLLM-format events on ZeroMQ, their ports
-# written into the picker's endpoints file.
-# NOTE: written to the flag names the parallel work announced; the picker's
-# --kv-events and --tokenizer, and the stack's sim-events option
-# (--sim-kv-events here), may not be on main yet: run --approximate-only
-# until they are, and adjust these lines if a name differs.
+# The precise index: the stack's --kv-events makes every pod publish real
+# vLLM-format events on ZeroMQ (its ports written into the picker's endpoints
+# file) and gives the picker --kv-events; pods and picker key blocks with the
+# same tokenizer (the workload's model name is the pods' default served
+# model, so the picker's --tokenizer names it).
+tokenizer=.tools/tokenizers/qwen3
 precise_args=(
-  --epp-arg=--kv-events
-  "--epp-arg=--tokenizer=$model=.tools/tokenizers/qwen3"
-  --sim-kv-events
+  --kv-events
+  "--epp-arg=--tokenizer=$model=$tokenizer"
 )
 
 # Four pods, 2,000-token shared system prompts (125 blocks of 16 tokens),
@@ -51,7 +48,10 @@ precise_args=(
 # robin) and each direct pod draw would see the same groups every time, a
 # pattern no real traffic has.
 common=(--pods 4 --system-tokens 2000 --question-tokens 100 --output-tokens 16
-  --rate 6 --shuffle --model "$model")
+  --rate 6 --shuffle --model "$model"
+  # Both halves on the same pods: tokenizing with the model's tokenizer, so
+  # hit rates and prefill times count the same tokens.
+  "--sim-arg=--tokenizer=$tokenizer")
 
 # name | workload and stack flags
 declare -A flags=(

@@ -223,6 +223,13 @@ async fn infer(
     };
     let mut tokens = Vec::new();
     ctx.tokenizer.tokenize(&v, &body, endpoint, &mut tokens);
+    // With the model's tokenizer the prompt is as long as its token ids:
+    // usage, prefill time and the prefix-cache counters must count the same
+    // tokens the cached blocks hold (the byte estimate is only for chunks).
+    let prompt_tokens = match &*ctx.tokenizer {
+        PromptTokenizer::Model(_) if !tokens.is_empty() => tokens.len(),
+        _ => v.prompt_tokens,
+    };
     let mut hashes = Vec::with_capacity(tokens.len() / cfg.block_size + 1);
     let adapter_seed = v
         .adapter
@@ -240,7 +247,7 @@ async fn infer(
         tokens = Vec::new();
     }
     let prepared = Prepared {
-        prompt_tokens: v.prompt_tokens,
+        prompt_tokens,
         max_tokens: v.max_tokens,
         hashes,
         tokens,
@@ -277,7 +284,7 @@ async fn infer(
             fastrand::u64(..)
         ),
         created: unix_now(),
-        prompt_tokens: v.prompt_tokens,
+        prompt_tokens,
         max_tokens: v.max_tokens,
         include_usage: v.include_usage,
     };
