@@ -261,10 +261,6 @@ impl EndpointPickerConfig {
     pub fn plugin_of_type(&self, plugin_type: &str) -> Option<&PluginSpec> {
         self.plugins.iter().find(|p| p.plugin_type == plugin_type)
     }
-
-    pub fn flow_control_requested(&self) -> bool {
-        self.flow_control.is_some() || self.feature_gates.iter().any(|g| g == "flowControl")
-    }
 }
 
 #[cfg(test)]
