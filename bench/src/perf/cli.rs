@@ -30,11 +30,12 @@ pub enum PerfCommand {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct GatewayArgs {
-    /// Paths: envoy, noop, epp, noop-lean, epp-lean, epp-buffered-lean.
+    /// Paths: envoy, noop, epp, noop-lean, epp-lean, epp-buffered-lean,
+    /// epp-traced.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "envoy,noop,epp,noop-lean,epp-lean,epp-buffered-lean"
+        default_value = "envoy,noop,epp,noop-lean,epp-lean,epp-buffered-lean,epp-traced"
     )]
     pub paths: Vec<String>,
     /// Request body sizes in bytes.
@@ -60,6 +61,9 @@ pub struct GatewayArgs {
     /// Rotations over the paths per step (each path keeps its best run).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// Sampling ratio of the epp-traced path.
+    #[arg(long, default_value_t = 0.01)]
+    pub trace_sample: f64,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -207,6 +211,7 @@ impl GatewayArgs {
             backends: self.backends,
             envoy_concurrency: self.envoy_concurrency,
             repeats: self.repeats,
+            trace_sample: self.trace_sample,
         })
     }
 }

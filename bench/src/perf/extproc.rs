@@ -406,7 +406,7 @@ pub async fn run(bin: &Binaries, p: &ExtProcPerf) -> Result<Vec<ExtProcPoint>, S
             Server::Epp => {
                 let extra = super::epp_perf_args(phases == Phases::Lean);
                 let (p, addrs) =
-                    start_scraped_epp(bin, &backends.addrs, &extra, dir.path()).await?;
+                    start_scraped_epp(bin, &backends.addrs, &extra, &[], dir.path()).await?;
                 (p, addrs.ext_proc)
             }
             Server::Noop => super::noop::spawn(bin, &backends.addrs, dir.path()).await?,

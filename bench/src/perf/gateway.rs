@@ -10,7 +10,13 @@
 //! - `noop-lean`, `epp-lean`: the same with Envoy asked only for what routing
 //!   needs (request headers and body; response bodies not sent);
 //! - `epp-buffered-lean`: the picker with buffered request bodies (one
-//!   message instead of one per chunk) and no response bodies.
+//!   message instead of one per chunk) and no response bodies;
+//! - `epp-traced`: `epp` exporting OpenTelemetry traces to a live collector
+//!   (an in-process OTLP receiver, [`super::otlp_sink`]) at the sampling
+//!   ratio `--trace-sample`. Measured in the same rotation as `epp`, so each
+//!   rotation gives one traced/untraced pair under the same background load:
+//!   the report shows the mean of the per-rotation ratios and its spread,
+//!   which resolves a small cost far better than best runs of whole runs.
 //!
 //! For each body size and concurrency: p50/p99 latency, throughput, and for
 //! the ext_proc servers their CPU time per 1,000 requests (from
@@ -37,16 +43,18 @@ pub enum GatewayPath {
     NoopLean,
     EppLean,
     EppBufferedLean,
+    EppTraced,
 }
 
 impl GatewayPath {
-    pub const ALL: [GatewayPath; 6] = [
+    pub const ALL: [GatewayPath; 7] = [
         Self::Envoy,
         Self::Noop,
         Self::Epp,
         Self::NoopLean,
         Self::EppLean,
         Self::EppBufferedLean,
+        Self::EppTraced,
     ];
 
     pub fn name(self) -> &'static str {
@@ -57,6 +65,7 @@ impl GatewayPath {
             Self::NoopLean => "noop ext_proc, lean",
             Self::EppLean => "epp, lean",
             Self::EppBufferedLean => "epp, buffered + lean",
+            Self::EppTraced => "epp, traced",
         }
     }
 
@@ -68,6 +77,7 @@ impl GatewayPath {
             "noop-lean" => Self::NoopLean,
             "epp-lean" => Self::EppLean,
             "epp-buffered-lean" => Self::EppBufferedLean,
+            "epp-traced" => Self::EppTraced,
             _ => return None,
         })
     }
@@ -93,6 +103,8 @@ pub struct GatewayPerf {
     pub envoy_concurrency: usize,
     /// Rotations over the paths per step; each path keeps its best run.
     pub repeats: usize,
+    /// Sampling ratio of the `epp-traced` path (parent-based trace-id ratio).
+    pub trace_sample: f64,
 }
 
 /// One measured point.
@@ -108,6 +120,13 @@ pub struct GatewayPoint {
     /// CPU seconds of the ext_proc server per 1,000 requests.
     pub server_cpu_per_1k: Option<f64>,
     pub server_peak_rss_mb: Option<f64>,
+    /// Throughput of every rotation, in order (the point is the best).
+    pub runs: Vec<f64>,
+    /// The ext_proc server's CPU seconds per 1,000 requests of every
+    /// rotation, in order (0 where unreadable).
+    pub cpu_runs: Vec<f64>,
+    /// Spans the collector received during this path's runs (traced path).
+    pub spans: Option<u64>,
 }
 
 /// A request body of about `size` bytes shaped like an OpenAI completion.
@@ -149,6 +168,7 @@ async fn start_path(
     path: GatewayPath,
     backends: &[SocketAddr],
     envoy_concurrency: usize,
+    trace_env: &[(String, String)],
     dir: &std::path::Path,
 ) -> Result<Running, StackError> {
     let client = crate::load::client::http_client(4);
@@ -165,9 +185,17 @@ async fn start_path(
             opts.epp_port = addr.port();
             server = Some(p);
         }
-        GatewayPath::Epp | GatewayPath::EppLean | GatewayPath::EppBufferedLean => {
+        GatewayPath::Epp
+        | GatewayPath::EppLean
+        | GatewayPath::EppBufferedLean
+        | GatewayPath::EppTraced => {
             let extra = super::epp_perf_args(path.lean());
-            let (p, addrs) = start_scraped_epp(bin, backends, &extra, dir).await?;
+            let env = if path == GatewayPath::EppTraced {
+                trace_env
+            } else {
+                &[]
+            };
+            let (p, addrs) = start_scraped_epp(bin, backends, &extra, env, dir).await?;
             opts.epp_port = addrs.ext_proc.port();
             if path == GatewayPath::EppBufferedLean {
                 opts.body_mode = BodyMode::Buffered;
@@ -194,14 +222,29 @@ async fn start_path(
 pub async fn run(bin: &Binaries, p: &GatewayPerf) -> Result<Vec<GatewayPoint>, StackError> {
     let backends = StaticBackends::start(p.backends, Arc::from(SMALL_METRICS)).await?;
     let destinations: Vec<String> = backends.addrs.iter().map(ToString::to_string).collect();
+    let sink = if p.paths.contains(&GatewayPath::EppTraced) {
+        Some(super::otlp_sink::OtlpSink::start().await?)
+    } else {
+        None
+    };
+    let trace_env = sink
+        .as_ref()
+        .map(|s| trace_env(&s.endpoint(), p.trace_sample))
+        .unwrap_or_default();
     let mut running = Vec::with_capacity(p.paths.len());
     let mut dirs = Vec::with_capacity(p.paths.len());
     for &path in &p.paths {
         let dir = tempfile::tempdir()?;
-        running.push((
+        let r = start_path(
+            bin,
             path,
-            start_path(bin, path, &backends.addrs, p.envoy_concurrency, dir.path()).await?,
-        ));
+            &backends.addrs,
+            p.envoy_concurrency,
+            &trace_env,
+            dir.path(),
+        )
+        .await?;
+        running.push((path, r));
         dirs.push(dir);
     }
     let mut points = Vec::new();
@@ -209,15 +252,31 @@ pub async fn run(bin: &Binaries, p: &GatewayPerf) -> Result<Vec<GatewayPoint>, S
         let body = body_of(size);
         for &conc in &p.concurrency {
             let mut best: Vec<Option<GatewayPoint>> = vec![None; running.len()];
+            let mut runs: Vec<Vec<f64>> = vec![Vec::new(); running.len()];
+            let mut cpu_runs: Vec<Vec<f64>> = vec![Vec::new(); running.len()];
+            let mut spans = vec![0u64; running.len()];
             for _ in 0..p.repeats.max(1) {
                 for (k, (path, r)) in running.iter().enumerate() {
+                    let before = sink.as_ref().map_or(0, |s| s.spans());
                     let point = measure(*path, r, &body, size, conc, &destinations, p).await;
+                    spans[k] += sink.as_ref().map_or(0, |s| s.spans()) - before;
+                    runs[k].push(point.throughput);
+                    cpu_runs[k].push(point.server_cpu_per_1k.unwrap_or(0.0));
                     let keep = match &best[k] {
                         Some(b) => point.throughput > b.throughput,
                         None => true,
                     };
                     if keep {
                         best[k] = Some(point);
+                    }
+                }
+            }
+            for (k, point) in best.iter_mut().enumerate() {
+                if let Some(point) = point {
+                    point.runs = std::mem::take(&mut runs[k]);
+                    point.cpu_runs = std::mem::take(&mut cpu_runs[k]);
+                    if point.path == GatewayPath::EppTraced {
+                        point.spans = Some(spans[k]);
                     }
                 }
             }
@@ -290,7 +349,43 @@ async fn measure(
         errors: r.errors,
         server_cpu_per_1k: cpu,
         server_peak_rss_mb: after.map(|a| a.peak_rss_kb as f64 / 1024.0),
+        runs: Vec::new(),
+        cpu_runs: Vec::new(),
+        spans: None,
     }
+}
+
+/// The picker's environment for the traced path: export to `endpoint`,
+/// sample `ratio` of the traces a request starts (the bench's requests
+/// carry no `traceparent`), as a deployment sets it with `OTEL_*`.
+fn trace_env(endpoint: &str, ratio: f64) -> Vec<(String, String)> {
+    [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.to_owned()),
+        ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio".to_owned()),
+        ("OTEL_TRACES_SAMPLER_ARG", ratio.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// Traced over untraced throughput, rotation by rotation: the mean ratio and
+/// a 95% interval of it (mean ± 1.96 standard errors; with few rotations a
+/// rough one). `None` without at least two pairs.
+pub fn paired_ratio(untraced: &[f64], traced: &[f64]) -> Option<(f64, f64, usize)> {
+    let ratios: Vec<f64> = untraced
+        .iter()
+        .zip(traced)
+        .filter(|(u, _)| **u > 0.0)
+        .map(|(u, t)| t / u)
+        .collect();
+    let n = ratios.len();
+    if n < 2 {
+        return None;
+    }
+    let mean = ratios.iter().sum::<f64>() / n as f64;
+    let var = ratios.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    Some((mean, 1.96 * (var / n as f64).sqrt(), n))
 }
 
 fn kib(size: usize) -> String {
@@ -367,6 +462,93 @@ pub fn markdown(points: &[GatewayPoint]) -> String {
                 let _ = writeln!(out, "| {} | {:.0} req/s | {} |", path.name(), b, vs);
             }
         }
+        paired_section(&mut out, points, size);
     }
     out
+}
+
+/// Traced against untraced, paired by rotation, when both paths ran.
+fn paired_section(out: &mut String, points: &[GatewayPoint], size: usize) {
+    let of = |path: GatewayPath, conc: usize| {
+        points
+            .iter()
+            .find(|p| p.path == path && p.body == size && p.concurrency == conc)
+    };
+    let mut rows = Vec::new();
+    let mut concs: Vec<usize> = points.iter().map(|p| p.concurrency).collect();
+    concs.sort_unstable();
+    concs.dedup();
+    for conc in concs {
+        let (Some(u), Some(t)) = (of(GatewayPath::Epp, conc), of(GatewayPath::EppTraced, conc))
+        else {
+            continue;
+        };
+        if let Some((mean, ci, n)) = paired_ratio(&u.runs, &t.runs) {
+            let cost = (1.0 - mean) * 100.0;
+            let cpu = paired_ratio(&u.cpu_runs, &t.cpu_runs).map_or_else(
+                || "-".into(),
+                |(m, c, _)| format!("{:+.1}% ± {:.1}%", (m - 1.0) * 100.0, c * 100.0),
+            );
+            rows.push(format!(
+                "| {conc} | {n} | {:.3} | {cost:+.1}% ± {:.1}% | {cpu} | {} |",
+                mean,
+                ci * 100.0,
+                t.spans.map_or_else(|| "-".into(), |s| s.to_string())
+            ));
+        }
+    }
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nTraces: `epp, traced` over `epp`, throughput ratio per rotation (paired: same rotation, adjacent runs):\n"
+    );
+    let _ = writeln!(
+        out,
+        "| concurrency | rotations | mean throughput ratio | throughput cost (95% interval) | picker CPU per request (95% interval) | spans received |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    for r in rows {
+        let _ = writeln!(out, "{r}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paired_ratio_is_the_mean_of_per_rotation_ratios_with_its_interval() {
+        // Ratios 0.9, 1.0, 1.1: mean 1.0, sd 0.1, 1.96 * 0.1 / sqrt(3).
+        let (mean, ci, n) = paired_ratio(&[100.0, 200.0, 100.0], &[90.0, 200.0, 110.0]).unwrap();
+        assert_eq!(n, 3);
+        assert!((mean - 1.0).abs() < 1e-12, "{mean}");
+        assert!((ci - 1.96 * 0.1 / 3f64.sqrt()).abs() < 1e-12, "{ci}");
+    }
+
+    #[test]
+    fn paired_ratio_needs_two_pairs_and_skips_empty_runs() {
+        assert!(paired_ratio(&[100.0], &[90.0]).is_none());
+        assert!(paired_ratio(&[0.0, 100.0], &[50.0, 90.0]).is_none());
+        let (mean, _, n) = paired_ratio(&[0.0, 100.0, 100.0], &[5.0, 90.0, 80.0]).unwrap();
+        assert_eq!(n, 2);
+        assert!((mean - 0.85).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_traced_path_gets_an_exporter_and_a_ratio_sampler() {
+        let env = trace_env("http://127.0.0.1:4317", 0.01);
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(
+            get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+            Some("http://127.0.0.1:4317")
+        );
+        assert_eq!(get("OTEL_TRACES_SAMPLER"), Some("parentbased_traceidratio"));
+        assert_eq!(get("OTEL_TRACES_SAMPLER_ARG"), Some("0.01"));
+        assert_eq!(
+            GatewayPath::parse("epp-traced"),
+            Some(GatewayPath::EppTraced)
+        );
+    }
 }

@@ -23,6 +23,7 @@ pub mod extproc;
 pub mod footprint;
 pub mod gateway;
 pub mod noop;
+pub mod otlp_sink;
 pub mod proc_stats;
 pub mod scale;
 pub mod scrape;

@@ -124,7 +124,7 @@ pub async fn run_one(
         "--fallback-endpoints".to_owned(),
         "0".to_owned(),
     ];
-    let (epp, eaddrs) = start_scraped_epp(bin, &addrs, &extra, dir.path()).await?;
+    let (epp, eaddrs) = start_scraped_epp(bin, &addrs, &extra, &[], dir.path()).await?;
     let mut opts = EnvoyOptions::new(eaddrs.ext_proc.port(), addrs.clone());
     opts.response_bodies = true;
     let (_envoy, _admin, listen) =

@@ -114,7 +114,7 @@ pub async fn run(bin: &Binaries, p: &ScrapePerf) -> Result<ScrapeResult, StackEr
     if !p.name_filter {
         extra.push("--metrics-name-filter=false".to_owned());
     }
-    let (epp, eaddrs) = start_scraped_epp(bin, &addrs, &extra, dir.path()).await?;
+    let (epp, eaddrs) = start_scraped_epp(bin, &addrs, &extra, &[], dir.path()).await?;
     // Let connection pools and buffers reach their steady size first.
     tokio::time::sleep(Duration::from_secs(5)).await;
 

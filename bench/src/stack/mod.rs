@@ -605,39 +605,65 @@ pub async fn start_epp(
     tls: bool,
     logs: &Path,
 ) -> Result<(Proc, EppAddrs), StackError> {
-    start_epp_logged(bin, config, extra, endpoints, tls, logs, "epp.log").await
+    EppLaunch {
+        config,
+        extra,
+        endpoints,
+        tls,
+        logs,
+        log_name: "epp.log",
+        env: &[],
+    }
+    .start(bin)
+    .await
 }
 
-/// [`start_epp`] logging to `logs/log_name` (one file per replica).
-pub async fn start_epp_logged(
-    bin: &Binaries,
-    config: &Path,
-    extra: &[String],
-    endpoints: &Path,
-    tls: bool,
-    logs: &Path,
-    log_name: &str,
-) -> Result<(Proc, EppAddrs), StackError> {
-    let mut cmd = Command::new(&bin.epp);
-    cmd.args(["--listen-address", "127.0.0.1"])
-        .args([
-            "--grpc-port",
-            "0",
-            "--grpc-health-port",
-            "0",
-            "--admin-port",
-            "0",
-            "--metrics-port",
-            "0",
-        ])
-        .arg("--endpoints-file")
-        .arg(endpoints)
-        .arg("--config-file")
-        .arg(config)
-        .arg(format!("--secure-serving={tls}"))
-        .args(extra)
-        .env("NO_COLOR", "1");
-    let mut p = Proc::spawn(cmd, "epp", logs.join(log_name))?;
+/// How one picker process is launched: what the single-picker stacks, the
+/// replica runner and the perf paths share.
+#[derive(Debug, Clone, Copy)]
+pub struct EppLaunch<'a> {
+    pub config: &'a Path,
+    /// Flags after the common ones (ports, endpoints file, config, TLS).
+    pub extra: &'a [String],
+    pub endpoints: &'a Path,
+    pub tls: bool,
+    pub logs: &'a Path,
+    /// File under `logs` the picker's output goes to.
+    pub log_name: &'a str,
+    /// Variables added to the picker's environment (`OTEL_*` for traces).
+    pub env: &'a [(String, String)],
+}
+
+impl EppLaunch<'_> {
+    /// Starts the picker and returns it once it listens.
+    pub async fn start(&self, bin: &Binaries) -> Result<(Proc, EppAddrs), StackError> {
+        let mut cmd = Command::new(&bin.epp);
+        cmd.args(["--listen-address", "127.0.0.1"])
+            .args([
+                "--grpc-port",
+                "0",
+                "--grpc-health-port",
+                "0",
+                "--admin-port",
+                "0",
+                "--metrics-port",
+                "0",
+            ])
+            .arg("--endpoints-file")
+            .arg(self.endpoints)
+            .arg("--config-file")
+            .arg(self.config)
+            .arg(format!("--secure-serving={}", self.tls))
+            .args(self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("NO_COLOR", "1");
+        let p = Proc::spawn(cmd, "epp", self.logs.join(self.log_name))?;
+        listening(p).await
+    }
+}
+
+/// Reads the picker's bound addresses from its "listening" line.
+async fn listening(mut p: Proc) -> Result<(Proc, EppAddrs), StackError> {
     let line = p.wait_for_line("endpoint picker listening").await?;
     let field = |name: &str| -> Option<SocketAddr> {
         let start = line.find(&format!("{name}="))? + name.len() + 1;
@@ -668,12 +694,23 @@ pub async fn start_scraped_epp(
     bin: &Binaries,
     pods: &[SocketAddr],
     extra: &[String],
+    env: &[(String, String)],
     dir: &Path,
 ) -> Result<(Proc, EppAddrs), StackError> {
     let endpoints = dir.join("endpoints.yaml");
     std::fs::write(&endpoints, endpoints_yaml(pods))?;
     let config = bin.repo.join("config/default.yaml");
-    let (mut epp, addrs) = start_epp(bin, &config, extra, &endpoints, false, dir).await?;
+    let (mut epp, addrs) = EppLaunch {
+        config: &config,
+        extra,
+        endpoints: &endpoints,
+        tls: false,
+        logs: dir,
+        log_name: "epp.log",
+        env,
+    }
+    .start(bin)
+    .await?;
     let client = crate::load::client::http_client(2);
     wait_scraped(&client, addrs.metrics, pods.len(), Some(&mut epp)).await?;
     Ok((epp, addrs))

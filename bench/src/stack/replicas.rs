@@ -11,7 +11,7 @@
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
-use super::{Binaries, EppAddrs, Proc, StackError, start_epp_logged, wait_scraped};
+use super::{Binaries, EppAddrs, EppLaunch, Proc, StackError, wait_scraped};
 use crate::load::client::HttpClient;
 use crate::load::runner::get_text;
 
@@ -37,8 +37,16 @@ pub async fn start_replicas(
         } else {
             format!("epp-{i}.log")
         };
-        let (mut p, addrs) =
-            start_epp_logged(bin, config, extra, endpoints, tls, logs, &log).await?;
+        let launch = EppLaunch {
+            config,
+            extra,
+            endpoints,
+            tls,
+            logs,
+            log_name: &log,
+            env: &[],
+        };
+        let (mut p, addrs) = launch.start(bin).await?;
         wait_scraped(client, addrs.metrics, pods, Some(&mut p)).await?;
         out.push((p, addrs));
     }
