@@ -215,6 +215,13 @@ impl Rewrites {
 /// Token ids a thread keeps between requests (most prompts fit).
 const MAX_KEPT_TOKENS: usize = 1 << 16;
 
+/// Request bodies from this size up are tokenized with the worker thread
+/// handed over (`block_in_place`): encoding a long uncached prompt takes
+/// milliseconds, which on an async worker would stall every other stream
+/// it serves. Below it, encoding is short enough that the hand-over (a
+/// thread wake-up) would cost more than it saves.
+const HAND_OVER_BYTES: usize = 32 * 1024;
+
 thread_local! {
     /// The prompt's token ids, reused across requests on this thread.
     static TOKENS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -509,7 +516,13 @@ impl Director {
     /// then uses the byte estimate and the approximate index, so a prompt
     /// the tokenizer cannot take (a template error, token-id prompts) is
     /// still routed.
-    fn tokenize(&self, req: &InferenceRequest<'_>, target: &str, out: &mut Vec<u32>) -> bool {
+    fn tokenize(
+        &self,
+        req: &InferenceRequest<'_>,
+        target: &str,
+        body_len: usize,
+        out: &mut Vec<u32>,
+    ) -> bool {
         out.clear();
         // A pathological prompt must not pin a huge buffer to the thread.
         out.shrink_to(MAX_KEPT_TOKENS);
@@ -527,7 +540,14 @@ impl Director {
                     _ => None,
                 }
             });
-        let outcome = match tokenizer.map(|t| t.tokenize(req, out)) {
+        let encode = |t: &crate::tokenize::ModelTokenizer| {
+            if body_len >= HAND_OVER_BYTES && on_multi_thread_runtime() {
+                tokio::task::block_in_place(|| t.tokenize(req, out))
+            } else {
+                t.tokenize(req, out)
+            }
+        };
+        let outcome = match tokenizer.map(encode) {
             None => "no_tokenizer",
             Some(Ok(())) => "ok",
             Some(Err(e)) => {
@@ -568,7 +588,7 @@ impl Director {
             .unwrap_or(&req.model);
         let decision = TOKENS.with(|tokens| {
             let mut tokens = tokens.borrow_mut();
-            let tokenized = self.tokenize(&req, target, &mut tokens);
+            let tokenized = self.tokenize(&req, target, body.len(), &mut tokens);
             let facts = RequestFacts {
                 model: target,
                 prompt: Some(&req.prompt),
@@ -592,6 +612,14 @@ impl Director {
             new_body,
         })
     }
+}
+
+/// Whether `block_in_place` may be used here: on a multi-threaded runtime's
+/// worker (it panics on a current-thread runtime; outside a runtime there is
+/// nothing to hand over).
+fn on_multi_thread_runtime() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
 /// The pool's saturation for flow control: the scheduler's detector over
@@ -685,6 +713,49 @@ mod tests {
         assert_eq!(picked.in_flight(), 1, "the ticket holds the request");
         drop(r);
         assert_eq!(picked.in_flight(), 0, "dropping the ticket releases it");
+    }
+
+    /// A long prompt is encoded with the worker handed over: a task queued
+    /// on the runtime's only worker runs while the encoding is under way,
+    /// where it would otherwise wait for the route to return.
+    #[test]
+    fn a_long_prompt_does_not_hold_the_runtime_worker() {
+        use crate::tokenize::{ModelTokenizer, Tokenizers};
+        let dir = crate::tokenize::qwen3_test_dir().unwrap();
+        let mut tokenizers = Tokenizers::default();
+        // No segment cache: every route encodes the whole prompt.
+        tokenizers.insert("m", ModelTokenizer::from_dir(&dir, 0).unwrap());
+        let d =
+            Arc::new(director(crate::config::DEFAULT_CONFIG).with_tokenizers(Arc::new(tokenizers)));
+        let mut prompt = String::new();
+        let mut n = 0u64;
+        while prompt.len() < 2 * HAND_OVER_BYTES {
+            n += 1;
+            prompt.push_str(&format!("word{n} and {} more, ", n * 7919 % 1000));
+        }
+        let body = serde_json::json!({"model": "m", "prompt": prompt}).to_string();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (ran_at, done_at) = rt.block_on(async move {
+            tokio::spawn(async move {
+                let ran = Arc::new(parking_lot::Mutex::new(None));
+                let mark = Arc::clone(&ran);
+                tokio::spawn(async move { *mark.lock() = Some(Instant::now()) });
+                let routed = d.route(&input("/v1/completions", body.as_bytes())).unwrap();
+                let done_at = Instant::now();
+                drop(routed);
+                // Read before this task yields: only a hand-over let it run.
+                let ran_at = *ran.lock();
+                (ran_at, done_at)
+            })
+            .await
+            .unwrap()
+        });
+        let ran_at = ran_at.expect("the queued task ran while the prompt was encoded");
+        assert!(ran_at < done_at);
     }
 
     #[test]
