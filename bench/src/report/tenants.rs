@@ -113,7 +113,7 @@ pub fn tenants_charts(
         return Ok(Vec::new());
     }
     let labels: Vec<String> = runs.iter().map(|(l, _)| l.clone()).collect();
-    let all: Vec<(String, BenchRun)> = runs.iter().map(|r| (*r).clone()).collect();
+    let all: Vec<(String, BenchRun)> = runs.iter().map(|(l, r)| (l.clone(), r.clone())).collect();
     let unloaded = reference(&all, UNLOADED).and_then(critical_p95);
     let off = reference(&all, OFF).and_then(stats).map(|(_, g)| g);
     let mut files = Vec::new();
