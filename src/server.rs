@@ -39,7 +39,7 @@ use crate::{
         ConfigError, EndpointPickerConfig, Flags, ModelRewriteSpec, ResponseProcessing,
         RewriteTarget,
     },
-    director::Director,
+    director::{Director, SLO_TTFT_HEADER, SloAdmission},
     discovery::{
         DiscoveryMetrics, DiscoverySource, FileDiscovery, KvEventsSettings,
         kube::{
@@ -281,6 +281,10 @@ impl Core {
                 FlowController::new(settings, director.pool_capacity(), &registry, &pool_name)?;
             tracing::info!(settings = ?flow.settings(), "flow control on");
             director = director.with_flow_control(flow);
+        }
+        if cfg.slo_admission.is_some() {
+            director = director.with_slo_admission(Arc::new(SloAdmission::new(&registry)?));
+            tracing::info!("SLO admission on ({SLO_TTFT_HEADER})");
         }
         let director = Arc::new(director);
         let core = Self {

@@ -15,7 +15,7 @@ use clap::Subcommand;
 use crate::{
     load::{
         self, BenchRun, LoadError,
-        args::{LongPromptArgs, LoraArgs, MultiTurnArgs, SeedArgs, SharedPrefixArgs},
+        args::{LongPromptArgs, LoraArgs, MultiTurnArgs, SeedArgs, SharedPrefixArgs, TenantsArgs},
         workload::LoraMix,
     },
     report::{self, ReportError},
@@ -51,6 +51,12 @@ pub enum CompareWorkload {
     Lora {
         #[command(flatten)]
         args: LoraArgs,
+        #[command(flatten)]
+        compare: CompareArgs,
+    },
+    Tenants {
+        #[command(flatten)]
+        args: TenantsArgs,
         #[command(flatten)]
         compare: CompareArgs,
     },
@@ -113,7 +119,8 @@ impl CompareWorkload {
             | Self::SharedPrefix { compare, .. }
             | Self::LongPrompt { compare, .. }
             | Self::MultiTurn { compare, .. }
-            | Self::Lora { compare, .. } => compare,
+            | Self::Lora { compare, .. }
+            | Self::Tenants { compare, .. } => compare,
         }
     }
 
@@ -172,6 +179,11 @@ impl CompareWorkload {
                 a.common.point_at(gateway, pods, policy);
                 load::run_lora(&a, command).await
             }
+            Self::Tenants { args, .. } => {
+                let mut a = args.clone();
+                a.common.point_at(gateway, pods, policy);
+                load::run_tenants(&a, command).await
+            }
         }
     }
 }
@@ -201,6 +213,19 @@ pub async fn run(workload: CompareWorkload, command: &str) -> Result<(), Compare
         let mut run = workload
             .run_through(&stack, opts.sim.kv_blocks, label, command)
             .await?;
+        if let (Some(m), Some(t)) = (
+            stack.epp_metrics,
+            run.phases.last_mut().and_then(|p| p.tenants.as_mut()),
+        ) {
+            let client = crate::load::client::http_client(2);
+            let url = format!("http://{m}/metrics");
+            if let Ok(page) =
+                crate::load::runner::get_text(&client, &url, std::time::Duration::from_secs(10))
+                    .await
+            {
+                t.prediction = crate::load::tenants::prediction_stats(&page);
+            }
+        }
         if stack.epp_replica_metrics.len() > 1 {
             let client = crate::load::client::http_client(2);
             let counts = routed_per_replica(&client, &stack.epp_replica_metrics).await;

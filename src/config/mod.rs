@@ -12,6 +12,6 @@ pub use kv_events_flags::{DEFAULT_MAX_BLOCKS_PER_RANK, KvEventsFlags};
 pub use picker_config::{
     ACCEPTED_API_VERSIONS, ConfigError, DEFAULT_CONFIG, EndpointPickerConfig, GIE_DEFAULT_CONFIG,
     MODEL_REWRITE_HEADER, ModelRewriteSpec, ObjectiveSpec, PluginRef, PluginSpec, ProfilePluginRef,
-    ProfileSpec, RewriteTarget, TEST_SELECTION_HEADER, TRUSTABLE_HEADERS,
+    ProfileSpec, RewriteTarget, SloAdmissionSpec, TEST_SELECTION_HEADER, TRUSTABLE_HEADERS,
 };
 pub use tokenizer_flags::{TokenizerFlags, TokenizerSpec};

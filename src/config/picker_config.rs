@@ -63,6 +63,10 @@ pub struct EndpointPickerConfig {
     /// when `featureGates` lists `flowControl`.
     #[serde(default)]
     pub flow_control: Option<serde_json::Value>,
+    /// Ours: `sloAdmission: {}` admits requests carrying `x-slo-ttft-ms`
+    /// by their predicted time to first token (`director::slo`).
+    #[serde(default)]
+    pub slo_admission: Option<SloAdmissionSpec>,
     #[serde(default)]
     pub parser: Option<PluginRef>,
     /// llm-d's request handler section (parsers). Accepted and ignored: the
@@ -77,6 +81,11 @@ pub struct EndpointPickerConfig {
     #[serde(default)]
     pub trusted_headers: Vec<String>,
 }
+
+/// The `sloAdmission` section (ours): no settings yet; present means on.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SloAdmissionSpec {}
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

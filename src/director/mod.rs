@@ -16,14 +16,21 @@
 //! (a destination, a body, an HTTP status, a response header to set), never
 //! in scores.
 
+mod slo;
 mod ticket;
 mod trace;
 
-use std::{collections::HashMap, sync::Arc, time::Instant};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use arc_swap::ArcSwap;
 use tracing::Level;
 
+use slo::Verdict;
+pub use slo::{SLO_TTFT_HEADER, SloAdmission, parse_objective as parse_slo_objective};
 pub use ticket::RequestTicket;
 use ticket::SessionReply;
 
@@ -52,6 +59,8 @@ pub struct RouteInput<'a> {
     pub objective: Option<&'a str>,
     /// `x-gateway-inference-fairness-id` (flow control's flow).
     pub fairness_id: Option<&'a str>,
+    /// `x-slo-ttft-ms`, parsed (SLO admission's objective).
+    pub slo_ttft_ms: Option<u64>,
     /// `x-gateway-model-name-rewrite`, as the client sent it (honoured only
     /// when the config trusts it).
     pub model_rewrite: Option<&'a str>,
@@ -103,6 +112,10 @@ pub enum RouteError {
     BodyTooLarge(usize),
     #[error(transparent)]
     FlowControl(#[from] Rejection),
+    #[error(
+        "time to first token objective of {slo_ms} ms cannot be met: predicted {predicted_ms} ms"
+    )]
+    SloUnattainable { slo_ms: u64, predicted_ms: u64 },
 }
 
 impl RouteError {
@@ -112,6 +125,7 @@ impl RouteError {
             Self::BodyTooLarge(_) => 413,
             Self::Schedule(e) => e.http_status(),
             Self::FlowControl(r) => r.http_status(),
+            Self::SloUnattainable { .. } => 429,
         }
     }
 
@@ -122,6 +136,7 @@ impl RouteError {
             Self::BodyTooLarge(_) => "request_too_large",
             Self::Schedule(e) => e.code(),
             Self::FlowControl(r) => r.code(),
+            Self::SloUnattainable { .. } => "slo_ttft_unattainable",
         }
     }
 
@@ -251,6 +266,8 @@ pub struct Director {
     tokenizers: Arc<Tokenizers>,
     /// Flow control, when the config's feature gate turns it on.
     flow: Option<Arc<FlowController>>,
+    /// SLO admission (ours), when the config has `sloAdmission`.
+    slo: Option<Arc<SloAdmission>>,
 }
 
 /// A scheduled request before it becomes a [`Routed`] or an [`Explained`].
@@ -285,6 +302,7 @@ impl Director {
             metrics,
             tokenizers: Arc::default(),
             flow: None,
+            slo: None,
         }
     }
 
@@ -297,6 +315,12 @@ impl Director {
     /// Puts `flow` between parsing and scheduling (see [`Director::admit`]).
     pub fn with_flow_control(mut self, flow: Arc<FlowController>) -> Self {
         self.flow = Some(flow);
+        self
+    }
+
+    /// Admits requests with a TTFT objective by predicted TTFT (see `slo`).
+    pub fn with_slo_admission(mut self, slo: Arc<SloAdmission>) -> Self {
+        self.slo = Some(slo);
         self
     }
 
@@ -318,6 +342,7 @@ impl Director {
     /// dispatched (late binding: scheduling then sees the pool as it is).
     /// A refusal is counted like every other.
     pub fn admit(&self, input: &RouteInput<'_>) -> Result<Option<Waiting>, RouteError> {
+        let max_wait = self.slo_admission(input)?;
         let Some(flow) = &self.flow else {
             return Ok(None);
         };
@@ -326,10 +351,47 @@ impl Director {
             priority: input.objective.map_or(0, |o| self.objective_priority(o)),
             bytes: input.body.map_or(0, |b| b.len() as u64),
         };
-        match flow.admit(&req) {
+        match flow.admit_within(&req, max_wait) {
             Admission::Go => Ok(None),
             Admission::Wait(w) => Ok(Some(w)),
             Admission::Reject(r) => Err(self.flow_rejected(input, r)),
+        }
+    }
+
+    /// SLO admission: `Err` refuses the request now; `Ok(Some(d))` lets it
+    /// wait in flow control's queue at most `d` (the objective minus the
+    /// predicted TTFT once dispatched); `Ok(None)` means no objective, or no
+    /// prediction yet.
+    fn slo_admission(&self, input: &RouteInput<'_>) -> Result<Option<Duration>, RouteError> {
+        let (Some(slo), Some(slo_ms)) = (&self.slo, input.slo_ttft_ms) else {
+            return Ok(None);
+        };
+        let tokens = prompt_tokens_estimate(input);
+        let best = self
+            .store
+            .snapshot()
+            .endpoints()
+            .iter()
+            .map(|e| e.prefill_backlog())
+            .min()
+            .unwrap_or(0);
+        let refuse = |predicted_ms: f64| {
+            Err(self.rejected(
+                input,
+                RouteError::SloUnattainable {
+                    slo_ms,
+                    predicted_ms: predicted_ms.round() as u64,
+                },
+            ))
+        };
+        match slo.verdict(slo_ms, tokens, best as f64) {
+            Verdict::Unknown => Ok(None),
+            Verdict::Meets { max_wait } => Ok(Some(max_wait)),
+            // Room will come only through flow control's queue.
+            Verdict::Wait { max_wait, .. } if self.flow.is_some() => Ok(Some(max_wait)),
+            Verdict::Wait { predicted_ms, .. } | Verdict::Refuse { predicted_ms } => {
+                refuse(predicted_ms)
+            }
         }
     }
 
@@ -455,7 +517,9 @@ impl Director {
                 destination = %destination, prompt_blocks = d.prompt_blocks,
                 matched_blocks = d.matched_blocks, scores = %ex, "request routed");
         }
-        // Not empty: checked above.
+        // Not empty: checked above. SLO admission's cost, read before this
+        // request adds to the backlog.
+        let slo_cost = d.endpoints[0].prefill_backlog() as f64 + prompt_tokens_estimate(input);
         let guard = d.endpoints[0].begin_request(d.prefill_tokens);
         let session = self
             .scheduler
@@ -474,6 +538,9 @@ impl Director {
         }
         if let Some(flow) = &self.flow {
             ticket.on_release(flow.release_hook());
+        }
+        if let Some(slo) = &self.slo {
+            ticket.on_first_byte(Arc::clone(slo), slo_cost);
         }
         Ok(Routed {
             destination,
@@ -620,6 +687,12 @@ impl Director {
 fn on_multi_thread_runtime() -> bool {
     tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+}
+
+/// Prompt tokens as SLO admission counts them, the same at admission and
+/// when the fit is fed: body bytes over [`BYTES_PER_TOKEN`].
+fn prompt_tokens_estimate(input: &RouteInput<'_>) -> f64 {
+    (input.body.map_or(0, <[u8]>::len) / BYTES_PER_TOKEN as usize) as f64
 }
 
 /// The pool's saturation for flow control: the scheduler's detector over

@@ -47,6 +47,9 @@ pub struct RequestTicket {
     request_span: Span,
     response_span: Span,
     session: Option<SessionReply>,
+    /// SLO admission's model, the request's cost and when it was routed:
+    /// the first byte feeds the model.
+    slo: Option<(Arc<super::SloAdmission>, f64, Instant)>,
     /// Flow control's hook, last so that it drops after `guard`: when it
     /// fires, the endpoint's in-flight accounting is released already.
     release: Option<ReleaseHook>,
@@ -109,8 +112,15 @@ impl RequestTicket {
             session,
             request_span: Span::none(),
             response_span: Span::none(),
+            slo: None,
             release: None,
         }
+    }
+
+    /// Reports the time to the first response byte of a successful
+    /// response to SLO admission, for a request of `cost` routed now.
+    pub(super) fn on_first_byte(&mut self, slo: Arc<super::SloAdmission>, cost: f64) {
+        self.slo = Some((slo, cost, Instant::now()));
     }
 
     /// Fires `hook` when the request ends (flow control's dispatch signal).
@@ -179,6 +189,11 @@ impl RequestTicket {
         if !self.response.first_byte {
             self.response.first_byte = true;
             self.guard.prefill_done();
+            if let Some((slo, cost, routed)) = self.slo.take()
+                && self.response.status < 400
+            {
+                slo.observed(cost, routed.elapsed());
+            }
             if !self.response_span.is_disabled() {
                 tracing::info!(target: TARGET, parent: &self.response_span, "first byte");
             }

@@ -67,7 +67,10 @@ use envoy_types::pb::envoy::{
 use super::envoy::{self, DESTINATION, LB_NAMESPACE};
 use crate::{
     config::{MODEL_REWRITE_HEADER, TEST_SELECTION_HEADER},
-    director::{Director, MAX_SESSION_TOKEN_BYTES, RequestTicket, RouteError, RouteInput, Routed},
+    director::{
+        Director, MAX_SESSION_TOKEN_BYTES, RequestTicket, RouteError, RouteInput, Routed,
+        SLO_TTFT_HEADER, parse_slo_objective,
+    },
     flow_control::{FAIRNESS_ID_HEADER, Waiting},
     request::ApiKind,
     telemetry::{logging::Clip, traces::RequestTracer},
@@ -143,6 +146,7 @@ pub struct ExtProcStream {
     request_id: String,
     objective: Option<String>,
     fairness_id: Option<String>,
+    slo_ttft_ms: Option<u64>,
     model_rewrite: Option<String>,
     test_selection: Option<String>,
     /// The session token sent back, when the director has a session header.
@@ -194,6 +198,7 @@ impl ExtProcStream {
             request_id: String::new(),
             objective: None,
             fairness_id: None,
+            slo_ttft_ms: None,
             model_rewrite: None,
             test_selection: None,
             session_token: None,
@@ -364,6 +369,7 @@ impl ExtProcStream {
         self.request_id = envoy::header(map, "x-request-id").unwrap_or("").to_owned();
         self.objective = envoy::header(map, "x-gateway-inference-objective").map(str::to_owned);
         self.fairness_id = envoy::header(map, FAIRNESS_ID_HEADER).map(str::to_owned);
+        self.slo_ttft_ms = envoy::header(map, SLO_TTFT_HEADER).and_then(parse_slo_objective);
         self.model_rewrite = envoy::header(map, MODEL_REWRITE_HEADER).map(str::to_owned);
         self.test_selection = envoy::header(map, TEST_SELECTION_HEADER).map(str::to_owned);
         self.session_token = self
@@ -543,6 +549,7 @@ impl ExtProcStream {
             body,
             objective: self.objective.as_deref(),
             fairness_id: self.fairness_id.as_deref(),
+            slo_ttft_ms: self.slo_ttft_ms,
             model_rewrite: self.model_rewrite.as_deref(),
             test_selection: self.test_selection.as_deref(),
             session_token: self.session_token.as_deref(),

@@ -28,7 +28,11 @@
 //! create unbounded state; default 1024) and `gatewayMaxMessageTimeout`
 //! (the `max_message_timeout` of the gateway's ext_proc filter: while a
 //! request waits, the picker asks the gateway, once, to extend its per-message
-//! timeout up to this; 0 or absent = never ask).
+//! timeout up to this; 0 or absent = never ask), and a band's
+//! `dispatchHeadroom` (the head of that band may still be dispatched while
+//! the pool's saturation is below `1 + dispatchHeadroom`: capacity held back
+//! from lower bands so a critical request finds room at once instead of
+//! waiting for the next request to finish; default 0, GIE's behaviour).
 
 use std::time::Duration;
 
@@ -69,7 +73,7 @@ pub enum Ordering {
     Edf,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BandSettings {
     /// 0 = unbounded.
     pub max_bytes: u64,
@@ -77,6 +81,8 @@ pub struct BandSettings {
     pub max_requests: u64,
     pub fairness: Fairness,
     pub ordering: Ordering,
+    /// Ours: saturation above 1 up to which this band is still dispatched.
+    pub dispatch_headroom: f64,
 }
 
 impl Default for BandSettings {
@@ -86,6 +92,7 @@ impl Default for BandSettings {
             max_requests: 0,
             fairness: Fairness::default(),
             ordering: Ordering::default(),
+            dispatch_headroom: 0.0,
         }
     }
 }
@@ -163,6 +170,7 @@ struct RawBand {
     fairness_policy_ref: String,
     #[serde(default)]
     ordering_policy_ref: String,
+    dispatch_headroom: Option<f64>,
 }
 
 impl FlowControlSettings {
@@ -240,6 +248,15 @@ impl FlowControlSettings {
             .find(|(p, _)| *p == priority)
             .map_or(self.default_band, |(_, b)| *b)
     }
+
+    /// The largest `dispatchHeadroom` of any band: above `1 +` this, nothing
+    /// is dispatched.
+    pub fn max_dispatch_headroom(&self) -> f64 {
+        self.bands
+            .iter()
+            .map(|(_, b)| b.dispatch_headroom)
+            .fold(self.default_band.dispatch_headroom, f64::max)
+    }
 }
 
 fn band(
@@ -284,6 +301,16 @@ fn band(
             .unwrap_or(base.max_requests),
         fairness,
         ordering,
+        dispatch_headroom: match b.dispatch_headroom {
+            None => base.dispatch_headroom,
+            Some(h) if h.is_finite() && (0.0..=1.0).contains(&h) => h,
+            Some(h) => {
+                return Err(FlowControlConfigError::Invalid {
+                    field: "priorityBands.dispatchHeadroom".into(),
+                    reason: format!("{h} is not within 0..=1"),
+                });
+            }
+        },
     })
 }
 
@@ -363,6 +390,7 @@ flowControl:
   - priority: 10
     maxBytes: 500
     fairnessPolicyRef: rr
+    dispatchHeadroom: 0.05
   gatewayMaxMessageTimeout: 60s
 ";
         let s = parse(text).unwrap().unwrap();
@@ -382,6 +410,9 @@ flowControl:
             "a named band starts from the defaults"
         );
         assert_eq!(high.ordering, Ordering::Fcfs);
+        assert_eq!(high.dispatch_headroom, 0.05);
+        assert_eq!(s.band(-1).dispatch_headroom, 0.0);
+        assert_eq!(s.max_dispatch_headroom(), 0.05);
         assert_eq!(s.band(3).ordering, Ordering::Edf, "the template");
         assert_eq!(s.band(-1).max_requests, 2);
         assert_eq!(s.band(3).max_requests, 4);
@@ -397,6 +428,7 @@ flowControl:
             "featureGates: [flowControl]\nflowControl: {priorityBands: [{priority: 1, fairnessPolicyRef: fifo}]}\n",
             "featureGates: [flowControl]\nflowControl: {priorityBands: [{priority: 1, orderingPolicyRef: lifo}]}\n",
             "featureGates: [flowControl]\nflowControl: {maxFlows: 0}\n",
+            "featureGates: [flowControl]\nflowControl: {priorityBands: [{priority: 1, dispatchHeadroom: -0.1}]}\n",
         ] {
             assert!(parse(text).is_err(), "{text}");
         }

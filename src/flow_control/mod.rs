@@ -23,6 +23,10 @@
 //! accounting then shows in the next saturation reading) and drops the
 //! token; the drop triggers the next dispatch. So one request is in transit
 //! at a time and each dispatch decision sees the previous one's effect.
+//! A band with `dispatchHeadroom` h (ours) is still dispatched while the
+//! saturation is below 1 + h, so capacity is held back from the bands
+//! without it: strict priority puts such a band's requests at the head
+//! whenever they are queued, so the head's band is the one that decides.
 //! Kicks come from: a request being queued, a routed request finishing (its
 //! ticket's [`ReleaseHook`]), a token being dropped, and a periodic tick
 //! ([`FlowController::run_ticker`]) for room that only a scrape reveals.
@@ -158,6 +162,9 @@ pub struct FlowController {
     capacity: Arc<dyn Capacity>,
     /// Origin of the EDF deadlines.
     epoch: Instant,
+    /// `settings.max_dispatch_headroom()`: at or above `1 +` this, the pool
+    /// is full for every band, checked without the lock.
+    max_headroom: f64,
     metrics: FlowMetrics,
 }
 
@@ -171,6 +178,7 @@ impl FlowController {
     ) -> Result<Arc<Self>, TelemetryError> {
         Ok(Arc::new(Self {
             queues: Mutex::new(Queues::new(settings.clone())),
+            max_headroom: settings.max_dispatch_headroom(),
             settings,
             queued: AtomicU64::new(0),
             in_transit: AtomicUsize::new(0),
@@ -191,6 +199,16 @@ impl FlowController {
 
     /// Decides whether `req` goes now, waits, or is refused.
     pub fn admit(self: &Arc<Self>, req: &FlowRequest<'_>) -> Admission {
+        self.admit_within(req, None)
+    }
+
+    /// [`FlowController::admit`], waiting at most `max_wait` when queued
+    /// (less than the TTL: SLO admission's budget), evicted as by the TTL.
+    pub fn admit_within(
+        self: &Arc<Self>,
+        req: &FlowRequest<'_>,
+        max_wait: Option<Duration>,
+    ) -> Admission {
         let started = Instant::now();
         let flow = fairness_id(req.fairness_id);
         if self.queued() == 0
@@ -204,7 +222,11 @@ impl FlowController {
             return Admission::Go;
         }
         let (tx, rx) = oneshot::channel();
-        let deadline = self.settings.default_ttl.map(|ttl| started + ttl);
+        let ttl = match (self.settings.default_ttl, max_wait) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let deadline = ttl.map(|ttl| started + ttl);
         let order = deadline.map(|d| {
             u64::try_from(d.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
         });
@@ -259,13 +281,20 @@ impl FlowController {
             let started = Instant::now();
             let saturation = self.capacity.saturation();
             self.metrics.pool_saturation.set(saturation);
-            if saturation >= 1.0 {
+            if saturation >= 1.0 + self.max_headroom {
                 return;
             }
             let popped = {
                 let mut q = self.queues.lock();
                 // Checked under the lock so two kickers cannot both dispatch.
                 if self.in_transit.load(AtomicOrdering::Acquire) > 0 {
+                    return;
+                }
+                // Saturated: only a band with dispatch headroom left goes.
+                if saturation >= 1.0
+                    && q.head_band()
+                        .is_none_or(|b| saturation >= 1.0 + b.dispatch_headroom)
+                {
                     return;
                 }
                 let popped = q.pop();

@@ -283,6 +283,11 @@ impl<T> Queues<T> {
         Some((key, item))
     }
 
+    /// The settings of the band [`Queues::pop`] would take from.
+    pub fn head_band(&self) -> Option<&BandSettings> {
+        self.bands.iter().find(|b| b.len > 0).map(|b| &b.settings)
+    }
+
     /// Removes a request still queued (its client left, or its TTL ran
     /// out); `None` when it was dispatched already.
     pub fn remove(&mut self, key: Key) -> Option<Item<T>> {

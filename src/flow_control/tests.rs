@@ -241,3 +241,38 @@ fn fairness_ids_are_bounded_in_length_and_labels() {
     drop(waiting);
     assert_eq!(ctl.queued(), 0);
 }
+
+#[test]
+fn dispatch_headroom_lets_only_its_band_past_saturation() {
+    let (ctl, pool, _) = controller(
+        "featureGates: [flowControl]\nflowControl:\n  priorityBands:\n  - {priority: 10, dispatchHeadroom: 0.2}\n",
+        10,
+    );
+    pool.used.store(10, AtomicOrdering::Release);
+    let mut standard = wait(ctl.admit(&req(Some("a"), 0)));
+    assert!(
+        poll(&mut standard).is_pending(),
+        "full for the default band"
+    );
+    // Saturation 1.0 < 1.2: the critical request overtakes and goes.
+    let mut critical = wait(ctl.admit(&req(Some("b"), 10)));
+    let Poll::Ready(Ok(token)) = poll(&mut critical) else {
+        panic!("the headroom band is dispatched past saturation");
+    };
+    pool.used.store(11, AtomicOrdering::Release);
+    drop(token);
+    assert!(poll(&mut standard).is_pending());
+    // 1.2 and above: full for every band.
+    pool.used.store(12, AtomicOrdering::Release);
+    let mut second = wait(ctl.admit(&req(Some("b"), 10)));
+    assert!(poll(&mut second).is_pending());
+    // Room below 1 again: strict priority, the critical request first.
+    pool.used.store(9, AtomicOrdering::Release);
+    ctl.kick();
+    let Poll::Ready(Ok(token)) = poll(&mut second) else {
+        panic!("the critical request goes first");
+    };
+    assert!(poll(&mut standard).is_pending(), "one in transit at a time");
+    drop(token);
+    assert!(matches!(poll(&mut standard), Poll::Ready(Ok(_))));
+}

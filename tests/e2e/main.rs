@@ -19,3 +19,4 @@ mod operations;
 mod protocol;
 mod routing;
 mod security;
+mod slo;

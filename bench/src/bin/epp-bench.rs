@@ -8,7 +8,7 @@ use epp_bench::{
     compare,
     load::{
         self,
-        args::{LongPromptArgs, LoraArgs, MultiTurnArgs, SeedArgs, SharedPrefixArgs},
+        args::{LongPromptArgs, LoraArgs, MultiTurnArgs, SeedArgs, SharedPrefixArgs, TenantsArgs},
     },
     perf, report, soak, stack,
 };
@@ -39,6 +39,10 @@ enum Cmd {
     /// Requests over LoRA adapters (Zipf popularity, some base-model
     /// traffic); reports adapter loads per 1,000 requests from the pods.
     Lora(LoraArgs),
+    /// Tenants at their own rates, tagged with fairness ids and critical or
+    /// standard objectives (flow control's proof); reports per-class TTFT,
+    /// per-tenant goodput and Jain's fairness index.
+    Tenants(TenantsArgs),
     /// Combines --json results of one workload (one per policy) into a
     /// markdown table and PNG charts.
     Report(report::cli::ReportArgs),
@@ -79,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::LongPrompt(a) => load::cli::long_prompt(&a, &command).await?,
         Cmd::MultiTurn(a) => load::cli::multi_turn(&a, &command).await?,
         Cmd::Lora(a) => load::cli::lora(&a, &command).await?,
+        Cmd::Tenants(a) => load::cli::tenants(&a, &command).await?,
         Cmd::Report(a) => report::cli::run(&a, &command)?,
         Cmd::Compare { workload } => compare::run(workload, &command).await?,
         Cmd::Local(a) => stack::cli::local(a, &command).await?,

@@ -220,3 +220,44 @@ pub struct LoraArgs {
     #[arg(long, value_enum, default_value_t = Api::Completions)]
     pub api: Api,
 }
+
+/// The tenants workload: tenants at their own Poisson rates, each request
+/// tagged with its tenant's fairness id and an objective (critical or
+/// standard), optionally with a TTFT objective.
+#[derive(Debug, Clone, Args)]
+pub struct TenantsArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Tenants as NAME=RATE (Poisson arrivals per second), comma-separated;
+    /// NAME is sent as `x-gateway-inference-fairness-id`.
+    #[arg(long, value_delimiter = ',', default_value = "heavy=8,light=2")]
+    pub tenants: Vec<String>,
+    /// Seconds of arrivals.
+    #[arg(long, default_value_t = 40.0)]
+    pub duration: f64,
+    /// Share (0..=1) of every tenant's requests sent with --critical-objective;
+    /// the rest carry --standard-objective.
+    #[arg(long, default_value_t = 0.1)]
+    pub critical_share: f64,
+    /// `x-gateway-inference-objective` of the critical requests.
+    #[arg(long, default_value = "critical")]
+    pub critical_objective: String,
+    /// `x-gateway-inference-objective` of the other requests.
+    #[arg(long, default_value = "standard")]
+    pub standard_objective: String,
+    /// Prompt tokens per request (distinct prompts, no shared prefix).
+    #[arg(long, default_value_t = 32)]
+    pub prompt_tokens: usize,
+    /// Output tokens per request.
+    #[arg(long, default_value_t = 32)]
+    pub output_tokens: usize,
+    /// Send `x-slo-ttft-ms` with this value on every request, and report
+    /// the share of requests meeting it.
+    #[arg(long)]
+    pub slo_ttft_ms: Option<u64>,
+    /// Cap on requests in flight (the dispatcher waits beyond it).
+    #[arg(long, default_value_t = 10_000)]
+    pub max_inflight: usize,
+    #[arg(long, value_enum, default_value_t = Api::Completions)]
+    pub api: Api,
+}

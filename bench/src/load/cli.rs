@@ -4,8 +4,11 @@
 
 use super::{
     BenchRun, LoadError,
-    args::{CommonArgs, LongPromptArgs, LoraArgs, MultiTurnArgs, SeedArgs, SharedPrefixArgs},
-    run_long_prompt, run_lora, run_multi_turn, run_seed, run_shared_prefix,
+    args::{
+        CommonArgs, LongPromptArgs, LoraArgs, MultiTurnArgs, SeedArgs, SharedPrefixArgs,
+        TenantsArgs,
+    },
+    run_long_prompt, run_lora, run_multi_turn, run_seed, run_shared_prefix, run_tenants,
 };
 use crate::report;
 
@@ -56,6 +59,15 @@ pub async fn lora(a: &LoraArgs, command: &str) -> Result<(), LoadError> {
         if let Some(t) = report::target_pods_table(p) {
             println!("{t}");
         }
+    }
+    finish(&run, &a.common)
+}
+
+/// Prints the per-tenant and per-class table.
+pub async fn tenants(a: &TenantsArgs, command: &str) -> Result<(), LoadError> {
+    let run = run_tenants(a, command).await?;
+    if let Some(t) = report::tenants_table(&[(run.label.clone(), run.clone())]) {
+        println!("{t}");
     }
     finish(&run, &a.common)
 }

@@ -33,6 +33,8 @@ pub struct RequestSpec {
     pub stream: bool,
     /// Collect the generated text (multi-turn needs the reply).
     pub keep_text: bool,
+    /// Extra request headers (fairness id, objective, TTFT objective).
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -54,6 +56,23 @@ pub struct Record {
     pub pod: Option<String>,
     /// Error kind (see `PhaseResult::errors`) or the measurements.
     pub outcome: Result<Success, String>,
+}
+
+/// Bytes of an error body read for its code.
+const MAX_ERROR_BODY: usize = 4096;
+
+/// An error's kind: the status, followed by the OpenAI-style body's
+/// `error.code` when it has one (`503 flow_control_ttl_expired`), so
+/// refusals can be told from failures.
+pub fn error_kind(status: u16, body: &[u8]) -> String {
+    let code = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["code"].as_str().map(str::to_owned))
+        .filter(|c| !c.is_empty() && c.len() <= 64 && !c.contains(char::is_whitespace));
+    match code {
+        Some(c) => format!("{status} {c}"),
+        None => status.to_string(),
+    }
 }
 
 /// Sends `spec`, failing with "timeout" after `timeout` in total.
@@ -78,10 +97,14 @@ async fn exchange(
     start: Instant,
     pod: &mut Option<String>,
 ) -> Result<Success, String> {
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method(Method::POST)
         .uri(spec.uri.clone())
-        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::CONTENT_TYPE, "application/json");
+    for (name, value) in &spec.headers {
+        req = req.header(name.clone(), value.clone());
+    }
+    let req = req
         .body(Full::new(spec.body.clone()))
         .map_err(|_| "request".to_owned())?;
     let resp = client.request(req).await.map_err(|e| {
@@ -99,9 +122,16 @@ async fn exchange(
     let status = resp.status();
     let mut body = resp.into_body();
     if !status.is_success() {
-        // Drain so the connection can be reused.
-        while let Some(Ok(_)) = body.frame().await {}
-        return Err(status.as_u16().to_string());
+        // Drain so the connection can be reused, keeping the start of the
+        // body for its error code.
+        let mut head = Vec::new();
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Some(data) = frame.data_ref() {
+                let room = MAX_ERROR_BODY.saturating_sub(head.len());
+                head.extend_from_slice(&data[..data.len().min(room)]);
+            }
+        }
+        return Err(error_kind(status.as_u16(), &head));
     }
     if spec.stream {
         let mut reader = SseReader::new(spec.keep_text);
@@ -138,5 +168,19 @@ async fn exchange(
             usage,
             text: if spec.keep_text { text } else { String::new() },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_kind;
+
+    #[test]
+    fn error_kinds_carry_the_body_code() {
+        let body = br#"{"error":{"message":"x","type":"service_unavailable","code":"flow_control_ttl_expired"}}"#;
+        assert_eq!(error_kind(503, body), "503 flow_control_ttl_expired");
+        assert_eq!(error_kind(429, b"Too many"), "429");
+        assert_eq!(error_kind(500, br#"{"error":{"code":42}}"#), "500");
+        assert_eq!(error_kind(500, br#"{"error":{"code":"has space"}}"#), "500");
     }
 }

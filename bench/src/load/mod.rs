@@ -24,10 +24,13 @@ pub mod run;
 pub mod runner;
 pub mod sse;
 pub mod stats;
+pub mod tenants;
 pub mod workload;
 
 pub use result::{BenchRun, CacheStats, LoraStats, PhaseResult};
-pub use run::{run_long_prompt, run_lora, run_multi_turn, run_seed, run_shared_prefix};
+pub use run::{
+    run_long_prompt, run_lora, run_multi_turn, run_seed, run_shared_prefix, run_tenants,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {

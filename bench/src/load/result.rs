@@ -103,6 +103,87 @@ pub struct PhaseResult {
     /// `inference_objective_request_total`), with `--epp-replicas` > 1.
     #[serde(default)]
     pub epp_replica_requests: Option<Vec<Option<f64>>>,
+    /// The tenants workload: per tenant and priority class, fairness.
+    #[serde(default)]
+    pub tenants: Option<TenantsStats>,
+}
+
+/// One tenant's requests of one objective (the tenants workload).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClassStats {
+    /// The fairness id sent.
+    pub tenant: String,
+    /// The objective sent (`x-gateway-inference-objective`).
+    pub objective: String,
+    pub sent: usize,
+    pub ok: usize,
+    pub errors: BTreeMap<String, usize>,
+    /// Successful requests completed within the arrival window, per second.
+    pub goodput_rps: f64,
+    pub ttft_ms: Option<LatencySummary>,
+    /// With a TTFT objective: successful requests whose TTFT met it, over
+    /// the successful ones.
+    pub slo_met: Option<f64>,
+}
+
+/// A tenant's share of the phase.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct TenantShare {
+    /// Its arrival rate.
+    pub offered_rps: f64,
+    pub goodput_rps: f64,
+    /// Its max-min fair share of the total goodput, given the offered rates.
+    pub fair_share_rps: f64,
+}
+
+/// The tenants workload's figures over the whole phase.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TenantsStats {
+    /// Successful requests completed within the arrival window, per second
+    /// of it.
+    #[serde(default)]
+    pub goodput_rps: f64,
+    /// The arrival window (the workload's --duration), seconds.
+    #[serde(default)]
+    pub window_s: f64,
+    pub classes: Vec<ClassStats>,
+    /// TTFT of the successful requests of each objective, all tenants.
+    pub ttft_by_objective: BTreeMap<String, LatencySummary>,
+    pub tenants: BTreeMap<String, TenantShare>,
+    /// Jain's index over the tenants' goodput.
+    pub jain_goodput: Option<f64>,
+    /// Jain's index over goodput / max-min fair share (1 when every tenant
+    /// gets its fair share).
+    pub jain_of_fair_share: Option<f64>,
+    /// Refused by the picker with a code of its own (flow control's queue
+    /// full or TTL, shedding, SLO admission): never admitted.
+    pub refused: usize,
+    /// Every other failure (timeouts, resets, the pods' errors): requests
+    /// that were admitted and then lost.
+    pub lost: usize,
+    /// The TTFT objective sent with every request, if any.
+    pub slo_ttft_ms: Option<u64>,
+    /// Successful requests meeting the TTFT objective over all sent.
+    pub slo_met_of_sent: Option<f64>,
+    /// Successful requests meeting the TTFT objective over the successful.
+    pub slo_met_of_ok: Option<f64>,
+    /// The picker's TTFT prediction error (SLO admission's model), from its
+    /// `epp_slo_ttft_prediction_ratio` histogram at the end of the run.
+    #[serde(default)]
+    pub prediction: Option<PredictionStats>,
+}
+
+/// Observed over predicted TTFT, from the picker's histogram.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PredictionStats {
+    /// Observations compared with a prediction.
+    pub count: f64,
+    /// Share with observed / predicted within (0.8, 1.25].
+    pub within_25pct: f64,
+    /// Share within (0.5, 2].
+    pub within_2x: f64,
+    /// The upper bound of the bucket holding the median ratio.
+    pub median_ratio_le: f64,
 }
 
 /// Adapter swaps summed over the pods, as deltas over one phase.

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use super::LoadError;
 use super::args::{
     Api, CommonArgs, LongPromptArgs, LoraArgs, MultiTurnArgs, PaceArgs, SeedArgs, SharedPrefixArgs,
+    TenantsArgs,
 };
 use super::client::{HttpClient, Record, RequestSpec, http_client, send};
 use super::direct::{DirectSplit, RestartGate, restart_stats, routed_job, split_stats};
@@ -19,9 +20,10 @@ use super::result::{BenchRun, PhaseResult, SCHEMA_VERSION};
 use super::runner::{
     JobFn, Pace, PhaseMeta, PodSet, cache_delta, drive, lora_delta, scrape_fleet, summarize,
 };
+use super::tenants::{self, Mix};
 use super::workload::{
-    LongPrompt, LoraMix, MultiTurn, SharedPrefix, ideal_hit_rate_bounded, ideal_hit_rate_of_sent,
-    seed_prompt,
+    LongPrompt, LoraMix, MultiTurn, SharedPrefix, filler_text, ideal_hit_rate_bounded,
+    ideal_hit_rate_of_sent, seed_prompt, sub_seed,
 };
 
 /// The seed deployment's four scenarios: (name, requests, concurrency).
@@ -238,6 +240,7 @@ pub async fn run_seed(args: &SeedArgs, command: &str) -> Result<BenchRun, LoadEr
             body: bodies[i].clone(),
             stream,
             keep_text: false,
+            headers: Vec::new(),
         });
         let job = single_request_job(ctx.client.clone(), ctx.timeout, make);
         let pace = Pace::Closed { concurrency };
@@ -338,6 +341,7 @@ pub async fn run_shared_prefix(
                 body,
                 stream,
                 keep_text: false,
+                headers: Vec::new(),
             }
         }
     };
@@ -428,6 +432,7 @@ pub async fn run_long_prompt(args: &LongPromptArgs, command: &str) -> Result<Ben
                 body: body_ctx.body(api, None, &w.prompt(offset + i), out),
                 stream,
                 keep_text: false,
+                headers: Vec::new(),
             }
         };
         let job = single_request_job(ctx.client.clone(), ctx.timeout, Arc::new(maker));
@@ -508,6 +513,7 @@ pub async fn run_multi_turn(args: &MultiTurnArgs, command: &str) -> Result<Bench
                         body: Bytes::from(v.to_string()),
                         stream: body_ctx.stream,
                         keep_text: true,
+                        headers: Vec::new(),
                     };
                     let start = Instant::now();
                     let (pod, outcome) = send(&client, &spec, timeout).await;
@@ -620,6 +626,7 @@ pub async fn run_lora(args: &LoraArgs, command: &str) -> Result<BenchRun, LoadEr
                 body,
                 stream,
                 keep_text: false,
+                headers: Vec::new(),
             }
         }
     };
@@ -686,6 +693,124 @@ pub async fn run_lora(args: &LoraArgs, command: &str) -> Result<BenchRun, LoadEr
         "stream": ctx.stream,
     });
     Ok(ctx.run("lora", command, params, vec![phase]))
+}
+
+/// `tenants`: tenants at their own Poisson rates, each request tagged with
+/// its fairness id and a critical or standard objective (see
+/// [`tenants`](super::tenants)).
+pub async fn run_tenants(args: &TenantsArgs, command: &str) -> Result<BenchRun, LoadError> {
+    if args.prompt_tokens == 0 {
+        return Err(LoadError::Args("--prompt-tokens must be >= 1".into()));
+    }
+    if !(args.duration.is_finite() && args.duration > 0.0) {
+        return Err(LoadError::Args("--duration must be > 0".into()));
+    }
+    let mix = Arc::new(Mix::parse(
+        &args.tenants,
+        args.critical_share,
+        args.common.seed,
+    )?);
+    let header = |v: &str, what: &str| {
+        http::HeaderValue::from_str(v).map_err(|e| LoadError::Args(format!("{what} {v:?}: {e}")))
+    };
+    let fairness: Vec<http::HeaderValue> = mix
+        .tenants
+        .iter()
+        .map(|(n, _)| header(n, "--tenants"))
+        .collect::<Result<_, _>>()?;
+    let objectives = [
+        header(&args.standard_objective, "--standard-objective")?,
+        header(&args.critical_objective, "--critical-objective")?,
+    ];
+    let slo = args
+        .slo_ttft_ms
+        .map(|ms| header(&ms.to_string(), "--slo-ttft-ms"))
+        .transpose()?;
+    let total_rate = mix.total_rate();
+    let jobs = (total_rate * args.duration).round().max(1.0) as usize;
+    let pace = Pace::Poisson {
+        rate: total_rate,
+        max_inflight: args.max_inflight,
+    };
+    let ctx = Ctx::new(&args.common, max_conns(&pace))?;
+    let uri = ctx.uri(args.api)?;
+    let maker = {
+        let (mix, uri, api, out, stream, seed) = (
+            Arc::clone(&mix),
+            uri.clone(),
+            args.api,
+            args.output_tokens,
+            ctx.stream,
+            args.common.seed,
+        );
+        let bytes = args.prompt_tokens * args.common.chars_per_token;
+        let body_ctx = BodyCtx::from(&ctx);
+        move |i: usize| {
+            let (tenant, critical) = mix.class(i);
+            let prompt = filler_text(sub_seed(seed, &[8, i as u64]), bytes);
+            let mut headers = vec![
+                (
+                    http::HeaderName::from_static("x-gateway-inference-fairness-id"),
+                    fairness[tenant].clone(),
+                ),
+                (
+                    http::HeaderName::from_static("x-gateway-inference-objective"),
+                    objectives[usize::from(critical)].clone(),
+                ),
+            ];
+            if let Some(v) = &slo {
+                headers.push((http::HeaderName::from_static("x-slo-ttft-ms"), v.clone()));
+            }
+            RequestSpec {
+                uri: uri.clone(),
+                body: body_ctx.body(api, None, &prompt, out),
+                stream,
+                keep_text: false,
+                headers,
+            }
+        }
+    };
+    let job = single_request_job(ctx.client.clone(), ctx.timeout, Arc::new(maker));
+    let mix_for_stats = Arc::clone(&mix);
+    let (standard, critical, slo_ms, window) = (
+        args.standard_objective.clone(),
+        args.critical_objective.clone(),
+        args.slo_ttft_ms,
+        args.duration,
+    );
+    let phase = ctx
+        .phase_with(
+            "tenants".to_owned(),
+            jobs,
+            pace,
+            job,
+            |_| None,
+            false,
+            move |result, records| {
+                result.tenants = Some(tenants::stats(
+                    &mix_for_stats,
+                    (&standard, &critical),
+                    slo_ms,
+                    records,
+                    window,
+                ));
+            },
+        )
+        .await;
+    let params = json!({
+        "tenants": mix.tenants.iter().map(|(n, r)| json!({"name": n, "rate": r})).collect::<Vec<_>>(),
+        "duration_s": args.duration,
+        "critical_share": args.critical_share,
+        "critical_objective": args.critical_objective,
+        "standard_objective": args.standard_objective,
+        "prompt_tokens": args.prompt_tokens,
+        "output_tokens": args.output_tokens,
+        "slo_ttft_ms": args.slo_ttft_ms,
+        "request_timeout_s": args.common.request_timeout,
+        "api": format!("{:?}", args.api).to_lowercase(),
+        "stream": ctx.stream,
+    });
+    Ok(ctx.run("tenants", command, params, vec![phase]))
 }
 
 /// The part of [`Ctx`] request builders need, cheap to clone into closures.

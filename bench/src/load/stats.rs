@@ -70,9 +70,58 @@ pub fn max_over_mean(counts: impl IntoIterator<Item = usize>, pods: usize) -> Op
     Some(max as f64 / (total as f64 / n as f64))
 }
 
+/// Jain's fairness index of `xs`: (sum x)^2 / (n sum x^2), 1 when all are
+/// equal, 1/n when one gets everything. `None` when empty or all zero.
+pub fn jain_index(xs: &[f64]) -> Option<f64> {
+    let sum: f64 = xs.iter().sum();
+    let squares: f64 = xs.iter().map(|x| x * x).sum();
+    (!xs.is_empty() && squares > 0.0).then(|| sum * sum / (xs.len() as f64 * squares))
+}
+
+/// Max-min fair shares of `capacity` among `demands` (water filling): a
+/// demand below an equal split gets all it asks, what it leaves is split
+/// among the rest. The shares sum to min(capacity, total demand).
+pub fn max_min_shares(demands: &[f64], capacity: f64) -> Vec<f64> {
+    let mut shares = vec![0.0; demands.len()];
+    let mut order: Vec<usize> = (0..demands.len()).collect();
+    order.sort_by(|&a, &b| demands[a].total_cmp(&demands[b]));
+    let mut left = capacity.max(0.0);
+    for (k, &i) in order.iter().enumerate() {
+        let split = left / (order.len() - k) as f64;
+        shares[i] = demands[i].max(0.0).min(split);
+        left -= shares[i];
+    }
+    shares
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jain_index_of_shares() {
+        assert_eq!(jain_index(&[3.0, 3.0]), Some(1.0));
+        assert_eq!(jain_index(&[5.0, 0.0]), Some(0.5));
+        // One tenant with 4x the other's goodput.
+        assert!((jain_index(&[4.0, 1.0]).unwrap() - 25.0 / 34.0).abs() < 1e-12);
+        assert_eq!(jain_index(&[]), None);
+        assert_eq!(jain_index(&[0.0, 0.0]), None);
+    }
+
+    #[test]
+    fn max_min_shares_fill_small_demands_first() {
+        // Two tenants at 4:1 offering twice the capacity of 10: the light
+        // one gets all of its 4, the heavy one the remaining 6.
+        assert_eq!(max_min_shares(&[16.0, 4.0], 10.0), vec![6.0, 4.0]);
+        // Both above an equal split: split equally.
+        assert_eq!(max_min_shares(&[16.0, 8.0], 10.0), vec![5.0, 5.0]);
+        // Enough for everyone.
+        assert_eq!(max_min_shares(&[1.0, 2.0], 10.0), vec![1.0, 2.0]);
+        assert_eq!(max_min_shares(&[], 10.0), Vec::<f64>::new());
+        // The max-min allocation of the 4:1 case is Jain-fair to 0.96.
+        let j = jain_index(&max_min_shares(&[16.0, 4.0], 10.0)).unwrap();
+        assert!((j - 100.0 / 104.0).abs() < 1e-12, "{j}");
+    }
 
     #[test]
     fn interpolated_percentiles() {

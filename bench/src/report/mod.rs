@@ -14,6 +14,9 @@
 pub mod charts;
 pub mod cli;
 pub mod provenance;
+pub mod tenants;
+
+pub use tenants::tenants_table;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -273,6 +276,9 @@ pub fn comparison_markdown(title: &str, command: &str, runs: &[(String, BenchRun
         }
     }
     scenario_details(&mut out, runs);
+    if let Some(t) = tenants_table(runs) {
+        let _ = writeln!(out, "\n## Tenants and priorities\n\n{t}");
+    }
     let _ = writeln!(out, "\n## Runs\n");
     for (label, run) in runs {
         let _ = writeln!(
@@ -517,6 +523,9 @@ pub fn write_report(
         )?;
         files.charts.push(path);
     }
+    files
+        .charts
+        .extend(tenants::tenants_charts(out_dir, title, &workload, runs)?);
     let mut md = comparison_markdown(title, command, runs);
     let _ = writeln!(md, "\n## Charts\n");
     for c in &files.charts {
@@ -625,6 +634,7 @@ mod tests {
             split: None,
             restart: None,
             epp_replica_requests: None,
+            tenants: None,
         }
     }
 
