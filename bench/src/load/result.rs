@@ -103,6 +103,23 @@ pub struct PhaseResult {
     /// `inference_objective_request_total`), with `--epp-replicas` > 1.
     #[serde(default)]
     pub epp_replica_requests: Option<Vec<Option<f64>>>,
+    /// With `--kill-replica-at`.
+    #[serde(default)]
+    pub replica_kill: Option<ReplicaKill>,
+}
+
+/// One picker replica killed (SIGKILL) mid-run: the fleet's prefix-cache
+/// hit rate before and after, from the pods' counters at the kill.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaKill {
+    /// Seconds after the workload started.
+    pub at_s: f64,
+    /// Index of the replica killed (0-based, as in `epp_replica_requests`).
+    pub replica: usize,
+    /// False when the run ended first (nothing was killed).
+    pub happened: bool,
+    pub before: Option<CacheStats>,
+    pub after: Option<CacheStats>,
 }
 
 /// Adapter swaps summed over the pods, as deltas over one phase.

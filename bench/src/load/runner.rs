@@ -330,6 +330,7 @@ pub fn summarize(meta: PhaseMeta, driven: &Driven, with_stickiness: bool) -> Pha
         split: None,
         restart: None,
         epp_replica_requests: None,
+        replica_kill: None,
     }
 }
 
