@@ -2,10 +2,13 @@
 # Issue 15's proof: several active picker replicas behind one Envoy, each
 # with its own approximate index or with the pods' KV events (precise).
 # Runs, one stack each (fresh pods), same workload and offered load:
-#   shared    shared-prefix, 1 / 2 / 3 replicas x approximate / precise
+#   shared    shared-prefix, 1 and 3 replicas (or $REPLICAS, e.g. "1 2 3")
+#             x approximate / precise
 #   cold      a cold-heavy burst (many groups, 2 prompts each, faster
-#             arrivals): 1 vs 3 replicas, precise and approximate
-#   kill      3 replicas, the last one SIGKILLed 40 s into the run
+#             arrivals): 1 vs 3 replicas, precise and approximate, and
+#             3 precise replicas with two load settings
+#   kill      3 replicas, the last one SIGKILLed 40 s into the 80 s run,
+#             precise then approximate
 # `epp-bench report` then puts each set side by side in
 # bench/results/replicas/<set>/. About 2 minutes per run on 2 cores.
 #
@@ -39,7 +42,7 @@ run() {
   local extra=()
   [[ $mode == precise ]] && extra=("${precise_args[@]}")
   $bench compare shared-prefix "${common[@]}" "$@" --epp-replicas "$n" "${extra[@]}" \
-    --policies "$label=epp-default" --out "$dir/$label"
+    --policies "$label=${policy:-epp-default}" --out "$dir/$label"
   inputs=${inputs:+$inputs,}$dir/$label/$label.json
 }
 
@@ -49,7 +52,7 @@ for s in "${sets[@]}"; do
   inputs=
   case $s in
     shared)
-      for n in 1 2 3; do
+      for n in ${REPLICAS:-1 3}; do
         run "$dir" "approximate-$n" "$n" approximate "${shared[@]}"
         run "$dir" "precise-$n" "$n" precise "${shared[@]}"
       done
@@ -59,6 +62,10 @@ for s in "${sets[@]}"; do
         run "$dir" "approximate-$n" "$n" approximate "${cold[@]}"
         run "$dir" "precise-$n" "$n" precise "${cold[@]}"
       done
+      # The candidates for load between replicas that are settings: other
+      # replicas' requests priced as cold prompts, and scraping 2.5x as often.
+      policy=foreign-priced run "$dir" precise-3-foreign-priced 3 precise "${cold[@]}"
+      run "$dir" precise-3-scrape-20ms 3 precise "${cold[@]}" --epp-arg=--refresh-metrics-interval=20ms
       ;;
     kill)
       run "$dir" precise-3-kill 3 precise "${shared[@]}" --kill-replica-at 40
