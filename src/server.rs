@@ -647,6 +647,10 @@ fn start_servers(
         ReadinessInputs {
             leader,
             shutdown: stop.clone(),
+            kv_events_timeout: flags
+                .kv_events
+                .enabled
+                .then_some(flags.kv_events.ready_timeout),
         },
     ));
     let reflection = tonic_reflection::server::Builder::configure()

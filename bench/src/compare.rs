@@ -19,7 +19,11 @@ use crate::{
         workload::LoraMix,
     },
     report::{self, ReportError},
-    stack::{Binaries, Router, Stack, StackError, args::StackArgs, replicas::routed_per_replica},
+    stack::{
+        Binaries, Router, Stack, StackError,
+        args::StackArgs,
+        replicas::{ReplicaKiller, routed_per_replica},
+    },
 };
 
 #[derive(Debug, Subcommand)]
@@ -81,10 +85,17 @@ pub struct CompareArgs {
     /// Report title (default: the workload).
     #[arg(long)]
     pub title: Option<String>,
+    /// Kill (SIGKILL) the last picker replica this many seconds after the
+    /// workload starts (with --epp-replicas >= 2); the report gives the hit
+    /// rate before and after, the errors count what the gateway lost.
+    #[arg(long)]
+    pub kill_replica_at: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum CompareError {
+    #[error("--kill-replica-at needs --epp-replicas 2 or more")]
+    KillNeedsReplicas,
     #[error(transparent)]
     Stack(#[from] StackError),
     #[error("starting the stack for {policy}")]
@@ -197,6 +208,9 @@ pub async fn run(workload: CompareWorkload, command: &str) -> Result<(), Compare
         source,
     })?;
     let stack_args = workload.stack_args();
+    if compare.kill_replica_at.is_some() && stack_args.epp_replicas < 2 {
+        return Err(CompareError::KillNeedsReplicas);
+    }
     let mut runs = Vec::new();
     for spec in &compare.policies {
         let (label, policy) = spec.split_once('=').unwrap_or((spec, spec));
@@ -210,6 +224,20 @@ pub async fn run(workload: CompareWorkload, command: &str) -> Result<(), Compare
                 source,
             })?;
         eprintln!("{label}: stack up at {}", stack.gateway);
+        let pids = stack.epp_replica_pids();
+        let killer = match (compare.kill_replica_at, pids.last()) {
+            (Some(at), Some(&pid)) if pids.len() > 1 && at.is_finite() && at >= 0.0 => Some(
+                ReplicaKiller::arm(
+                    crate::load::client::http_client(2),
+                    stack.pod_urls.clone(),
+                    pid,
+                    pids.len() - 1,
+                    std::time::Duration::from_secs_f64(at),
+                )
+                .await,
+            ),
+            _ => None,
+        };
         let mut run = workload
             .run_through(&stack, opts.sim.kv_blocks, label, command)
             .await?;
@@ -224,6 +252,12 @@ pub async fn run(workload: CompareWorkload, command: &str) -> Result<(), Compare
                     .await
             {
                 t.prediction = crate::load::tenants::prediction_stats(&page);
+            }
+        }
+        if let Some(k) = killer {
+            let kill = k.finish().await;
+            if let Some(p) = run.phases.last_mut() {
+                p.replica_kill = Some(kill);
             }
         }
         if stack.epp_replica_metrics.len() > 1 {

@@ -39,6 +39,9 @@ fn kv_events_ranks(e: &Endpoint) -> Vec<KvEventsRank> {
                 lag_seconds: s.lag.as_secs_f64(),
                 blocks: s.blocks,
                 block_size_tokens: state.block_size().unwrap_or(0),
+                ever_connected: state
+                    .ever_connected
+                    .load(std::sync::atomic::Ordering::Relaxed),
             }
         })
         .collect()
@@ -89,6 +92,7 @@ impl Admin for AdminService {
                 consecutive_scrape_failures: e.metrics.consecutive_failures(),
                 prefix_index_blocks: index.blocks_for(e.slot, e.uid),
                 kv_events: kv_events_ranks(e),
+                kv_events_fallback: crate::kv_events::readiness::on_fallback(e),
             })
             .collect();
         Ok(Response::new(ListEndpointsResponse {

@@ -77,6 +77,13 @@ pub struct KvEventsFlags {
     #[arg(long = "kv-events-max-message-bytes", default_value = "16MiB",
           value_parser = parse_bytes, help_heading = "KV-cache events")]
     pub max_message_bytes: u64,
+
+    /// At startup, readiness waits for every endpoint's event stream to connect once, at most this
+    /// long after the pool is synced; endpoints still unconnected then are served by the
+    /// approximate index. A stream that drops later never makes the picker unready.
+    #[arg(long = "kv-events-ready-timeout", default_value = "10s",
+          value_parser = parse_duration, help_heading = "KV-cache events")]
+    pub ready_timeout: Duration,
 }
 
 /// 1 up to what a slab index can address (2^31 - 2).

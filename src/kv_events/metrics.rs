@@ -1,6 +1,9 @@
 //! `epp_kv_events_*{name, model_server_pod, rank}`: each subscribed rank's
 //! state and counters, copied from its [`RankState`] atomics when /metrics
-//! is rendered (the subscriber tasks touch no Prometheus type).
+//! is rendered (the subscriber tasks touch no Prometheus type); and
+//! `epp_kv_events_fallback_endpoints{name}`, the pool's event-enabled
+//! endpoints the approximate index answers for (`super::readiness`), the
+//! one series to alert on when replicas should all see the same caches.
 //!
 //! Every series is rebuilt at each render from the endpoints that have a
 //! view, so an endpoint that left (or was resubscribed, its counters
@@ -30,6 +33,7 @@ pub struct KvEventsMetrics {
     lag: GaugeVec,
     blocks: IntGaugeVec,
     heap_bytes: IntGaugeVec,
+    fallback: IntGaugeVec,
     /// In the order of [`COUNTERS`].
     counters: Vec<IntCounterVec>,
 }
@@ -115,6 +119,13 @@ impl KvEventsMetrics {
             )?,
             blocks: int("blocks", "Blocks indexed (per medium).")?,
             heap_bytes: int("index_bytes", "Heap bytes held by the rank's block index.")?,
+            fallback: IntGaugeVec::new(
+                opts(
+                    "fallback_endpoints",
+                    "Endpoints with KV events configured whose events are not usable (no rank known); the approximate index answers for them.",
+                ),
+                &["name"],
+            )?,
             counters: COUNTERS
                 .iter()
                 .map(|(n, h, _)| IntCounterVec::new(opts(n, h), LABELS))
@@ -132,6 +143,7 @@ impl ComputedMetrics for KvEventsMetrics {
             &self.lag,
             &self.blocks,
             &self.heap_bytes,
+            &self.fallback,
         ];
         m.extend(self.counters.iter().map(|c| c as &dyn Collector));
         m
@@ -148,6 +160,10 @@ impl ComputedMetrics for KvEventsMetrics {
             c.reset();
         }
         let snapshot = self.store.snapshot();
+        let streams = super::readiness::StreamsState::of(&snapshot);
+        self.fallback
+            .with_label_values(&[self.pool_name.as_str()])
+            .set(i64::try_from(streams.fallback).unwrap_or(i64::MAX));
         let mut rank_label = String::new();
         for e in snapshot.endpoints() {
             let Some(view) = e.kv_events.view() else {
@@ -219,7 +235,9 @@ mod tests {
             vec![Arc::new(RankState::new(10)), Arc::new(RankState::new(10))].into();
         ranks[1].decode_errors.store(3, Ordering::Relaxed);
         ranks[0].connected.store(true, Ordering::Relaxed);
-        a.kv_events.set(Some(Arc::new(KvView { ranks })));
+        a.kv_events.set(Some(Arc::new(KvView {
+            ranks: ranks.clone(),
+        })));
         let r = Registry::new();
         r.register(Box::new(
             KvEventsMetrics::new(Arc::clone(&store), "p").unwrap(),
@@ -230,10 +248,16 @@ mod tests {
             r#"epp_kv_events_decode_errors_total{model_server_pod="a",name="p",rank="1"} 3"#,
             r#"epp_kv_events_connected{model_server_pod="a",name="p",rank="0"} 1"#,
             r#"epp_kv_events_known{model_server_pod="a",name="p",rank="0"} 0"#,
+            r#"epp_kv_events_fallback_endpoints{name="p"} 1"#,
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
         assert!(!text.contains(r#"model_server_pod="b""#), "{text}");
+        ranks[0].known.store(true, Ordering::Release);
+        assert!(
+            render(&r).contains(r#"epp_kv_events_fallback_endpoints{name="p"} 0"#),
+            "one known rank is enough"
+        );
         a.kv_events.set(None);
         let text = render(&r);
         assert!(!text.contains(r#"model_server_pod="a""#), "{text}");

@@ -7,7 +7,8 @@
 //! keys them into a per-rank [`BlockIndex`] (`index`) and runs one
 //! subscription per rank (`subscriber`), started and stopped with the
 //! endpoints by `supervisor`, published in each endpoint's `kv_events` cell
-//! and shown by `metrics`. Failures of every part are one
+//! and shown by `metrics`; `readiness` says when the streams let a
+//! replica turn ready and which endpoints the approximate index serves. Failures of every part are one
 //! [`Error`], whose [`ErrorKind`] says which counter they belong to.
 //!
 //! SGLang (`python/sglang/srt/disaggregation/kv_events.py` and the radix
@@ -40,6 +41,7 @@ mod error;
 pub mod index;
 pub mod metrics;
 mod msgpack;
+pub mod readiness;
 pub mod subscriber;
 pub mod supervisor;
 pub mod zmtp;

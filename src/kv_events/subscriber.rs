@@ -58,6 +58,10 @@ pub struct SubscriptionTarget {
 pub struct RankState {
     index: Mutex<BlockIndex>,
     pub connected: AtomicBool,
+    /// Set on the first connection and never cleared: readiness waits for
+    /// it (or a timeout) once at startup, and a stream that drops later
+    /// does not undo it (see `kv_events::readiness`).
+    pub ever_connected: AtomicBool,
     /// False until a batch is applied, and again after entries were dropped.
     pub known: AtomicBool,
     /// Next expected seq plus one; 0 before the first batch.
@@ -106,6 +110,7 @@ impl RankState {
         Self {
             index: Mutex::new(BlockIndex::new(capacity)),
             connected: AtomicBool::new(false),
+            ever_connected: AtomicBool::new(false),
             known: AtomicBool::new(false),
             next_seq: AtomicU64::new(0),
             batches: AtomicU64::new(0),
@@ -280,6 +285,7 @@ impl Subscriber {
             .map_err(|e| (e, false))?;
         conn.subscribe(&t.topic).await.map_err(|e| (e, false))?;
         self.state.connected.store(true, Ordering::Relaxed);
+        self.state.ever_connected.store(true, Ordering::Relaxed);
         let mut applied = false;
         let mut n: u32 = 0;
         loop {

@@ -6,10 +6,13 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use epp::admin::pb::{KvEventsRank, ListEndpointsRequest, admin_client::AdminClient};
+use epp::admin::pb::{EndpointInfo, KvEventsRank, ListEndpointsRequest, admin_client::AdminClient};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::common::{
-    Stack, eventually, http,
+    Stack,
+    epp::Epp,
+    eventually, free_port, http,
     kv_events::{Publisher, batch, stored},
 };
 
@@ -195,5 +198,154 @@ async fn events_per_endpoint_are_visible_isolated_and_garbage_does_not_stop_rout
             r#"epp_kv_events_decode_errors_total{model_server_pod="backend-1",name="default",rank="0"} 0"#
         ),
         "{metrics}"
+    );
+}
+
+/// Every endpoint as ListEndpoints shows it, by name.
+async fn endpoints(epp: &Epp) -> HashMap<String, EndpointInfo> {
+    let Ok(mut admin) = AdminClient::connect(format!("http://{}", epp.admin)).await else {
+        return HashMap::new();
+    };
+    let Ok(r) = admin.list_endpoints(ListEndpointsRequest {}).await else {
+        return HashMap::new();
+    };
+    r.into_inner()
+        .endpoints
+        .into_iter()
+        .map(|e| (e.name.clone(), e))
+        .collect()
+}
+
+fn fallback_gauge(metrics: &str) -> Option<i64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"epp_kv_events_fallback_endpoints{name="default"} "#))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// An endpoints file of two endpoints (no model servers behind them: only
+/// their event streams matter here), with event ports `a` and `b`.
+fn two_with_events(a: u16, b: u16) -> String {
+    format!(
+        "endpoints:\n- {{name: a, address: 127.0.0.1, port: {}, kvEvents: {{port: {a}}}}}\n- {{name: b, address: 127.0.0.1, port: {}, kvEvents: {{port: {b}}}}}\n",
+        free_port(),
+        free_port()
+    )
+}
+
+#[tokio::test]
+async fn readiness_waits_for_event_streams_once_at_most_the_timeout_and_never_again() {
+    let mut pa = Publisher::new().await;
+    // Nothing listens on B's event port: its stream never connects.
+    let dead = free_port();
+    let started = std::time::Instant::now();
+    let epp = Epp::spawn_with_file(
+        Some(&two_with_events(pa.addr.port(), dead)),
+        &[
+            "--kv-events",
+            "--kv-events-replay-port",
+            "0",
+            "--kv-events-ready-timeout",
+            "3s",
+        ],
+    );
+    eventually("A's stream connected", Duration::from_secs(10), || async {
+        endpoints(&epp)
+            .await
+            .get("a")
+            .is_some_and(|e| e.kv_events.first().is_some_and(|r| r.ever_connected))
+    })
+    .await;
+    if started.elapsed() < Duration::from_secs(2) {
+        assert_eq!(
+            epp.health_status("readiness").await,
+            Some(ServingStatus::NotServing),
+            "B has never connected and the timeout has not passed"
+        );
+    }
+    epp.wait_ready().await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "ready only once the timeout passed: {:?}",
+        started.elapsed()
+    );
+    let e = endpoints(&epp).await;
+    assert!(
+        e["b"].kv_events_fallback && !e["b"].kv_events[0].ever_connected,
+        "{e:?}"
+    );
+    assert!(
+        e["a"].kv_events_fallback,
+        "connected but nothing applied: still the approximate index"
+    );
+    let m = http::get(epp.metrics, "/metrics").await.unwrap().text();
+    assert_eq!(fallback_gauge(&m), Some(2), "{m}");
+
+    // A batch makes A's events usable: off the fallback.
+    let payload = blocks(false, 1, 2);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut seq = 0;
+    while !endpoints(&epp)
+        .await
+        .get("a")
+        .is_some_and(|e| !e.kv_events_fallback)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "A never applied a batch"
+        );
+        pa.send("kv@test", seq, payload.clone()).await;
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eventually(
+        "the fallback gauge at 1",
+        Duration::from_secs(5),
+        || async {
+            let m = http::get(epp.metrics, "/metrics").await.unwrap().text();
+            fallback_gauge(&m) == Some(1)
+        },
+    )
+    .await;
+
+    // A's publisher goes away: A's stream is down, the picker stays ready.
+    drop(pa);
+    eventually("A disconnected", Duration::from_secs(10), || async {
+        endpoints(&epp)
+            .await
+            .get("a")
+            .is_some_and(|e| e.kv_events.first().is_some_and(|r| !r.connected))
+    })
+    .await;
+    assert_eq!(
+        epp.health_status("readiness").await,
+        Some(ServingStatus::Serving)
+    );
+}
+
+#[tokio::test]
+async fn readiness_comes_as_soon_as_every_stream_has_connected() {
+    let pa = Publisher::new().await;
+    let pb = Publisher::new().await;
+    let started = std::time::Instant::now();
+    let epp = Epp::spawn_with_file(
+        Some(&two_with_events(pa.addr.port(), pb.addr.port())),
+        &[
+            "--kv-events",
+            "--kv-events-replay-port",
+            "0",
+            "--kv-events-ready-timeout",
+            "120s",
+        ],
+    );
+    // wait_ready gives up after 20 s: far below the timeout, so readiness
+    // came from the connections.
+    epp.wait_ready().await;
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let e = endpoints(&epp).await;
+    assert!(
+        e.values()
+            .all(|e| e.kv_events.iter().all(|r| r.ever_connected)),
+        "{e:?}"
     );
 }

@@ -260,6 +260,7 @@ async fn followers_report_not_serving_on_readiness_and_ext_proc_health() {
         ReadinessInputs {
             leader: leader_rx,
             shutdown: stop_rx.clone(),
+            kv_events_timeout: None,
         },
     ));
     let elector =

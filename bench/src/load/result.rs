@@ -106,6 +106,9 @@ pub struct PhaseResult {
     /// The tenants workload: per tenant and priority class, fairness.
     #[serde(default)]
     pub tenants: Option<TenantsStats>,
+    /// With `--kill-replica-at`.
+    #[serde(default)]
+    pub replica_kill: Option<ReplicaKill>,
 }
 
 /// One tenant's requests of one objective (the tenants workload).
@@ -184,6 +187,20 @@ pub struct PredictionStats {
     pub within_2x: f64,
     /// The upper bound of the bucket holding the median ratio.
     pub median_ratio_le: f64,
+}
+
+/// One picker replica killed (SIGKILL) mid-run: the fleet's prefix-cache
+/// hit rate before and after, from the pods' counters at the kill.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaKill {
+    /// Seconds after the workload started.
+    pub at_s: f64,
+    /// Index of the replica killed (0-based, as in `epp_replica_requests`).
+    pub replica: usize,
+    /// False when the run ended first (nothing was killed).
+    pub happened: bool,
+    pub before: Option<CacheStats>,
+    pub after: Option<CacheStats>,
 }
 
 /// Adapter swaps summed over the pods, as deltas over one phase.

@@ -331,6 +331,7 @@ pub fn summarize(meta: PhaseMeta, driven: &Driven, with_stickiness: bool) -> Pha
         restart: None,
         epp_replica_requests: None,
         tenants: None,
+        replica_kill: None,
     }
 }
 

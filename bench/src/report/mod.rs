@@ -299,7 +299,10 @@ fn scenario_details(out: &mut String, runs: &[(String, BenchRun)]) {
         .iter()
         .flat_map(|(l, r)| r.phases.iter().map(move |p| (l, p)))
         .filter(|(_, p)| {
-            p.split.is_some() || p.restart.is_some() || p.epp_replica_requests.is_some()
+            p.split.is_some()
+                || p.restart.is_some()
+                || p.epp_replica_requests.is_some()
+                || p.replica_kill.is_some()
         })
         .collect();
     if phases.is_empty() {
@@ -307,7 +310,7 @@ fn scenario_details(out: &mut String, runs: &[(String, BenchRun)]) {
     }
     let _ = writeln!(
         out,
-        "\n## Scenario details\n\n| Policy | Hit rate / ideal | Via picker: TTFT p95 | Via picker: hit rate (usage) | Direct: TTFT p95 | Direct: hit rate (usage) | First request per group after the restart: hit rate | Requests per picker replica |\n|---|---|---|---|---|---|---|---|"
+        "\n## Scenario details\n\n| Policy | Hit rate / ideal | Via picker: TTFT p95 | Via picker: hit rate (usage) | Direct: TTFT p95 | Direct: hit rate (usage) | First request per group after the restart: hit rate | Requests per picker replica | Replica killed: hit rate before / after |\n|---|---|---|---|---|---|---|---|---|"
     );
     for (label, p) in phases {
         let of_ideal = match (p.prefix_cache, p.ideal_hit_rate) {
@@ -346,9 +349,25 @@ fn scenario_details(out: &mut String, runs: &[(String, BenchRun)]) {
                     .join(" / ")
             },
         );
+        let kill = p.replica_kill.as_ref().map_or_else(
+            || "-".to_owned(),
+            |k| {
+                if k.happened {
+                    format!(
+                        "replica {} at {:.0} s: {} / {}",
+                        k.replica,
+                        k.at_s,
+                        pct(k.before.map(|c| c.hit_rate)),
+                        pct(k.after.map(|c| c.hit_rate))
+                    )
+                } else {
+                    "not reached".to_owned()
+                }
+            },
+        );
         let _ = writeln!(
             out,
-            "| {label} | {of_ideal} | {via_ttft} | {via_hit} | {direct_ttft} | {direct_hit} | {restart} | {replicas} |"
+            "| {label} | {of_ideal} | {via_ttft} | {via_hit} | {direct_ttft} | {direct_hit} | {restart} | {replicas} | {kill} |"
         );
     }
 }
@@ -635,6 +654,7 @@ mod tests {
             restart: None,
             epp_replica_requests: None,
             tenants: None,
+            replica_kill: None,
         }
     }
 

@@ -513,6 +513,15 @@ impl Stack {
         self.epp.as_ref().map(Proc::pid)
     }
 
+    /// Process ids of the picker replicas, replica 0 first.
+    pub fn epp_replica_pids(&self) -> Vec<u32> {
+        self.epp
+            .iter()
+            .chain(&self.epp_replicas)
+            .map(Proc::pid)
+            .collect()
+    }
+
     pub fn envoy_pid(&self) -> Option<u32> {
         self.envoy.as_ref().map(Proc::pid)
     }
