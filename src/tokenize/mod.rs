@@ -28,9 +28,11 @@
 //! `fancy-regex` alternative is not yet compared on speed (see
 //! bench/results/perf.md, "Tokenization").
 
+mod bpe;
 mod cache;
 mod load;
 mod model;
+mod pretok;
 mod template;
 
 use std::{
