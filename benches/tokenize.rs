@@ -8,6 +8,11 @@
 //! of a growing conversation), the same size fully cold (every message new),
 //! and a 220 KiB cold chat. Bodies are built and parsed outside the timing:
 //! what is timed is [`ModelTokenizer::tokenize`] alone (render + encode).
+//!
+//! Each case runs twice: with the fast BPE encoder (`fast`, the default)
+//! and with the tokenizers library encoding every segment (`library`), so
+//! one invocation compares them. `TOKENIZE_BENCH_ENCODERS=fast` (or
+//! `library`) runs one only, e.g. under a profiler.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -120,9 +125,24 @@ fn chat(history: u64, last: u64, bytes: usize) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({"model": "qwen3", "messages": messages})).unwrap()
 }
 
-fn tokenizer() -> ModelTokenizer {
+fn tokenizer(fast: bool) -> ModelTokenizer {
     let dir = qwen3_test_dir().unwrap_or_else(|e| panic!("{e}"));
-    ModelTokenizer::from_dir(&dir, 256 << 20).unwrap()
+    let mut t = ModelTokenizer::from_dir(&dir, 256 << 20).unwrap();
+    assert!(t.uses_fast_encoder());
+    if !fast {
+        t.disable_fast_encoder();
+    }
+    t
+}
+
+/// The encoders to run: (name, tokenizer).
+fn encoders() -> Vec<(&'static str, ModelTokenizer)> {
+    let only = std::env::var("TOKENIZE_BENCH_ENCODERS").unwrap_or_default();
+    [("fast", true), ("library", false)]
+        .into_iter()
+        .filter(|(name, _)| only.is_empty() || only == *name)
+        .map(|(name, fast)| (name, tokenizer(fast)))
+        .collect()
 }
 
 /// Times one tokenize of `body` (parsed outside the timing).
@@ -151,8 +171,8 @@ fn body_for(case: usize, i: u64) -> Vec<u8> {
     chat(history, i, bytes)
 }
 
-fn bench_tokenize(c: &mut Criterion, t: &ModelTokenizer) {
-    let mut g = c.benchmark_group("tokenize_chat");
+fn bench_tokenize(c: &mut Criterion, encoder: &str, t: &ModelTokenizer) {
+    let mut g = c.benchmark_group(format!("tokenize_chat/{encoder}"));
     let mut seq = 0u64;
     for (case, (name, bytes, _)) in CASES.iter().enumerate() {
         g.throughput(Throughput::Bytes(*bytes as u64));
@@ -177,13 +197,19 @@ fn bench_tokenize(c: &mut Criterion, t: &ModelTokenizer) {
 }
 
 /// Latency percentiles, one sample per request.
-fn percentiles(t: &ModelTokenizer) {
-    println!("\nTokenizing a chat request (render + encode), one sample per request:");
+fn percentiles(encoder: &str, t: &ModelTokenizer) {
+    println!(
+        "\nTokenizing a chat request (render + encode, {encoder} encoder), one sample per request:"
+    );
     println!("| case | tokens | requests | p50 | p90 | p99 | max |");
     println!("|---|---|---|---|---|---|---|");
     let mut seq = 10_000_000u64;
     for (case, (name, bytes, _)) in CASES.iter().enumerate() {
-        let n = if *bytes > 100_000 { 100 } else { 2_000 };
+        let n = match (*bytes > 100_000, encoder == "library") {
+            (true, _) => 100,
+            (false, true) => 500,
+            (false, false) => 2_000,
+        };
         let mut out = Vec::new();
         time_one(t, &body_for(case, 0), &mut out);
         let mut samples: Vec<Duration> = (0..n)
@@ -213,11 +239,15 @@ fn percentiles(t: &ModelTokenizer) {
 
 fn main() {
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    let t = tokenizer();
+    let encoders = encoders();
     let mut c = Criterion::default().configure_from_args();
-    bench_tokenize(&mut c, &t);
+    for (name, t) in &encoders {
+        bench_tokenize(&mut c, name, t);
+    }
     c.final_summary();
     if filter.as_deref().is_none_or(|f| "percentiles".contains(f)) {
-        percentiles(&t);
+        for (name, t) in &encoders {
+            percentiles(name, t);
+        }
     }
 }

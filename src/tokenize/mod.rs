@@ -21,6 +21,12 @@
 //! texts at load, encodes whole texts (logged once at load).
 //! The cache (`cache`) is bounded in bytes per model, sharded, CLOCK.
 //!
+//! Segments are encoded by a fast byte-level BPE encoder (`bpe`, with the
+//! split pattern written out by hand in `pretok`) when the tokenizer.json
+//! has a shape it reproduces exactly (Qwen2/Qwen3's, Llama-3's), else by the
+//! library; load says which in a log line and checks the fast encoder
+//! against the library on probe texts.
+//!
 //! Regex backend: the `tokenizers` crate's `onig` feature (Oniguruma, C,
 //! built with the cc crate), the engine the Python `tokenizers` package and
 //! so vLLM use: pre-tokenizer patterns such as Qwen's `\s+(?!\S)` and
@@ -28,9 +34,11 @@
 //! `fancy-regex` alternative is not yet compared on speed (see
 //! bench/results/perf.md, "Tokenization").
 
+mod bpe;
 mod cache;
 mod load;
 mod model;
+mod pretok;
 mod template;
 
 use std::{
@@ -131,6 +139,7 @@ impl Tokenizers {
                 model,
                 dir = %t.dir().display(),
                 segment_cache = t.caches_segments(),
+                fast_encoder = t.uses_fast_encoder(),
                 "tokenizer loaded"
             );
         }

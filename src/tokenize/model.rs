@@ -12,6 +12,11 @@
 //! split is not used and the whole text goes to the library; load also
 //! checks the property on probe texts and falls back the same way if it
 //! fails, with a log line.
+//!
+//! Segments are encoded by the fast byte-level BPE encoder (`bpe`) when the
+//! tokenizer.json has a shape it reproduces and the split is on; load checks
+//! it against the library on probe texts and otherwise keeps the library,
+//! saying which it chose in a log line.
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +25,7 @@ use tokenizers::Tokenizer;
 
 use super::{
     TokenizeError,
+    bpe::FastBpe,
     cache::{self, CacheStats, SegmentCache},
     template::ChatTemplate,
 };
@@ -37,6 +43,8 @@ pub struct ModelTokenizer {
     /// it only adds ids around; None when it does something else.
     affixes: Option<(Vec<u32>, Vec<u32>)>,
     cache: SegmentCache,
+    /// The fast encoder for segments; None: the library encodes them.
+    fast: Option<FastBpe>,
 }
 
 #[derive(Debug)]
@@ -84,6 +92,17 @@ impl ModelTokenizer {
         let template = source
             .map(|s| ChatTemplate::new(s, &config.special, &origin.display().to_string()))
             .transpose()?;
+        let fast = match FastBpe::from_json(&json) {
+            Ok(f) => Some(f),
+            Err(reason) => {
+                tracing::info!(
+                    dir = %dir.display(),
+                    reason,
+                    "tokenizer: not a shape the fast BPE encoder reproduces; the tokenizers library encodes"
+                );
+                None
+            }
+        };
         let mut model = Self {
             dir: dir.to_owned(),
             splitter: splitter(&tokenizer, dir),
@@ -91,9 +110,14 @@ impl ModelTokenizer {
             template,
             affixes: None,
             cache: SegmentCache::new(cache_bytes),
+            fast,
         };
         model.affixes = model.probe_affixes();
         model.verify_split();
+        model.verify_fast();
+        if model.fast.is_some() {
+            tracing::info!(dir = %dir.display(), "tokenizer: fast byte-level BPE encoder on");
+        }
         Ok(model)
     }
 
@@ -182,6 +206,25 @@ impl ModelTokenizer {
         self.splitter.is_some()
     }
 
+    /// Whether segments are encoded by the fast BPE encoder.
+    pub fn uses_fast_encoder(&self) -> bool {
+        self.fast.is_some()
+    }
+
+    /// Encodes with the tokenizers library only (benches compare both).
+    #[doc(hidden)]
+    pub fn disable_fast_encoder(&mut self) {
+        self.fast = None;
+    }
+
+    /// A segment's ids (no added token inside): the fast encoder's if on.
+    fn encode_plain(&self, segment: &str, out: &mut Vec<u32>) -> Result<(), TokenizeError> {
+        match &self.fast {
+            Some(fast) => fast.encode(segment, &self.tokenizer, out),
+            None => self.encode_whole(segment, false, out),
+        }
+    }
+
     fn encode_whole(
         &self,
         text: &str,
@@ -222,14 +265,14 @@ impl ModelTokenizer {
             return Ok(());
         }
         if !use_cache {
-            return self.encode_whole(segment, false, out);
+            return self.encode_plain(segment, out);
         }
         let key = cache::key(segment);
         if self.cache.get_into(key, out) {
             return Ok(());
         }
         let start = out.len();
-        self.encode_whole(segment, false, out)?;
+        self.encode_plain(segment, out)?;
         self.cache.insert(key, &out[start..]);
         Ok(())
     }
@@ -274,7 +317,59 @@ impl ModelTokenizer {
             self.splitter = None;
         }
     }
+
+    /// Checks the fast encoder against the library on the probe texts'
+    /// segments; on a difference (or without the split, which the fast
+    /// encoder needs), the library encodes.
+    fn verify_fast(&mut self) {
+        if self.splitter.is_none() && self.fast.take().is_some() {
+            tracing::info!(
+                dir = %self.dir.display(),
+                "tokenizer: the fast BPE encoder needs the split at added tokens; the tokenizers library encodes"
+            );
+        }
+        let (Some(fast), Some(split)) = (&self.fast, &self.splitter) else {
+            return;
+        };
+        let mut texts = probe_texts(&[]);
+        texts.extend(FAST_PROBES.iter().map(|s| (*s).to_owned()));
+        let failed = texts.into_iter().find(|text| {
+            let mut last = 0;
+            let mut segments = Vec::new();
+            for m in split.matcher.find_iter(text.as_str()) {
+                segments.push(&text[last..m.start()]);
+                last = m.end();
+            }
+            segments.push(&text[last..]);
+            segments.into_iter().any(|s| {
+                let (mut lib, mut ours) = (Vec::new(), Vec::new());
+                let ok = self.encode_whole(s, false, &mut lib).is_ok()
+                    && fast.encode(s, &self.tokenizer, &mut ours).is_ok();
+                !ok || lib != ours
+            })
+        });
+        if let Some(text) = failed {
+            tracing::warn!(
+                dir = %self.dir.display(),
+                probe = %text.escape_debug(),
+                "tokenizer: the fast BPE encoder differs from the tokenizers library on a probe text; the library encodes"
+            );
+            self.fast = None;
+        }
+    }
 }
+
+/// Texts for the fast encoder's load check: every alternative of the split
+/// pattern, contractions, digit runs, newline and space runs, non-NFC and
+/// non-Latin text.
+const FAST_PROBES: &[&str] = &[
+    "Hello, world! It's 12345 o'clock; we'LL see 'S 'Re  \n\n  x\r\n\t y  ",
+    "fn main() {\n    println!(\"{}\", 3.14);\n}\n\n",
+    "e\u{301}te\u{301} caf\u{e9} Stra\u{df}e \u{212b} \u{1e9b}\u{323}",
+    "\u{4f60}\u{597d}\u{4e16}\u{754c} \u{1f30d}\u{1f600} \u{645}\u{631}\u{62d}\u{628}\u{627} \u{fb01}",
+    "   leading and trailing   ",
+    "!!!\n\n???  ...\t\t\n",
+];
 
 /// Texts around added tokens that exercise segment edges: whitespace runs,
 /// combining marks, newlines, digits, and added tokens back to back.

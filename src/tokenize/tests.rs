@@ -357,3 +357,298 @@ fn a_tokenizers_dir_serves_models_by_their_path() {
     let e = Tokenizers::load(&bad).unwrap_err().to_string();
     assert!(e.contains("nowhere/tokenizer.json"), "{e}");
 }
+
+// ---- The fast BPE encoder against the library ----
+
+#[test]
+fn qwen3_uses_the_fast_encoder() {
+    // The golden tests above go through it only if this holds.
+    assert!(qwen3().uses_fast_encoder());
+}
+
+/// Qwen3 without the segment cache: every segment goes through the fast
+/// encoder.
+fn qwen3_uncached() -> &'static ModelTokenizer {
+    static T: OnceLock<ModelTokenizer> = OnceLock::new();
+    T.get_or_init(|| ModelTokenizer::from_dir(&qwen3_dir(), 0).unwrap())
+}
+
+/// Text that mixes what the split pattern and BPE treat differently.
+fn mixed_text(rng: &mut fastrand::Rng) -> String {
+    const PIECES: &[&str] = &[
+        "'s",
+        "'t",
+        "'re",
+        "'ve",
+        "'m",
+        "'ll",
+        "'d",
+        "'S",
+        "'LL",
+        "'Re",
+        "'\u{17f}",
+        "'x",
+        "'\u{df}",
+        "'\u{fb05}",
+        "'\u{1efb}",
+        "'\u{212a}",
+        "'",
+        "''",
+        "don't",
+        "WE'LL",
+        "it's",
+        "12",
+        "3",
+        "2026",
+        "\u{665}\u{666}",
+        "\u{bd}",
+        "\u{b2}",
+        "\u{216b}",
+        "!",
+        "...",
+        "?!",
+        "--",
+        "==",
+        "(){}",
+        "\"",
+        "#",
+        "@",
+        "$",
+        "%",
+        "&*",
+        "+",
+        "_",
+        "`",
+        "~",
+        "\\",
+        "|",
+        "/",
+        "<",
+        ">",
+        "\r",
+        "\n",
+        "\r\n",
+        "\n\n\n",
+        " \n",
+        "\t\n",
+        "  \n  ",
+        " ",
+        "  ",
+        "   ",
+        "\t",
+        "\t\t",
+        " \t ",
+        "\u{a0}",
+        "\u{3000}",
+        "\u{2028}",
+        "\u{85}",
+        "\u{b}",
+        "\u{c}",
+        "\u{200b}",
+        "\u{200d}",
+        "你好",
+        "世界",
+        "東京",
+        "数据",
+        "こんにちは",
+        "한국어",
+        "🙂",
+        "🌍",
+        "👩\u{200d}💻",
+        "e\u{301}",
+        "\u{301}",
+        "a\u{308}\u{301}",
+        "A\u{30a}",
+        "\u{212b}",
+        "\u{1e9b}\u{323}",
+        "\u{1100}\u{1161}",
+        "\u{e9}",
+        "\u{fb01}",
+        "\u{2460}",
+        "Straße",
+        "naïve",
+        "über",
+        "Ωμέγα",
+        "Привет",
+        "مرحبا",
+        "नमस्ते",
+        "\u{5d0}\u{5b8}",
+        "ǅ",
+        "ʰ",
+        "\u{10400}",
+        "\u{1d400}",
+        "\u{e000}",
+        "\u{10ffff}",
+        "\u{fffd}",
+        "\u{0}",
+        "\u{1}",
+        "\u{7f}",
+    ];
+    let mut s = String::new();
+    for _ in 0..rng.usize(0..40) {
+        match rng.u8(0..10) {
+            0..=3 => s.push_str(PIECES[rng.usize(0..PIECES.len())]),
+            4 | 5 => {
+                // An ASCII word, case mixed, with or without a leading space.
+                if rng.bool() {
+                    s.push(' ');
+                }
+                for _ in 0..rng.usize(1..12) {
+                    let c = char::from(rng.u8(b'a'..=b'z'));
+                    s.push(if rng.u8(0..5) == 0 {
+                        c.to_ascii_uppercase()
+                    } else {
+                        c
+                    });
+                }
+            }
+            6 => {
+                // Any scalar value: classes the piece list misses.
+                s.push(rng.char(..));
+            }
+            7 => {
+                // Whitespace runs before newlines, text ends.
+                for _ in 0..rng.usize(1..5) {
+                    s.push([' ', '\t', '\n', '\r', '\u{a0}'][rng.usize(0..5)]);
+                }
+            }
+            8 => s.push_str(&rng.u32(..).to_string()),
+            _ => {
+                // Now and then a piece longer than the merge loop takes.
+                let unit = ["a", "=", " ", "ab", "\u{4e00}", "1", "\n"][rng.usize(0..7)];
+                let max = if rng.u8(0..8) == 0 { 400 } else { 8 };
+                s.push_str(&unit.repeat(rng.usize(1..max)));
+            }
+        }
+    }
+    s
+}
+
+fn assert_same_as_library(t: &ModelTokenizer, lib: &tokenizers::Tokenizer, text: &str) {
+    let want = lib.encode(text, false).unwrap();
+    let mut got = Vec::new();
+    t.encode(text, false, &mut got).unwrap();
+    assert_eq!(got, want.get_ids(), "{text:?}");
+}
+
+#[test]
+fn fast_encoder_matches_the_library_on_generated_text() {
+    let t = qwen3_uncached();
+    assert!(t.uses_fast_encoder());
+    let mut rng = fastrand::Rng::with_seed(0xb9e);
+    for _ in 0..3_000 {
+        let text = mixed_text(&mut rng);
+        assert_same_as_library(t, reference(), &text);
+    }
+}
+
+#[test]
+fn fast_encoder_matches_the_library_on_text_around_added_tokens() {
+    let t = qwen3_uncached();
+    let mut rng = fastrand::Rng::with_seed(0xadd);
+    for _ in 0..500 {
+        let mut text = mixed_text(&mut rng);
+        text.push_str(["<|im_end|>", "<|im_start|>", "<think>"][rng.usize(0..3)]);
+        text.push_str(&mixed_text(&mut rng));
+        assert_same_as_library(t, reference(), &text);
+    }
+}
+
+/// Every scalar value, in order (the onig check below scans it).
+fn all_chars() -> String {
+    (0..=0x10_ffffu32).filter_map(char::from_u32).collect()
+}
+
+/// The characters the Oniguruma pattern matches (one per match).
+fn onig_set(pattern: &str, haystack: &str) -> std::collections::HashSet<char> {
+    let re = onig::Regex::new(pattern).unwrap();
+    re.find_iter(haystack)
+        .map(|(s, e)| {
+            let mut c = haystack[s..e].chars();
+            let first = c.next().unwrap();
+            assert!(
+                c.next().is_none(),
+                "{pattern} matched {:?}",
+                &haystack[s..e]
+            );
+            first
+        })
+        .collect()
+}
+
+#[test]
+fn pretokenizer_classes_are_oniguruma_s_on_every_code_point() {
+    use super::pretok::{Classes, LETTER, NEWLINE, NUMBER, SPACE};
+    let classes = Classes::get().unwrap();
+    let all = all_chars();
+    for (pattern, bit) in [
+        (r"\p{L}", LETTER),
+        (r"\p{N}", NUMBER),
+        (r"\s", SPACE),
+        (r"[\r\n]", NEWLINE),
+    ] {
+        let want = onig_set(pattern, &all);
+        let diff: Vec<char> = all
+            .chars()
+            .filter(|&c| want.contains(&c) != (classes.of(c) & bit != 0))
+            .collect();
+        assert!(
+            diff.is_empty(),
+            "{pattern}: {} differ, {:?}",
+            diff.len(),
+            &diff[..diff.len().min(20)]
+        );
+    }
+    for letter in "strevmld".bytes() {
+        let pattern = format!("(?i:{})", char::from(letter));
+        let want = onig_set(&pattern, &all);
+        let diff: Vec<char> = all
+            .chars()
+            .filter(|&c| want.contains(&c) != classes.folds_to(c, letter))
+            .collect();
+        assert!(diff.is_empty(), "{pattern}: {diff:?}");
+    }
+}
+
+/// Qwen3's tokenizer.json with the changes `edit` makes, loaded both ways
+/// (ours without the segment cache, and the library's).
+fn edited_qwen3(edit: impl FnOnce(&mut Value)) -> (ModelTokenizer, tokenizers::Tokenizer) {
+    let mut v: Value =
+        serde_json::from_slice(&std::fs::read(qwen3_dir().join("tokenizer.json")).unwrap())
+            .unwrap();
+    edit(&mut v);
+    let bytes = serde_json::to_vec(&v).unwrap();
+    let d = dir_with(Some("{}"), Some(&bytes));
+    let ours = ModelTokenizer::from_dir(d.path(), 0).unwrap();
+    let lib = tokenizers::Tokenizer::from_bytes(&bytes).unwrap();
+    (ours, lib)
+}
+
+#[test]
+fn llama3_style_tokenizers_use_the_fast_encoder_and_match_the_library() {
+    // Llama-3's shape: digits in runs of three, no normalizer, whole-word
+    // vocabulary hits before merges.
+    let (t, lib) = edited_qwen3(|v| {
+        v["normalizer"] = Value::Null;
+        let p = &mut v["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"];
+        *p = Value::from(p.as_str().unwrap().replace(r"\p{N}|", r"\p{N}{1,3}|"));
+        v["model"]["ignore_merges"] = Value::from(true);
+    });
+    assert!(t.uses_fast_encoder());
+    let mut rng = fastrand::Rng::with_seed(0x11a);
+    for _ in 0..1_500 {
+        assert_same_as_library(&t, &lib, &mixed_text(&mut rng));
+    }
+}
+
+#[test]
+fn other_shapes_fall_back_to_the_library() {
+    let (t, lib) = edited_qwen3(|v| {
+        v["normalizer"] = json!({"type": "NFKC"});
+    });
+    assert!(!t.uses_fast_encoder());
+    let mut rng = fastrand::Rng::with_seed(0xfa11);
+    for _ in 0..100 {
+        assert_same_as_library(&t, &lib, &mixed_text(&mut rng));
+    }
+}
