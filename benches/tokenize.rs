@@ -230,6 +230,32 @@ fn percentiles(encoder: &str, t: &ModelTokenizer) {
             us(samples[samples.len() - 1])
         );
     }
+    // The chat template alone (what both encoders share).
+    for (case, (name, bytes, _)) in CASES.iter().enumerate() {
+        let n = if *bytes > 100_000 { 100 } else { 1_000 };
+        let mut samples: Vec<Duration> = (0..n)
+            .map(|_| {
+                seq += 1;
+                let body = body_for(case, seq);
+                let req = parse(&body, ApiKind::ChatCompletions).unwrap();
+                let start = Instant::now();
+                let text = t.render_chat(req.prompt.messages()).unwrap();
+                let d = start.elapsed();
+                black_box(text.len());
+                d
+            })
+            .collect();
+        samples.sort_unstable();
+        let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        println!(
+            "| {name} (render only) | - | {n} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs |",
+            us(at(0.5)),
+            us(at(0.9)),
+            us(at(0.99)),
+            us(samples[samples.len() - 1])
+        );
+    }
     let s = t.cache_stats();
     println!(
         "segment cache: {} hits, {} misses, {} entries, {} bytes",

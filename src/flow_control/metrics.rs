@@ -19,6 +19,12 @@
 //! [`MAX_FAIRNESS_LABELS`] distinct ids, further ones are reported as
 //! `other`. `priority` values come from InferenceObjectives (operators).
 
+use std::{
+    collections::HashMap,
+    sync::{Arc, OnceLock},
+};
+
+use parking_lot::RwLock;
 use prometheus::{Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, Opts, Registry};
 
 use crate::telemetry::{BoundedLabels, TelemetryError, register};
@@ -54,10 +60,39 @@ impl Outcome {
     }
 }
 
+/// (priority, fairness label) pairs whose metric handles are kept; beyond
+/// it (thousands of priorities, which only operators create) a request's
+/// handles are looked up afresh, as they all were before the cache.
+const MAX_CACHED_LABELS: usize = 4096;
+
+/// How the admission decision ended (the `outcome` label of the enqueue
+/// histogram).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admitted {
+    Dispatched,
+    Enqueued,
+    RejectedCapacity,
+}
+
+impl Admitted {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Dispatched => "Dispatched",
+            Self::Enqueued => "Enqueued",
+            Self::RejectedCapacity => "RejectedCapacity",
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct FlowMetrics {
     pool: String,
     fairness: BoundedLabels,
+    /// Resolved handles per (priority, fairness label): a label-vector
+    /// lookup hashes every label value and takes the vector's lock, several
+    /// times per request otherwise.
+    handles: RwLock<HashMap<i32, HashMap<Box<str>, Labels>>>,
+    cached: std::sync::atomic::AtomicUsize,
     queue_size: GaugeVec,
     queue_bytes: GaugeVec,
     queue_duration: HistogramVec,
@@ -66,11 +101,23 @@ pub struct FlowMetrics {
     pub pool_saturation: Gauge,
 }
 
-/// The label values of one request, fixed at admission.
+/// The metric handles of one request's label values, fixed at admission
+/// and shared by every request of the same flow and priority. The
+/// per-outcome histograms are resolved on first use, so a series appears
+/// only once something is observed in it (as with `with_label_values`).
 #[derive(Debug, Clone)]
-pub struct Labels {
+pub struct Labels(Arc<Handles>);
+
+#[derive(Debug)]
+struct Handles {
     fairness: Box<str>,
     priority: Box<str>,
+    queue_size: Gauge,
+    queue_bytes: Gauge,
+    /// By [`Outcome`], in declaration order.
+    finished: [OnceLock<Histogram>; 4],
+    /// By [`Admitted`], in declaration order.
+    admitted: [OnceLock<Histogram>; 3],
 }
 
 impl FlowMetrics {
@@ -88,6 +135,8 @@ impl FlowMetrics {
         Ok(Self {
             pool: pool.to_owned(),
             fairness: BoundedLabels::new(MAX_FAIRNESS_LABELS),
+            handles: RwLock::default(),
+            cached: Default::default(),
             queue_size: register(
                 r,
                 GaugeVec::new(
@@ -145,34 +194,67 @@ impl FlowMetrics {
     }
 
     pub fn labels(&self, fairness_id: &str, priority: i32) -> Labels {
-        Labels {
-            fairness: self.fairness.get(fairness_id).into(),
-            priority: priority.to_string().into(),
+        let fairness = self.fairness.get(fairness_id);
+        if let Some(l) = self
+            .handles
+            .read()
+            .get(&priority)
+            .and_then(|m| m.get(fairness))
+        {
+            return l.clone();
         }
-    }
-
-    fn queue_labels<'a>(&'a self, l: &'a Labels) -> [&'a str; 3] {
-        [&l.fairness, &l.priority, &self.pool]
+        let priority_label = priority.to_string();
+        let queue = [fairness, priority_label.as_str(), self.pool.as_str()];
+        let l = Labels(Arc::new(Handles {
+            fairness: fairness.into(),
+            priority: priority_label.as_str().into(),
+            queue_size: self.queue_size.with_label_values(&queue),
+            queue_bytes: self.queue_bytes.with_label_values(&queue),
+            finished: Default::default(),
+            admitted: Default::default(),
+        }));
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.cached.load(Relaxed) < MAX_CACHED_LABELS {
+            let mut m = self.handles.write();
+            let by_fairness = m.entry(priority).or_default();
+            if let Some(existing) = by_fairness.get(fairness) {
+                return existing.clone();
+            }
+            by_fairness.insert(fairness.into(), l.clone());
+            self.cached.fetch_add(1, Relaxed);
+        }
+        l
     }
 
     pub fn queued(&self, l: &Labels, bytes: u64, sign: f64) {
-        let labels = self.queue_labels(l);
-        self.queue_size.with_label_values(&labels).add(sign);
-        self.queue_bytes
-            .with_label_values(&labels)
-            .add(sign * bytes as f64);
+        l.0.queue_size.add(sign);
+        l.0.queue_bytes.add(sign * bytes as f64);
     }
 
     pub fn finished(&self, l: &Labels, outcome: Outcome, seconds: f64) {
-        self.queue_duration
-            .with_label_values(&[&l.fairness, &l.priority, outcome.label(), &self.pool])
+        let h = &l.0;
+        h.finished[outcome as usize]
+            .get_or_init(|| {
+                self.queue_duration.with_label_values(&[
+                    &h.fairness,
+                    &h.priority,
+                    outcome.label(),
+                    &self.pool,
+                ])
+            })
             .observe(seconds);
     }
 
-    /// `queued`: the request was queued (else dispatched or rejected at once).
-    pub fn admitted(&self, l: &Labels, outcome: &str, seconds: f64) {
-        self.enqueue_duration
-            .with_label_values(&[&l.fairness, &l.priority, outcome])
+    pub fn admitted(&self, l: &Labels, outcome: Admitted, seconds: f64) {
+        let h = &l.0;
+        h.admitted[outcome as usize]
+            .get_or_init(|| {
+                self.enqueue_duration.with_label_values(&[
+                    &h.fairness,
+                    &h.priority,
+                    outcome.label(),
+                ])
+            })
             .observe(seconds);
     }
 }

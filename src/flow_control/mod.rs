@@ -65,7 +65,7 @@ use tokio::sync::{oneshot, watch};
 
 pub use config::{FEATURE_GATE, FlowControlConfigError, FlowControlSettings};
 pub use metrics::MAX_FAIRNESS_LABELS;
-use metrics::{FlowMetrics, Labels, Outcome};
+use metrics::{Admitted, FlowMetrics, Labels, Outcome};
 use queue::{Key, Queues};
 
 use crate::telemetry::TelemetryError;
@@ -217,8 +217,11 @@ impl FlowController {
         {
             let labels = self.metrics.labels(flow, req.priority);
             self.metrics.finished(&labels, Outcome::Dispatched, 0.0);
-            self.metrics
-                .admitted(&labels, "Dispatched", started.elapsed().as_secs_f64());
+            self.metrics.admitted(
+                &labels,
+                Admitted::Dispatched,
+                started.elapsed().as_secs_f64(),
+            );
             return Admission::Go;
         }
         let (tx, rx) = oneshot::channel();
@@ -248,7 +251,7 @@ impl FlowController {
                     .finished(&labels, Outcome::RejectedCapacity, 0.0);
                 self.metrics.admitted(
                     &labels,
-                    Outcome::RejectedCapacity.label(),
+                    Admitted::RejectedCapacity,
                     started.elapsed().as_secs_f64(),
                 );
                 Admission::Reject(Rejection::QueueFull)
@@ -256,7 +259,7 @@ impl FlowController {
             Ok(key) => {
                 self.metrics.queued(&labels, req.bytes, 1.0);
                 self.metrics
-                    .admitted(&labels, "Enqueued", started.elapsed().as_secs_f64());
+                    .admitted(&labels, Admitted::Enqueued, started.elapsed().as_secs_f64());
                 let waiting = Waiting {
                     ctl: Arc::clone(self),
                     rx,

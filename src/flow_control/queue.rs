@@ -82,7 +82,8 @@ impl<T> Band<T> {
 #[derive(Debug, Default)]
 struct Flows {
     ids: HashMap<Box<str>, (u32, u64)>,
-    names: HashMap<u32, Box<str>>,
+    /// Slot -> id (`None` while the slot is free): slots are dense.
+    names: Vec<Option<Box<str>>>,
     free: Vec<u32>,
     next: u32,
     max: usize,
@@ -102,7 +103,10 @@ impl Flows {
             self.next - 1
         });
         self.ids.insert(id.into(), (slot, 1));
-        self.names.insert(slot, id.into());
+        match self.names.get_mut(slot as usize) {
+            Some(n) => *n = Some(id.into()),
+            None => self.names.push(Some(id.into())),
+        }
         slot
     }
 
@@ -110,17 +114,17 @@ impl Flows {
         if slot == SHARED {
             return;
         }
-        let Some(name) = self.names.get(&slot) else {
+        let Some(Some(name)) = self.names.get(slot as usize) else {
             return;
         };
-        let gone = match self.ids.get_mut(name) {
+        let gone = match self.ids.get_mut(&**name) {
             Some((_, refs)) if *refs > 1 => {
                 *refs -= 1;
                 false
             }
             _ => true,
         };
-        if gone && let Some(name) = self.names.remove(&slot) {
+        if gone && let Some(name) = self.names.get_mut(slot as usize).and_then(Option::take) {
             self.ids.remove(&name);
             self.free.push(slot);
         }

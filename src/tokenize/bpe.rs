@@ -87,9 +87,12 @@ pub(crate) struct FastBpe {
     words: Box<[Mutex<WordShard>]>,
 }
 
+/// A word's bytes and its token ids.
+type WordEntry = (Box<[u8]>, Box<[u32]>);
+
 #[derive(Debug, Default)]
 struct WordShard {
-    table: HashTable<(Box<[u8]>, Box<[u32]>)>,
+    table: HashTable<WordEntry>,
     bytes: usize,
 }
 

@@ -181,21 +181,20 @@ impl Splitter {
         let after_c = i + c.len_utf8();
         let class = self.classes.of(c);
         // 1. Contractions.
-        if c == '\'' {
-            if let Some(end) = self.contraction(text, after_c) {
-                return end;
-            }
+        if c == '\''
+            && let Some(end) = self.contraction(text, after_c)
+        {
+            return end;
         }
         // 2. An optional non-letter, non-digit, non-newline, then letters.
         if class & LETTER != 0 {
             return self.skip(text, after_c, |k| k & LETTER != 0);
         }
-        if class & (NUMBER | NEWLINE) == 0 {
-            if let Some(next) = chars.next() {
-                if self.classes.of(next) & LETTER != 0 {
-                    return self.skip(text, after_c + next.len_utf8(), |k| k & LETTER != 0);
-                }
-            }
+        if class & (NUMBER | NEWLINE) == 0
+            && let Some(next) = chars.next()
+            && self.classes.of(next) & LETTER != 0
+        {
+            return self.skip(text, after_c + next.len_utf8(), |k| k & LETTER != 0);
         }
         // 3. Digits.
         if class & NUMBER != 0 {
@@ -211,11 +210,11 @@ impl Splitter {
         // 4. An optional space, "other" characters, then newlines.
         let other = |k: u8| k & (LETTER | NUMBER | SPACE) == 0;
         let start = if c == ' ' { after_c } else { i };
-        if let Some(first) = text[start..].chars().next() {
-            if other(self.classes.of(first)) {
-                let end = self.skip(text, start + first.len_utf8(), other);
-                return self.skip(text, end, |k| k & NEWLINE != 0);
-            }
+        if let Some(first) = text[start..].chars().next()
+            && other(self.classes.of(first))
+        {
+            let end = self.skip(text, start + first.len_utf8(), other);
+            return self.skip(text, end, |k| k & NEWLINE != 0);
         }
         // 5-7. `c` is whitespace: scan its run.
         let mut end = i;

@@ -285,10 +285,10 @@ async fn readiness_waits_for_event_streams_once_at_most_the_timeout_and_never_ag
     let payload = blocks(false, 1, 2);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let mut seq = 0;
-    while !endpoints(&epp)
+    while endpoints(&epp)
         .await
         .get("a")
-        .is_some_and(|e| !e.kv_events_fallback)
+        .is_none_or(|e| e.kv_events_fallback)
     {
         assert!(
             tokio::time::Instant::now() < deadline,
