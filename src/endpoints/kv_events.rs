@@ -53,11 +53,17 @@ impl KvEventsCell {
     /// to one rank, and vLLM's data-parallel front end prefers the one
     /// holding its prefix), or `None` when no rank is known.
     pub fn longest_prefix(&self, keys: &[u64]) -> Option<PrefixMatch> {
+        self.longest_prefix_near(keys, 0)
+    }
+
+    /// [`Self::longest_prefix`], probing around `hint` blocks first (another
+    /// endpoint's answer for the same chain); the answer does not depend on it.
+    pub fn longest_prefix_near(&self, keys: &[u64], hint: usize) -> Option<PrefixMatch> {
         let g = self.view.load();
         let view = g.as_ref()?;
         let mut best: Option<PrefixMatch> = None;
         for r in view.ranks.iter() {
-            if let Some(m) = r.longest_prefix(keys) {
+            if let Some(m) = r.longest_prefix_near(keys, hint) {
                 best = Some(match best {
                     Some(b) if (b.gpu, b.any) >= (m.gpu, m.any) => b,
                     _ => m,

@@ -16,21 +16,45 @@
 //! bytes-per-block target:
 //! - `nodes`: a slab of 20-byte nodes, one per (engine hash, medium) stored,
 //!   linked in insertion order (a FIFO; the oldest is evicted first);
-//! - `keys`: a slab of 16-byte entries, one per distinct key held, counting
-//!   the nodes holding it per medium;
+//! - `keys`: a slab of 20-byte entries, one per distinct key held (or kept
+//!   as a ghost), counting the nodes holding it per medium, linked to its
+//!   parent key's entry;
 //! - `by_engine` and `by_key`: hash tables of slab indices (4 bytes a
 //!   bucket), hashed by the engine hash (mixed with a per-index random seed
 //!   and the medium, so a publisher cannot choose colliding hashes) and by
 //!   our key (already an xxh3 output). A table of indices rather than a map
 //!   of (u64, value) pairs is what keeps a bucket at 5 bytes.
 //!
-//! Both slabs grow by doubling up to `capacity` and no further.
+//! Both slabs grow by doubling up to `capacity` and no further (ghosts,
+//! below, may take the key slab up to twice that).
+//!
+//! Closed chains, for bisection: a query is the key chain of a prompt, and
+//! the answer its longest held leading run. A block's key determines its
+//! parent's (it is hashed from it), so if every held block's parent is held
+//! ("closed"), "held" is monotone along any query chain and the run ends
+//! where a bisection finds the first block not held. Removals can break
+//! this: our FIFO eviction takes a chain's oldest (first) blocks first, and
+//! an engine may remove any block. So each key entry links to its parent's
+//! entry and counts its children (entries linked to it); an entry whose
+//! last node goes but which still has children stays as a *ghost* (in the
+//! table, held by no node, not a match), and is freed, with any ghost
+//! ancestor left childless, when its last child goes. A ghost always has a
+//! held descendant, so the index is closed exactly when it has no ghosts;
+//! queries bisect then and walk block by block otherwise. A stored block
+//! whose parent is not held (evicted while its own chain was being stored)
+//! gets a ghost parent, so it cannot make a closed index answer wrongly.
+//! Ghosts are bounded by `capacity`; past that the index stops tracking
+//! parents (every query walks) until it next empties. The GPU run is the
+//! same bisection when no key is held off GPU only; otherwise it is walked
+//! within the any-tier run.
 //!
 //! Invariants (checked by [`BlockIndex::check_invariants`], which the fuzz
 //! target and the tests call): `by_engine` indexes exactly the nodes on the
 //! list, at most `capacity` of them; every live key entry is in `by_key`
 //! and its counts equal the nodes pointing to it per medium; an entry whose
-//! counts reach zero is freed at once. A stored block whose parent is
+//! counts reach zero is freed at once unless it has children (a ghost);
+//! `kids` equals the entries linked to it, a ghost has kids, and `ghosts`
+//! and `offloaded_only` equal what they count. A stored block whose parent is
 //! unknown (evicted here, or stored before we subscribed) cannot be keyed
 //! and is skipped, counted as an orphan.
 
@@ -137,14 +161,37 @@ impl Node {
     }
 }
 
-/// One distinct key and the nodes holding it per medium.
+/// One distinct key, the nodes holding it per medium, and its place in the
+/// chain forest; 20 bytes (no u64 field, so 4-aligned).
 #[derive(Debug, Clone, Copy)]
 struct KeyEntry {
-    key: u64,
+    key: [u32; 2],
     gpu: u16,
     cpu: u16,
-    /// Next free entry while this one is free.
-    next_free: u32,
+    /// The entry of the block before this one in its chain (NIL for a
+    /// chain's first block, or while unknown); the next free entry while
+    /// this one is free.
+    parent: u32,
+    /// Entries whose `parent` is this one.
+    kids: u32,
+}
+
+impl KeyEntry {
+    fn new(key: u64, parent: u32) -> Self {
+        Self {
+            key: [key as u32, (key >> 32) as u32],
+            gpu: 0,
+            cpu: 0,
+            parent,
+            kids: 0,
+        }
+    }
+    fn key(&self) -> u64 {
+        u64::from(self.key[0]) | (u64::from(self.key[1]) << 32)
+    }
+    fn present(&self) -> bool {
+        self.gpu > 0 || self.cpu > 0
+    }
 }
 
 /// The longest cached prefix of a query, in blocks.
@@ -183,6 +230,14 @@ pub struct BlockIndex {
     capacity: usize,
     seed: u64,
     scratch: Vec<u64>,
+    /// Entries held by no node but kept because a present block chains
+    /// after them (see "Closed chains" in the module header).
+    ghosts: usize,
+    /// Present entries held only off GPU (counts 0 on GPU).
+    offloaded_only: usize,
+    /// Ghosts hit their bound: parents are no longer tracked until the
+    /// index empties, and queries walk.
+    untracked: bool,
 }
 
 /// A 64-bit finaliser (murmur3's): engine hashes may be small integers or
@@ -196,11 +251,45 @@ fn fmix(mut h: u64) -> u64 {
 }
 
 /// Grows a slab towards `cap` by doubling, never past it, so a full index
-/// holds no slack.
+/// holds no slack. Only the key slab goes past `cap` (ghosts, bounded by
+/// `cap` again): it does so in steps of a 32nd, not one entry at a time,
+/// which would copy the whole slab for each ghost.
 fn grow<T>(v: &mut Vec<T>, cap: usize) {
     if v.len() == v.capacity() {
-        let want = (v.len() * 2).clamp(16, cap.max(16));
+        let want = if v.len() < cap {
+            (v.len() * 2).clamp(16, cap.max(16))
+        } else {
+            v.len() + (cap / 32).max(16)
+        };
         v.reserve_exact(want.saturating_sub(v.len()).max(1));
+    }
+}
+
+/// The engine-hash table's hash of `engine` on `medium`.
+fn engine_hash(seed: u64, engine: u64, medium: Medium) -> u64 {
+    let tier = if medium == Medium::Cpu { CPU_MIX } else { 0 };
+    fmix(engine ^ seed ^ tier)
+}
+
+/// Rebuilds `table` at the size a fresh table of its entries would have,
+/// when it is at least twice that.
+///
+/// hashbrown leaves a tombstone where a removal's probe group is full, and a
+/// table more than half full whose free slots have all become tombstones
+/// doubles instead of rehashing in place: an index at capacity, inserting
+/// and removing as fast, ends up with twice the buckets it needs, past the
+/// bytes-per-block budget. Rebuilding only when the fresh table would keep
+/// a sixteenth of its buckets free makes a rebuild cost at most one per
+/// that many inserts.
+fn shrink_oversized(table: &mut HashTable<u32>, hasher: impl Fn(&u32) -> u64) {
+    let len = table.len();
+    if len < 1024 {
+        return;
+    }
+    let fresh = (len * 8 / 7).next_power_of_two();
+    let bucket_bytes = std::mem::size_of::<u32>() + 1;
+    if table.allocation_size() >= 2 * fresh * bucket_bytes && len + fresh / 16 <= fresh / 8 * 7 {
+        table.shrink_to(0, hasher);
     }
 }
 
@@ -219,6 +308,9 @@ impl BlockIndex {
             capacity: capacity.clamp(1, MAX_CAPACITY),
             seed: fastrand::u64(..),
             scratch: Vec::new(),
+            ghosts: 0,
+            offloaded_only: 0,
+            untracked: false,
         }
     }
 
@@ -266,11 +358,13 @@ impl BlockIndex {
         self.live = 0;
         self.by_engine.clear();
         self.by_key.clear();
+        self.ghosts = 0;
+        self.offloaded_only = 0;
+        self.untracked = false;
     }
 
     fn engine_hash(&self, engine: u64, medium: Medium) -> u64 {
-        let tier = if medium == Medium::Cpu { CPU_MIX } else { 0 };
-        fmix(engine ^ self.seed ^ tier)
+        engine_hash(self.seed, engine, medium)
     }
 
     fn find_node(&self, engine: u64, medium: Medium) -> Option<u32> {
@@ -287,7 +381,7 @@ impl BlockIndex {
     fn key_of(&self, engine: u64) -> Option<u64> {
         [Medium::Gpu, Medium::Cpu].into_iter().find_map(|m| {
             self.find_node(engine, m)
-                .map(|n| self.keys[self.nodes[n as usize].key as usize].key)
+                .map(|n| self.keys[self.nodes[n as usize].key as usize].key())
         })
     }
 
@@ -341,10 +435,12 @@ impl BlockIndex {
                             }
                         }
                     }
+                    let mut parent = parent.map(|_| prev);
                     for (&engine, &key) in batch.hashes[hashes.clone()].iter().zip(&keys) {
-                        if self.insert(engine, key, *medium, &mut a.evicted) {
+                        if self.insert(engine, key, parent, *medium, &mut a.evicted) {
                             a.stored += 1;
                         }
+                        parent = Some(key);
                     }
                     // Keep the scratch small between batches: a huge event
                     // must not pin its size for the endpoint's lifetime.
@@ -372,24 +468,33 @@ impl BlockIndex {
                 }
             }
         }
+        self.compact_tables();
         a
     }
 
-    /// The key entry for `key`, created with zero counts if new.
-    fn key_slot(&mut self, key: u64) -> u32 {
+    /// [`shrink_oversized`] on both tables, once per batch.
+    fn compact_tables(&mut self) {
+        let (nodes, keys, seed) = (&self.nodes, &self.keys, self.seed);
+        shrink_oversized(&mut self.by_engine, |&i| {
+            let n = &nodes[i as usize];
+            engine_hash(seed, n.engine(), n.medium())
+        });
+        shrink_oversized(&mut self.by_key, |&i| keys[i as usize].key());
+    }
+
+    fn find_key(&self, key: u64) -> Option<u32> {
         let keys = &self.keys;
-        if let Some(&k) = self.by_key.find(key, |&i| keys[i as usize].key == key) {
-            return k;
-        }
-        let entry = KeyEntry {
-            key,
-            gpu: 0,
-            cpu: 0,
-            next_free: NIL,
-        };
+        self.by_key
+            .find(key, |&i| keys[i as usize].key() == key)
+            .copied()
+    }
+
+    /// A new entry for `key` (zero counts), linked under `parent`.
+    fn new_key(&mut self, key: u64, parent: u32) -> u32 {
+        let entry = KeyEntry::new(key, parent);
         let k = if self.free_key != NIL {
             let k = self.free_key;
-            self.free_key = self.keys[k as usize].next_free;
+            self.free_key = self.keys[k as usize].parent;
             self.keys[k as usize] = entry;
             k
         } else {
@@ -397,12 +502,94 @@ impl BlockIndex {
             self.keys.push(entry);
             (self.keys.len() - 1) as u32
         };
+        if parent != NIL {
+            self.keys[parent as usize].kids += 1;
+        }
         let keys = &self.keys;
-        self.by_key.insert_unique(key, k, |&i| keys[i as usize].key);
+        self.by_key
+            .insert_unique(key, k, |&i| keys[i as usize].key());
         k
     }
 
-    fn insert(&mut self, engine: u64, key: u64, medium: Medium, evicted: &mut u64) -> bool {
+    /// The entry of a stored block's parent key, made a ghost if the
+    /// parent is not held (evicted while its children were being stored).
+    /// NIL for a chain's first block, or when parents are untracked.
+    fn parent_slot(&mut self, parent: Option<u64>) -> u32 {
+        let Some(p) = parent else { return NIL };
+        if self.untracked {
+            return NIL;
+        }
+        if let Some(i) = self.find_key(p) {
+            return i;
+        }
+        if !self.note_ghost() {
+            return NIL;
+        }
+        self.new_key(p, NIL)
+    }
+
+    /// Counts a new ghost; past the bound, stops tracking parents instead
+    /// (false).
+    fn note_ghost(&mut self) -> bool {
+        if self.ghosts >= self.capacity {
+            self.untracked = true;
+            return false;
+        }
+        self.ghosts += 1;
+        true
+    }
+
+    /// The key entry for `key` (a block chained after `parent`), created
+    /// with zero counts if new.
+    fn key_slot(&mut self, key: u64, parent: Option<u64>) -> u32 {
+        let p = self.parent_slot(parent);
+        match self.find_key(key) {
+            Some(k) => {
+                let e = self.keys[k as usize];
+                // A ghost made for an unknown parent learns its own now.
+                if e.parent == NIL && p != NIL && !self.untracked {
+                    self.keys[k as usize].parent = p;
+                    self.keys[p as usize].kids += 1;
+                }
+                k
+            }
+            None => self.new_key(key, p),
+        }
+    }
+
+    /// Frees entry `k` (held by no node and no child), then any ghost
+    /// ancestor left without children.
+    fn free_key_entry(&mut self, mut k: u32) {
+        loop {
+            let e = self.keys[k as usize];
+            let key = e.key();
+            if let Ok(entry) = self.by_key.find_entry(key, |&i| i == k) {
+                entry.remove();
+            }
+            self.keys[k as usize].parent = self.free_key;
+            self.free_key = k;
+            let p = e.parent;
+            if p == NIL || self.untracked {
+                return;
+            }
+            let pe = &mut self.keys[p as usize];
+            pe.kids -= 1;
+            if pe.kids > 0 || pe.present() {
+                return;
+            }
+            self.ghosts -= 1;
+            k = p;
+        }
+    }
+
+    fn insert(
+        &mut self,
+        engine: u64,
+        key: u64,
+        parent: Option<u64>,
+        medium: Medium,
+        evicted: &mut u64,
+    ) -> bool {
         if self.find_node(engine, medium).is_some() {
             return false;
         }
@@ -410,12 +597,15 @@ impl BlockIndex {
             self.evict_oldest();
             *evicted += 1;
         }
-        let k = self.key_slot(key);
+        let k = self.key_slot(key, parent);
+        let before = self.keys[k as usize];
         let e = &mut self.keys[k as usize];
         match medium {
             Medium::Gpu => e.gpu = e.gpu.saturating_add(1),
             Medium::Cpu => e.cpu = e.cpu.saturating_add(1),
         }
+        let after = *e;
+        self.count_change(before, after);
         let tier = if medium == Medium::Cpu { TIER_BIT } else { 0 };
         let node = Node {
             engine: [engine as u32, (engine >> 32) as u32],
@@ -444,12 +634,7 @@ impl BlockIndex {
         let (nodes, seed) = (&self.nodes, self.seed);
         self.by_engine.insert_unique(h, idx, |&i| {
             let n = &nodes[i as usize];
-            let tier = if n.medium() == Medium::Cpu {
-                CPU_MIX
-            } else {
-                0
-            };
-            fmix(n.engine() ^ seed ^ tier)
+            engine_hash(seed, n.engine(), n.medium())
         });
         self.live += 1;
         true
@@ -485,40 +670,134 @@ impl BlockIndex {
         } else {
             self.tail = node.prev;
         }
+        let before = self.keys[node.key as usize];
         let e = &mut self.keys[node.key as usize];
         match node.medium() {
             Medium::Gpu => e.gpu = e.gpu.saturating_sub(1),
             Medium::Cpu => e.cpu = e.cpu.saturating_sub(1),
         }
-        if e.gpu == 0 && e.cpu == 0 {
-            let key = e.key;
-            if let Ok(entry) = self.by_key.find_entry(key, |&i| i == node.key) {
-                entry.remove();
+        let after = *e;
+        self.count_change(before, after);
+        if !after.present() {
+            if after.kids == 0 || self.untracked {
+                self.free_key_entry(node.key);
+            } else if !self.note_ghost() {
+                // Untracked from now on: entries go when their nodes do.
+                self.free_key_entry(node.key);
             }
-            self.keys[node.key as usize].next_free = self.free_key;
-            self.free_key = node.key;
         }
         self.nodes[n as usize].next_and_tier = self.free & !TIER_BIT;
         self.free = n;
         self.live -= 1;
+        if self.live == 0 && (self.untracked || self.ghosts > 0) {
+            // Nothing present: whatever entries remain are ghosts or stale.
+            self.clear();
+        }
+    }
+
+    /// Keeps the ghost and offloaded-only counts as an entry's node counts
+    /// change from `before` to `after`.
+    fn count_change(&mut self, before: KeyEntry, after: KeyEntry) {
+        let off = |e: &KeyEntry| e.gpu == 0 && e.cpu > 0;
+        match (off(&before), off(&after)) {
+            (false, true) => self.offloaded_only += 1,
+            (true, false) => self.offloaded_only -= 1,
+            _ => {}
+        }
+        if !before.present() && after.present() && before.kids > 0 && !self.untracked {
+            // A ghost held again.
+            self.ghosts -= 1;
+        }
     }
 
     /// The longest leading run of `keys` held, per tier.
     pub fn longest_prefix(&self, keys: &[u64]) -> PrefixMatch {
+        self.longest_prefix_near(keys, 0)
+    }
+
+    /// [`Self::longest_prefix`], probing first around `hint` blocks (the
+    /// answer of another endpoint for the same chain: a hot prompt is held
+    /// to the same depth on many). The hint only orders the probes; the
+    /// answer is the same whatever it is.
+    pub fn longest_prefix_near(&self, keys: &[u64], hint: usize) -> PrefixMatch {
+        if !self.closed() {
+            return self.walk(keys);
+        }
+        let any = self.first_absent(keys, hint);
+        let gpu = if self.offloaded_only == 0 {
+            any
+        } else {
+            let slab = &self.keys;
+            keys[..any]
+                .iter()
+                .take_while(|&&k| self.find_key(k).is_some_and(|i| slab[i as usize].gpu > 0))
+                .count()
+        };
+        PrefixMatch { gpu, any }
+    }
+
+    /// Whether every held block's chain is held back to its first block
+    /// (no ghosts), which makes "held" monotone along a query chain.
+    fn closed(&self) -> bool {
+        self.ghosts == 0 && !self.untracked
+    }
+
+    /// Whether `key` is held on any tier (ghosts are not).
+    fn held(&self, key: u64) -> bool {
+        self.find_key(key)
+            .is_some_and(|i| self.keys[i as usize].present())
+    }
+
+    /// The first block of `keys` not held, by bisection, for a closed
+    /// index only.
+    fn first_absent(&self, keys: &[u64], hint: usize) -> usize {
+        // Invariant: every block before `lo` is held; block `hi` (if any)
+        // is not.
+        let (mut lo, mut hi) = (0usize, keys.len());
+        let hint = hint.min(keys.len());
+        if hint > 0 {
+            if self.held(keys[hint - 1]) {
+                lo = hint;
+            } else {
+                hi = hint - 1;
+            }
+        }
+        if lo == hint && lo < hi {
+            if self.held(keys[hint]) {
+                lo = hint + 1;
+            } else {
+                hi = hint;
+            }
+        }
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.held(keys[mid]) {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
+
+    /// The leading run block by block: the answer whatever the index's
+    /// shape, and the reference the bisection is tested against.
+    #[doc(hidden)]
+    pub fn walk(&self, keys: &[u64]) -> PrefixMatch {
         let mut m = PrefixMatch::default();
         let mut gpu_run = true;
         let slab = &self.keys;
         for &k in keys {
-            match self.by_key.find(k, |&i| slab[i as usize].key == k) {
-                Some(&i) => {
-                    if gpu_run && slab[i as usize].gpu > 0 {
+            match self.find_key(k).map(|i| slab[i as usize]) {
+                Some(e) if e.present() => {
+                    if gpu_run && e.gpu > 0 {
                         m.gpu += 1;
                     } else {
                         gpu_run = false;
                     }
                     m.any += 1;
                 }
-                None => break,
+                _ => break,
             }
         }
         m
@@ -584,16 +863,59 @@ impl BlockIndex {
                     e.gpu, e.cpu
                 ));
             }
-            let slab = &self.keys;
-            if self.by_key.find(e.key, |&j| slab[j as usize].key == e.key) != Some(&(i as u32)) {
+            if self.find_key(e.key()) != Some(i as u32) {
                 return Err(format!("key {i} not found by its key"));
             }
         }
-        if live_keys != self.by_key.len() {
+        // Entries in the table: the present ones and the ghosts.
+        let in_table: Vec<bool> = (0..self.keys.len())
+            .map(|i| self.find_key(self.keys[i].key()) == Some(i as u32))
+            .collect();
+        let mut kids = vec![0u32; self.keys.len()];
+        let (mut ghosts, mut offloaded_only) = (0usize, 0usize);
+        for (i, e) in self.keys.iter().enumerate() {
+            if !in_table[i] {
+                continue;
+            }
+            if !e.present() {
+                ghosts += 1;
+                if e.kids == 0 && !self.untracked {
+                    return Err(format!("ghost {i} has no children"));
+                }
+            } else if e.gpu == 0 {
+                offloaded_only += 1;
+            }
+            if e.parent != NIL && !self.untracked {
+                if !in_table.get(e.parent as usize).copied().unwrap_or(false) {
+                    return Err(format!("key {i}: parent {} not in the table", e.parent));
+                }
+                kids[e.parent as usize] += 1;
+            }
+        }
+        if live_keys + ghosts != self.by_key.len() {
             return Err(format!(
-                "by_key has {} entries, {live_keys} keys live",
+                "by_key has {} entries, {live_keys} keys live, {ghosts} ghosts",
                 self.by_key.len()
             ));
+        }
+        if offloaded_only != self.offloaded_only {
+            return Err(format!(
+                "{offloaded_only} offloaded-only keys, counted {}",
+                self.offloaded_only
+            ));
+        }
+        if !self.untracked {
+            if ghosts != self.ghosts {
+                return Err(format!("{ghosts} ghosts, counted {}", self.ghosts));
+            }
+            for (i, e) in self.keys.iter().enumerate() {
+                if in_table[i] && e.kids != kids[i] {
+                    return Err(format!(
+                        "key {i}: {} kids counted, {} found",
+                        e.kids, kids[i]
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -771,6 +1093,156 @@ mod tests {
                 assert_eq!(idx.longest_prefix(&keys), want, "seed {seed}");
             }
         }
+    }
+
+    /// Bisection (with any hint) answers exactly what the block-by-block
+    /// walk answers, on random forests of chains under stores, removals of
+    /// any block (leaf or not), FIFO evictions, both tiers and clears; and
+    /// the index is closed (so the bisection, not the walk, answered) often.
+    #[test]
+    fn bisection_agrees_with_the_walk_under_random_removals() {
+        let mut closed_queries = 0usize;
+        let mut queries = 0usize;
+        for seed in 0..300u64 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let cap = rng.usize(4..64);
+            let mut idx = BlockIndex::new(cap);
+            // Prompts: 3 groups of shared prefixes, each block 1 token from
+            // a small alphabet, so chains branch and share.
+            let prompts: Vec<Vec<u32>> = (0..8)
+                .map(|p| {
+                    let g = p % 3;
+                    (0..rng.usize(2..24))
+                        .map(|i| {
+                            if i < 6 {
+                                g as u32 * 10 + i as u32
+                            } else {
+                                rng.u32(0..4)
+                            }
+                        })
+                        .collect()
+                })
+                .collect();
+            // Engine hash of block i of prompt p: fixed per (p, i) content.
+            let engine = |p: usize, i: usize| (p as u64) << 32 | i as u64;
+            for _ in 0..80 {
+                let mut b = Batch::default();
+                let medium = if rng.u8(0..4) == 0 {
+                    Medium::Cpu
+                } else {
+                    Medium::Gpu
+                };
+                let p = rng.usize(0..prompts.len());
+                let t = &prompts[p];
+                match rng.u8(0..12) {
+                    0..=5 => {
+                        // Store blocks from..to of prompt p, chained after
+                        // block from - 1 (an orphan if that is gone).
+                        let from = if rng.bool() { 0 } else { rng.usize(0..t.len()) };
+                        let to = rng.usize(from..t.len()) + 1;
+                        let hashes: Vec<u64> = (from..to).map(|i| engine(p, i)).collect();
+                        let parent = (from > 0).then(|| engine(p, from - 1));
+                        stored(&mut b, &hashes, parent, &t[from..to], 1, medium);
+                    }
+                    6..=7 => {
+                        // A leaf-first removal of a tail, as engines evict.
+                        let from = rng.usize(0..t.len());
+                        let hashes: Vec<u64> =
+                            (from..t.len()).rev().map(|i| engine(p, i)).collect();
+                        removed(&mut b, &hashes, medium);
+                    }
+                    8..=10 => {
+                        // Any one block, making holes.
+                        removed(&mut b, &[engine(p, rng.usize(0..t.len()))], medium);
+                    }
+                    _ => {
+                        if rng.u8(0..4) == 0 {
+                            b.events.push(Event::Cleared);
+                        }
+                    }
+                }
+                idx.apply(&b);
+                idx.check_invariants()
+                    .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+                for q in &prompts {
+                    let mut keys = Vec::new();
+                    block_keys(chain_seed(None, None), q, 1, &mut keys);
+                    let want = idx.walk(&keys);
+                    queries += 1;
+                    closed_queries += usize::from(idx.closed());
+                    for hint in [0, want.any, rng.usize(0..=keys.len() + 2)] {
+                        assert_eq!(
+                            idx.longest_prefix_near(&keys, hint),
+                            want,
+                            "seed {seed} hint {hint}"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(
+            closed_queries * 5 > queries,
+            "{closed_queries} of {queries} queries bisected"
+        );
+    }
+
+    #[test]
+    fn evicting_a_chains_first_blocks_leaves_ghosts_until_its_last_goes() {
+        let tokens: Vec<u32> = (0..6).collect();
+        let mut idx = BlockIndex::new(6);
+        let mut b = Batch::default();
+        stored(&mut b, &[1, 2, 3, 4, 5, 6], None, &tokens, 1, Medium::Gpu);
+        idx.apply(&b);
+        assert!(idx.closed());
+        let mut keys = Vec::new();
+        block_keys(chain_seed(None, None), &tokens, 1, &mut keys);
+        assert_eq!(idx.longest_prefix(&keys).any, 6);
+        // Two more blocks evict the chain's first two: its rest is held but
+        // unreachable, and the index is not closed.
+        let other: Vec<u32> = vec![100, 101];
+        let mut b = Batch::default();
+        stored(&mut b, &[7, 8], None, &other, 1, Medium::Gpu);
+        idx.apply(&b);
+        idx.check_invariants().unwrap();
+        assert_eq!(idx.ghosts, 2);
+        assert!(!idx.closed());
+        assert_eq!(idx.longest_prefix(&keys).any, 0);
+        assert_eq!(
+            idx.longest_prefix_near(&keys, 6).any,
+            0,
+            "a bisection trusting the last block would say 6"
+        );
+        // Removing the rest of the chain frees the ghosts with it.
+        let mut b = Batch::default();
+        removed(&mut b, &[6, 5, 4, 3], Medium::Gpu);
+        idx.apply(&b);
+        idx.check_invariants().unwrap();
+        assert_eq!((idx.ghosts, idx.len()), (0, 2));
+        assert!(idx.closed());
+    }
+
+    #[test]
+    fn ghosts_past_their_bound_stop_parent_tracking_until_empty() {
+        // One chain longer than the capacity: every evicted first block
+        // becomes a ghost, past the bound the index walks.
+        let mut idx = BlockIndex::new(4);
+        let tokens: Vec<u32> = (0..20).collect();
+        let hashes: Vec<u64> = (0..20).collect();
+        let mut b = Batch::default();
+        stored(&mut b, &hashes, None, &tokens, 1, Medium::Gpu);
+        idx.apply(&b);
+        idx.check_invariants().unwrap();
+        assert!(idx.untracked);
+        let mut keys = Vec::new();
+        block_keys(chain_seed(None, None), &tokens, 1, &mut keys);
+        assert_eq!(idx.longest_prefix(&keys).any, 0);
+        assert_eq!(idx.longest_prefix_near(&keys, 20).any, 0);
+        let mut b = Batch::default();
+        removed(&mut b, &hashes[16..], Medium::Gpu);
+        idx.apply(&b);
+        idx.check_invariants().unwrap();
+        assert!(idx.is_empty() && !idx.untracked && idx.closed());
+        assert_eq!(idx.by_key.len(), 0);
     }
 
     #[test]

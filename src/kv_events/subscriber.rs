@@ -133,10 +133,18 @@ impl RankState {
 
     /// The longest cached prefix of `keys`, or `None` while unknown.
     pub fn longest_prefix(&self, keys: &[u64]) -> Option<PrefixMatch> {
+        self.longest_prefix_near(keys, 0)
+    }
+
+    /// [`Self::longest_prefix`], probing around `hint` blocks first (see
+    /// `BlockIndex::longest_prefix_near`). One lock acquisition per query,
+    /// waited for: an ingest holds it for one batch, and answering from the
+    /// approximate index instead would make the pick depend on timing.
+    pub fn longest_prefix_near(&self, keys: &[u64], hint: usize) -> Option<PrefixMatch> {
         if !self.known.load(Ordering::Acquire) {
             return None;
         }
-        Some(self.index.lock().longest_prefix(keys))
+        Some(self.index.lock().longest_prefix_near(keys, hint))
     }
 
     /// Tokens per block as the engine reports it, once it has stored one.

@@ -127,19 +127,29 @@ pub(super) struct KeyChains {
     keys: Vec<u64>,
     /// (block size, start, len) into `keys`.
     sets: Vec<(u32, u32, u32)>,
+    /// The last events answer (any tier, blocks) per set, where the next
+    /// candidate's query probes first: a hot prompt is held to the same
+    /// depth on many endpoints.
+    hints: Vec<u32>,
 }
 
 impl KeyChains {
     pub(super) fn clear(&mut self) {
         self.keys.clear();
         self.sets.clear();
+        self.hints.clear();
     }
 
-    /// The chain of `tokens` cut in blocks of `block_size`, computed on the
-    /// first call for that size.
-    pub(super) fn get(&mut self, seed: u64, tokens: &[u32], block_size: u32) -> &[u64] {
-        let (start, len) = match self.sets.iter().find(|s| s.0 == block_size) {
-            Some(&(_, start, len)) => (start as usize, len as usize),
+    /// The chain of `tokens` cut in blocks of `block_size` (computed on the
+    /// first call for that size), with the set's index and its hint.
+    fn get_with_hint(
+        &mut self,
+        seed: u64,
+        tokens: &[u32],
+        block_size: u32,
+    ) -> (&[u64], usize, usize) {
+        let (set, start, len) = match self.sets.iter().position(|s| s.0 == block_size) {
+            Some(i) => (i, self.sets[i].1 as usize, self.sets[i].2 as usize),
             None => {
                 let start = self.keys.len();
                 crate::kv_events::block_keys(seed, tokens, block_size as usize, &mut self.keys);
@@ -149,10 +159,15 @@ impl KeyChains {
                     u32::try_from(start).unwrap_or(u32::MAX),
                     len as u32,
                 ));
-                (start, len)
+                self.hints.push(0);
+                (self.sets.len() - 1, start, len)
             }
         };
-        &self.keys[start..start + len]
+        (
+            &self.keys[start..start + len],
+            set,
+            self.hints[set] as usize,
+        )
     }
 
     /// Every chain computed, with its block size.
@@ -296,10 +311,12 @@ pub(super) fn match_events(
         return false;
     }
     let bs = block_size_for(c.endpoint, settings);
-    let keys = chains.get(seed, tokens, bs);
-    let Some(m) = kv.longest_prefix(keys) else {
+    let (keys, set, hint) = chains.get_with_hint(seed, tokens, bs);
+    let Some(m) = kv.longest_prefix_near(keys, hint) else {
         return false;
     };
+    chains.hints[set] = u32::try_from(m.any).unwrap_or(u32::MAX);
+    let keys = &chains.keys[chains.sets[set].1 as usize..][..chains.sets[set].2 as usize];
     let mut gpu = m.gpu;
     let mut any = m.any;
     if settings.speculative_ttl.is_some() {

@@ -30,8 +30,15 @@ pub fn init(verbosity: u8, format: LogFormat, tracer: Option<SdkTracer>) {
             "{level},h2=info,hyper=info,tower=info,rustls=info,kube=info"
         ))
     });
-    // Spans for export are not log lines, whatever RUST_LOG says.
-    let not_traces = tracing_subscriber::filter::filter_fn(|m| m.target() != traces::TARGET);
+    // Spans for export are not log lines, whatever RUST_LOG says. A
+    // directive, not a `filter_fn`: a closure filter makes every callsite's
+    // interest "sometimes", so each disabled trace!/debug! in h2 and hyper
+    // (several per frame) would be re-evaluated by every layer's filter on
+    // every hit instead of being skipped for good.
+    let filter = match format!("{}=off", traces::TARGET).parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
     use std::io::IsTerminal;
     let logs = fmt::layer()
         .with_writer(std::io::stderr)
@@ -52,7 +59,7 @@ pub fn init(verbosity: u8, format: LogFormat, tracer: Option<SdkTracer>) {
     });
     let _ = tracing_subscriber::registry()
         .with(otel)
-        .with(logs.with_filter(filter).with_filter(not_traces))
+        .with(logs.with_filter(filter))
         .try_init();
 }
 

@@ -147,6 +147,10 @@ fn components_compose_with_the_overlays_and_pass_every_check() {
                 "active-active: three picker replicas"
             );
             assert!(!epps[0].leader_election(), "active-active: no lease");
+            assert!(
+                epps[0].args().contains(&"--refresh-metrics-interval=20ms"),
+                "active-active: scrapes every 20 ms (bench/results/replicas)"
+            );
             assert_eq!(
                 str_at(w, "/spec/strategy/type"),
                 Some("RollingUpdate"),
