@@ -451,8 +451,8 @@ impl Director {
     pub fn route(&self, input: &RouteInput<'_>) -> Result<Routed, RouteError> {
         let started = Instant::now();
         // Flow control, when on, has admitted the request before this
-        // (`admit`); its wait is not yet traced as the
-        // `traces::names::FLOW_CONTROL_QUEUE` span.
+        // (`admit`); the ext_proc stream traces its wait
+        // (`traces::names::FLOW_CONTROL_QUEUE`), ended before this span.
         let traced = input.trace.filter(|s| !s.is_disabled());
         let span = traced.map(trace::schedule_span);
         // The per-candidate explanation costs allocations; only build it

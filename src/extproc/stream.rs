@@ -73,7 +73,10 @@ use crate::{
     },
     flow_control::{FAIRNESS_ID_HEADER, Waiting},
     request::ApiKind,
-    telemetry::{logging::Clip, traces::RequestTracer},
+    telemetry::{
+        logging::Clip,
+        traces::{self, RequestTracer},
+    },
 };
 
 /// Most a request body buffer is sized to before its bytes arrive (from
@@ -175,10 +178,21 @@ pub struct ExtProcStream {
     queued: Option<Queued>,
 }
 
+/// A stream that ends while its request waits (the client went away)
+/// says so on the wait's span; the queue itself lets go of the request
+/// when its `Waiting` drops.
+impl Drop for ExtProcStream {
+    fn drop(&mut self) {
+        self.abandon_queue();
+    }
+}
+
 /// A request waiting for flow control to dispatch it.
 #[derive(Debug)]
 struct Queued {
     waiting: Waiting,
+    /// The wait's trace span (disabled unless the request is sampled).
+    span: tracing::Span,
     body: Option<Vec<u8>>,
     trailers_follow: bool,
     /// The request trailers arrived and their answer must follow the route.
@@ -240,6 +254,15 @@ impl ExtProcStream {
         let Some(q) = self.queued.take() else {
             return Poll::Ready(());
         };
+        traces::queue_outcome(
+            &q.span,
+            match &result {
+                Ok(_) => "dispatched",
+                Err(rejection) => rejection.code(),
+            },
+        );
+        // Ended here, so the decision's span follows it.
+        drop(q.span);
         match result {
             Ok(token) => {
                 self.route_now(q.body, q.trailers_follow, out);
@@ -260,6 +283,14 @@ impl ExtProcStream {
         Poll::Ready(())
     }
 
+    /// Takes the request out of flow control's queue, if it is there,
+    /// without routing it.
+    fn abandon_queue(&mut self) {
+        if let Some(q) = self.queued.take() {
+            traces::queue_outcome(&q.span, "abandoned");
+        }
+    }
+
     /// Handles one message from Envoy, appending the answers to `out`.
     ///
     /// On a protocol violation nothing is appended, the request's in-flight
@@ -277,7 +308,7 @@ impl ExtProcStream {
             // Ends the request now rather than whenever the transport drops
             // the stream.
             self.ticket = None;
-            self.queued = None;
+            self.abandon_queue();
             self.body = Vec::new();
             self.phase = RequestPhase::Rejected;
             self.response_done = true;
@@ -328,7 +359,7 @@ impl ExtProcStream {
         if !is_request && self.phase == RequestPhase::Queued {
             // The gateway answered the client itself (its own timeout):
             // the request will never be routed, so it leaves the queue.
-            self.queued = None;
+            self.abandon_queue();
             self.phase = RequestPhase::Rejected;
         }
         if !is_request && self.response_done {
@@ -594,8 +625,14 @@ impl ExtProcStream {
                 if let Some(timeout) = waiting.gateway_timeout() {
                     out.push(envoy::override_message_timeout(timeout));
                 }
+                let span = traces::queue_span(
+                    &self.span,
+                    self.objective.as_deref().unwrap_or(""),
+                    self.fairness_id.as_deref().unwrap_or(""),
+                );
                 self.queued = Some(Queued {
                     waiting,
+                    span,
                     body,
                     trailers_follow,
                     answer_trailers: false,

@@ -60,12 +60,34 @@ pub mod names {
     pub const REQUEST: &str = "epp.request";
     /// The routing decision (child of the request).
     pub const SCHEDULE: &str = "epp.schedule";
-    /// Reserved for the time a request waits in flow control before it is
-    /// scheduled (child of the request, before `epp.schedule`). Flow
-    /// control does not exist yet; when it does, its queue opens this span.
+    /// The time a request waits in flow control's queue before it is
+    /// scheduled (child of the request, ended before `epp.schedule`
+    /// starts), with how the wait ended.
     pub const FLOW_CONTROL_QUEUE: &str = "epp.flow_control.queue";
     /// The response, from its headers to its end (child of the request).
     pub const RESPONSE: &str = "epp.response";
+}
+
+/// The span of a request's wait in flow control, under its request span;
+/// disabled when the request is not sampled. Objective and fairness id are
+/// the client's headers, clipped like log text; [`queue_outcome`]
+/// records how the wait ended.
+pub fn queue_span(request: &tracing::Span, objective: &str, fairness_id: &str) -> tracing::Span {
+    if request.is_disabled() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(target: TARGET, parent: request, "epp.flow_control.queue",
+        epp.objective = %super::logging::Clip(objective),
+        epp.fairness_id = %super::logging::Clip(fairness_id),
+        epp.flow_control.outcome = tracing::field::Empty,
+    )
+}
+
+/// How a wait in flow control ended, on its span: `dispatched`, the
+/// rejection's error code (`flow_control_ttl_expired`, ...), or
+/// `abandoned` (the client or the gateway ended the request first).
+pub fn queue_outcome(span: &tracing::Span, outcome: &str) {
+    span.record("epp.flow_control.outcome", outcome);
 }
 
 /// How root requests (and, without `parentbased_`, every request) are

@@ -9,7 +9,7 @@ use std::{
 
 use epp_bench::stack::envoy::BodyMode;
 
-use crate::common::{Stack, eventually, http};
+use crate::common::{Stack, eventually, http, otlp};
 
 /// How long the pods take to answer: long enough that what the tests
 /// check happens while both are busy.
@@ -206,4 +206,83 @@ async fn full_queue_and_cancel(mode: BodyMode) {
     for r in running {
         assert_eq!(r.await.unwrap().0.status, 200);
     }
+}
+
+/// A sampled request that waits in the queue gets an
+/// `epp.flow_control.queue` span under its request span, ended with how
+/// the wait ended and before the decision's span starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sampled_request_traces_its_wait_in_the_queue() {
+    const TRACE_ID: &str = "5bf92f3577b34da6a3ce929d0e0e4737";
+    const PARENT_ID: &str = "10f067aa0ba902b8";
+    let receiver = otlp::Receiver::start().await;
+    let endpoint = receiver.endpoint();
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_TRACES_SAMPLER", "parentbased_always_off"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    let cfg = config(16);
+    let stack = Stack::start_with_env(2, &["--config-text", &cfg], &env, |_| {}).await;
+    for b in &stack.backends {
+        b.state.ttft_ms.store(TTFT_MS, Ordering::SeqCst);
+    }
+    let running = fill(&stack).await;
+    let listen = stack.envoy.listen;
+    let traceparent = format!("00-{TRACE_ID}-{PARENT_ID}-01");
+    let traced = tokio::spawn(async move {
+        let body = serde_json::json!({"model": "m", "prompt": "traced", "max_tokens": 1});
+        http::request(
+            listen,
+            "POST",
+            "/v1/completions",
+            &[
+                ("traceparent", traceparent.as_str()),
+                ("x-gateway-inference-fairness-id", "tenant-a"),
+            ],
+            Some(body.to_string().into_bytes()),
+        )
+        .await
+        .expect("request through envoy")
+    });
+    eventually(
+        "the traced request queued",
+        Duration::from_secs(10),
+        || async { queued(&stack).await == 1.0 },
+    )
+    .await;
+    for r in running {
+        assert_eq!(r.await.unwrap().0.status, 200);
+    }
+    let r = traced.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    let spans = receiver
+        .wait_for("the traced request's spans", Duration::from_secs(20), |s| {
+            s.iter().any(|r| r.span.name == "epp.response")
+        })
+        .await;
+    let find = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s.span.name == name && s.trace_id_hex() == TRACE_ID)
+            .unwrap_or_else(|| panic!("no {name} span in {spans:#?}"))
+    };
+    let request = find("epp.request");
+    let queue = find("epp.flow_control.queue");
+    let schedule = find("epp.schedule");
+    assert_eq!(queue.parent_id_hex(), request.span_id_hex());
+    assert_eq!(
+        queue.attr("epp.flow_control.outcome").as_deref(),
+        Some("dispatched")
+    );
+    assert_eq!(queue.attr("epp.fairness_id").as_deref(), Some("tenant-a"));
+    assert!(
+        queue.span.end_time_unix_nano <= schedule.span.start_time_unix_nano,
+        "the wait ends before the decision starts"
+    );
+    assert!(
+        queue.span.end_time_unix_nano > queue.span.start_time_unix_nano,
+        "the wait took time"
+    );
 }
