@@ -12,18 +12,19 @@
 use std::hint::black_box;
 
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use epp::{
-    config::{DEFAULT_CONFIG, EndpointPickerConfig, GIE_DEFAULT_CONFIG},
-    endpoints::{EndpointStore, KvView},
-    kv_events::{Batch, Event, Medium, subscriber::RankState},
+    config::{DEFAULT_CONFIG, GIE_DEFAULT_CONFIG},
+    endpoints::EndpointStore,
     prefix::{BlockHasher, PrefixIndex, chain_seed},
     request::{ApiKind, Prompt, parse, parse_cutting},
-    scheduling::{Purpose, RequestFacts, Scheduler, SchedulerOptions, build_scheduler},
+    scheduling::{Purpose, RequestFacts, Scheduler},
     scrape::{EngineMapping, extract},
 };
-use epp_bench::perf::footprint::{self, prompt_text, store, warm};
+use epp_bench::perf::footprint::{
+    self, attach_events, events_scheduler, prompt_text, store, store_chain, warm,
+};
 
 /// The store, scheduler, warm-up and prompts are the in-process perf
 /// fixtures of `epp-bench perf decisions`, so both measure the same thing.
@@ -247,53 +248,19 @@ fn query_tokens(i: usize) -> Vec<u32> {
         .collect()
 }
 
-/// Stores the leading full blocks of `tokens` (block size 16) on `rank`.
-fn store_chain(rank: &RankState, tokens: &[u32], engine: &mut u64) {
-    let blocks = tokens.len() / 16;
-    let mut b = Batch::default();
-    b.hashes.extend((0..blocks as u64).map(|i| *engine + i));
-    *engine += blocks as u64;
-    b.tokens.extend_from_slice(&tokens[..blocks * 16]);
-    b.events.push(Event::Stored {
-        hashes: 0..blocks,
-        parent: None,
-        tokens: 0..blocks * 16,
-        block_size: 16,
-        medium: Medium::Gpu,
-        lora: None,
-        salt: None,
-        extra: None,
-        group: None,
-    });
-    rank.apply_batch(&b);
-}
-
 /// Every endpoint known by its KV events. `hot`: every endpoint holds every
 /// group's system prompt (the worst case: each candidate walks ~219
 /// blocks); else each group's is on two endpoints, and every endpoint also
 /// holds 40 unrelated 4,096-token prompts.
 fn events_store(endpoints: usize, hot: bool) -> Arc<EndpointStore> {
     let store = store(endpoints);
-    let mut engine = 1u64;
-    for (e, ep) in store.snapshot().endpoints().iter().enumerate() {
-        let rank = Arc::new(RankState::new(20_000));
+    attach_events(&store, !hot, |e, rank, engine| {
         for g in 0..50usize {
             if hot || g % endpoints == e || (g * 7 + 3) % endpoints == e {
-                store_chain(&rank, &query_tokens(g)[..3500], &mut engine);
+                store_chain(rank, &query_tokens(g)[..3500], engine);
             }
         }
-        if !hot {
-            for k in 0..40usize {
-                let other: Vec<u32> = (0..4096u32)
-                    .map(|j| 50_000_000 + (e * 40 + k) as u32 * 5000 + j)
-                    .collect();
-                store_chain(&rank, &other, &mut engine);
-            }
-        }
-        ep.kv_events.set(Some(Arc::new(KvView {
-            ranks: vec![rank].into_boxed_slice(),
-        })));
-    }
+    });
     store
 }
 
@@ -304,18 +271,7 @@ fn bench_events_decision(c: &mut Criterion) {
     let endpoints = 64usize;
     for (label, hot) in [("events", false), ("events_hot_prefix", true)] {
         let store = events_store(endpoints, hot);
-        let s = build_scheduler(
-            &EndpointPickerConfig::parse(DEFAULT_CONFIG).unwrap(),
-            &SchedulerOptions {
-                fallback_endpoints: 2,
-                max_scrape_failures: 3,
-                staleness: Duration::from_secs(3600),
-                epoch: store.epoch(),
-                kv_events: true,
-            },
-            Arc::new(PrefixIndex::new()),
-        )
-        .unwrap();
+        let s = events_scheduler(&store).unwrap();
         warm(&s, &store, 50, 2000, 16 << 10);
         let snap = store.snapshot();
         let texts: Vec<String> = (0..64)

@@ -9,10 +9,12 @@
 //! and a 220 KiB cold chat. Bodies are built and parsed outside the timing:
 //! what is timed is [`ModelTokenizer::tokenize`] alone (render + encode).
 //!
-//! Each case runs twice: with the fast BPE encoder (`fast`, the default)
-//! and with the tokenizers library encoding every segment (`library`), so
-//! one invocation compares them. `TOKENIZE_BENCH_ENCODERS=fast` (or
-//! `library`) runs one only, e.g. under a profiler.
+//! Each case runs three times: as the picker runs it (`fast`: the native
+//! ChatML renderer and the fast BPE encoder), with the chat template
+//! interpreted by minijinja (`interpreted`), and with the interpreter and
+//! the tokenizers library encoding every segment (`library`), so one
+//! invocation compares them. `TOKENIZE_BENCH_ENCODERS=fast` (a comma-separated
+//! list of those names) runs some only, e.g. under a profiler.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -24,10 +26,14 @@ use std::{
 };
 
 use criterion::{BenchmarkId, Criterion, Throughput};
+use std::sync::Arc;
+
 use epp::{
     request::{ApiKind, parse},
+    scheduling::{Purpose, RequestFacts},
     tokenize::{ModelTokenizer, qwen3_test_dir},
 };
+use epp_bench::perf::footprint::{attach_events, events_scheduler, store, store_chain};
 
 const WORDS: &[&str] = &[
     "the",
@@ -125,24 +131,35 @@ fn chat(history: u64, last: u64, bytes: usize) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({"model": "qwen3", "messages": messages})).unwrap()
 }
 
-fn tokenizer(fast: bool) -> ModelTokenizer {
+fn tokenizer(fast: bool, native_template: bool) -> ModelTokenizer {
     let dir = qwen3_test_dir().unwrap_or_else(|e| panic!("{e}"));
     let mut t = ModelTokenizer::from_dir(&dir, 256 << 20).unwrap();
     assert!(t.uses_fast_encoder());
+    assert!(t.renders_chat_natively());
     if !fast {
         t.disable_fast_encoder();
+    }
+    if !native_template {
+        t.disable_native_chat_template();
     }
     t
 }
 
-/// The encoders to run: (name, tokenizer).
+/// The encoders to run: (name, tokenizer). `fast`: what the picker runs
+/// (native ChatML rendering, fast BPE); `interpreted`: the same with every
+/// chat rendered by the template interpreter; `library`: the interpreter
+/// and the tokenizers library.
 fn encoders() -> Vec<(&'static str, ModelTokenizer)> {
     let only = std::env::var("TOKENIZE_BENCH_ENCODERS").unwrap_or_default();
-    [("fast", true), ("library", false)]
-        .into_iter()
-        .filter(|(name, _)| only.is_empty() || only == *name)
-        .map(|(name, fast)| (name, tokenizer(fast)))
-        .collect()
+    [
+        ("fast", true, true),
+        ("interpreted", true, false),
+        ("library", false, false),
+    ]
+    .into_iter()
+    .filter(|(name, _, _)| only.is_empty() || only.split(',').any(|o| o == *name))
+    .map(|(name, fast, native)| (name, tokenizer(fast, native)))
+    .collect()
 }
 
 /// Times one tokenize of `body` (parsed outside the timing).
@@ -263,6 +280,76 @@ fn percentiles(encoder: &str, t: &ModelTokenizer) {
     );
 }
 
+/// Issue 14's target as one sample per request: the warm 16 KiB chat
+/// tokenized, then scheduled by the default config over 64 endpoints known
+/// by their KV events, two of which hold the conversation's history (the
+/// others 40 unrelated 4,096-token prompts each); tokenize + schedule timed
+/// together, the body parsed outside the timing.
+fn tokenized_decision_percentiles(name: &str, t: &ModelTokenizer) {
+    const ENDPOINTS: usize = 64;
+    let store = store(ENDPOINTS);
+    let mut history = Vec::new();
+    let first = body_for(0, 0);
+    t.tokenize(
+        &parse(&first, ApiKind::ChatCompletions).unwrap(),
+        &mut history,
+    )
+    .unwrap();
+    // The last message (about 130 tokens) differs per request.
+    let held = &history[..history.len() - 200];
+    attach_events(&store, true, |e, rank, engine| {
+        if e < 2 {
+            store_chain(rank, held, engine);
+        }
+    });
+    let s = events_scheduler(&store).unwrap();
+    let snap = store.snapshot();
+    let holders = &snap.endpoints()[..2];
+    let mut out = Vec::new();
+    // (tokenize + decision, tokenize alone) per request.
+    let mut pairs: Vec<(Duration, Duration)> = (0..2_000u64)
+        .map(|i| {
+            let body = body_for(0, 20_000_000 + i);
+            let req = parse(&body, ApiKind::ChatCompletions).unwrap();
+            let start = Instant::now();
+            out.clear();
+            t.tokenize(&req, &mut out).unwrap();
+            let tokenized = start.elapsed();
+            let facts = RequestFacts {
+                model: "qwen3",
+                prompt: Some(&req.prompt),
+                tokens: Some(out.as_slice()),
+                ..RequestFacts::default()
+            };
+            let d = s.schedule(&facts, &snap, Purpose::Route).unwrap();
+            let took = start.elapsed();
+            assert!(
+                holders.iter().any(|h| Arc::ptr_eq(h, &d.endpoints[0])),
+                "the decision goes to a pod holding the history"
+            );
+            (took, tokenized)
+        })
+        .collect();
+    let mut samples: Vec<Duration> = pairs.iter().map(|p| p.0).collect();
+    let mut decisions: Vec<Duration> = pairs.iter().map(|p| p.0 - p.1).collect();
+    pairs.sort_unstable_by_key(|p| p.1);
+    decisions.sort_unstable();
+    let p99 = |v: &[Duration]| v[(v.len() * 99 / 100).min(v.len() - 1)].as_secs_f64() * 1e6;
+    let tokenize_p99 = p99(&pairs.iter().map(|p| p.1).collect::<Vec<_>>());
+    let decision_p99 = p99(&decisions);
+    samples.sort_unstable();
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    println!(
+        "| {name}: warm 16 KiB, tokenize + decision, {ENDPOINTS} endpoints by events | {} | 2000 | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs | {tokenize_p99:.1} µs / {decision_p99:.1} µs |",
+        out.len(),
+        us(at(0.5)),
+        us(at(0.9)),
+        us(at(0.99)),
+        us(samples[samples.len() - 1])
+    );
+}
+
 fn main() {
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let encoders = encoders();
@@ -274,6 +361,14 @@ fn main() {
     if filter.as_deref().is_none_or(|f| "percentiles".contains(f)) {
         for (name, t) in &encoders {
             percentiles(name, t);
+        }
+        println!("\nDecision including tokenization, one sample per request:");
+        println!(
+            "| case | tokens | requests | p50 | p90 | p99 | max | p99 of the parts: tokenize / decision |"
+        );
+        println!("|---|---|---|---|---|---|---|---|");
+        for (name, t) in &encoders {
+            tokenized_decision_percentiles(name, t);
         }
     }
 }

@@ -32,7 +32,10 @@
 //! `dispatchHeadroom` (the head of that band may still be dispatched while
 //! the pool's saturation is below `1 + dispatchHeadroom`: capacity held back
 //! from lower bands so a critical request finds room at once instead of
-//! waiting for the next request to finish; default 0, GIE's behaviour).
+//! waiting for the next request to finish; default 0, GIE's behaviour; a
+//! negative value stops that band short of saturation, which reserves
+//! capacity for the bands above in finer steps than `maxConcurrency` allows
+//! on a small pool).
 
 use std::time::Duration;
 
@@ -49,6 +52,8 @@ const DEFAULT_MAX_FLOWS: usize = 1024;
 
 pub const GLOBAL_STRICT: &str = "global-strict-fairness-policy";
 pub const ROUND_ROBIN: &str = "round-robin-fairness-policy";
+/// Ours: see [`Fairness::LeastServed`].
+pub const LEAST_SERVED: &str = "least-served-fairness-policy";
 pub const FCFS: &str = "fcfs-ordering-policy";
 pub const EDF: &str = "edf-ordering-policy";
 
@@ -61,6 +66,11 @@ pub enum Fairness {
     GlobalStrict,
     /// One request per non-empty flow in turn.
     RoundRobin,
+    /// Ours: the flow with the fewest requests dispatched from any band
+    /// goes first, so what a tenant gets in higher bands counts against
+    /// its share in this one (max-min fairness across bands, which round
+    /// robin within each band does not give).
+    LeastServed,
 }
 
 /// How requests of one flow are ordered.
@@ -269,11 +279,13 @@ fn band(
         r => match resolve("fairnessPolicyRef", r)?.as_str() {
             GLOBAL_STRICT => Fairness::GlobalStrict,
             ROUND_ROBIN => Fairness::RoundRobin,
+            LEAST_SERVED => Fairness::LeastServed,
             _ => {
                 return Err(FlowControlConfigError::UnknownPolicy {
                     field: "fairnessPolicyRef",
                     reference: r.to_owned(),
-                    known: "global-strict-fairness-policy, round-robin-fairness-policy",
+                    known: "global-strict-fairness-policy, round-robin-fairness-policy, \
+                            least-served-fairness-policy",
                 });
             }
         },
@@ -303,11 +315,11 @@ fn band(
         ordering,
         dispatch_headroom: match b.dispatch_headroom {
             None => base.dispatch_headroom,
-            Some(h) if h.is_finite() && (0.0..=1.0).contains(&h) => h,
+            Some(h) if h.is_finite() && h > -1.0 && h <= 1.0 => h,
             Some(h) => {
                 return Err(FlowControlConfigError::Invalid {
                     field: "priorityBands.dispatchHeadroom".into(),
-                    reason: format!("{h} is not within 0..=1"),
+                    reason: format!("{h} is not above -1 and at most 1"),
                 });
             }
         },
@@ -428,7 +440,8 @@ flowControl:
             "featureGates: [flowControl]\nflowControl: {priorityBands: [{priority: 1, fairnessPolicyRef: fifo}]}\n",
             "featureGates: [flowControl]\nflowControl: {priorityBands: [{priority: 1, orderingPolicyRef: lifo}]}\n",
             "featureGates: [flowControl]\nflowControl: {maxFlows: 0}\n",
-            "featureGates: [flowControl]\nflowControl: {priorityBands: [{priority: 1, dispatchHeadroom: -0.1}]}\n",
+            "featureGates: [flowControl]\nflowControl: {priorityBands: [{priority: 1, dispatchHeadroom: -1}]}\n",
+            "featureGates: [flowControl]\nflowControl: {priorityBands: [{priority: 1, dispatchHeadroom: 1.5}]}\n",
         ] {
             assert!(parse(text).is_err(), "{text}");
         }

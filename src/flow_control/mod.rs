@@ -23,10 +23,11 @@
 //! accounting then shows in the next saturation reading) and drops the
 //! token; the drop triggers the next dispatch. So one request is in transit
 //! at a time and each dispatch decision sees the previous one's effect.
-//! A band with `dispatchHeadroom` h (ours) is still dispatched while the
-//! saturation is below 1 + h, so capacity is held back from the bands
-//! without it: strict priority puts such a band's requests at the head
-//! whenever they are queued, so the head's band is the one that decides.
+//! A band with `dispatchHeadroom` h (ours) is dispatched while the
+//! saturation is below 1 + h, so capacity is held back from the bands with
+//! less (a negative h stops a band short of saturation): strict priority
+//! puts the higher band's requests at the head whenever they are queued, so
+//! the head's band is the one that decides.
 //! Kicks come from: a request being queued, a routed request finishing (its
 //! ticket's [`ReleaseHook`]), a token being dropped, and a periodic tick
 //! ([`FlowController::run_ticker`]) for room that only a scrape reveals.
@@ -165,6 +166,8 @@ pub struct FlowController {
     /// `settings.max_dispatch_headroom()`: at or above `1 +` this, the pool
     /// is full for every band, checked without the lock.
     max_headroom: f64,
+    /// Some band has a negative `dispatchHeadroom`.
+    has_reserve: bool,
     metrics: FlowMetrics,
 }
 
@@ -176,9 +179,16 @@ impl FlowController {
         registry: &Registry,
         pool: &str,
     ) -> Result<Arc<Self>, TelemetryError> {
+        let has_reserve = settings
+            .bands
+            .iter()
+            .map(|(_, b)| b)
+            .chain([&settings.default_band])
+            .any(|b| b.dispatch_headroom < 0.0);
         Ok(Arc::new(Self {
             queues: Mutex::new(Queues::new(settings.clone())),
             max_headroom: settings.max_dispatch_headroom(),
+            has_reserve,
             settings,
             queued: AtomicU64::new(0),
             in_transit: AtomicUsize::new(0),
@@ -213,7 +223,7 @@ impl FlowController {
         let flow = fairness_id(req.fairness_id);
         if self.queued() == 0
             && self.in_transit.load(AtomicOrdering::Acquire) == 0
-            && self.capacity.saturation() < 1.0
+            && self.capacity.saturation() < self.go_limit(req.priority)
         {
             let labels = self.metrics.labels(flow, req.priority);
             self.metrics.finished(&labels, Outcome::Dispatched, 0.0);
@@ -274,6 +284,16 @@ impl FlowController {
         }
     }
 
+    /// The saturation below which a request of `priority` skips the queue:
+    /// 1, or less for a band with negative headroom (a band with positive
+    /// headroom is queued past 1 and dispatched at once by the kick).
+    fn go_limit(&self, priority: i32) -> f64 {
+        if !self.has_reserve {
+            return 1.0;
+        }
+        1.0 + self.settings.band(priority).dispatch_headroom.min(0.0)
+    }
+
     /// Dispatches queued requests while the pool has room (see the module
     /// header); returns at once when nothing is queued or one is in transit.
     pub fn kick(self: &Arc<Self>) {
@@ -293,10 +313,10 @@ impl FlowController {
                 if self.in_transit.load(AtomicOrdering::Acquire) > 0 {
                     return;
                 }
-                // Saturated: only a band with dispatch headroom left goes.
-                if saturation >= 1.0
-                    && q.head_band()
-                        .is_none_or(|b| saturation >= 1.0 + b.dispatch_headroom)
+                // The head's band decides: it goes below `1 + headroom`
+                // (1 for GIE's bands, more or less with ours).
+                if q.head_band()
+                    .is_none_or(|b| saturation >= 1.0 + b.dispatch_headroom)
                 {
                     return;
                 }

@@ -276,3 +276,29 @@ fn dispatch_headroom_lets_only_its_band_past_saturation() {
     drop(token);
     assert!(matches!(poll(&mut standard), Poll::Ready(Ok(_))));
 }
+
+#[test]
+fn negative_headroom_stops_its_band_short_of_saturation() {
+    let (ctl, pool, _) = controller(
+        "featureGates: [flowControl]\nflowControl:\n  priorityBands:\n  - {priority: 10}\n  - {priority: 0, dispatchHeadroom: -0.2}\n",
+        10,
+    );
+    // 0.7 < 0.8: a standard request still skips the queue.
+    pool.used.store(7, AtomicOrdering::Release);
+    assert!(matches!(ctl.admit(&req(Some("a"), 0)), Admission::Go));
+    // 0.8: the standard band is full, the critical band is not.
+    pool.used.store(8, AtomicOrdering::Release);
+    let mut standard = wait(ctl.admit(&req(Some("a"), 0)));
+    assert!(poll(&mut standard).is_pending(), "held back at 0.8");
+    let mut critical = wait(ctl.admit(&req(Some("b"), 10)));
+    let Poll::Ready(Ok(token)) = poll(&mut critical) else {
+        panic!("the critical band goes up to 1");
+    };
+    pool.used.store(9, AtomicOrdering::Release);
+    drop(token);
+    assert!(poll(&mut standard).is_pending());
+    // Back below 0.8: the standard request goes.
+    pool.used.store(7, AtomicOrdering::Release);
+    ctl.kick();
+    assert!(matches!(poll(&mut standard), Poll::Ready(Ok(_))));
+}

@@ -159,8 +159,7 @@ const SESSION_PARAMS: &[&str] = &[
 const FLOW_CONTROL: &str = "flow-control policy we do not implement";
 const SHEDDING: &str =
     "utilization-detector (sheddable requests get 429 while the pool is saturated)";
-const FC_POLICIES: &str =
-    "the flowControl fairness and ordering policies (global-strict, round-robin, fcfs, edf)";
+const FC_POLICIES: &str = "the flowControl fairness and ordering policies (global-strict, round-robin, least-served, fcfs, edf)";
 const PD: &str = "llm-d prefill/decode disaggregation";
 const MULTICLUSTER: &str = "llm-d multi-cluster pool aggregation";
 const LATENCY: &str = "latency predictor (a trained model of TTFT/TPOT)";
@@ -636,6 +635,7 @@ pub const INVENTORY: &[PluginType] = &[
     // Flow control (`featureGates: [flowControl]`, `flowControl.priorityBands`).
     works("global-strict-fairness-policy", Both, Other, &[]),
     works("round-robin-fairness-policy", Both, Other, &[]),
+    works("least-served-fairness-policy", Ours, Other, &[]),
     refused("program-aware-fairness", Router, FLOW_CONTROL, FC_POLICIES),
     works("fcfs-ordering-policy", Both, Other, &[]),
     works("edf-ordering-policy", Both, Other, &[]),

@@ -21,6 +21,10 @@
 //! texts at load, encodes whole texts (logged once at load).
 //! The cache (`cache`) is bounded in bytes per model, sharded, CLOCK.
 //!
+//! Rendering: a ChatML template (Qwen's) is written natively when load
+//! shows the native renderer (`chatml`) reproduces it; the interpreter
+//! costs microseconds per message, the native path a copy.
+//!
 //! Segments are encoded by a fast byte-level BPE encoder (`bpe`, with the
 //! split pattern written out by hand in `pretok`) when the tokenizer.json
 //! has a shape it reproduces exactly (Qwen2/Qwen3's, Llama-3's), else by the
@@ -36,6 +40,7 @@
 
 mod bpe;
 mod cache;
+mod chatml;
 mod load;
 mod model;
 mod pretok;

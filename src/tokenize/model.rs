@@ -118,6 +118,12 @@ impl ModelTokenizer {
         if model.fast.is_some() {
             tracing::info!(dir = %dir.display(), "tokenizer: fast byte-level BPE encoder on");
         }
+        if model.renders_chat_natively() {
+            tracing::info!(
+                dir = %dir.display(),
+                "tokenizer: ChatML chat template, rendered natively where it matches the template"
+            );
+        }
         Ok(model)
     }
 
@@ -193,6 +199,35 @@ impl ModelTokenizer {
             }
             (Some(split), None) if !add_special_tokens => self.encode_split(split, text, out, true),
             _ => self.encode_whole(text, add_special_tokens, out),
+        }
+    }
+
+    /// Whether chats are rendered by the native ChatML renderer (where it
+    /// covers them) instead of the template interpreter.
+    pub fn renders_chat_natively(&self) -> bool {
+        self.template.as_ref().is_some_and(|t| t.renders_natively())
+    }
+
+    /// Renders every chat through the template interpreter (for
+    /// comparisons in tests and benchmarks).
+    pub fn disable_native_chat_template(&mut self) {
+        if let Some(t) = &mut self.template {
+            t.disable_native();
+        }
+    }
+
+    /// The template interpreter's rendering, native renderer or not.
+    #[cfg(test)]
+    pub(crate) fn render_chat_interpreted<'p>(
+        &self,
+        messages: impl Iterator<Item = ChatMessage<'p>>,
+    ) -> Result<String, TokenizeError> {
+        let messages: Vec<_> = messages.collect();
+        match &self.template {
+            Some(t) => t.interpret(&messages),
+            None => Err(TokenizeError::NoChatTemplate {
+                dir: self.dir.clone(),
+            }),
         }
     }
 

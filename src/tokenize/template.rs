@@ -10,13 +10,17 @@
 //! (`startswith`, `split`, `strip`...) come from minijinja-contrib's
 //! pycompat. No tools are passed (tool-using requests are not plain and are
 //! refused before rendering).
+//!
+//! A ChatML template that load shows the native renderer (`chatml`)
+//! reproduces is rendered natively instead, for the conversations that
+//! renderer covers; everything else goes through minijinja.
 
 use std::collections::BTreeMap;
 
 use minijinja::{Environment, Error, ErrorKind, Value, syntax::SyntaxConfig};
 
-use super::TokenizeError;
-use crate::request::ChatMessage;
+use super::{TokenizeError, chatml};
+use crate::request::{ApiKind, ChatMessage};
 
 const NAME: &str = "chat_template";
 
@@ -34,6 +38,8 @@ pub(crate) struct ChatTemplate {
     env: Environment<'static>,
     /// Context values every render shares, built once.
     base: BTreeMap<Value, Value>,
+    /// The native ChatML renderer matched this template on every probe.
+    native: bool,
 }
 
 impl ChatTemplate {
@@ -71,7 +77,23 @@ impl ChatTemplate {
             }
         }
         base.insert(Value::from("add_generation_prompt"), Value::from(true));
-        Ok(Self { env, base })
+        let mut t = Self {
+            env,
+            base,
+            native: false,
+        };
+        t.native = t.native_matches_on_probes();
+        Ok(t)
+    }
+
+    /// Whether chats are rendered natively where the renderer covers them.
+    pub(crate) fn renders_natively(&self) -> bool {
+        self.native
+    }
+
+    /// Renders every chat through minijinja (for comparisons).
+    pub(crate) fn disable_native(&mut self) {
+        self.native = false;
     }
 
     /// Renders `messages` as the model server would before tokenizing.
@@ -79,7 +101,53 @@ impl ChatTemplate {
         &self,
         messages: impl Iterator<Item = ChatMessage<'p>>,
     ) -> Result<String, TokenizeError> {
-        let mut list = Vec::with_capacity(messages.size_hint().0);
+        let messages: Vec<ChatMessage<'p>> = messages.collect();
+        if self.native {
+            let mut out = String::new();
+            if chatml::render(&messages, &mut out) {
+                return Ok(out);
+            }
+        }
+        self.interpret(&messages)
+    }
+
+    /// True when the native renderer covers at least one probe and, on every
+    /// probe it covers, writes what the template writes.
+    fn native_matches_on_probes(&self) -> bool {
+        let mut covered = 0;
+        for probe in chatml::probes() {
+            let messages: Vec<serde_json::Value> = probe
+                .iter()
+                .map(|(role, parts)| {
+                    let content = match parts.as_slice() {
+                        [one] => serde_json::Value::from(*one),
+                        many => many
+                            .iter()
+                            .map(|t| serde_json::json!({"type": "text", "text": t}))
+                            .collect(),
+                    };
+                    serde_json::json!({"role": role, "content": content})
+                })
+                .collect();
+            let body = serde_json::json!({"model": "probe", "messages": messages}).to_string();
+            let Ok(req) = crate::request::parse(body.as_bytes(), ApiKind::ChatCompletions) else {
+                return false;
+            };
+            let messages: Vec<ChatMessage<'_>> = req.prompt.messages().collect();
+            let mut native = String::new();
+            if !chatml::render(&messages, &mut native) {
+                continue;
+            }
+            match self.interpret(&messages) {
+                Ok(text) if text == native => covered += 1,
+                _ => return false,
+            }
+        }
+        covered > 0
+    }
+
+    pub(crate) fn interpret(&self, messages: &[ChatMessage<'_>]) -> Result<String, TokenizeError> {
+        let mut list = Vec::with_capacity(messages.len());
         let mut content = String::new();
         for m in messages {
             if !m.is_plain() {

@@ -130,6 +130,65 @@ fn random_text(rng: &mut fastrand::Rng) -> String {
 }
 
 #[test]
+fn the_native_chatml_renderer_writes_what_the_template_writes() {
+    let t = qwen3();
+    assert!(t.renders_chat_natively(), "Qwen3's template is ChatML");
+    let mut rng = fastrand::Rng::with_seed(0xc4a7);
+    let roles = ["system", "user", "assistant", "tool"];
+    let mut compared = 0;
+    for _ in 0..400 {
+        let messages: Vec<Value> = (0..rng.usize(1..8))
+            .map(|_| {
+                let role = roles[rng.usize(0..roles.len())];
+                let content = if rng.bool() {
+                    json!(random_text(&mut rng))
+                } else {
+                    (0..rng.usize(1..3))
+                        .map(|_| json!({"type": "text", "text": random_text(&mut rng) + "x"}))
+                        .collect()
+                };
+                json!({"role": role, "content": content})
+            })
+            .collect();
+        let body = chat_body(&Value::Array(messages));
+        let req = parse(&body, ApiKind::ChatCompletions).unwrap();
+        let want = t.render_chat_interpreted(req.prompt.messages());
+        let got = t.render_chat(req.prompt.messages());
+        match (got, want) {
+            (Ok(got), Ok(want)) => assert_eq!(got, want),
+            (got, want) => assert_eq!(got.is_ok(), want.is_ok(), "{got:?} vs {want:?}"),
+        }
+        compared += 1;
+    }
+    assert_eq!(compared, 400);
+}
+
+#[test]
+fn a_template_the_native_renderer_does_not_reproduce_keeps_the_interpreter() {
+    // ChatML that trims contents and adds a default system prompt: the
+    // probes show both.
+    for template in [
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}<|im_end|>\n{% endfor %}{{ '<|im_start|>assistant\\n' }}",
+        "{% if messages[0].role != 'system' %}<|im_start|>system\nDefault.<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{{ '<|im_start|>assistant\\n' }}",
+    ] {
+        let config = serde_json::to_string(&json!({"chat_template": template})).unwrap();
+        let d = dir_with(Some(&config), None);
+        let t = ModelTokenizer::from_dir(d.path(), 0).unwrap();
+        assert!(!t.renders_chat_natively(), "{template}");
+    }
+    // The plain ChatML loop is reproduced (the generation prompt in an
+    // expression: Jinja drops a template's final newline).
+    let plain = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{{ '<|im_start|>assistant\\n' }}";
+    let config = serde_json::to_string(&json!({"chat_template": plain})).unwrap();
+    let d = dir_with(Some(&config), None);
+    assert!(
+        ModelTokenizer::from_dir(d.path(), 0)
+            .unwrap()
+            .renders_chat_natively()
+    );
+}
+
+#[test]
 fn segment_ids_concatenate_to_whole_text_ids_on_generated_conversations() {
     let mut rng = fastrand::Rng::with_seed(0x70c3);
     let roles = ["system", "user", "assistant"];

@@ -16,7 +16,8 @@ use std::{
 
 use epp::{
     config::EndpointPickerConfig,
-    endpoints::{EndpointSpec, EndpointStore, MetricsSample},
+    endpoints::{EndpointSpec, EndpointStore, KvView, MetricsSample},
+    kv_events::{Batch, Event, Medium, subscriber::RankState},
     prefix::PrefixIndex,
     request::Prompt,
     scheduling::{Purpose, RequestFacts, Scheduler, SchedulerOptions, build_scheduler},
@@ -83,6 +84,10 @@ pub fn store(endpoints: usize) -> Arc<EndpointStore> {
 
 /// A scheduler built from config text.
 pub fn scheduler(config: &str, store: &EndpointStore) -> Result<Scheduler, String> {
+    build(config, store, false)
+}
+
+fn build(config: &str, store: &EndpointStore, kv_events: bool) -> Result<Scheduler, String> {
     let cfg = EndpointPickerConfig::parse(config).map_err(|e| e.to_string())?;
     build_scheduler(
         &cfg,
@@ -91,7 +96,7 @@ pub fn scheduler(config: &str, store: &EndpointStore) -> Result<Scheduler, Strin
             max_scrape_failures: 3,
             staleness: Duration::from_secs(3600),
             epoch: store.epoch(),
-            kv_events: false,
+            kv_events,
         },
         Arc::new(PrefixIndex::new()),
     )
@@ -310,4 +315,57 @@ pub fn index_markdown(m: &IndexMemory) -> String {
         "| blocks | endpoints | bytes per block (index accounting) | RSS growth per block | process RSS after |\n|---|---|---|---|---|\n| {} | {} | {:.1} B | {:.1} B | {:.1} MiB |\n",
         m.blocks, m.endpoints, m.bytes_per_block, m.rss_bytes_per_block, m.rss_mb_after
     )
+}
+
+/// Stores the leading full blocks of `tokens` (block size 16) on `rank`.
+pub fn store_chain(rank: &RankState, tokens: &[u32], engine: &mut u64) {
+    let blocks = tokens.len() / 16;
+    let mut b = Batch::default();
+    b.hashes.extend((0..blocks as u64).map(|i| *engine + i));
+    *engine += blocks as u64;
+    b.tokens.extend_from_slice(&tokens[..blocks * 16]);
+    b.events.push(Event::Stored {
+        hashes: 0..blocks,
+        parent: None,
+        tokens: 0..blocks * 16,
+        block_size: 16,
+        medium: Medium::Gpu,
+        lora: None,
+        salt: None,
+        extra: None,
+        group: None,
+    });
+    rank.apply_batch(&b);
+}
+
+/// Makes every endpoint of `store` known by its KV events: `fill(e, rank,
+/// engine)` stores what endpoint `e` holds (with [`store_chain`]), and with
+/// `unrelated` each endpoint also holds 40 unrelated 4,096-token prompts of
+/// its own, the background a precise decision walks past.
+pub fn attach_events(
+    store: &EndpointStore,
+    unrelated: bool,
+    mut fill: impl FnMut(usize, &RankState, &mut u64),
+) {
+    let mut engine = 1u64;
+    for (e, ep) in store.snapshot().endpoints().iter().enumerate() {
+        let rank = Arc::new(RankState::new(20_000));
+        fill(e, &rank, &mut engine);
+        if unrelated {
+            for k in 0..40usize {
+                let other: Vec<u32> = (0..4096u32)
+                    .map(|j| 50_000_000 + (e * 40 + k) as u32 * 5000 + j)
+                    .collect();
+                store_chain(&rank, &other, &mut engine);
+            }
+        }
+        ep.kv_events.set(Some(Arc::new(KvView {
+            ranks: vec![rank].into_boxed_slice(),
+        })));
+    }
+}
+
+/// The default config's scheduler with KV events on (the precise path).
+pub fn events_scheduler(store: &EndpointStore) -> Result<Scheduler, String> {
+    build(epp::config::DEFAULT_CONFIG, store, true)
 }
