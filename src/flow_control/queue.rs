@@ -15,10 +15,13 @@
 //! band only, so a tenant that sends most of the high-priority traffic also
 //! gets its full turn in the lower bands and ends with more than its
 //! max-min share; counting service across bands lets the other tenants
-//! catch up below. A flow that becomes active starts at the virtual clock,
-//! the service of the flow dispatched last (start-time fair queueing), so
-//! a flow that was idle earns no credit for the time it sent nothing and
-//! cannot lock the others out on its return.
+//! catch up below. A flow that becomes active starts [`RETURN_CREDIT`]
+//! requests behind the virtual clock, the service of the flow dispatched
+//! last (start-time fair queueing with a bounded head start): a flow that
+//! was idle earns no credit for the time it sent nothing and cannot lock the
+//! others out on its return, while a tenant sending below its fair rate,
+//! whose queue empties between its requests, still goes ahead of a
+//! backlogged one for its next few instead of waiting its turn behind it.
 //!
 //! Every operation is O(log n) in the requests of a lane, plus O(lanes of
 //! the band) for removing a lane that empties out of turn (a cancelled
@@ -40,6 +43,12 @@ use super::config::{BandSettings, Fairness, FlowControlSettings, Ordering};
 /// The lane of every request of a global-strict band, and the flow of ids
 /// beyond the flow bound.
 const SHARED: u32 = u32::MAX;
+
+/// How many requests behind the virtual clock a flow starts when it
+/// becomes active (see the module header): the head start of a flow whose
+/// queue was empty. Small, so a flow that alternates between idle and bursts
+/// gains at most this many turns per burst.
+pub const RETURN_CREDIT: u64 = 4;
 
 /// Where a queued request sits, enough to remove it in O(log n).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,7 +155,9 @@ impl Flows {
         }
         if self.ids.len() >= self.max {
             if self.shared_refs == 0 {
-                self.shared_served = self.shared_served.max(self.clock);
+                self.shared_served = self
+                    .shared_served
+                    .max(self.clock.saturating_sub(RETURN_CREDIT));
             }
             self.shared_refs += 1;
             return SHARED;
@@ -161,8 +172,8 @@ impl Flows {
             None => self.names.push(Some(id.into())),
         }
         match self.served.get_mut(slot as usize) {
-            Some(c) => *c = self.clock,
-            None => self.served.push(self.clock),
+            Some(c) => *c = self.clock.saturating_sub(RETURN_CREDIT),
+            None => self.served.push(self.clock.saturating_sub(RETURN_CREDIT)),
         }
         slot
     }
@@ -591,23 +602,25 @@ mod tests {
     }
 
     #[test]
-    fn a_returning_flow_starts_at_the_clock_not_at_zero() {
+    fn a_returning_flow_gets_a_bounded_head_start_not_credit_for_idling() {
         let mut q = least_served(&[0]);
-        for n in 0..8 {
+        for n in 0..40 {
             q.push(0, "a", 1, None, n).unwrap();
         }
-        for _ in 0..5 {
+        for _ in 0..20 {
             q.pop();
         }
-        // `b` was idle while `a` was served 5 times: it gets no burst of
-        // turns for that, it alternates with `a` from here.
-        for n in 20..25 {
+        // `b` was idle while `a` was served 20 times: it goes first for
+        // RETURN_CREDIT requests (and the tie after them), not for 20.
+        for n in 100..120 {
             q.push(0, "b", 1, None, n).unwrap();
         }
         let order = drain(&mut q);
-        let from_b: Vec<bool> = order.iter().map(|n| *n >= 20).collect();
-        assert!(from_b[..4].contains(&false), "{order:?}");
-        assert!(from_b[..4].contains(&true), "{order:?}");
+        let lead = order.iter().take_while(|n| **n >= 100).count();
+        assert_eq!(lead as u64, RETURN_CREDIT + 1, "{order:?}");
+        // Then they alternate.
+        let next: Vec<bool> = order[lead..lead + 6].iter().map(|n| *n >= 100).collect();
+        assert!(next.windows(2).all(|w| w[0] != w[1]), "{order:?}");
         assert_eq!(q.flows_tracked(), 0);
     }
 
