@@ -172,14 +172,29 @@ async fn full_queue_and_cancel(mode: BodyMode) {
     // The picker asked the gateway to wait longer for the queued message.
     // Envoy runs a per-message timer only on a message it waits for
     // (buffered bodies), so in full-duplex mode it has nothing to extend.
-    let extended = stack
-        .envoy
-        .stat("http.gateway.ext_proc.override_message_timeout_received")
-        .await;
-    let ignored = stack
-        .envoy
-        .stat("http.gateway.ext_proc.override_message_timeout_ignored")
-        .await;
+    // Envoy counts the override when it handles it, which may be after the
+    // picker's queue gauge moved: wait until it was counted either way.
+    let overrides = || async {
+        let extended = stack
+            .envoy
+            .stat("http.gateway.ext_proc.override_message_timeout_received")
+            .await;
+        let ignored = stack
+            .envoy
+            .stat("http.gateway.ext_proc.override_message_timeout_ignored")
+            .await;
+        (extended, ignored)
+    };
+    eventually(
+        "the gateway counted the override",
+        Duration::from_secs(10),
+        || async {
+            let (extended, ignored) = overrides().await;
+            extended + ignored >= 1
+        },
+    )
+    .await;
+    let (extended, ignored) = overrides().await;
     match mode {
         BodyMode::Buffered => assert_eq!((extended, ignored), (1, 0), "{mode:?}"),
         BodyMode::FullDuplex => assert_eq!((extended, ignored), (0, 1), "{mode:?}"),
