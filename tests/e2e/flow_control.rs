@@ -272,9 +272,15 @@ async fn a_sampled_request_traces_its_wait_in_the_queue() {
     let r = traced.await.unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
 
+    // Every span this test reads: they end (and are exported) at
+    // different times, the request's own span last.
+    let wanted = ["epp.request", "epp.flow_control.queue", "epp.schedule"];
     let spans = receiver
         .wait_for("the traced request's spans", Duration::from_secs(20), |s| {
-            s.iter().any(|r| r.span.name == "epp.response")
+            wanted.iter().all(|name| {
+                s.iter()
+                    .any(|r| r.span.name == *name && r.trace_id_hex() == TRACE_ID)
+            })
         })
         .await;
     let find = |name: &str| {
