@@ -112,6 +112,10 @@ pub struct Endpoint {
     /// Estimated prompt tokens still to be prefilled by requests routed here
     /// that have not produced their first response byte yet.
     prefill_backlog: AtomicU64,
+    /// Requests routed here that have not produced their first response
+    /// byte yet, whatever their uncached length (a fully cached prompt still
+    /// takes its turn in a serialized prefill lane).
+    prefilling: AtomicU32,
 }
 
 impl Endpoint {
@@ -130,6 +134,7 @@ impl Endpoint {
             finished_since_scrape: AtomicU32::new(0),
             scrape_seq: AtomicU64::new(0),
             prefill_backlog: AtomicU64::new(0),
+            prefilling: AtomicU32::new(0),
         }
     }
 
@@ -160,6 +165,11 @@ impl Endpoint {
         self.prefill_backlog.load(Ordering::Relaxed)
     }
 
+    /// Requests routed here still waiting for their first response byte.
+    pub fn prefilling(&self) -> u32 {
+        self.prefilling.load(Ordering::Relaxed)
+    }
+
     /// Marks a request as routed here, with `prefill_tokens` of prompt the
     /// endpoint is expected to compute (its uncached part). The returned guard
     /// releases everything when dropped, so every exit path (end of stream,
@@ -169,8 +179,10 @@ impl Endpoint {
         self.dispatched_since_scrape.fetch_add(1, Ordering::Relaxed);
         self.prefill_backlog
             .fetch_add(u64::from(prefill_tokens), Ordering::Relaxed);
+        self.prefilling.fetch_add(1, Ordering::Relaxed);
         InFlightGuard {
             endpoint: Arc::clone(self),
+            prefilling: true,
             pending_prefill: prefill_tokens,
             scrape_seq: self.scrape_seq.load(Ordering::Relaxed),
         }
@@ -189,6 +201,8 @@ impl Endpoint {
 #[derive(Debug)]
 pub struct InFlightGuard {
     endpoint: Arc<Endpoint>,
+    /// Still counted in the endpoint's `prefilling`.
+    prefilling: bool,
     pending_prefill: u32,
     scrape_seq: u64,
 }
@@ -201,6 +215,9 @@ impl InFlightGuard {
     /// The first response byte arrived: the prompt has been prefilled, so it
     /// no longer delays requests behind it. Idempotent.
     pub fn prefill_done(&mut self) {
+        if std::mem::take(&mut self.prefilling) {
+            self.endpoint.prefilling.fetch_sub(1, Ordering::Relaxed);
+        }
         let tokens = std::mem::take(&mut self.pending_prefill);
         if tokens > 0 {
             self.endpoint
@@ -536,13 +553,20 @@ mod tests {
         let e = Arc::clone(&store.snapshot().endpoints()[0]);
         let g1 = e.begin_request(10);
         let mut g2 = e.begin_request(5);
-        assert_eq!(e.in_flight(), 2);
+        let mut cached = e.begin_request(0);
+        assert_eq!(e.in_flight(), 3);
         assert_eq!(e.prefill_backlog(), 15);
+        assert_eq!(e.prefilling(), 3, "a fully cached prompt still waits");
         g2.prefill_done();
         g2.prefill_done();
+        cached.prefill_done();
         assert_eq!(e.prefill_backlog(), 10);
+        assert_eq!(e.prefilling(), 1);
+        drop(cached);
+        assert_eq!(e.prefilling(), 1, "released once, at its first byte");
         assert_eq!(e.dispatched_since_scrape(), 2);
         drop(g1);
+        assert_eq!(e.prefilling(), 0, "a request ending before its first byte");
         assert_eq!(e.in_flight(), 1);
         assert_eq!(
             e.dispatched_since_scrape(),

@@ -35,7 +35,12 @@
 //! waiting for the next request to finish; default 0, GIE's behaviour; a
 //! negative value stops that band short of saturation, which reserves
 //! capacity for the bands above in finer steps than `maxConcurrency` allows
-//! on a small pool).
+//! on a small pool), and `leastServedHeadStart` (how many requests behind
+//! the flow served last a flow starts under least-served fairness when its
+//! queue was empty: a tenant sending below its fair rate goes ahead of a
+//! backlogged one for this many queued requests; larger favours such
+//! tenants more and lets a flow returning from idle jump more requests;
+//! default [`DEFAULT_HEAD_START`]).
 
 use std::time::Duration;
 
@@ -49,6 +54,8 @@ pub const FEATURE_GATE: &str = "flowControl";
 /// GIE's default per-band byte bound (1 GB).
 const DEFAULT_BAND_MAX_BYTES: u64 = 1_000_000_000;
 const DEFAULT_MAX_FLOWS: usize = 1024;
+/// `leastServedHeadStart` when not set.
+pub const DEFAULT_HEAD_START: u64 = 4;
 
 pub const GLOBAL_STRICT: &str = "global-strict-fairness-policy";
 pub const ROUND_ROBIN: &str = "round-robin-fairness-policy";
@@ -121,6 +128,8 @@ pub struct FlowControlSettings {
     pub bands: Vec<(i32, BandSettings)>,
     pub max_flows: usize,
     pub gateway_max_message_timeout: Option<Duration>,
+    /// `leastServedHeadStart`, in requests.
+    pub least_served_head_start: u64,
 }
 
 impl Default for FlowControlSettings {
@@ -133,6 +142,7 @@ impl Default for FlowControlSettings {
             bands: Vec::new(),
             max_flows: DEFAULT_MAX_FLOWS,
             gateway_max_message_timeout: None,
+            least_served_head_start: DEFAULT_HEAD_START,
         }
     }
 }
@@ -167,6 +177,7 @@ struct RawConfig {
     priority_bands: Vec<RawBand>,
     max_flows: Option<usize>,
     gateway_max_message_timeout: Option<String>,
+    least_served_head_start: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -247,6 +258,7 @@ impl FlowControlSettings {
             bands,
             max_flows,
             gateway_max_message_timeout,
+            least_served_head_start: raw.least_served_head_start.unwrap_or(DEFAULT_HEAD_START),
         }))
     }
 
@@ -404,8 +416,10 @@ flowControl:
     fairnessPolicyRef: rr
     dispatchHeadroom: 0.05
   gatewayMaxMessageTimeout: 60s
+  leastServedHeadStart: 16
 ";
         let s = parse(text).unwrap().unwrap();
+        assert_eq!(s.least_served_head_start, 16);
         assert_eq!((s.max_bytes, s.max_requests), (1000, 10));
         assert_eq!(s.default_ttl, Some(Duration::from_secs(30)));
         assert_eq!(s.gateway_max_message_timeout, Some(Duration::from_secs(60)));
@@ -440,6 +454,7 @@ flowControl:
             "featureGates: [flowControl]\nflowControl: {priorityBands: [{priority: 1, fairnessPolicyRef: fifo}]}\n",
             "featureGates: [flowControl]\nflowControl: {priorityBands: [{priority: 1, orderingPolicyRef: lifo}]}\n",
             "featureGates: [flowControl]\nflowControl: {maxFlows: 0}\n",
+            "featureGates: [flowControl]\nflowControl: {leastServedHeadStart: -1}\n",
             "featureGates: [flowControl]\nflowControl: {priorityBands: [{priority: 1, dispatchHeadroom: -1}]}\n",
             "featureGates: [flowControl]\nflowControl: {priorityBands: [{priority: 1, dispatchHeadroom: 1.5}]}\n",
         ] {

@@ -15,7 +15,7 @@
 //! band only, so a tenant that sends most of the high-priority traffic also
 //! gets its full turn in the lower bands and ends with more than its
 //! max-min share; counting service across bands lets the other tenants
-//! catch up below. A flow that becomes active starts [`RETURN_CREDIT`]
+//! catch up below. A flow that becomes active starts `leastServedHeadStart`
 //! requests behind the virtual clock, the service of the flow dispatched
 //! last (start-time fair queueing with a bounded head start): a flow that
 //! was idle earns no credit for the time it sent nothing and cannot lock the
@@ -43,12 +43,6 @@ use super::config::{BandSettings, Fairness, FlowControlSettings, Ordering};
 /// The lane of every request of a global-strict band, and the flow of ids
 /// beyond the flow bound.
 const SHARED: u32 = u32::MAX;
-
-/// How many requests behind the virtual clock a flow starts when it
-/// becomes active (see the module header): the head start of a flow whose
-/// queue was empty. Small, so a flow that alternates between idle and bursts
-/// gains at most this many turns per burst.
-pub const RETURN_CREDIT: u64 = 4;
 
 /// Where a queued request sits, enough to remove it in O(log n).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +115,9 @@ struct Flows {
     shared_refs: u64,
     /// The service of the flow dispatched last, before that dispatch.
     clock: u64,
+    /// How many requests behind `clock` a flow starts when it becomes
+    /// active (`leastServedHeadStart`).
+    head_start: u64,
 }
 
 impl Flows {
@@ -157,7 +154,7 @@ impl Flows {
             if self.shared_refs == 0 {
                 self.shared_served = self
                     .shared_served
-                    .max(self.clock.saturating_sub(RETURN_CREDIT));
+                    .max(self.clock.saturating_sub(self.head_start));
             }
             self.shared_refs += 1;
             return SHARED;
@@ -171,9 +168,10 @@ impl Flows {
             Some(n) => *n = Some(id.into()),
             None => self.names.push(Some(id.into())),
         }
+        let start = self.clock.saturating_sub(self.head_start);
         match self.served.get_mut(slot as usize) {
-            Some(c) => *c = self.clock.saturating_sub(RETURN_CREDIT),
-            None => self.served.push(self.clock.saturating_sub(RETURN_CREDIT)),
+            Some(c) => *c = start,
+            None => self.served.push(start),
         }
         slot
     }
@@ -222,6 +220,7 @@ impl<T> Queues<T> {
             .collect();
         let flows = Flows {
             max: settings.max_flows,
+            head_start: settings.least_served_head_start,
             ..Flows::default()
         };
         let has_least_served = settings
@@ -565,6 +564,13 @@ mod tests {
     }
 
     fn least_served(bands: &[i32]) -> Queues<u32> {
+        least_served_with(
+            bands,
+            FlowControlSettings::default().least_served_head_start,
+        )
+    }
+
+    fn least_served_with(bands: &[i32], head_start: u64) -> Queues<u32> {
         let band = BandSettings {
             fairness: Fairness::LeastServed,
             ..BandSettings::default()
@@ -572,6 +578,7 @@ mod tests {
         Queues::new(FlowControlSettings {
             bands: bands.iter().map(|p| (*p, band)).collect(),
             default_band: band,
+            least_served_head_start: head_start,
             ..FlowControlSettings::default()
         })
     }
@@ -603,25 +610,30 @@ mod tests {
 
     #[test]
     fn a_returning_flow_gets_a_bounded_head_start_not_credit_for_idling() {
-        let mut q = least_served(&[0]);
-        for n in 0..40 {
-            q.push(0, "a", 1, None, n).unwrap();
+        for head_start in [0, 4, 9] {
+            let mut q = least_served_with(&[0], head_start);
+            for n in 0..40 {
+                q.push(0, "a", 1, None, n).unwrap();
+            }
+            for _ in 0..20 {
+                q.pop();
+            }
+            // `b` was idle while `a` was served 20 times: it goes first for
+            // `head_start` requests (and the tie after them), not for 20.
+            for n in 100..120 {
+                q.push(0, "b", 1, None, n).unwrap();
+            }
+            let order = drain(&mut q);
+            let lead = order.iter().take_while(|n| **n >= 100).count();
+            assert!(
+                (head_start..=head_start + 1).contains(&(lead as u64)),
+                "head start {head_start}: {order:?}"
+            );
+            // Then they alternate.
+            let next: Vec<bool> = order[lead..lead + 6].iter().map(|n| *n >= 100).collect();
+            assert!(next.windows(2).all(|w| w[0] != w[1]), "{order:?}");
+            assert_eq!(q.flows_tracked(), 0);
         }
-        for _ in 0..20 {
-            q.pop();
-        }
-        // `b` was idle while `a` was served 20 times: it goes first for
-        // RETURN_CREDIT requests (and the tie after them), not for 20.
-        for n in 100..120 {
-            q.push(0, "b", 1, None, n).unwrap();
-        }
-        let order = drain(&mut q);
-        let lead = order.iter().take_while(|n| **n >= 100).count();
-        assert_eq!(lead as u64, RETURN_CREDIT + 1, "{order:?}");
-        // Then they alternate.
-        let next: Vec<bool> = order[lead..lead + 6].iter().map(|n| *n >= 100).collect();
-        assert!(next.windows(2).all(|w| w[0] != w[1]), "{order:?}");
-        assert_eq!(q.flows_tracked(), 0);
     }
 
     #[test]

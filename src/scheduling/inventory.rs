@@ -136,6 +136,7 @@ const PREFILL_COST_PARAMS: &[&str] = &[
     "lruCapacityPerServer",
     "autoTune",
     "backlogWeight",
+    "prefillRequestTokens",
     "uncachedWeight",
     "decodeTokensPerRequest",
     "foreignTokensPerRequest",

@@ -97,6 +97,8 @@ pub struct Candidate<'s> {
     pub in_flight: u32,
     /// Prompt tokens routed here that are not prefilled yet.
     pub prefill_backlog: u64,
+    /// Requests routed here that have not answered their first byte yet.
+    pub prefilling: u32,
     /// Scraped within the staleness threshold.
     pub fresh: bool,
     /// Leading prompt blocks (of `Cycle::block_tokens`) this endpoint
@@ -146,6 +148,7 @@ impl<'s> Candidate<'s> {
             kv_usage: m.kv_usage,
             in_flight: endpoint.in_flight(),
             prefill_backlog: endpoint.prefill_backlog(),
+            prefilling: endpoint.prefilling(),
             fresh,
             prefix_blocks: 0,
             cached: CachedPrefix::default(),

@@ -699,3 +699,32 @@ fn utilization_detector_headroom_relaxes_the_filter_only() {
         "shedding ignores headroom"
     );
 }
+
+#[test]
+fn prefill_cost_charges_pending_prefills_only_when_configured() {
+    let store = store_with(&[1, 2], &[idle(), idle()]);
+    // Port 1: two requests past their first byte; port 2: one request whose
+    // 32-token prompt is still being prefilled. By tokens alone they tie
+    // (the running request costs what the pending prompt does).
+    let mut done = load(&store, 1, 2, 32);
+    for g in &mut done {
+        g.prefill_done();
+    }
+    let _pending = load(&store, 2, 1, 32);
+    let p = prompt("0123456789abcdefghijklmnopqrstuvwxyz0123");
+    let by_tokens =
+        "plugins:\n- type: prefill-cost-scorer\n  parameters: {decodeTokensPerRequest: 32}\n";
+    let got = scores(by_tokens, &store, &facts(&p));
+    assert!(close(got[0].1, got[1].1), "{got:?}");
+    let per_request = "plugins:\n- type: prefill-cost-scorer\n  parameters: {decodeTokensPerRequest: 32, prefillRequestTokens: 100}\n";
+    let got = scores(per_request, &store, &facts(&p));
+    assert!(got[0].1 > got[1].1, "the free prefill lane wins: {got:?}");
+    // Once its first byte arrives the pending request no longer counts.
+    let mut pending = _pending;
+    pending[0].prefill_done();
+    let got = scores(per_request, &store, &facts(&p));
+    assert!(
+        got[1].1 > got[0].1,
+        "one request in flight against two: {got:?}"
+    );
+}

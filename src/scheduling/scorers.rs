@@ -190,6 +190,7 @@ impl Scorer for LoadAwareScorer {
 ///
 /// ```text
 /// cost = backlog                       prompt tokens routed there, not yet prefilled
+///      + prefill_request x prefilling  per request of theirs (0 by default)
 ///      + uncached x uncached_weight    this prompt minus what it caches
 ///      + decode  x in_flight           the running batch slows every step
 ///      + foreign x untracked           requests the scrape sees that we did not route
@@ -225,6 +226,15 @@ impl Scorer for LoadAwareScorer {
 /// when they are known (GPU tokens fully, offloaded ones mostly: see
 /// `precise`), else the approximate index's.
 ///
+/// `prefillRequestTokens` (ours, 0 by default) charges each request routed
+/// to the endpoint and still waiting for its first byte a fixed cost on top
+/// of its tokens. vLLM's chunked prefill packs pending prompts into shared
+/// steps, so there a prompt costs its tokens and nothing per request. An
+/// engine that prefills one request at a time with a fixed cost per prefill
+/// (the simulator in bench/ does) makes a short request wait a whole prefill
+/// behind each one ahead of it; set the parameter to that fixed cost in
+/// tokens, and short requests go to an endpoint whose prefill lane is free.
+///
 /// Uncached tokens weigh more than queued ones (`uncached_weight`, 2 by
 /// default): a miss does not only delay this request, the prefill it creates
 /// delays every later request on that endpoint and evicts cached blocks.
@@ -236,6 +246,10 @@ pub struct PrefillCostScorer {
     /// Weight of the prefill backlog (1 = one queued token costs one token).
     #[serde(default = "one")]
     pub backlog_weight: f64,
+    /// Token-equivalent fixed cost of each request routed to the endpoint
+    /// that has not produced its first byte yet.
+    #[serde(default)]
+    pub prefill_request_tokens: f64,
     /// Weight of this request's own uncached prompt tokens.
     #[serde(default = "default_uncached_weight")]
     pub uncached_weight: f64,
@@ -304,6 +318,7 @@ impl Default for PrefillCostScorer {
     fn default() -> Self {
         Self {
             backlog_weight: 1.0,
+            prefill_request_tokens: 0.0,
             uncached_weight: default_uncached_weight(),
             decode_tokens_per_request: default_decode_tokens(),
             foreign_tokens_per_request: default_foreign_tokens(),
@@ -319,6 +334,7 @@ impl fmt::Debug for PrefillCostScorer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PrefillCostScorer")
             .field("backlog_weight", &self.backlog_weight)
+            .field("prefill_request_tokens", &self.prefill_request_tokens)
             .field("uncached_weight", &self.uncached_weight)
             .field("decode_tokens_per_request", &self.decode_tokens_per_request)
             .field(
@@ -364,6 +380,7 @@ impl PrefillCostScorer {
             0.0
         };
         self.backlog_weight * c.prefill_backlog as f64
+            + self.prefill_request_tokens * f64::from(c.prefilling)
             + self.uncached_weight * uncached
             + self.decode_tokens_per_request * f64::from(c.in_flight)
             + self.foreign_tokens_per_request * untracked

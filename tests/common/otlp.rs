@@ -100,6 +100,18 @@ impl TraceService for Service {
     }
 }
 
+/// The picker's environment for exporting to `endpoint` the spans of the
+/// requests its gateway sampled, and only those (parent based, off for
+/// roots: every span received belongs to a request the test sampled),
+/// batched every 100 ms so they arrive while the test waits.
+pub fn parent_sampled_env(endpoint: &str) -> Vec<(&'static str, &str)> {
+    vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+        ("OTEL_TRACES_SAMPLER", "parentbased_always_off"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ]
+}
+
 /// The receiver; stops when dropped.
 pub struct Receiver {
     pub addr: SocketAddr,

@@ -232,11 +232,7 @@ async fn a_sampled_request_traces_its_wait_in_the_queue() {
     const PARENT_ID: &str = "10f067aa0ba902b8";
     let receiver = otlp::Receiver::start().await;
     let endpoint = receiver.endpoint();
-    let env = [
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-        ("OTEL_TRACES_SAMPLER", "parentbased_always_off"),
-        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-    ];
+    let env = otlp::parent_sampled_env(&endpoint);
     let cfg = config(16);
     let stack = Stack::start_with_env(2, &["--config-text", &cfg], &env, |_| {}).await;
     for b in &stack.backends {

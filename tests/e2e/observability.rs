@@ -35,14 +35,8 @@ async fn send(stack: &Stack, headers: &[(&str, &str)], prompt: &str) -> u16 {
 async fn a_traceparent_is_continued_in_the_pickers_spans() {
     let receiver = otlp::Receiver::start().await;
     let endpoint = receiver.endpoint();
-    // Parent-based and off for roots: only requests whose gateway sampled
-    // them are traced, so every span received belongs to one of ours.
-    let env = [
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-        ("OTEL_TRACES_SAMPLER", "parentbased_always_off"),
-        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-        ("OTEL_SERVICE_NAME", "epp-e2e"),
-    ];
+    let mut env = otlp::parent_sampled_env(&endpoint);
+    env.push(("OTEL_SERVICE_NAME", "epp-e2e"));
     let stack = Stack::start_with_env(2, &[], &env, |_| {}).await;
     assert!(
         stack.epp.log().contains("traces exported over OTLP/gRPC"),
