@@ -214,6 +214,19 @@ fn bench_tokenize(c: &mut Criterion, encoder: &str, t: &ModelTokenizer) {
 }
 
 /// Latency percentiles, one sample per request.
+/// The `q` quantile of sorted `samples`, in microseconds.
+fn at_us(sorted: &[Duration], q: f64) -> f64 {
+    let i = ((sorted.len() as f64 * q) as usize).min(sorted.len() - 1);
+    sorted[i].as_secs_f64() * 1e6
+}
+
+/// Sorts `samples` and gives their p50, p90, p99 and max as table cells.
+fn quantile_cells(samples: &mut [Duration]) -> String {
+    samples.sort_unstable();
+    let [p50, p90, p99, max] = [0.5, 0.9, 0.99, 1.0].map(|q| at_us(samples, q));
+    format!("{p50:.1} µs | {p90:.1} µs | {p99:.1} µs | {max:.1} µs")
+}
+
 fn percentiles(encoder: &str, t: &ModelTokenizer) {
     println!(
         "\nTokenizing a chat request (render + encode, {encoder} encoder), one sample per request:"
@@ -235,16 +248,10 @@ fn percentiles(encoder: &str, t: &ModelTokenizer) {
                 time_one(t, &body_for(case, seq), &mut out)
             })
             .collect();
-        samples.sort_unstable();
-        let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-        let us = |d: Duration| d.as_secs_f64() * 1e6;
         println!(
-            "| {name} | {} | {n} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs |",
+            "| {name} | {} | {n} | {} |",
             out.len(),
-            us(at(0.5)),
-            us(at(0.9)),
-            us(at(0.99)),
-            us(samples[samples.len() - 1])
+            quantile_cells(&mut samples)
         );
     }
     // The chat template alone (what both encoders share).
@@ -262,15 +269,9 @@ fn percentiles(encoder: &str, t: &ModelTokenizer) {
                 d
             })
             .collect();
-        samples.sort_unstable();
-        let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-        let us = |d: Duration| d.as_secs_f64() * 1e6;
         println!(
-            "| {name} (render only) | - | {n} | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs |",
-            us(at(0.5)),
-            us(at(0.9)),
-            us(at(0.99)),
-            us(samples[samples.len() - 1])
+            "| {name} (render only) | - | {n} | {} |",
+            quantile_cells(&mut samples)
         );
     }
     let s = t.cache_stats();
@@ -307,7 +308,7 @@ fn tokenized_decision_percentiles(name: &str, t: &ModelTokenizer) {
     let holders = &snap.endpoints()[..2];
     let mut out = Vec::new();
     // (tokenize + decision, tokenize alone) per request.
-    let mut pairs: Vec<(Duration, Duration)> = (0..2_000u64)
+    let pairs: Vec<(Duration, Duration)> = (0..2_000u64)
         .map(|i| {
             let body = body_for(0, 20_000_000 + i);
             let req = parse(&body, ApiKind::ChatCompletions).unwrap();
@@ -331,22 +332,16 @@ fn tokenized_decision_percentiles(name: &str, t: &ModelTokenizer) {
         })
         .collect();
     let mut samples: Vec<Duration> = pairs.iter().map(|p| p.0).collect();
+    let mut tokenizes: Vec<Duration> = pairs.iter().map(|p| p.1).collect();
     let mut decisions: Vec<Duration> = pairs.iter().map(|p| p.0 - p.1).collect();
-    pairs.sort_unstable_by_key(|p| p.1);
+    tokenizes.sort_unstable();
     decisions.sort_unstable();
-    let p99 = |v: &[Duration]| v[(v.len() * 99 / 100).min(v.len() - 1)].as_secs_f64() * 1e6;
-    let tokenize_p99 = p99(&pairs.iter().map(|p| p.1).collect::<Vec<_>>());
-    let decision_p99 = p99(&decisions);
-    samples.sort_unstable();
-    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let tokenize_p99 = at_us(&tokenizes, 0.99);
+    let decision_p99 = at_us(&decisions, 0.99);
     println!(
-        "| {name}: warm 16 KiB, tokenize + decision, {ENDPOINTS} endpoints by events | {} | 2000 | {:.1} µs | {:.1} µs | {:.1} µs | {:.1} µs | {tokenize_p99:.1} µs / {decision_p99:.1} µs |",
+        "| {name}: warm 16 KiB, tokenize + decision, {ENDPOINTS} endpoints by events | {} | 2000 | {} | {tokenize_p99:.1} µs / {decision_p99:.1} µs |",
         out.len(),
-        us(at(0.5)),
-        us(at(0.9)),
-        us(at(0.99)),
-        us(samples[samples.len() - 1])
+        quantile_cells(&mut samples)
     );
 }
 

@@ -274,10 +274,23 @@ impl FlowControlSettings {
     /// The largest `dispatchHeadroom` of any band: above `1 +` this, nothing
     /// is dispatched.
     pub fn max_dispatch_headroom(&self) -> f64 {
+        self.all_bands()
+            .map(|b| b.dispatch_headroom)
+            .fold(f64::NEG_INFINITY, f64::max)
+    }
+
+    /// Whether some band, or the template for priorities no band names,
+    /// satisfies `f`.
+    pub fn any_band(&self, f: impl Fn(&BandSettings) -> bool) -> bool {
+        self.all_bands().any(f)
+    }
+
+    /// The named bands and the template.
+    fn all_bands(&self) -> impl Iterator<Item = &BandSettings> {
         self.bands
             .iter()
-            .map(|(_, b)| b.dispatch_headroom)
-            .fold(self.default_band.dispatch_headroom, f64::max)
+            .map(|(_, b)| b)
+            .chain([&self.default_band])
     }
 }
 

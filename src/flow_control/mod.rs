@@ -179,12 +179,7 @@ impl FlowController {
         registry: &Registry,
         pool: &str,
     ) -> Result<Arc<Self>, TelemetryError> {
-        let has_reserve = settings
-            .bands
-            .iter()
-            .map(|(_, b)| b)
-            .chain([&settings.default_band])
-            .any(|b| b.dispatch_headroom < 0.0);
+        let has_reserve = settings.any_band(|b| b.dispatch_headroom < 0.0);
         Ok(Arc::new(Self {
             queues: Mutex::new(Queues::new(settings.clone())),
             max_headroom: settings.max_dispatch_headroom(),

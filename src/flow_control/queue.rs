@@ -129,20 +129,20 @@ impl Flows {
         }
     }
 
-    /// Counts a dispatch for `flow`; returns its service before and after.
-    fn serve(&mut self, flow: u32) -> (u64, u64) {
+    /// Counts a dispatch for `flow`; returns its service before it.
+    fn serve(&mut self, flow: u32) -> u64 {
         let counter = if flow == SHARED {
             &mut self.shared_served
         } else {
             match self.served.get_mut(flow as usize) {
                 Some(c) => c,
-                None => return (0, 0),
+                None => return 0,
             }
         };
         let before = *counter;
         *counter += 1;
         self.clock = before;
-        (before, before + 1)
+        before
     }
 
     fn intern(&mut self, id: &str) -> u32 {
@@ -223,12 +223,7 @@ impl<T> Queues<T> {
             head_start: settings.least_served_head_start,
             ..Flows::default()
         };
-        let has_least_served = settings
-            .bands
-            .iter()
-            .map(|(_, b)| b)
-            .chain([&settings.default_band])
-            .any(|b| b.fairness == Fairness::LeastServed);
+        let has_least_served = settings.any_band(|b| b.fairness == Fairness::LeastServed);
         Self {
             settings,
             bands,
@@ -369,7 +364,7 @@ impl<T> Queues<T> {
         band.bytes -= item.bytes;
         self.len -= 1;
         self.bytes -= item.bytes;
-        let (before, after) = self.flows.serve(item.flow);
+        let before = self.flows.serve(item.flow);
         if self.has_least_served {
             // The flow's place moves in every least-served band it waits in
             // (its lane there is the flow itself).
@@ -380,7 +375,7 @@ impl<T> Queues<T> {
                     continue;
                 }
                 if !(i == b && emptied) {
-                    band.by_service.insert((after, item.flow));
+                    band.by_service.insert((before + 1, item.flow));
                 }
             }
         }
