@@ -6,6 +6,10 @@
 #   restart   every pod restarted halfway through
 #   replicas  3 picker replicas behind one Envoy, each with its own index
 #   direct    30% of the requests sent straight to pods, around the picker
+#   direct-large  the same over 1,440 requests instead of 480 (not in the
+#             default set: ~10 minutes)
+#   direct-exact  direct with the pods' timing jitter off (not in the
+#             default set)
 #   tight     the caches together only 6% larger than the working set
 # Each scenario runs `epp-bench compare shared-prefix` once per index (each
 # on fresh pods), then `epp-bench report` puts both in
@@ -62,6 +66,13 @@ declare -A flags=(
   [restart]="--groups 48 --prompts-per-group 10 --restart-pods-at 50%"
   [replicas]="--groups 48 --prompts-per-group 10 --epp-replicas 3"
   [direct]="--groups 48 --prompts-per-group 10 --direct-fraction 0.3"
+  # The same fractions over three times the requests (144 groups, 18,000
+  # blocks: still room for all): its p95 rests on 72 requests, not 24.
+  [direct-large]="--groups 144 --prompts-per-group 10 --direct-fraction 0.3"
+  # The same as direct with the pods' 5% timing jitter off: a miss then
+  # takes the same time wherever it lands, so the p95 moves only with what
+  # routing changes (waits, the number of misses).
+  [direct-exact]="--groups 48 --prompts-per-group 10 --direct-fraction 0.3 --sim-arg=--jitter=0"
   # 64 groups x 125 blocks = 8,000 blocks; 4 x 2,120 = 8,480 blocks (6%
   # more), 16 groups a pod if placed by footprint.
   [tight]="--groups 64 --prompts-per-group 10 --sim-arg=--kv-blocks=2120"

@@ -197,28 +197,13 @@ fn max_conns(p: &Pace) -> usize {
     }
 }
 
-/// A job that sends one prebuilt-on-demand request.
+/// A job that sends one prebuilt-on-demand request, always through the target.
 fn single_request_job(
     client: HttpClient,
     timeout: Duration,
     make: Arc<dyn Fn(usize) -> RequestSpec + Send + Sync>,
 ) -> JobFn {
-    Arc::new(move |i, _deadline| {
-        let client = client.clone();
-        let make = Arc::clone(&make);
-        Box::pin(async move {
-            let spec = make(i);
-            let start = Instant::now();
-            let (pod, outcome) = send(&client, &spec, timeout).await;
-            vec![Record {
-                job: i,
-                turn: 0,
-                start,
-                pod,
-                outcome,
-            }]
-        })
-    })
+    routed_job(client, timeout, make, None, None)
 }
 
 /// `seed`: the seed deployment's four scenarios of short completions.

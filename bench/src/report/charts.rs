@@ -11,6 +11,7 @@ use std::io::BufWriter;
 use std::path::Path;
 use std::sync::OnceLock;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
@@ -71,6 +72,85 @@ pub fn write_png_sized(path: &Path, w: u32, h: u32, buf: &[u8]) -> Result<(), Re
     w.finish().map_err(chart_err)
 }
 
+/// The chart a drawing step gets: slots on x, values from 0 on y.
+type Chart<'a, 'b> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// What the bar and the line chart share: a white canvas, the caption, `slots`
+/// slots centred on integers and named by `labels`, a y axis from 0 to a
+/// little above the largest finite value, and no text at all without the font.
+struct Frame<'s> {
+    title: &'s str,
+    y_desc: &'s str,
+    labels: &'s [String],
+    slots: usize,
+    x_label_area: u32,
+    /// Vertical grid lines (the line chart's phases); bars go without.
+    x_mesh: bool,
+}
+
+impl Frame<'_> {
+    /// Draws the frame, then `draw` (told whether text can be drawn) on it,
+    /// then the legend of the labelled series where `draw` asks for one, and
+    /// writes the PNG.
+    fn render(
+        &self,
+        path: &Path,
+        values: impl Iterator<Item = f64>,
+        draw: impl FnOnce(&mut Chart<'_, '_>, bool) -> Result<Option<SeriesLabelPosition>, ReportError>,
+    ) -> Result<(), ReportError> {
+        let text = font_available();
+        let top = values.filter(|v| v.is_finite()).fold(0.0f64, f64::max);
+        let y_max = if top > 0.0 { top * 1.15 } else { 1.0 };
+        let mut buf = vec![0u8; (W * H * 3) as usize];
+        {
+            let root = BitMapBackend::with_buffer(&mut buf, (W, H)).into_drawing_area();
+            root.fill(&WHITE).map_err(chart_err)?;
+            let mut builder = ChartBuilder::on(&root);
+            builder.margin(20);
+            if text {
+                builder
+                    .caption(self.title, (FONT, 24))
+                    .x_label_area_size(self.x_label_area)
+                    .y_label_area_size(80);
+            }
+            let mut chart = builder
+                .build_cartesian_2d(x_range(self.slots), 0f64..y_max)
+                .map_err(chart_err)?;
+            let fmt = |v: &f64| slot_label(*v, self.labels);
+            let mut mesh = chart.configure_mesh();
+            if !self.x_mesh {
+                mesh.disable_x_mesh();
+            }
+            if text {
+                mesh.x_labels(self.slots + 1)
+                    .x_label_formatter(&fmt)
+                    .x_label_style((FONT, 15))
+                    .y_label_style((FONT, 14))
+                    .y_label_formatter(&fmt_axis)
+                    .light_line_style(RGBColor(240, 240, 240))
+                    .y_desc(self.y_desc)
+                    .axis_desc_style((FONT, 16));
+            } else {
+                mesh.x_labels(0).y_labels(0);
+            }
+            mesh.draw().map_err(chart_err)?;
+            if let Some(position) = draw(&mut chart, text)?.filter(|_| text) {
+                chart
+                    .configure_series_labels()
+                    .label_font((FONT, 15))
+                    .background_style(WHITE.mix(0.8))
+                    .border_style(BLACK)
+                    .position(position)
+                    .draw()
+                    .map_err(chart_err)?;
+            }
+            root.present().map_err(chart_err)?;
+        }
+        write_png(path, &buf)
+    }
+}
+
 /// Bars, one per label, with the value printed above each and an optional
 /// horizontal reference line (e.g. the ideal hit rate).
 pub fn bar_chart(
@@ -81,47 +161,18 @@ pub fn bar_chart(
     values: &[f64],
     reference: Option<(f64, &str)>,
 ) -> Result<(), ReportError> {
-    let text = font_available();
     let n = labels.len().min(values.len()).max(1);
-
-    let top = values
-        .iter()
-        .copied()
-        .chain(reference.map(|r| r.0))
-        .filter(|v| v.is_finite())
-        .fold(0.0f64, f64::max);
-    let y_max = if top > 0.0 { top * 1.15 } else { 1.0 };
-    let mut buf = vec![0u8; (W * H * 3) as usize];
-    {
-        let root = BitMapBackend::with_buffer(&mut buf, (W, H)).into_drawing_area();
-        root.fill(&WHITE).map_err(chart_err)?;
-        let mut builder = ChartBuilder::on(&root);
-        builder.margin(20);
-        if text {
-            builder
-                .caption(title, (FONT, 24))
-                .x_label_area_size(70)
-                .y_label_area_size(80);
-        }
-        let mut chart = builder
-            .build_cartesian_2d(x_range(n), 0f64..y_max)
-            .map_err(chart_err)?;
-        let fmt = |v: &f64| slot_label(*v, labels);
-        let mut mesh = chart.configure_mesh();
-        mesh.disable_x_mesh();
-        if text {
-            mesh.x_labels(n + 1)
-                .x_label_formatter(&fmt)
-                .x_label_style((FONT, 15))
-                .y_label_style((FONT, 14))
-                .y_label_formatter(&fmt_axis)
-                .light_line_style(RGBColor(240, 240, 240))
-                .y_desc(y_desc)
-                .axis_desc_style((FONT, 16));
-        } else {
-            mesh.x_labels(0).y_labels(0);
-        }
-        mesh.draw().map_err(chart_err)?;
+    let frame = Frame {
+        title,
+        y_desc,
+        labels,
+        slots: n,
+        x_label_area: 70,
+        x_mesh: false,
+    };
+    let all = values.iter().copied().chain(reference.map(|r| r.0));
+    frame.render(path, all, |chart, text| {
+        let y_max = chart.y_range().end;
         chart
             .draw_series(values.iter().take(n).enumerate().map(|(i, v)| {
                 Rectangle::new(
@@ -155,19 +206,10 @@ pub fn bar_chart(
                 series
                     .label(name.to_owned())
                     .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED.stroke_width(3)));
-                chart
-                    .configure_series_labels()
-                    .label_font((FONT, 15))
-                    .background_style(WHITE.mix(0.8))
-                    .border_style(BLACK)
-                    .position(SeriesLabelPosition::UpperRight)
-                    .draw()
-                    .map_err(chart_err)?;
             }
         }
-        root.present().map_err(chart_err)?;
-    }
-    write_png(path, &buf)
+        Ok(reference.map(|_| SeriesLabelPosition::UpperRight))
+    })
 }
 
 /// One line per series across phases (e.g. p95 TTFT up a concurrency ladder).
@@ -178,44 +220,16 @@ pub fn line_chart(
     x_labels: &[String],
     series: &[(String, Vec<f64>)],
 ) -> Result<(), ReportError> {
-    let text = font_available();
-    let n = x_labels.len().max(1);
-    let top = series
-        .iter()
-        .flat_map(|(_, v)| v.iter().copied())
-        .filter(|v| v.is_finite())
-        .fold(0.0f64, f64::max);
-    let y_max = if top > 0.0 { top * 1.15 } else { 1.0 };
-    let mut buf = vec![0u8; (W * H * 3) as usize];
-    {
-        let root = BitMapBackend::with_buffer(&mut buf, (W, H)).into_drawing_area();
-        root.fill(&WHITE).map_err(chart_err)?;
-        let mut builder = ChartBuilder::on(&root);
-        builder.margin(20);
-        if text {
-            builder
-                .caption(title, (FONT, 24))
-                .x_label_area_size(50)
-                .y_label_area_size(80);
-        }
-        let mut chart = builder
-            .build_cartesian_2d(x_range(n), 0f64..y_max)
-            .map_err(chart_err)?;
-        let fmt = |v: &f64| slot_label(*v, x_labels);
-        let mut mesh = chart.configure_mesh();
-        if text {
-            mesh.x_labels(n + 1)
-                .x_label_formatter(&fmt)
-                .x_label_style((FONT, 15))
-                .y_label_style((FONT, 14))
-                .y_label_formatter(&fmt_axis)
-                .light_line_style(RGBColor(240, 240, 240))
-                .y_desc(y_desc)
-                .axis_desc_style((FONT, 16));
-        } else {
-            mesh.x_labels(0).y_labels(0);
-        }
-        mesh.draw().map_err(chart_err)?;
+    let frame = Frame {
+        title,
+        y_desc,
+        labels: x_labels,
+        slots: x_labels.len().max(1),
+        x_label_area: 50,
+        x_mesh: true,
+    };
+    let all = series.iter().flat_map(|(_, v)| v.iter().copied());
+    frame.render(path, all, |chart, text| {
         for (k, (name, values)) in series.iter().enumerate() {
             let color = PALETTE[k % PALETTE.len()];
             let pts: Vec<_> = values
@@ -236,19 +250,8 @@ pub fn line_chart(
                 .draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled())))
                 .map_err(chart_err)?;
         }
-        if text && !series.is_empty() {
-            chart
-                .configure_series_labels()
-                .label_font((FONT, 15))
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .position(SeriesLabelPosition::UpperLeft)
-                .draw()
-                .map_err(chart_err)?;
-        }
-        root.present().map_err(chart_err)?;
-    }
-    write_png(path, &buf)
+        Ok((!series.is_empty()).then_some(SeriesLabelPosition::UpperLeft))
+    })
 }
 
 /// Slot i (a bar, or a phase) is centred on x = i.
