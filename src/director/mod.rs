@@ -791,6 +791,12 @@ mod tests {
     /// A long prompt is encoded with the worker handed over: a task queued
     /// on the runtime's only worker runs while the encoding is under way,
     /// where it would otherwise wait for the route to return.
+    ///
+    /// The hand-over starts another thread for the worker; a release build
+    /// can encode a short prompt before that thread runs. So the prompt
+    /// grows (a bounded number of times) until the encoding outlasts the
+    /// thread's start. Without a hand-over the queued task never runs before
+    /// the route returns, whatever the prompt's length, and the test fails.
     #[test]
     fn a_long_prompt_does_not_hold_the_runtime_worker() {
         use crate::tokenize::{ModelTokenizer, Tokenizers};
@@ -800,35 +806,42 @@ mod tests {
         tokenizers.insert("m", ModelTokenizer::from_dir(&dir, 0).unwrap());
         let d =
             Arc::new(director(crate::config::DEFAULT_CONFIG).with_tokenizers(Arc::new(tokenizers)));
-        let mut prompt = String::new();
-        let mut n = 0u64;
-        while prompt.len() < 2 * HAND_OVER_BYTES {
-            n += 1;
-            prompt.push_str(&format!("word{n} and {} more, ", n * 7919 % 1000));
-        }
-        let body = serde_json::json!({"model": "m", "prompt": prompt}).to_string();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let (ran_at, done_at) = rt.block_on(async move {
-            tokio::spawn(async move {
-                let ran = Arc::new(parking_lot::Mutex::new(None));
-                let mark = Arc::clone(&ran);
-                tokio::spawn(async move { *mark.lock() = Some(Instant::now()) });
-                let routed = d.route(&input("/v1/completions", body.as_bytes())).unwrap();
-                let done_at = Instant::now();
-                drop(routed);
-                // Read before this task yields: only a hand-over let it run.
-                let ran_at = *ran.lock();
-                (ran_at, done_at)
-            })
-            .await
-            .unwrap()
-        });
-        let ran_at = ran_at.expect("the queued task ran while the prompt was encoded");
-        assert!(ran_at < done_at);
+        let ran_during_encoding = |prompt_bytes: usize| {
+            let mut prompt = String::new();
+            let mut n = 0u64;
+            while prompt.len() < prompt_bytes {
+                n += 1;
+                prompt.push_str(&format!("word{n} and {} more, ", n * 7919 % 1000));
+            }
+            let body = serde_json::json!({"model": "m", "prompt": prompt}).to_string();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let d = Arc::clone(&d);
+            let (ran_at, done_at) = rt.block_on(async move {
+                tokio::spawn(async move {
+                    let ran = Arc::new(parking_lot::Mutex::new(None));
+                    let mark = Arc::clone(&ran);
+                    tokio::spawn(async move { *mark.lock() = Some(Instant::now()) });
+                    let routed = d.route(&input("/v1/completions", body.as_bytes())).unwrap();
+                    let done_at = Instant::now();
+                    drop(routed);
+                    // Read before this task yields: only a hand-over let it run.
+                    let ran_at = *ran.lock();
+                    (ran_at, done_at)
+                })
+                .await
+                .unwrap()
+            });
+            ran_at.is_some_and(|at| at < done_at)
+        };
+        let sizes = [2, 8, 32, 128].map(|k| k * HAND_OVER_BYTES);
+        assert!(
+            sizes.into_iter().any(ran_during_encoding),
+            "the queued task never ran while a prompt was encoded"
+        );
     }
 
     #[test]

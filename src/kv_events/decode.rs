@@ -325,27 +325,11 @@ fn event(r: &mut Reader<'_>, out: &mut Batch) -> Result<()> {
 
 fn field<'a>(r: &mut Reader<'a>, name: &[u8], f: &mut Fields<'a>, out: &mut Batch) -> Result<()> {
     match name {
-        b"block_hashes" => {
-            let n = r.array_len()?;
-            let start = out.hashes.len();
-            out.hashes.reserve(n);
-            for _ in 0..n {
-                out.hashes.push(block_hash(r)?);
-            }
-            f.hashes = Some(start..out.hashes.len());
-        }
+        b"block_hashes" => f.hashes = Some(array_into(r, &mut out.hashes, block_hash)?),
         b"parent_block_hash" => {
             f.parent = if r.nil()? { None } else { Some(block_hash(r)?) };
         }
-        b"token_ids" => {
-            let n = r.array_len()?;
-            let start = out.tokens.len();
-            out.tokens.reserve(n);
-            for _ in 0..n {
-                out.tokens.push(token(r)?);
-            }
-            f.tokens = Some(start..out.tokens.len());
-        }
+        b"token_ids" => f.tokens = Some(array_into(r, &mut out.tokens, token)?),
         b"block_size" => f.block_size = Some(r.u32()?),
         b"medium" => f.medium = opt_str(r)?,
         b"lora_name" => f.lora_name = opt_str(r)?,
@@ -354,6 +338,22 @@ fn field<'a>(r: &mut Reader<'a>, name: &[u8], f: &mut Fields<'a>, out: &mut Batc
         _ => r.skip()?,
     }
     Ok(())
+}
+
+/// Appends an array's items to the batch's shared `out` (one allocation for
+/// every event's hashes or tokens, not one per event); their range there.
+fn array_into<'a, T>(
+    r: &mut Reader<'a>,
+    out: &mut Vec<T>,
+    mut item: impl FnMut(&mut Reader<'a>) -> Result<T>,
+) -> Result<Range<usize>> {
+    let n = r.array_len()?;
+    let start = out.len();
+    out.reserve(n);
+    for _ in 0..n {
+        out.push(item(r)?);
+    }
+    Ok(start..out.len())
 }
 
 /// A token id, or (SGLang under EAGLE speculative decoding, whose radix

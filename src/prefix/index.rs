@@ -511,14 +511,11 @@ impl Inner {
             first: NIL,
             mask: 0,
         });
-        let next_holder = held.first;
-        let s = usize::from(slot);
-        let old_head = self.slots[s].head;
         let n = self.alloc(Node {
             hash,
             lru_prev: NIL,
-            lru_next: old_head,
-            next_holder,
+            lru_next: NIL,
+            next_holder: held.first,
             slot,
         });
         self.heads.insert(
@@ -528,13 +525,7 @@ impl Inner {
                 mask: held.mask | holder_bit(slot),
             },
         );
-        if old_head != NIL {
-            self.nodes[old_head as usize].lru_prev = n;
-        } else {
-            self.slots[s].tail = n;
-        }
-        self.slots[s].head = n;
-        self.slots[s].len += 1;
+        self.link_front(slot, n);
     }
 
     /// Moves a node to the front of its slot's LRU.
@@ -544,12 +535,16 @@ impl Inner {
             return;
         }
         self.unlink_lru(n);
+        self.link_front(slot, n);
+    }
+
+    /// Puts an unlinked node at the front (most recent end) of its slot's LRU.
+    fn link_front(&mut self, slot: u16, n: u32) {
+        let s = usize::from(slot);
         let old_head = self.slots[s].head;
-        {
-            let node = &mut self.nodes[n as usize];
-            node.lru_prev = NIL;
-            node.lru_next = old_head;
-        }
+        let node = &mut self.nodes[n as usize];
+        node.lru_prev = NIL;
+        node.lru_next = old_head;
         if old_head != NIL {
             self.nodes[old_head as usize].lru_prev = n;
         } else {

@@ -100,10 +100,18 @@ struct WordShard {
 #[derive(Debug, Default)]
 struct Scratch {
     normalized: String,
+    merge: MergeScratch,
+}
+
+/// The buffers one piece's merges work in.
+#[derive(Debug, Default)]
+struct MergeScratch {
     symbols: Vec<u32>,
     /// `(rank, merged id)` of each adjacent symbol pair; `u32::MAX` rank:
     /// no merge.
     pairs: Vec<(u32, u32)>,
+    /// A piece too long to merge here, in the library's byte-level
+    /// characters.
     mapped: String,
 }
 
@@ -317,12 +325,7 @@ impl FastBpe {
         scratch: &mut Scratch,
         out: &mut Vec<u32>,
     ) -> Result<(), TokenizeError> {
-        let Scratch {
-            normalized,
-            symbols,
-            pairs,
-            mapped,
-        } = scratch;
+        let Scratch { normalized, merge } = scratch;
         let text =
             if self.nfc && !text.is_ascii() && is_nfc_quick(text.chars()) != IsNormalized::Yes {
                 normalized.clear();
@@ -334,7 +337,7 @@ impl FastBpe {
         let mut result = Ok(());
         self.splitter.for_each_piece(text, |piece| {
             if result.is_ok() {
-                result = self.encode_piece(piece.as_bytes(), library, symbols, pairs, mapped, out);
+                result = self.encode_piece(piece.as_bytes(), library, merge, out);
             }
         });
         result
@@ -344,9 +347,7 @@ impl FastBpe {
         &self,
         piece: &[u8],
         library: &Tokenizer,
-        symbols: &mut Vec<u32>,
-        pairs: &mut Vec<(u32, u32)>,
-        mapped: &mut String,
+        scratch: &mut MergeScratch,
         out: &mut Vec<u32>,
     ) -> Result<(), TokenizeError> {
         let hash = xxh3_64(piece);
@@ -363,7 +364,7 @@ impl FastBpe {
                 }
                 Some(MEMO_UNKNOWN) => {
                     let start = out.len();
-                    self.merge(piece, library, symbols, pairs, mapped, out)?;
+                    self.merge(piece, library, scratch, out)?;
                     let state = if out[start..] == [id] {
                         MEMO_SELF
                     } else {
@@ -383,7 +384,7 @@ impl FastBpe {
             return Ok(());
         }
         let start = out.len();
-        self.merge(piece, library, symbols, pairs, mapped, out)?;
+        self.merge(piece, library, scratch, out)?;
         let ids = &out[start..];
         let cost = piece.len() + ids.len() * 4 + WORD_OVERHEAD;
         let mut shard = shard.lock();
@@ -420,11 +421,14 @@ impl FastBpe {
         &self,
         piece: &[u8],
         library: &Tokenizer,
-        symbols: &mut Vec<u32>,
-        pairs: &mut Vec<(u32, u32)>,
-        mapped: &mut String,
+        scratch: &mut MergeScratch,
         out: &mut Vec<u32>,
     ) -> Result<(), TokenizeError> {
+        let MergeScratch {
+            symbols,
+            pairs,
+            mapped,
+        } = scratch;
         if piece.len() > MAX_MERGE_LEN {
             mapped.clear();
             mapped.extend(piece.iter().map(|&b| self.byte_chars[usize::from(b)]));
