@@ -4,7 +4,10 @@
 use std::time::Instant;
 
 use super::{
-    tests::{build_one, facts, idle, kept_by, labelled_store, prompt, scheduler, try_scheduler},
+    tests::{
+        assert_parameters_refused, build_one, facts, idle, kept_by, labelled_store, prompt,
+        scheduler, try_scheduler,
+    },
     *,
 };
 use crate::endpoints::{EndpointStore, InFlightGuard, MetricsSample, testing::store_with};
@@ -144,20 +147,15 @@ fn concurrency_detector_filters_at_the_limit_and_sheds_at_capacity() {
     // Endpoint 1: max(1/3, 600/500); endpoint 2: max(3/3, 0).
     assert!(close(d.saturation(&c), (1.2 + 1.0) / 2.0));
 
-    for bad in [
-        "{maxConcurrency: 0}",
-        "{maxTokenConcurrency: 0}",
-        "{headroom: -0.1}",
-        "{concurrencyMode: bytes}",
-    ] {
-        assert!(
-            matches!(
-                build_one("concurrency-detector", bad),
-                Err(BuildError::Parameters { .. })
-            ),
-            "{bad}"
-        );
-    }
+    assert_parameters_refused(
+        "concurrency-detector",
+        &[
+            "{maxConcurrency: 0}",
+            "{maxTokenConcurrency: 0}",
+            "{headroom: -0.1}",
+            "{concurrencyMode: bytes}",
+        ],
+    );
 }
 
 #[test]
@@ -224,21 +222,16 @@ fn utilization_filter_caps_metrics() {
         vec![1, 2, 3],
         "fallbackOnEmpty"
     );
-    for bad in [
-        "{conditions: []}",
-        "{conditions: [{metric: waiting-queue}]}",
-        "{conditions: [{metric: kv-cache-utilization, maxValue: 2}]}",
-        "{conditions: [{metric: queue, maxValue: 2}]}",
-        "null",
-    ] {
-        assert!(
-            matches!(
-                build_one("utilization-filter", bad),
-                Err(BuildError::Parameters { .. })
-            ),
-            "{bad}"
-        );
-    }
+    assert_parameters_refused(
+        "utilization-filter",
+        &[
+            "{conditions: []}",
+            "{conditions: [{metric: waiting-queue}]}",
+            "{conditions: [{metric: kv-cache-utilization, maxValue: 2}]}",
+            "{conditions: [{metric: queue, maxValue: 2}]}",
+            "null",
+        ],
+    );
 }
 
 #[test]
@@ -292,10 +285,7 @@ fn context_length_aware_scores_ranges_as_llm_d() {
     for bad in ["", "5", "20-10", "a-b", "1-2-3", "-1-5"] {
         assert_eq!(scores::parse(bad), None, "{bad}");
     }
-    assert!(matches!(
-        build_one("context-length-aware", "{label: ''}"),
-        Err(BuildError::Parameters { .. })
-    ));
+    assert_parameters_refused("context-length-aware", &["{label: ''}"]);
 }
 
 mod scores {

@@ -506,6 +506,21 @@ pub(super) fn build_one(plugin_type: &str, parameters: &str) -> Result<Scheduler
     try_scheduler(&text, 0, &store)
 }
 
+/// Each of `bad` is refused as `plugin_type`'s parameters, with the
+/// parameters error (not a build that goes on with defaults).
+#[track_caller]
+pub(super) fn assert_parameters_refused(plugin_type: &str, bad: &[&str]) {
+    for b in bad {
+        assert!(
+            matches!(
+                build_one(plugin_type, b),
+                Err(BuildError::Parameters { .. })
+            ),
+            "{plugin_type}: {b}"
+        );
+    }
+}
+
 #[test]
 fn every_inventoried_type_builds_or_is_refused_with_its_nearest() {
     use inventory::{INVENTORY, Status};
@@ -669,19 +684,14 @@ fn label_selector_filter_follows_kubernetes_selector_rules() {
         .unwrap(),
         vec![3]
     );
-    for bad in [
-        "{matchExpressions: [{key: a, operator: In}]}",
-        "{matchExpressions: [{key: a, operator: Exists, values: [x]}]}",
-        "{matchExpressions: [{key: a, operator: Gt, values: ['1']}]}",
-    ] {
-        assert!(
-            matches!(
-                build_one("label-selector-filter", bad),
-                Err(BuildError::Parameters { .. })
-            ),
-            "{bad}"
-        );
-    }
+    assert_parameters_refused(
+        "label-selector-filter",
+        &[
+            "{matchExpressions: [{key: a, operator: In}]}",
+            "{matchExpressions: [{key: a, operator: Exists, values: [x]}]}",
+            "{matchExpressions: [{key: a, operator: Gt, values: ['1']}]}",
+        ],
+    );
 }
 
 #[test]
@@ -716,10 +726,5 @@ fn by_label_and_role_filters() {
         by("{label: llm-d.ai/role, validValues: [decode], allowsNoLabel: true}"),
         vec![2, 5]
     );
-    for bad in ["{validValues: [a]}", "{label: x}"] {
-        assert!(matches!(
-            build_one("by-label", bad),
-            Err(BuildError::Parameters { .. })
-        ));
-    }
+    assert_parameters_refused("by-label", &["{validValues: [a]}", "{label: x}"]);
 }
