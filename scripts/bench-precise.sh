@@ -13,8 +13,9 @@
 #   tight     the caches together only 6% larger than the working set
 # Each scenario runs `epp-bench compare shared-prefix` once per index (each
 # on fresh pods), then `epp-bench report` puts both in
-# bench/results/precise-prefix/<scenario>/. About 3-5 minutes per scenario on
-# 2 cores. The ideal hit rate accounts for bounded caches and the restart
+# bench/results/precise-prefix/<scenario>/, with every request in
+# records.jsonl.gz and the two halves compared request by request in
+# paired.md. About 3-5 minutes per scenario on 2 cores. The ideal hit rate accounts for bounded caches and the restart
 # (bench/results/README.md, "Ideal hit rate").
 #
 # Usage: scripts/bench-precise.sh [--approximate-only] [scenario...]
@@ -55,7 +56,12 @@ common=(--pods 4 --system-tokens 2000 --question-tokens 100 --output-tokens 16
   --rate 6 --shuffle --model "$model"
   # Both halves on the same pods: tokenizing with the model's tokenizer, so
   # hit rates and prefill times count the same tokens.
-  "--sim-arg=--tokenizer=$tokenizer")
+  "--sim-arg=--tokenizer=$tokenizer"
+  # Each request's 5% timing jitter is drawn from its own body, not from
+  # the pod's RNG in arrival order: both halves give the same request the
+  # same noise, so their difference is what routing changed (a miss's
+  # prefill is as slow under either picker).
+  --sim-arg=--jitter-per-request)
 
 # name | workload and stack flags
 declare -A flags=(
@@ -82,15 +88,24 @@ for s in "${scenarios[@]}"; do
   [[ -n "${flags[$s]:-}" ]] || { echo "unknown scenario $s" >&2; exit 2; }
   dir=$out/$s
   mkdir -p "$dir"
+  # Every request of both halves, one JSON line each (appended: start empty;
+  # kept gzipped, which `epp-bench paired` reads as it is).
+  records=$dir/records.jsonl
+  rm -f "$records" "$records.gz"
   # shellcheck disable=SC2086 # the scenario's flags are words on purpose
-  $bench compare shared-prefix "${common[@]}" ${flags[$s]} \
+  $bench compare shared-prefix "${common[@]}" ${flags[$s]} --records "$records" \
     --policies approximate=epp-default --out "$dir/approximate"
   inputs=$dir/approximate/approximate.json
   if ! $approx_only; then
     # shellcheck disable=SC2086
-    $bench compare shared-prefix "${common[@]}" ${flags[$s]} "${precise_args[@]}" \
-      --policies precise=epp-default --out "$dir/precise"
+    $bench compare shared-prefix "${common[@]}" ${flags[$s]} --records "$records" \
+      "${precise_args[@]}" --policies precise=epp-default --out "$dir/precise"
     inputs=$inputs,$dir/precise/precise.json
   fi
   $bench report --inputs "$inputs" --title "Precise prefix cache: $s" --out "$dir"
+  if ! $approx_only; then
+    # The same requests under both pickers, side by side.
+    $bench paired --records "$records" --base approximate --other precise >"$dir/paired.md"
+  fi
+  gzip -9f "$records"
 done

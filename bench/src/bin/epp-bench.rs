@@ -46,6 +46,10 @@ enum Cmd {
     /// Combines --json results of one workload (one per policy) into a
     /// markdown table and PNG charts.
     Report(report::cli::ReportArgs),
+    /// Pairs two setups' --records request by request (same seeded
+    /// workload): hits and misses that changed, and the TTFT difference per
+    /// class and path.
+    Paired(report::paired::PairedArgs),
     /// Runs one workload through a fresh local stack (simulated pods, the
     /// picker, Envoy) per routing policy, and writes the comparison.
     Compare {
@@ -85,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Lora(a) => load::cli::lora(&a, &command).await?,
         Cmd::Tenants(a) => load::cli::tenants(&a, &command).await?,
         Cmd::Report(a) => report::cli::run(&a, &command)?,
+        Cmd::Paired(a) => report::paired::run(&a)?,
         Cmd::Compare { workload } => compare::run(workload, &command).await?,
         Cmd::Local(a) => stack::cli::local(a, &command).await?,
         Cmd::Perf { what } => perf::cli::run(what, &command).await?,

@@ -59,6 +59,10 @@ pub struct CommonArgs {
     /// Write the full result as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Append every request to this file as one JSON line (setup, phase,
+    /// job, pod, TTFT, E2E, cached tokens or the error).
+    #[arg(long)]
+    pub records: Option<PathBuf>,
 }
 
 impl CommonArgs {

@@ -54,6 +54,8 @@ pub struct Record {
     pub turn: usize,
     pub start: Instant,
     pub pod: Option<String>,
+    /// Sent straight to a pod, around the gateway (`--direct-fraction`).
+    pub direct: bool,
     /// Error kind (see `PhaseResult::errors`) or the measurements.
     pub outcome: Result<Success, String>,
 }

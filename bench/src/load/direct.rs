@@ -162,7 +162,8 @@ pub fn routed_job(
                 g.before(i);
             }
             let mut spec = make(i);
-            if let Some((s, pod)) = split.as_ref().and_then(|s| Some((s, s.pod_for(i)?))) {
+            let direct = split.as_ref().and_then(|s| Some((s, s.pod_for(i)?)));
+            if let Some((s, pod)) = direct {
                 spec.uri = s.pods[pod].clone();
             }
             let start = Instant::now();
@@ -172,6 +173,7 @@ pub fn routed_job(
                 turn: 0,
                 start,
                 pod,
+                direct: direct.is_some(),
                 outcome,
             }]
         })

@@ -12,6 +12,8 @@
 //! the pods must serve nothing else meanwhile); with the simulator's LoRA
 //! counters on the pods, adapter loads and evictions the same way.
 //!
+//! [`records`] writes each request's own measurements for later analysis.
+//!
 //! [`args`] holds the workloads' flags, shared by the workload subcommands
 //! ([`cli`]), `compare`, `local` and the tests.
 
@@ -19,6 +21,7 @@ pub mod args;
 pub mod cli;
 pub mod client;
 pub mod direct;
+pub mod records;
 pub mod result;
 pub mod run;
 pub mod runner;

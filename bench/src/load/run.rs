@@ -16,6 +16,7 @@ use super::args::{
 };
 use super::client::{HttpClient, Record, RequestSpec, http_client, send};
 use super::direct::{DirectSplit, RestartGate, restart_stats, routed_job, split_stats};
+use super::records;
 use super::result::{BenchRun, PhaseResult, SCHEMA_VERSION};
 use super::runner::{
     JobFn, Pace, PhaseMeta, PodSet, cache_delta, drive, lora_delta, scrape_fleet, summarize,
@@ -140,6 +141,12 @@ impl Ctx {
             cache,
             lora,
         };
+        if let Some(path) = &self.common.records {
+            let label = self.common.label.as_deref().unwrap_or(&self.common.target);
+            if let Err(e) = records::append(path, label, &meta.name, &driven.records) {
+                eprintln!("note: --records: {}", epp::telemetry::logging::chain(&e));
+            }
+        }
         let mut result = summarize(meta, &driven, with_stickiness);
         finish(&mut result, &driven.records);
         result
@@ -508,6 +515,7 @@ pub async fn run_multi_turn(args: &MultiTurnArgs, command: &str) -> Result<Bench
                         turn,
                         start,
                         pod,
+                        direct: false,
                         outcome: outcome.map(|mut s| {
                             s.text = String::new();
                             s

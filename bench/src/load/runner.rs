@@ -346,6 +346,7 @@ mod tests {
             turn,
             start: Instant::now(),
             pod: Some(pod.to_owned()),
+            direct: false,
             outcome: if ok {
                 Ok(Success::default())
             } else {
@@ -406,6 +407,7 @@ mod tests {
                     turn: 0,
                     start,
                     pod: None,
+                    direct: false,
                     outcome: Ok(Success::default()),
                 }]
             })

@@ -356,6 +356,7 @@ epp_slo_ttft_prediction_ratio_count 10\n";
             turn: 0,
             start: Instant::now(),
             pod: None,
+            direct: false,
             outcome: outcome
                 .map(|ms| Success {
                     ttft: Some(Duration::from_millis(ms)),

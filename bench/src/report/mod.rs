@@ -9,10 +9,12 @@
 //!   bench/results/ can be regenerated.
 //!
 //! [`cli`] is the `report` subcommand; [`provenance`] is what every results
-//! file records about how it was made.
+//! file records about how it was made; [`paired`] compares two setups
+//! request by request from their `--records`.
 
 pub mod charts;
 pub mod cli;
+pub mod paired;
 pub mod provenance;
 pub mod tenants;
 

@@ -97,6 +97,14 @@ pub struct SimConfig {
     /// RNG seed for the jitter (pod i uses seed + i).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Draw each request's jitter from its own body (hashed with `--seed`)
+    /// instead of from the pod's RNG in admission order. The same request
+    /// then gets the same jitter on whichever pod serves it, so two routing
+    /// policies run over the same workload draw the same noise (common
+    /// random numbers) and their difference is what routing and the request
+    /// path changed.
+    #[arg(long)]
+    pub jitter_per_request: bool,
 
     /// LoRA adapters every pod serves besides the base model, comma-separated
     /// (vLLM's `--enable-lora --lora-modules name=path ...`). A request whose
@@ -162,6 +170,7 @@ impl Default for SimConfig {
             time_factor_under_load: 1.18,
             jitter: 0.05,
             seed: 0,
+            jitter_per_request: false,
             lora_adapters: Vec::new(),
             max_loras: 1,
             lora_load_ms: 100.0,

@@ -39,6 +39,9 @@ pub struct Prepared {
     /// The LoRA adapter the request runs with (index into the configured
     /// adapters); `None` for the base model.
     pub adapter: Option<usize>,
+    /// Seeds this request's jitter with `--jitter-per-request`; `None` draws
+    /// it from the pod's RNG.
+    pub jitter_seed: Option<u64>,
 }
 
 impl Prepared {
@@ -58,8 +61,9 @@ pub struct Admission {
     pub cached_tokens: usize,
     /// The request's adapter had to be loaded into a slot first.
     pub loaded_adapter: bool,
-    /// Seeds the request's own jitter RNG, drawn from the pod's RNG in
-    /// admission order so runs are reproducible without a per-token lock.
+    /// Seeds the request's decode jitter, drawn after its prefill jitter
+    /// (from the pod's RNG in admission order, or from the request's own
+    /// seed), so runs are reproducible without a per-token lock.
     seed: u64,
 }
 
@@ -417,23 +421,21 @@ impl Pod {
         let running = st.allocs.len();
         self.running.store(running, Ordering::Relaxed);
 
+        let mut own_rng = req.jitter_seed.map(fastrand::Rng::with_seed);
+        let rng = own_rng.as_mut().unwrap_or(&mut st.rng);
         let mut start = now.max(st.prefill_free_at);
         let loaded_adapter =
             if let (Some(a), Some(Acquired::Loaded { evicted })) = (req.adapter, acquired) {
                 // The load occupies the prefill lane: vLLM loads adapters inside
                 // the engine step, so it holds up the pod's other prefills too.
-                start += jittered(cfg.lora_load_base(), cfg.jitter, &mut st.rng);
+                start += jittered(cfg.lora_load_base(), cfg.jitter, rng);
                 self.metrics.lora_loaded(a, evicted);
                 true
             } else {
                 false
             };
         let base = cfg.prefill_base(req.prompt_tokens - cached_tokens);
-        let prefill = jittered(
-            base.mul_f64(cfg.load_factor(running)),
-            cfg.jitter,
-            &mut st.rng,
-        );
+        let prefill = jittered(base.mul_f64(cfg.load_factor(running)), cfg.jitter, rng);
         let first_token_at = start + prefill;
         st.prefill_free_at = first_token_at;
 
@@ -445,7 +447,7 @@ impl Pod {
             first_token_at,
             cached_tokens,
             loaded_adapter,
-            seed: st.rng.u64(..),
+            seed: rng.u64(..),
         })
     }
 
@@ -716,6 +718,7 @@ mod tests {
             hashes,
             tokens: Vec::new(),
             adapter: None,
+            jitter_seed: None,
         }
     }
 
@@ -749,6 +752,35 @@ mod tests {
         let g = p.gauges();
         assert_eq!(g.running, 0);
         assert_eq!(g.kv_usage, 0.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn per_request_jitter_follows_the_request_not_the_pod() {
+        let jittery = || {
+            Arc::new(SimConfig {
+                jitter: 0.3,
+                ..cfg()
+            })
+        };
+        // Different pod seeds, and pod b has drawn from its RNG before.
+        let a = Arc::new(Pod::new(0, "sim-0".into(), 0, jittery()).unwrap());
+        let b = Arc::new(Pod::new(1, "sim-1".into(), 0, jittery()).unwrap());
+        run(b.submit(req("warm-up prompt", 2)).unwrap(), 2).await;
+        let timing = |(adm, end): (Admission, Instant)| {
+            (adm.first_token_at - adm.arrival, end - adm.arrival)
+        };
+        let own = |seed| Prepared {
+            jitter_seed: Some(seed),
+            ..req("the same prompt on both", 4)
+        };
+        let on_a = timing(run(a.submit(own(42)).unwrap(), 4).await);
+        let on_b = timing(run(b.submit(own(42)).unwrap(), 4).await);
+        assert_eq!(on_a, on_b);
+        // Drawn from the pods' RNGs instead, the same request differs.
+        let shared = req("another prompt for both", 4);
+        let on_a = timing(run(a.submit(shared.clone()).unwrap(), 4).await);
+        let on_b = timing(run(b.submit(shared).unwrap(), 4).await);
+        assert_ne!(on_a, on_b);
     }
 
     #[tokio::test(start_paused = true)]

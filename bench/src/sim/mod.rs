@@ -40,7 +40,10 @@
 //!   scheduled and again at each token. Each duration gets Gaussian jitter of
 //!   standard deviation `--jitter` x mean, clamped to +-70 %, from a per-pod
 //!   RNG seeded by `--seed` and the pod index, so a run with the same arrival
-//!   order is reproducible.
+//!   order is reproducible. With `--jitter-per-request` each request draws
+//!   its jitter from a hash of its body and `--seed` instead: the same
+//!   request is as slow on any pod, whatever else the pod served, so two
+//!   routing policies compared on one workload see the same noise.
 //!
 //! * **LoRA adapters** (with `--lora-adapters`). A request whose `model`
 //!   is an adapter's name runs with that adapter; the base model needs none.

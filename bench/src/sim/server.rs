@@ -252,6 +252,9 @@ async fn infer(
         hashes,
         tokens,
         adapter: v.adapter,
+        jitter_seed: cfg
+            .jitter_per_request
+            .then(|| xxhash_rust::xxh3::xxh3_64_with_seed(&body, cfg.seed)),
     };
     let ticket = match ctx.pod.submit(prepared) {
         Ok(t) => t,
