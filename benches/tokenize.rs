@@ -9,6 +9,9 @@
 //! and a 220 KiB cold chat. Bodies are built and parsed outside the timing:
 //! what is timed is [`ModelTokenizer::tokenize`] alone (render + encode).
 //!
+//! Completions prompts are timed apart (one segment each, so what is
+//! cached are its chunks): chunked as the picker encodes them and whole.
+//!
 //! Each case runs three times: as the picker runs it (`fast`: the native
 //! ChatML renderer and the fast BPE encoder), with the chat template
 //! interpreted by minijinja (`interpreted`), and with the interpreter and
@@ -345,6 +348,46 @@ fn tokenized_decision_percentiles(name: &str, t: &ModelTokenizer) {
     );
 }
 
+/// Completions prompts (one segment: no added tokens), one sample per
+/// request, with long segments encoded in cached chunks (as the picker
+/// does) and whole: an 8 KiB shared prefix with a new ~400-byte end
+/// (`shared`), and every prompt new (`cold`).
+fn completions_percentiles() {
+    println!("\nTokenizing a completions prompt (fast encoder), one sample per request:");
+    println!("| case | tokens | requests | p50 | p90 | p99 | max |");
+    println!("|---|---|---|---|---|---|---|");
+    for (label, chunk) in [("chunked", None), ("whole", Some(usize::MAX))] {
+        let mut t = tokenizer(true, true);
+        if let Some(bytes) = chunk {
+            t.set_chunk_bytes(bytes);
+        }
+        for (case, shared) in [("shared 8 KiB prefix", true), ("cold 8 KiB", false)] {
+            let body = |i: u64| {
+                let prefix = text(if shared { 7 } else { 2_000_000 + i }, 8 << 10);
+                let prompt = format!("{prefix} {}", text(i ^ 0xe2d, 400));
+                serde_json::to_vec(&serde_json::json!({"model": "qwen3", "prompt": prompt}))
+                    .unwrap()
+            };
+            let mut out = Vec::new();
+            let time = |body: &[u8], out: &mut Vec<u32>| {
+                let req = parse(body, ApiKind::Completions).unwrap();
+                out.clear();
+                let start = Instant::now();
+                t.tokenize(&req, out).unwrap();
+                start.elapsed()
+            };
+            time(&body(0), &mut out);
+            let mut samples: Vec<Duration> =
+                (1..=2_000).map(|i| time(&body(i), &mut out)).collect();
+            println!(
+                "| {label}: {case} | {} | 2000 | {} |",
+                out.len(),
+                quantile_cells(&mut samples)
+            );
+        }
+    }
+}
+
 fn main() {
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let encoders = encoders();
@@ -365,5 +408,6 @@ fn main() {
         for (name, t) in &encoders {
             tokenized_decision_percentiles(name, t);
         }
+        completions_percentiles();
     }
 }

@@ -18,7 +18,11 @@
 //! [`ModelTokenizer::encode`] returns exactly what the library returns for
 //! the whole text; a tokenizer whose added tokens strip whitespace, match
 //! whole words or match normalized text, or that fails the check on probe
-//! texts at load, encodes whole texts (logged once at load).
+//! texts at load, encodes whole texts (logged once at load). With the fast
+//! encoder, long segments are cut further into ~1 KiB chunks at places
+//! where the pre-tokenizer splits anyway, so a completions prompt (one
+//! segment) that shares a long start with an earlier one re-encodes only
+//! its end (`model`).
 //! The cache (`cache`) is bounded in bytes per model, sharded, CLOCK.
 //!
 //! Rendering: a ChatML template (Qwen's) is written natively when load

@@ -17,6 +17,15 @@
 //! tokenizer.json has a shape it reproduces and the split is on; load checks
 //! it against the library on probe texts and otherwise keeps the library,
 //! saying which it chose in a log line.
+//!
+//! With the fast encoder, a long segment is also cut into chunks of about
+//! [`CHUNK_BYTES`], each encoded and cached on its own. A completions prompt
+//! has no added tokens, so without this it is one segment: prompts sharing
+//! a long system prompt but not their last words would each be encoded
+//! whole. A cut is placed only where the ids of the chunks concatenate to
+//! the ids of the whole ([`next_cut`]), and cuts depend only on the text
+//! before them, so prompts sharing a prefix cut it the same way and share
+//! its chunks in the cache.
 
 use std::path::{Path, PathBuf};
 
@@ -45,6 +54,32 @@ pub struct ModelTokenizer {
     cache: SegmentCache,
     /// The fast encoder for segments; None: the library encodes them.
     fast: Option<FastBpe>,
+    /// Chunk length of long segments (see the module header).
+    chunk_bytes: usize,
+}
+
+/// Segments of at least twice this many bytes are encoded in chunks. Large
+/// enough that a chunk's cache entry and lookup cost little next to
+/// encoding it; small enough that the chunk holding the end of a shared
+/// prefix, encoded again for every new suffix, is a small part of a prompt.
+pub(super) const CHUNK_BYTES: usize = 1024;
+
+/// The first position at or after `from` where `text` may be cut: a single
+/// ASCII space between two ASCII letters, cut before the space. Both split
+/// patterns the fast encoder reproduces (Qwen2's and Llama-3's) end a
+/// piece there (`\p{L}+` stops at the space; a contraction ends in a
+/// letter) and start the next at the space (` ?\p{L}+`); no alternative
+/// looks behind, so the text after the cut splits as it does in the whole.
+/// NFC never composes an ASCII letter with a following space.
+fn next_cut(text: &[u8], from: usize) -> Option<usize> {
+    let from = from.max(1);
+    let rest = text.get(from..)?;
+    let letter = |i: usize| text.get(i).is_some_and(u8::is_ascii_alphabetic);
+    rest.iter()
+        .enumerate()
+        .filter(|&(_, &b)| b == b' ')
+        .map(|(i, _)| from + i)
+        .find(|&i| letter(i - 1) && letter(i + 1))
 }
 
 #[derive(Debug)]
@@ -111,6 +146,7 @@ impl ModelTokenizer {
             affixes: None,
             cache: SegmentCache::new(cache_bytes),
             fast,
+            chunk_bytes: CHUNK_BYTES,
         };
         model.affixes = model.probe_affixes();
         model.verify_split();
@@ -241,6 +277,13 @@ impl ModelTokenizer {
         self.splitter.is_some()
     }
 
+    /// Cuts long segments into chunks of about `bytes` (tests exercise the
+    /// cuts on short texts; benches compare with `usize::MAX`, no chunks).
+    #[doc(hidden)]
+    pub fn set_chunk_bytes(&mut self, bytes: usize) {
+        self.chunk_bytes = bytes.max(1);
+    }
+
     /// Whether segments are encoded by the fast BPE encoder.
     pub fn uses_fast_encoder(&self) -> bool {
         self.fast.is_some()
@@ -290,7 +333,26 @@ impl ModelTokenizer {
         self.encode_segment(&text[last..], out, use_cache)
     }
 
+    /// Chunks of a long segment are cut only for the fast encoder, whose
+    /// split patterns [`next_cut`] is written for.
     fn encode_segment(
+        &self,
+        segment: &str,
+        out: &mut Vec<u32>,
+        use_cache: bool,
+    ) -> Result<(), TokenizeError> {
+        if self.fast.is_none() || segment.len() / 2 < self.chunk_bytes {
+            return self.encode_chunk(segment, out, use_cache);
+        }
+        let mut start = 0;
+        while let Some(cut) = next_cut(segment.as_bytes(), start + self.chunk_bytes) {
+            self.encode_chunk(&segment[start..cut], out, use_cache)?;
+            start = cut;
+        }
+        self.encode_chunk(&segment[start..], out, use_cache)
+    }
+
+    fn encode_chunk(
         &self,
         segment: &str,
         out: &mut Vec<u32>,

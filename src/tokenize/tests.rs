@@ -613,6 +613,46 @@ fn fast_encoder_matches_the_library_on_text_around_added_tokens() {
     }
 }
 
+#[test]
+fn chunked_long_segments_match_the_library() {
+    // Chunks of ~8 bytes: every generated text is cut wherever it may be.
+    let mut t = ModelTokenizer::from_dir(&qwen3_dir(), 1 << 20).unwrap();
+    t.set_chunk_bytes(8);
+    let mut rng = fastrand::Rng::with_seed(0xc47);
+    for _ in 0..1_500 {
+        let mut text = mixed_text(&mut rng);
+        text.push_str(" plain words between the generated parts ");
+        text.push_str(&mixed_text(&mut rng));
+        assert_same_as_library(&t, reference(), &text);
+        // Again from the cache: the chunks' cached ids are the same ids.
+        assert_same_as_library(&t, reference(), &text);
+    }
+}
+
+#[test]
+fn a_completions_prompt_sharing_a_long_prefix_reuses_its_chunks() {
+    let t = ModelTokenizer::from_dir(&qwen3_dir(), 1 << 20).unwrap();
+    let mut rng = fastrand::Rng::with_seed(0x5a);
+    let words = ["alpha", "beta", "gamma", "delta", "echo", "foxtrot"];
+    let system: String = (0..2_000)
+        .map(|_| words[rng.usize(..words.len())])
+        .collect::<Vec<_>>()
+        .join(" ");
+    let first = format!("{system} what is the first question");
+    let second = format!("{system} and a second, different one?");
+    assert_same_as_library(&t, reference(), &first);
+    let before = t.cache_stats();
+    assert_same_as_library(&t, reference(), &second);
+    let after = t.cache_stats();
+    // Every chunk of the shared prefix but the one holding its end is a hit.
+    let chunks = system.len() / super::model::CHUNK_BYTES;
+    assert!(
+        after.hits - before.hits + 2 >= chunks as u64,
+        "{before:?} {after:?}, ~{chunks} chunks"
+    );
+    assert!(after.misses - before.misses <= 2, "{before:?} {after:?}");
+}
+
 /// Every scalar value, in order (the onig check below scans it).
 fn all_chars() -> String {
     (0..=0x10_ffffu32).filter_map(char::from_u32).collect()
@@ -687,7 +727,7 @@ fn edited_qwen3(edit: impl FnOnce(&mut Value)) -> (ModelTokenizer, tokenizers::T
 fn llama3_style_tokenizers_use_the_fast_encoder_and_match_the_library() {
     // Llama-3's shape: digits in runs of three, no normalizer, whole-word
     // vocabulary hits before merges.
-    let (t, lib) = edited_qwen3(|v| {
+    let (mut t, lib) = edited_qwen3(|v| {
         v["normalizer"] = Value::Null;
         let p = &mut v["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"];
         *p = Value::from(p.as_str().unwrap().replace(r"\p{N}|", r"\p{N}{1,3}|"));
@@ -697,6 +737,16 @@ fn llama3_style_tokenizers_use_the_fast_encoder_and_match_the_library() {
     let mut rng = fastrand::Rng::with_seed(0x11a);
     for _ in 0..1_500 {
         assert_same_as_library(&t, &lib, &mixed_text(&mut rng));
+    }
+    // And cut into chunks wherever they may be cut.
+    t.set_chunk_bytes(8);
+    for _ in 0..500 {
+        let text = format!(
+            "{} words to cut {}",
+            mixed_text(&mut rng),
+            mixed_text(&mut rng)
+        );
+        assert_same_as_library(&t, &lib, &text);
     }
 }
 
