@@ -23,9 +23,9 @@
 //! has no added tokens, so without this it is one segment: prompts sharing
 //! a long system prompt but not their last words would each be encoded
 //! whole. A cut is placed only where the ids of the chunks concatenate to
-//! the ids of the whole ([`next_cut`]), and cuts depend only on the text
-//! before them, so prompts sharing a prefix cut it the same way and share
-//! its chunks in the cache.
+//! the ids of the whole ([`next_cut`]), and a cut depends only on the text
+//! up to one byte past it, so prompts sharing a prefix cut it the same way
+//! and share its chunks in the cache.
 
 use std::path::{Path, PathBuf};
 

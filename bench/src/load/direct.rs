@@ -252,19 +252,14 @@ fn share<'a>(records: impl Iterator<Item = &'a Record>, known_pods: usize) -> Sh
     s
 }
 
-/// Splits `records` by [`DirectSplit::pod_for`] of their job index.
+/// Splits `records` by the path each one took ([`Record::direct`], set by
+/// [`routed_job`] from [`DirectSplit::pod_for`]).
 pub fn split_stats(split: &DirectSplit, records: &[Record]) -> SplitStats {
     let pods = split.pods.len();
     SplitStats {
         direct_fraction: split.fraction,
-        via_picker: share(
-            records.iter().filter(|r| split.pod_for(r.job).is_none()),
-            pods,
-        ),
-        direct: share(
-            records.iter().filter(|r| split.pod_for(r.job).is_some()),
-            pods,
-        ),
+        via_picker: share(records.iter().filter(|r| !r.direct), pods),
+        direct: share(records.iter().filter(|r| r.direct), pods),
     }
 }
 
